@@ -1,0 +1,337 @@
+//! Flush: frozen buffers become Parquet segments.
+//!
+//! 1. Under the write gate (no write is between its WAL append and its buffer insert), the
+//!    WAL is rotated and the buffer drained into a [`Frozen`] set that remembers the id of the
+//!    first WAL file it does *not* cover. Frozen sets stay visible to scans.
+//! 2. Each partition is given global series ids, sorted by (series id, time), de-duplicated
+//!    (a later write of the same series and time replaces earlier values field by field) and
+//!    written as a segment file.
+//! 3. One synced index batch records the new series and postings, the segments and the WAL
+//!    checkpoint. Only then do the segments replace the frozen set in the read state, and the
+//!    covered WAL files are deleted.
+//!
+//! A crash before step 3 leaves orphan files (deleted at the next open) and the WAL intact; a
+//! crash after it leaves WAL files that replay skips. Either way nothing is lost or doubled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array, new_null_array};
+use arrow::compute::take;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use crate::buffer::PartitionSnapshot;
+use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
+use crate::metrics::Metrics;
+use crate::segment::{Segment, SegmentMeta, SegmentWriter};
+use crate::store::Inner;
+use crate::{Error, Result, SeriesId};
+
+/// Buffered data taken out of the write path, waiting to become segments.
+#[derive(Debug)]
+pub struct Frozen {
+    /// First WAL file whose records are not in this set (nor in anything older).
+    pub wal_next: u64,
+    pub partitions: Vec<PartitionSnapshot>,
+}
+
+/// Sorts rows by (series id, time) and merges rows with the same series and time: for each
+/// column, the value of the last row (in input order) that has one wins. Returns the sorted
+/// batch with `__series_id` as its first column.
+pub fn sort_and_dedupe(
+    batch: &RecordBatch,
+    sids: &[SeriesId],
+    times: &[i64],
+) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let arrow_err = |source| Error::Arrow {
+        measurement: String::new(),
+        source,
+    };
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    // Stable on input order within equal keys, which the merge below relies on.
+    order.sort_by_key(|&i| (sids[i as usize], times[i as usize]));
+    let same = |a: u32, b: u32| {
+        sids[a as usize] == sids[b as usize] && times[a as usize] == times[b as usize]
+    };
+    let has_dups = order.windows(2).any(|w| same(w[0], w[1]));
+
+    let mut out_cols: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
+    if !has_dups {
+        let idx = UInt32Array::from(order.clone());
+        out_cols.push(Arc::new(UInt32Array::from_iter_values(
+            order.iter().map(|&i| sids[i as usize]),
+        )));
+        for col in batch.columns() {
+            out_cols.push(take(col, &idx, None).map_err(arrow_err)?);
+        }
+    } else {
+        // Runs of equal keys; each output row is one run.
+        let mut ends = Vec::new();
+        for i in 1..=order.len() {
+            if i == order.len() || !same(order[i - 1], order[i]) {
+                ends.push(i);
+            }
+        }
+        let run_ends = ends;
+        let last_of_run: Vec<u32> = run_ends.iter().map(|&e| order[e - 1]).collect();
+        out_cols.push(Arc::new(UInt32Array::from_iter_values(
+            last_of_run.iter().map(|&i| sids[i as usize]),
+        )));
+        for col in batch.columns() {
+            let mut idx = Vec::with_capacity(run_ends.len());
+            let mut start = 0;
+            for &end in &run_ends {
+                let run = &order[start..end];
+                let pick = run
+                    .iter()
+                    .rev()
+                    .find(|&&r| col.is_valid(r as usize))
+                    .unwrap_or(&run[run.len() - 1]);
+                idx.push(*pick);
+                start = end;
+            }
+            out_cols.push(take(col, &UInt32Array::from(idx), None).map_err(arrow_err)?);
+        }
+    }
+    let mut fields = vec![Arc::new(Field::new(
+        SERIES_ID_COLUMN,
+        DataType::UInt32,
+        false,
+    ))];
+    fields.extend(batch.schema().fields().iter().cloned());
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), out_cols).map_err(arrow_err)
+}
+
+/// The union of several schemas: `__series_id` and `time` first (when present), then the other
+/// columns by name. A column's type is taken from the first schema that has it.
+pub fn union_schema<'a>(schemas: impl IntoIterator<Item = &'a SchemaRef>) -> SchemaRef {
+    let mut by_name: std::collections::BTreeMap<String, Arc<Field>> = Default::default();
+    for s in schemas {
+        for f in s.fields() {
+            by_name
+                .entry(f.name().clone())
+                .or_insert_with(|| Arc::clone(f));
+        }
+    }
+    let mut fields = Vec::new();
+    for first in [SERIES_ID_COLUMN, TIME_COLUMN] {
+        if let Some(f) = by_name.remove(first) {
+            fields.push(f);
+        }
+    }
+    fields.extend(by_name.into_values());
+    Arc::new(Schema::new(fields))
+}
+
+/// Rearranges `batch` to `schema`: columns by name, missing ones as nulls.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let cols: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(Arc::clone(c)),
+            Some(c) => arrow::compute::cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|source| Error::Arrow {
+            measurement: String::new(),
+            source,
+        })?;
+    // Nullable everywhere except `time` and `__series_id`, which every segment has.
+    RecordBatch::try_new(Arc::clone(schema), cols).map_err(|source| Error::Arrow {
+        measurement: String::new(),
+        source,
+    })
+}
+
+impl Inner {
+    /// Freezes the buffer (if it holds anything) and turns every frozen set into segments.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let _maintenance = self.maintenance.lock();
+        {
+            let _gate = self.gate.write();
+            let empty = self.buffer.lock().is_empty();
+            if !empty {
+                let wal_next = self.wal.rotate()?;
+                let partitions = self.buffer.lock().drain()?;
+                self.state.write().frozen.push(Arc::new(Frozen {
+                    wal_next,
+                    partitions,
+                }));
+            }
+        }
+        loop {
+            let Some(frozen) = self.state.read().frozen.first().cloned() else {
+                break;
+            };
+            self.flush_frozen(&frozen)?;
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    fn flush_frozen(&self, frozen: &Arc<Frozen>) -> Result<()> {
+        let mut batch = self.index.batch();
+        let mut registry = self.series.lock();
+        let mut pending: HashMap<Box<str>, SeriesId> = HashMap::new();
+        let mut metas = Vec::new();
+        let mut paths = Vec::new();
+        for part in &frozen.partitions {
+            if part.batch.num_rows() == 0 {
+                continue;
+            }
+            let local_ids: Vec<SeriesId> = part
+                .series
+                .iter()
+                .map(|s| {
+                    if let Some(&id) = registry.by_key.get(&s.key).or_else(|| pending.get(&s.key)) {
+                        return id;
+                    }
+                    let id = registry.next;
+                    registry.next += 1;
+                    self.index
+                        .add_series(&mut batch, id, &s.key, &part.measurement, &s.tags);
+                    pending.insert(s.key.clone(), id);
+                    id
+                })
+                .collect();
+            let sids: Vec<SeriesId> = part
+                .row_series
+                .iter()
+                .map(|&l| local_ids[l as usize])
+                .collect();
+            let times = crate::segment::time_values(&part.batch)
+                .ok_or_else(|| Error::InvalidScan("buffer without time".into()))?;
+            let sorted = sort_and_dedupe(&part.batch, &sids, times)?;
+            let id = self
+                .next_segment
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = self.segment_dir.join(SegmentMeta::file_name(id));
+            let mut writer = SegmentWriter::create(&path, sorted.schema(), &self.config.flush)?;
+            writer.write(&sorted)?;
+            let bytes = writer.finish()?;
+            paths.push(path);
+            let mut series = croaring::Bitmap::of(&local_ids);
+            series.run_optimize();
+            let meta = SegmentMeta {
+                id,
+                measurement: part.measurement.clone(),
+                partition: part.partition,
+                min_time: part.min_time,
+                max_time: part.max_time,
+                rows: sorted.num_rows() as u64,
+                bytes,
+                level: 0,
+                series,
+            };
+            self.index.add_segment(&mut batch, &meta);
+            Metrics::add(&self.metrics.segments_written_total, 1);
+            Metrics::add(&self.metrics.segment_bytes_written_total, bytes);
+            metas.push(meta);
+        }
+        self.index.set_next_series_id(&mut batch, registry.next);
+        self.index.set_next_segment_id(
+            &mut batch,
+            self.next_segment.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.index.set_wal_checkpoint(&mut batch, frozen.wal_next);
+        crate::pause_point("flush-before-commit");
+        if let Err(e) = self.index.commit(batch) {
+            for p in paths {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        registry.by_key.extend(pending);
+        drop(registry);
+        {
+            let mut state = self.state.write();
+            for meta in metas {
+                let seg = Arc::new(Segment::new(meta, &self.segment_dir));
+                state.segments.insert(seg.meta.id, seg);
+            }
+            state.frozen.retain(|f| !Arc::ptr_eq(f, frozen));
+        }
+        crate::pause_point("flush-after-commit");
+        crate::wal::remove_before(&self.wal_dir, frozen.wal_next)?;
+        Metrics::add(&self.metrics.flushes_total, 1);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Float64Array, Int64Array, TimestampNanosecondArray};
+    use arrow::datatypes::{Float64Type, Int64Type, TimeUnit, UInt32Type};
+
+    fn batch(times: Vec<i64>, a: Vec<Option<f64>>, b: Vec<Option<i64>>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("a", DataType::Float64, true),
+            Field::new("b", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampNanosecondArray::from(times)),
+                Arc::new(Float64Array::from(a)),
+                Arc::new(Int64Array::from(b)),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sorts_by_series_then_time() {
+        let b = batch(
+            vec![30, 10, 20, 5],
+            vec![Some(3.0), Some(1.0), Some(2.0), Some(0.5)],
+            vec![None; 4],
+        );
+        let sorted = sort_and_dedupe(&b, &[2, 2, 1, 2], &[30, 10, 20, 5]).unwrap();
+        assert_eq!(
+            sorted.column(0).as_primitive::<UInt32Type>().values(),
+            &[1, 2, 2, 2]
+        );
+        assert_eq!(
+            sorted.column(2).as_primitive::<Float64Type>().values(),
+            &[2.0, 0.5, 1.0, 3.0]
+        );
+    }
+
+    #[test]
+    fn duplicates_merge_field_by_field_with_the_last_write_winning() {
+        let b = batch(
+            vec![10, 10, 10, 20],
+            vec![Some(1.0), None, Some(3.0), Some(9.0)],
+            vec![Some(100), Some(200), None, None],
+        );
+        let sorted = sort_and_dedupe(&b, &[1, 1, 1, 1], &[10, 10, 10, 20]).unwrap();
+        assert_eq!(sorted.num_rows(), 2);
+        assert_eq!(
+            sorted.column(2).as_primitive::<Float64Type>().values(),
+            &[3.0, 9.0]
+        );
+        let ints = sorted.column(3).as_primitive::<Int64Type>();
+        assert_eq!((ints.value(0), ints.is_null(1)), (200, true));
+    }
+
+    #[test]
+    fn conform_adds_missing_columns_as_nulls() {
+        let b = batch(vec![1], vec![Some(1.0)], vec![Some(1)]);
+        let extra = Arc::new(Schema::new(vec![Field::new("z", DataType::Utf8, true)]));
+        let schema = union_schema([&b.schema(), &extra]);
+        let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["time", "a", "b", "z"]);
+        let c = conform(&b, &schema).unwrap();
+        assert_eq!(c.num_columns(), 4);
+        assert!(c.column(3).is_null(0));
+    }
+}

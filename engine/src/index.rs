@@ -1,0 +1,420 @@
+//! The index: RocksDB, one column family per concern.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `series` | series id (u32 BE) | canonical series key |
+//! | `postings` | `measurement` → all its series; `measurement, tag, value` → series with that tag value | Roaring bitmap, maintained with a union merge operator |
+//! | `segments` | segment id (u64 BE) | [`SegmentMeta`] |
+//! | `catalog` | measurement | [`TableSchema`] as JSON |
+//! | `meta` | name | u64 BE (`next_series_id`, `next_segment_id`, `wal_checkpoint`) |
+//!
+//! Everything a flush or a compaction changes (new series, postings, segments added and
+//! removed, the WAL checkpoint) goes into one [`IndexBatch`] written with `sync`, so a
+//! segment becomes visible, with its series, atomically or not at all.
+
+use std::path::{Path, PathBuf};
+
+use croaring::{Bitmap, Portable};
+use rocksdb::{ColumnFamilyDescriptor, DB, MergeOperands, Options, WriteBatch, WriteOptions};
+
+use crate::catalog::TableSchema;
+use crate::segment::SegmentMeta;
+use crate::{Error, Result, SeriesId};
+
+const CF_SERIES: &str = "series";
+const CF_POSTINGS: &str = "postings";
+const CF_SEGMENTS: &str = "segments";
+const CF_CATALOG: &str = "catalog";
+const CF_META: &str = "meta";
+
+const META_NEXT_SERIES: &[u8] = b"next_series_id";
+const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
+const META_WAL_CHECKPOINT: &[u8] = b"wal_checkpoint";
+
+/// The RocksDB index of one store.
+#[derive(Debug)]
+pub struct Index {
+    db: DB,
+    path: PathBuf,
+}
+
+/// Changes applied together by [`Index::commit`].
+#[derive(Default)]
+pub struct IndexBatch {
+    batch: WriteBatch,
+}
+
+impl std::fmt::Debug for IndexBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexBatch")
+            .field("ops", &self.batch.len())
+            .finish()
+    }
+}
+
+fn union_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut acc = match existing {
+        // A value that does not decode is dropped rather than failing every later read;
+        // RocksDB has no way to report an error from a merge operator.
+        Some(bytes) => Bitmap::try_deserialize::<Portable>(bytes).unwrap_or_default(),
+        None => Bitmap::new(),
+    };
+    for op in operands {
+        if let Some(b) = Bitmap::try_deserialize::<Portable>(op) {
+            acc.or_inplace(&b);
+        }
+    }
+    acc.run_optimize();
+    Some(acc.serialize::<Portable>())
+}
+
+/// Key of a posting list: length-prefixed parts, so no name needs a reserved byte.
+fn posting_key(measurement: &str, tag: Option<(&str, &str)>) -> Vec<u8> {
+    let mut key = Vec::with_capacity(64);
+    push_part(&mut key, measurement.as_bytes());
+    if let Some((k, v)) = tag {
+        push_part(&mut key, k.as_bytes());
+        key.extend_from_slice(v.as_bytes());
+    }
+    key
+}
+
+fn push_part(key: &mut Vec<u8>, part: &[u8]) {
+    key.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    key.extend_from_slice(part);
+}
+
+fn decode_bitmap(bytes: &[u8]) -> Result<Bitmap> {
+    Bitmap::try_deserialize::<Portable>(bytes).ok_or_else(|| Error::DecodeIndex {
+        what: "posting list",
+        reason: "not a portable Roaring bitmap".into(),
+    })
+}
+
+fn be_u64(bytes: &[u8], what: &'static str) -> Result<u64> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| Error::DecodeIndex {
+        what,
+        reason: format!("{} bytes, expected 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+impl Index {
+    /// Opens (or creates) the index at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        let mut postings = Options::default();
+        postings.set_merge_operator_associative("roaring_union", union_merge);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_SERIES, Options::default()),
+            ColumnFamilyDescriptor::new(CF_POSTINGS, postings),
+            ColumnFamilyDescriptor::new(CF_SEGMENTS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::OpenIndex {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where the index lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        // Every family is created by `open` (create_missing_column_families).
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn sync_write(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|source| Error::Index { op, source })
+    }
+
+    /// Writes a batch durably.
+    pub fn commit(&self, batch: IndexBatch) -> Result<()> {
+        self.sync_write(batch.batch, "commit")
+    }
+
+    /// Stores a schema durably.
+    pub fn put_schema(&self, schema: &TableSchema) -> Result<()> {
+        let json = serde_json::to_vec(schema).map_err(|e| Error::DecodeIndex {
+            what: "schema",
+            reason: e.to_string(),
+        })?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CATALOG), schema.name.as_bytes(), json);
+        self.sync_write(batch, "put schema")
+    }
+
+    /// Every stored schema.
+    pub fn load_schemas(&self) -> Result<Vec<TableSchema>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(|source| Error::Index {
+                op: "read catalog",
+                source,
+            })?;
+            out.push(serde_json::from_slice(&v).map_err(|e| Error::DecodeIndex {
+                what: "schema",
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Every series, as (id, canonical key).
+    pub fn load_series(&self) -> Result<Vec<(SeriesId, String)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SERIES), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|source| Error::Index {
+                op: "read series",
+                source,
+            })?;
+            let id: [u8; 4] = k.as_ref().try_into().map_err(|_| Error::DecodeIndex {
+                what: "series id",
+                reason: format!("{} bytes, expected 4", k.len()),
+            })?;
+            let key = String::from_utf8(v.to_vec()).map_err(|e| Error::DecodeIndex {
+                what: "series key",
+                reason: e.to_string(),
+            })?;
+            out.push((u32::from_be_bytes(id), key));
+        }
+        Ok(out)
+    }
+
+    /// Every segment in the manifest, by id.
+    pub fn load_segments(&self) -> Result<Vec<SegmentMeta>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SEGMENTS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(|source| Error::Index {
+                op: "read manifest",
+                source,
+            })?;
+            out.push(SegmentMeta::decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<u64> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META), key)
+            .map_err(|source| Error::Index {
+                op: "read meta",
+                source,
+            })? {
+            Some(v) => be_u64(&v, "meta counter"),
+            None => Ok(0),
+        }
+    }
+
+    /// The next unused series id.
+    pub fn next_series_id(&self) -> Result<SeriesId> {
+        Ok(u32::try_from(self.meta(META_NEXT_SERIES)?).unwrap_or(u32::MAX))
+    }
+
+    /// The next unused segment id.
+    pub fn next_segment_id(&self) -> Result<u64> {
+        Ok(self.meta(META_NEXT_SEGMENT)?.max(1))
+    }
+
+    /// The first WAL file not covered by durable segments.
+    pub fn wal_checkpoint(&self) -> Result<u64> {
+        self.meta(META_WAL_CHECKPOINT)
+    }
+
+    /// The posting list of one tag value.
+    pub fn posting(&self, measurement: &str, tag: &str, value: &str) -> Result<Bitmap> {
+        self.get_bitmap(&posting_key(measurement, Some((tag, value))))
+    }
+
+    /// Every series of a measurement.
+    pub fn measurement_series(&self, measurement: &str) -> Result<Bitmap> {
+        self.get_bitmap(&posting_key(measurement, None))
+    }
+
+    fn get_bitmap(&self, key: &[u8]) -> Result<Bitmap> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_POSTINGS), key)
+            .map_err(|source| Error::Index {
+                op: "read posting list",
+                source,
+            })? {
+            Some(v) => decode_bitmap(&v),
+            None => Ok(Bitmap::new()),
+        }
+    }
+
+    /// Every value of one tag with its posting list, for regex and negated predicates.
+    pub fn tag_values(&self, measurement: &str, tag: &str) -> Result<Vec<(String, Bitmap)>> {
+        let mut prefix = Vec::new();
+        push_part(&mut prefix, measurement.as_bytes());
+        push_part(&mut prefix, tag.as_bytes());
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_POSTINGS),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|source| Error::Index {
+                op: "scan posting lists",
+                source,
+            })?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let value = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((value, decode_bitmap(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// A new, empty batch.
+    pub fn batch(&self) -> IndexBatch {
+        IndexBatch::default()
+    }
+
+    /// Records a new series with its postings.
+    pub fn add_series(
+        &self,
+        b: &mut IndexBatch,
+        id: SeriesId,
+        key: &str,
+        measurement: &str,
+        tags: &[(String, String)],
+    ) {
+        b.batch
+            .put_cf(self.cf(CF_SERIES), id.to_be_bytes(), key.as_bytes());
+        let one = Bitmap::of(&[id]).serialize::<Portable>();
+        let postings = self.cf(CF_POSTINGS);
+        b.batch
+            .merge_cf(postings, posting_key(measurement, None), &one);
+        for (k, v) in tags {
+            b.batch
+                .merge_cf(postings, posting_key(measurement, Some((k, v))), &one);
+        }
+    }
+
+    /// Sets the next series id.
+    pub fn set_next_series_id(&self, b: &mut IndexBatch, next: SeriesId) {
+        b.batch.put_cf(
+            self.cf(CF_META),
+            META_NEXT_SERIES,
+            u64::from(next).to_be_bytes(),
+        );
+    }
+
+    /// Sets the next segment id.
+    pub fn set_next_segment_id(&self, b: &mut IndexBatch, next: u64) {
+        b.batch
+            .put_cf(self.cf(CF_META), META_NEXT_SEGMENT, next.to_be_bytes());
+    }
+
+    /// Records that WAL files before `file` are covered by durable segments.
+    pub fn set_wal_checkpoint(&self, b: &mut IndexBatch, file: u64) {
+        b.batch
+            .put_cf(self.cf(CF_META), META_WAL_CHECKPOINT, file.to_be_bytes());
+    }
+
+    /// Adds a segment to the manifest.
+    pub fn add_segment(&self, b: &mut IndexBatch, meta: &SegmentMeta) {
+        b.batch
+            .put_cf(self.cf(CF_SEGMENTS), meta.id.to_be_bytes(), meta.encode());
+    }
+
+    /// Removes a segment from the manifest.
+    pub fn remove_segment(&self, b: &mut IndexBatch, id: u64) {
+        b.batch.delete_cf(self.cf(CF_SEGMENTS), id.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postings_merge_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = Index::open(dir.path()).unwrap();
+            let mut b = index.batch();
+            index.add_series(
+                &mut b,
+                1,
+                "cpu,host=a",
+                "cpu",
+                &[("host".into(), "a".into())],
+            );
+            index.add_series(
+                &mut b,
+                2,
+                "cpu,host=b",
+                "cpu",
+                &[("host".into(), "b".into())],
+            );
+            index.set_next_series_id(&mut b, 3);
+            index.commit(b).unwrap();
+            let mut b = index.batch();
+            index.add_series(
+                &mut b,
+                7,
+                "cpu,host=a,x=y",
+                "cpu",
+                &[("host".into(), "a".into()), ("x".into(), "y".into())],
+            );
+            index.commit(b).unwrap();
+        }
+        let index = Index::open(dir.path()).unwrap();
+        assert_eq!(
+            index.posting("cpu", "host", "a").unwrap().to_vec(),
+            vec![1, 7]
+        );
+        assert_eq!(index.posting("cpu", "host", "b").unwrap().to_vec(), vec![2]);
+        assert!(index.posting("cpu", "host", "c").unwrap().is_empty());
+        assert_eq!(
+            index.measurement_series("cpu").unwrap().to_vec(),
+            vec![1, 2, 7]
+        );
+        assert!(index.measurement_series("mem").unwrap().is_empty());
+        let values = index.tag_values("cpu", "host").unwrap();
+        assert_eq!(
+            values
+                .iter()
+                .map(|(v, b)| (v.as_str(), b.to_vec()))
+                .collect::<Vec<_>>(),
+            vec![("a", vec![1, 7]), ("b", vec![2])]
+        );
+        // "ho" is a prefix of "host" but a different tag: the length prefix keeps them apart.
+        assert!(index.tag_values("cpu", "ho").unwrap().is_empty());
+        assert_eq!(index.next_series_id().unwrap(), 3);
+        let series = index.load_series().unwrap();
+        assert_eq!(series.len(), 3);
+        assert_eq!(series[2], (7, "cpu,host=a,x=y".to_string()));
+    }
+}

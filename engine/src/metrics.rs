@@ -1,0 +1,78 @@
+//! The engine's own counters and gauges, read by the server's `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! metrics {
+    ($( $(#[doc = $doc:literal])* $name:ident : $kind:literal ),* $(,)?) => {
+        /// Counters (monotonic) and gauges of one store. Cheap to update from any thread.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Metrics {
+            /// Every metric as (name, help, kind, value); kind is `counter` or `gauge`.
+            pub fn snapshot(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+                vec![$( (
+                    concat!("forestall_", stringify!($name)),
+                    concat!($($doc),*).trim_ascii(),
+                    $kind,
+                    self.$name.load(Ordering::Relaxed),
+                ), )*]
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Lines (points) accepted and made durable.
+    points_written_total: "counter",
+    /// Field values accepted (a point with ten fields counts ten).
+    values_written_total: "counter",
+    /// Line protocol bytes accepted, after decompression.
+    bytes_written_total: "counter",
+    /// Lines rejected, each with its reason.
+    lines_rejected_total: "counter",
+    /// Records appended to the WAL.
+    wal_records_total: "counter",
+    /// Bytes appended to the WAL.
+    wal_bytes_total: "counter",
+    /// fsync calls on WAL files (one serves every request of a group commit).
+    wal_syncs_total: "counter",
+    /// Torn or corrupt WAL tails cut off during replay.
+    wal_torn_tails_total: "counter",
+    /// Buffer flushes completed.
+    flushes_total: "counter",
+    /// Segments written by flushes and compactions.
+    segments_written_total: "counter",
+    /// Bytes of segment files written.
+    segment_bytes_written_total: "counter",
+    /// Compactions completed.
+    compactions_total: "counter",
+    /// Segments removed by retention.
+    retention_segments_dropped_total: "counter",
+    /// Segment files that could not be read by a scan.
+    segment_read_errors_total: "counter",
+    /// Segments in the manifest.
+    segments: "gauge",
+    /// Bytes of the segments in the manifest.
+    segment_bytes: "gauge",
+    /// Rows held in the in-memory buffer (including frozen buffers being flushed).
+    buffer_rows: "gauge",
+    /// Approximate bytes held in the in-memory buffer.
+    buffer_bytes: "gauge",
+    /// Series known to the index.
+    series: "gauge",
+}
+
+impl Metrics {
+    /// Adds to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,558 @@
+//! [`Store`]: one data directory with its index, WAL, buffer and segments, and the background
+//! thread that flushes, compacts and enforces retention.
+//!
+//! **Durability contract.** [`Store::write`] returns `Ok` only after the accepted lines are in
+//! the WAL (fsynced, with the default [`SyncPolicy::Always`](crate::SyncPolicy)) and in the
+//! buffer, so they are visible to the next [`Store::scan`] and survive a crash. Rejected lines
+//! never reach the WAL.
+//!
+//! **Thread safety.** Every method takes `&self`; share a `Store` with `Arc`. Writes run
+//! concurrently (their WAL records share fsyncs); flush, compaction and retention run one at a
+//! time in the background or when called.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::buffer::Buffer;
+use crate::catalog::{Catalog, TableSchema};
+use crate::config::EngineConfig;
+use crate::flush::Frozen;
+use crate::index::Index;
+use crate::line_protocol::{LineError, ParsedLine, Precision, parse_lines};
+use crate::metrics::Metrics;
+use crate::retention::retention_cutoff;
+use crate::scan::{ScanRequest, ScanStream};
+use crate::segment::{Segment, SegmentRef};
+use crate::wal::{self, Wal};
+use crate::{Error, Result, SeriesId};
+
+/// At most this many rejected lines are listed in a [`WriteOutcome`]; the rest are counted.
+pub const MAX_LISTED_ERRORS: usize = 100;
+
+const RECORD_WRITE: u8 = 1;
+
+/// The result of a write that reached the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Lines accepted and durable.
+    pub accepted_lines: usize,
+    /// Field values accepted.
+    pub accepted_values: usize,
+    /// Lines rejected in all.
+    pub rejected_lines: usize,
+    /// The first [`MAX_LISTED_ERRORS`] rejections, in line order.
+    pub errors: Vec<LineError>,
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ReadState {
+    /// Buffers being flushed, oldest first; still visible to scans.
+    pub frozen: Vec<Arc<Frozen>>,
+    /// The manifest, by segment id.
+    pub segments: BTreeMap<u64, SegmentRef>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SeriesRegistry {
+    pub by_key: HashMap<Box<str>, SeriesId>,
+    pub next: SeriesId,
+}
+
+#[derive(Debug, Default)]
+struct Wake {
+    flush_requested: bool,
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub config: EngineConfig,
+    pub wal_dir: PathBuf,
+    pub segment_dir: PathBuf,
+    pub index: Arc<Index>,
+    pub catalog: Catalog,
+    pub wal: Wal,
+    pub metrics: Arc<Metrics>,
+    /// Writes hold it shared from WAL append to buffer insert; freezing the buffer holds it
+    /// exclusively, so a frozen set and the WAL files before its rotation match exactly.
+    pub gate: RwLock<()>,
+    pub buffer: Mutex<Buffer>,
+    pub state: RwLock<ReadState>,
+    pub series: Mutex<SeriesRegistry>,
+    pub next_segment: AtomicU64,
+    /// Flush, compaction and retention run one at a time.
+    pub maintenance: Mutex<()>,
+    wake: Mutex<Wake>,
+    wake_cv: Condvar,
+    closed: AtomicBool,
+}
+
+/// A Forestall storage engine instance.
+#[derive(Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+    background: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What [`Store::open`] found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub missing_segments: Vec<PathBuf>,
+    pub orphans_removed: usize,
+    pub wal: wal::ReplayReport,
+    pub replayed_lines: usize,
+}
+
+fn encode_record(precision: Precision, default_time: i64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + body.len());
+    out.push(RECORD_WRITE);
+    out.push(precision.code());
+    out.extend_from_slice(&default_time.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn decode_record(payload: &[u8]) -> Option<(Precision, i64, &[u8])> {
+    if payload.len() < 10 || payload[0] != RECORD_WRITE {
+        return None;
+    }
+    let precision = Precision::from_code(payload[1])?;
+    let default_time = i64::from_le_bytes(payload[2..10].try_into().ok()?);
+    Some((precision, default_time, &payload[10..]))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `config.data_dir`: loads the index and manifest,
+    /// removes files a crash left behind, replays the WAL and starts the background thread.
+    pub fn open(config: EngineConfig) -> Result<Self> {
+        Self::open_with_report(config).map(|(s, _)| s)
+    }
+
+    /// [`Store::open`], also saying what was found.
+    pub fn open_with_report(config: EngineConfig) -> Result<(Self, OpenReport)> {
+        config.validate()?;
+        let data = config.data_dir.clone();
+        let wal_dir = data.join("wal");
+        let segment_dir = data.join("segments");
+        for dir in [&data, &wal_dir, &segment_dir] {
+            fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let index = Arc::new(Index::open(&data.join("index"))?);
+        let catalog = Catalog::load(Arc::clone(&index))?;
+        let metrics = Arc::new(Metrics::default());
+        let mut report = OpenReport::default();
+
+        let mut registry = SeriesRegistry {
+            next: index.next_series_id()?,
+            ..Default::default()
+        };
+        for (id, key) in index.load_series()? {
+            registry.next = registry.next.max(id + 1);
+            registry.by_key.insert(key.into_boxed_str(), id);
+        }
+
+        let mut state = ReadState::default();
+        let mut next_segment = index.next_segment_id()?;
+        for meta in index.load_segments()? {
+            next_segment = next_segment.max(meta.id + 1);
+            let seg = Segment::new(meta, &segment_dir);
+            if !seg.path.exists() {
+                tracing::error!(path = %seg.path.display(), "segment in the manifest is missing; its data cannot be served");
+                report.missing_segments.push(seg.path.clone());
+            }
+            state.segments.insert(seg.meta.id, Arc::new(seg));
+        }
+        report.segments = state.segments.len();
+        report.orphans_removed = remove_orphans(&segment_dir, &state)?;
+
+        let pnanos = config.partition_nanos();
+        let mut buffer = Buffer::default();
+        let now = now_nanos();
+        let checkpoint = index.wal_checkpoint()?;
+        // Replay goes through the same admission as a live write, minus the WAL append.
+        let wal_report = wal::replay(&wal_dir, checkpoint, |payload| {
+            let Some((precision, default_time, body)) = decode_record(payload) else {
+                tracing::warn!("skipping WAL record of unknown kind");
+                return Ok(());
+            };
+            let mut lines = Vec::new();
+            for item in parse_lines(body, precision, default_time) {
+                match item {
+                    Ok(line) => match admit(&catalog, &config, &line, now)? {
+                        Ok(()) => lines.push(line),
+                        Err(reason) => {
+                            tracing::warn!(line = line.line_number, %reason, "WAL line no longer admissible; skipped")
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "unparseable line in WAL record; skipped"),
+                }
+            }
+            report.replayed_lines += lines.len();
+            buffer.insert(&lines, pnanos);
+            Ok(())
+        })?;
+        Metrics::add(&metrics.wal_torn_tails_total, wal_report.torn.len() as u64);
+        report.wal = wal_report;
+        let wal = Wal::start(
+            &wal_dir,
+            report.wal.next_file,
+            config.wal.clone(),
+            Arc::clone(&metrics),
+        )?;
+
+        let inner = Arc::new(Inner {
+            config,
+            wal_dir,
+            segment_dir,
+            index,
+            catalog,
+            wal,
+            metrics,
+            gate: RwLock::new(()),
+            buffer: Mutex::new(buffer),
+            state: RwLock::new(state),
+            series: Mutex::new(registry),
+            next_segment: AtomicU64::new(next_segment),
+            maintenance: Mutex::new(()),
+            wake: Mutex::new(Wake::default()),
+            wake_cv: Condvar::new(),
+            closed: AtomicBool::new(false),
+        });
+        inner.update_gauges();
+        let bg = Arc::clone(&inner);
+        let background = std::thread::Builder::new()
+            .name("forestall-maintenance".into())
+            .spawn(move || bg.background())
+            .map_err(|source| Error::CreateDir {
+                path: inner.segment_dir.clone(),
+                source,
+            })?;
+        tracing::info!(
+            segments = report.segments,
+            wal_files = report.wal.files,
+            replayed_lines = report.replayed_lines,
+            torn_tails = report.wal.torn.len(),
+            "store opened"
+        );
+        Ok((
+            Self {
+                inner,
+                background: Mutex::new(Some(background)),
+            },
+            report,
+        ))
+    }
+
+    /// Parses, validates and durably stores a line protocol body. Lines without a timestamp
+    /// get `now` (ns). Valid lines are stored even when others are rejected (InfluxDB's
+    /// partial write); the outcome lists the rejections.
+    pub fn write(&self, body: &[u8], precision: Precision, now: i64) -> Result<WriteOutcome> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let mut outcome = WriteOutcome::default();
+        let mut accepted: Vec<ParsedLine<'_>> = Vec::new();
+        let reject = |outcome: &mut WriteOutcome, e: LineError| {
+            outcome.rejected_lines += 1;
+            if outcome.errors.len() < MAX_LISTED_ERRORS {
+                outcome.errors.push(e);
+            }
+        };
+        for item in parse_lines(body, precision, now) {
+            match item {
+                Ok(line) => match inner.admit(&line, now)? {
+                    Ok(()) => accepted.push(line),
+                    Err(reason) => reject(
+                        &mut outcome,
+                        LineError {
+                            line: line.line_number,
+                            reason,
+                        },
+                    ),
+                },
+                Err(e) => reject(&mut outcome, e),
+            }
+        }
+        Metrics::add(
+            &inner.metrics.lines_rejected_total,
+            outcome.rejected_lines as u64,
+        );
+        if accepted.is_empty() {
+            return Ok(outcome);
+        }
+        let payload = if outcome.rejected_lines == 0 {
+            encode_record(precision, now, body)
+        } else {
+            let mut text = Vec::with_capacity(body.len());
+            for l in &accepted {
+                text.extend_from_slice(l.raw.as_bytes());
+                text.push(b'\n');
+            }
+            encode_record(precision, now, &text)
+        };
+        let bytes: usize = accepted.iter().map(|l| l.raw.len() + 1).sum();
+        outcome.accepted_lines = accepted.len();
+        outcome.accepted_values = accepted.iter().map(|l| l.fields.len()).sum();
+        let buffered = {
+            let _gate = inner.gate.read();
+            inner.wal.append(payload)?;
+            let mut buffer = inner.buffer.lock();
+            buffer.insert(&accepted, inner.config.partition_nanos());
+            Metrics::set(&inner.metrics.buffer_rows, buffer.rows() as u64);
+            Metrics::set(&inner.metrics.buffer_bytes, buffer.bytes() as u64);
+            buffer.bytes() as u64
+        };
+        Metrics::add(
+            &inner.metrics.points_written_total,
+            outcome.accepted_lines as u64,
+        );
+        Metrics::add(
+            &inner.metrics.values_written_total,
+            outcome.accepted_values as u64,
+        );
+        Metrics::add(&inner.metrics.bytes_written_total, bytes as u64);
+        if buffered >= inner.config.flush.max_buffer_bytes {
+            inner.request_flush();
+        }
+        Ok(outcome)
+    }
+
+    /// Reads rows; see [`crate::scan`].
+    pub fn scan(&self, req: &ScanRequest) -> Result<ScanStream> {
+        self.inner.scan(req)
+    }
+
+    /// Flushes the buffer to segments now.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// Runs compaction now; returns how many partitions were compacted.
+    pub fn compact(&self) -> Result<usize> {
+        self.inner.compact()
+    }
+
+    /// Enforces retention as of `now` (ns); returns how many segments were dropped.
+    pub fn enforce_retention(&self, now: i64) -> Result<usize> {
+        self.inner.enforce_retention(now)
+    }
+
+    /// Sets a measurement's retention period (`None`: the engine default). Returns false if
+    /// the measurement does not exist.
+    pub fn set_retention(&self, measurement: &str, period: Option<Duration>) -> Result<bool> {
+        self.inner.catalog.set_retention(measurement, period)
+    }
+
+    /// A measurement's schema.
+    pub fn table(&self, measurement: &str) -> Option<Arc<TableSchema>> {
+        self.inner.catalog.get(measurement)
+    }
+
+    /// Every measurement's schema, by name.
+    pub fn tables(&self) -> Vec<Arc<TableSchema>> {
+        self.inner.catalog.all()
+    }
+
+    /// The store's counters and gauges.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The segments in the manifest, by id.
+    pub fn segments(&self) -> Vec<SegmentRef> {
+        self.inner.state.read().segments.values().cloned().collect()
+    }
+
+    /// Stops the background thread, flushes the buffer and closes the WAL. Later writes fail
+    /// with [`Error::ShuttingDown`]. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.stop_background();
+        let result = self.inner.flush();
+        self.inner.wal.close();
+        result
+    }
+
+    fn stop_background(&self) {
+        {
+            let mut wake = self.inner.wake.lock();
+            wake.shutdown = true;
+            self.inner.wake_cv.notify_all();
+        }
+        if let Some(t) = self.background.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Without shutdown(): the buffer is not flushed, but every acknowledged write is in the
+        // WAL and is replayed at the next open.
+        self.inner.closed.store(true, Ordering::Release);
+        self.stop_background();
+        self.inner.wal.close();
+    }
+}
+
+/// Checks a line against retention and the catalog.
+fn admit(
+    catalog: &Catalog,
+    config: &EngineConfig,
+    line: &ParsedLine<'_>,
+    now: i64,
+) -> Result<Result<(), String>> {
+    if let Some((cutoff, period)) =
+        retention_cutoff(catalog.get(&line.measurement).as_deref(), config, now)
+        && line.timestamp < cutoff
+    {
+        return Ok(Err(format!(
+            "point is older than the retention period of {:?} ({})",
+            line.measurement.as_ref(),
+            humantime::format_duration(period)
+        )));
+    }
+    catalog.admit(line)
+}
+
+fn remove_orphans(dir: &std::path::Path, state: &ReadState) -> Result<usize> {
+    let mut removed = 0;
+    let entries = fs::read_dir(dir).map_err(|source| Error::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let orphan = if name.ends_with(".tmp") {
+            true
+        } else if let Some(id) = name
+            .strip_suffix(".parquet")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            !state.segments.contains_key(&id)
+        } else {
+            false
+        };
+        if orphan {
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not remove orphan file");
+            } else {
+                tracing::info!(path = %entry.path().display(), "removed a file left by an interrupted flush or compaction");
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+impl Inner {
+    fn admit(&self, line: &ParsedLine<'_>, now: i64) -> Result<Result<(), String>> {
+        admit(&self.catalog, &self.config, line, now)
+    }
+
+    fn request_flush(&self) {
+        let mut wake = self.wake.lock();
+        if !wake.flush_requested {
+            wake.flush_requested = true;
+            self.wake_cv.notify_all();
+        }
+    }
+
+    pub(crate) fn update_gauges(&self) {
+        let (segments, bytes, frozen_rows, frozen_bytes) = {
+            let state = self.state.read();
+            let frozen = state.frozen.iter().flat_map(|f| f.partitions.iter());
+            let (rows, bytes) = frozen.fold((0u64, 0u64), |(r, b), p| {
+                (r + p.batch.num_rows() as u64, b + p.bytes as u64)
+            });
+            (
+                state.segments.len() as u64,
+                state.segments.values().map(|s| s.meta.bytes).sum::<u64>(),
+                rows,
+                bytes,
+            )
+        };
+        let (rows, buf_bytes) = {
+            let b = self.buffer.lock();
+            (b.rows() as u64, b.bytes() as u64)
+        };
+        Metrics::set(&self.metrics.segments, segments);
+        Metrics::set(&self.metrics.segment_bytes, bytes);
+        Metrics::set(&self.metrics.buffer_rows, rows + frozen_rows);
+        Metrics::set(&self.metrics.buffer_bytes, buf_bytes + frozen_bytes);
+        Metrics::set(&self.metrics.series, self.series.lock().by_key.len() as u64);
+    }
+
+    fn background(&self) {
+        let cfg = &self.config;
+        let start = Instant::now();
+        let (mut next_flush, mut next_compact, mut next_retention) = (
+            start + cfg.flush.interval,
+            start + cfg.compaction.interval,
+            start + Duration::from_secs(5),
+        );
+        loop {
+            let requested = {
+                let mut wake = self.wake.lock();
+                let deadline = next_flush.min(next_compact).min(next_retention);
+                if !wake.flush_requested && !wake.shutdown {
+                    self.wake_cv.wait_until(&mut wake, deadline);
+                }
+                if wake.shutdown {
+                    return;
+                }
+                std::mem::take(&mut wake.flush_requested)
+            };
+            let now = Instant::now();
+            if requested || now >= next_flush {
+                if let Err(e) = self.flush() {
+                    tracing::error!(error = %e, "flush failed; the data stays in the WAL and the buffer, retrying later");
+                }
+                next_flush = Instant::now() + cfg.flush.interval;
+            }
+            if now >= next_compact {
+                if let Err(e) = self.compact() {
+                    tracing::error!(error = %e, "compaction failed");
+                }
+                next_compact = Instant::now() + cfg.compaction.interval;
+            }
+            if now >= next_retention {
+                if let Err(e) = self.enforce_retention(now_nanos()) {
+                    tracing::error!(error = %e, "retention failed");
+                }
+                next_retention = Instant::now() + cfg.retention.interval;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

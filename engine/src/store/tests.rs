@@ -1,0 +1,625 @@
+use super::*;
+use crate::scan::TagPredicate;
+use arrow::array::{Array, ArrayAccessor, AsArray, RecordBatch};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampNanosecondType};
+use std::collections::BTreeSet;
+
+const DAY: i64 = 86_400_000_000_000;
+/// 2026-01-01T00:00:00Z, a partition boundary.
+const T0: i64 = 1_767_225_600_000_000_000;
+
+fn config(dir: &std::path::Path) -> EngineConfig {
+    EngineConfig {
+        data_dir: dir.to_path_buf(),
+        // Nothing runs in the background unless a test asks for it.
+        flush: crate::config::FlushConfig {
+            interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        compaction: crate::config::CompactionConfig {
+            interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(config(dir)).unwrap()
+}
+
+fn write(store: &Store, body: &str) -> WriteOutcome {
+    store
+        .write(body.as_bytes(), Precision::Nanoseconds, T0)
+        .unwrap()
+}
+
+fn collect(store: &Store, req: &ScanRequest) -> RecordBatch {
+    let stream = store.scan(req).unwrap();
+    let schema = stream.schema();
+    let batches: Vec<_> = stream.map(|b| b.unwrap()).collect();
+    concat_batches(&schema, &batches).unwrap()
+}
+
+/// Rows as (host, time, usage) sorted, for order-independent comparison.
+fn rows(batch: &RecordBatch) -> Vec<(Option<String>, i64, Option<f64>)> {
+    let times = batch
+        .column_by_name("time")
+        .unwrap()
+        .as_primitive::<TimestampNanosecondType>();
+    let host = batch.column_by_name("host").map(|c| {
+        c.as_dictionary::<Int32Type>()
+            .downcast_dict::<arrow::array::StringArray>()
+            .unwrap()
+    });
+    let usage = batch
+        .column_by_name("usage")
+        .map(|c| c.as_primitive::<Float64Type>().clone());
+    let mut out: Vec<_> = (0..batch.num_rows())
+        .map(|i| {
+            let h = host
+                .as_ref()
+                .and_then(|h| h.is_valid(i).then(|| h.value(i).to_string()));
+            let u = usage
+                .as_ref()
+                .and_then(|u| u.is_valid(i).then(|| u.value(i)));
+            (h, times.value(i), u)
+        })
+        .collect();
+    out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    out
+}
+
+fn body(hosts: usize, points: usize, start: i64) -> String {
+    let mut s = String::new();
+    for p in 0..points {
+        for h in 0..hosts {
+            s.push_str(&format!(
+                "cpu,host=h{h},region=r{} usage={}.5 {}\n",
+                h % 3,
+                p,
+                start + p as i64 * 10_000_000_000
+            ));
+        }
+    }
+    s
+}
+
+#[test]
+fn writes_are_visible_at_once_and_after_flush_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected;
+    {
+        let store = open(dir.path());
+        let o = write(&store, &body(5, 20, T0));
+        assert_eq!(
+            (o.accepted_lines, o.accepted_values, o.rejected_lines),
+            (100, 100, 0)
+        );
+        let before = rows(&collect(&store, &ScanRequest::all("cpu")));
+        assert_eq!(before.len(), 100);
+        store.flush().unwrap();
+        assert_eq!(store.segments().len(), 1);
+        assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))), before);
+        // More data after the flush: served from buffer and segment together.
+        write(&store, &body(5, 1, T0 + 3_600_000_000_000));
+        expected = rows(&collect(&store, &ScanRequest::all("cpu")));
+        assert_eq!(expected.len(), 105);
+        store.shutdown().unwrap();
+    }
+    let (store, report) = Store::open_with_report(config(dir.path())).unwrap();
+    assert_eq!(report.segments, 2);
+    assert_eq!(report.replayed_lines, 0, "shutdown flushed everything");
+    assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))), expected);
+    let schema = store.table("cpu").unwrap();
+    assert_eq!(schema.columns.len(), 3);
+    assert_eq!(store.metrics().series.load(Ordering::Relaxed), 5);
+}
+
+#[test]
+fn unflushed_writes_are_replayed_from_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        write(&store, &body(3, 4, T0));
+        store.flush().unwrap();
+        write(&store, &body(3, 2, T0 + DAY));
+        // Dropped without shutdown: the second write lives only in the WAL.
+    }
+    let (store, report) = Store::open_with_report(config(dir.path())).unwrap();
+    assert_eq!(report.replayed_lines, 6);
+    assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))).len(), 18);
+    // Flushing and reopening neither loses nor doubles anything.
+    store.flush().unwrap();
+    drop(store);
+    let (store, report) = Store::open_with_report(config(dir.path())).unwrap();
+    assert_eq!(report.replayed_lines, 0);
+    assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))).len(), 18);
+}
+
+#[test]
+fn series_ids_are_stable_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let first: Vec<(String, u32)>;
+    {
+        let store = open(dir.path());
+        write(&store, &body(4, 1, T0));
+        store.flush().unwrap();
+        first = store
+            .inner
+            .series
+            .lock()
+            .by_key
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        store.shutdown().unwrap();
+    }
+    let store = open(dir.path());
+    write(
+        &store,
+        &format!("{}cpu,host=new,region=x usage=1 {T0}\n", body(4, 1, T0 + 1)),
+    );
+    store.flush().unwrap();
+    let reg = store.inner.series.lock();
+    for (k, id) in &first {
+        assert_eq!(reg.by_key.get(k.as_str()), Some(id), "{k}");
+    }
+    let new_id = reg.by_key["cpu,host=new,region=x"];
+    assert!(first.iter().all(|(_, id)| *id < new_id));
+}
+
+#[test]
+fn partial_writes_keep_valid_lines_and_explain_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(&store, &format!("m,host=a v=1,n=1i {T0}"));
+    let o = write(
+        &store,
+        &format!(
+            "m,host=a v=2 {}\nm,host=a v=\"text\" {}\nm,v=x n=1 {}\nbroken line\nm,host=b v=3,n=2i {}",
+            T0 + 1,
+            T0 + 2,
+            T0 + 3,
+            T0 + 4
+        ),
+    );
+    assert_eq!(o.accepted_lines, 2);
+    assert_eq!(o.rejected_lines, 3);
+    let reasons: Vec<_> = o
+        .errors
+        .iter()
+        .map(|e| (e.line, e.reason.clone()))
+        .collect();
+    assert_eq!(reasons[0].0, 2);
+    assert!(
+        reasons[0]
+            .1
+            .contains("field \"v\" of \"m\" is float, got string"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[1].0, 3);
+    assert!(
+        reasons[1].1.contains("\"v\" is a float field"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[2].0, 4);
+    assert_eq!(
+        store.metrics().lines_rejected_total.load(Ordering::Relaxed),
+        3
+    );
+    // Only accepted lines reach the WAL: a replay sees exactly the same rows.
+    drop(store);
+    let store = open(dir.path());
+    let b = collect(&store, &ScanRequest::all("m"));
+    assert_eq!(b.num_rows(), 3);
+    assert_eq!(store.table("m").unwrap().columns.len(), 3);
+}
+
+#[test]
+fn schema_evolution_reads_null_for_old_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(&store, &format!("cpu,host=a usage=1 {T0}"));
+    store.flush().unwrap();
+    write(
+        &store,
+        &format!("cpu,host=a,dc=x usage=2,temp=30i {}", T0 + 1),
+    );
+    let b = collect(&store, &ScanRequest::all("cpu"));
+    let names: Vec<_> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["time", "dc", "host", "temp", "usage"]);
+    let temp = b
+        .column_by_name("temp")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let times = b
+        .column_by_name("time")
+        .unwrap()
+        .as_primitive::<TimestampNanosecondType>();
+    for i in 0..2 {
+        if times.value(i) == T0 {
+            assert!(temp.is_null(i) && b.column_by_name("dc").unwrap().is_null(i));
+        } else {
+            assert_eq!(temp.value(i), 30);
+        }
+    }
+}
+
+#[test]
+fn time_range_predicate_and_projection() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(&store, &body(6, 10, T0));
+    store.flush().unwrap();
+    write(&store, &body(6, 10, T0 + 100_000_000_000));
+    let req = ScanRequest {
+        measurement: "cpu".into(),
+        start: T0 + 50_000_000_000,
+        end: T0 + 150_000_000_000,
+        predicate: Some(TagPredicate::Eq("host".into(), "h1".into())),
+        projection: Some(vec!["usage".into(), "host".into(), "time".into()]),
+    };
+    let b = collect(&store, &req);
+    let names: Vec<_> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["usage", "host", "time"]);
+    let r = rows(&b);
+    assert_eq!(r.len(), 10);
+    assert!(
+        r.iter()
+            .all(|(h, t, _)| h.as_deref() == Some("h1") && *t >= req.start && *t < req.end)
+    );
+    // Unknown measurement and column are errors, not empty results.
+    assert!(matches!(
+        store.scan(&ScanRequest::all("nope")),
+        Err(Error::UnknownMeasurement(_))
+    ));
+    let bad = ScanRequest {
+        projection: Some(vec!["nope".into()]),
+        ..ScanRequest::all("cpu")
+    };
+    assert!(
+        store
+            .scan(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("no column \"nope\"")
+    );
+}
+
+#[test]
+fn segments_are_pruned_by_time_and_series_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Three segments: hosts a/b in hour 0, host c in hour 0, hosts a/b in hour 5.
+    write(
+        &store,
+        &format!("cpu,host=a usage=1 {T0}\ncpu,host=b usage=1 {T0}"),
+    );
+    store.flush().unwrap();
+    write(&store, &format!("cpu,host=c usage=1 {T0}"));
+    store.flush().unwrap();
+    write(
+        &store,
+        &format!(
+            "cpu,host=a usage=2 {}\ncpu,host=b usage=2 {}",
+            T0 + 5 * 3_600_000_000_000,
+            T0 + 5 * 3_600_000_000_000
+        ),
+    );
+    store.flush().unwrap();
+    let req = ScanRequest {
+        predicate: Some(TagPredicate::Eq("host".into(), "c".into())),
+        ..ScanRequest::all("cpu")
+    };
+    let stream = store.scan(&req).unwrap();
+    assert_eq!((stream.segments_to_read(), stream.segments_pruned), (1, 2));
+    let req = ScanRequest {
+        start: T0 + 3_600_000_000_000,
+        ..ScanRequest::all("cpu")
+    };
+    let stream = store.scan(&req).unwrap();
+    assert_eq!((stream.segments_to_read(), stream.segments_pruned), (1, 2));
+}
+
+#[test]
+fn index_and_buffer_evaluate_predicates_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut text = String::new();
+    for i in 0..40 {
+        let dc = if i % 5 == 0 {
+            String::new()
+        } else {
+            format!(",dc=d{}", i % 4)
+        };
+        text.push_str(&format!(
+            "cpu,host=h{i}{dc},team=t{} usage={i} {}\n",
+            i % 3,
+            T0 + i
+        ));
+    }
+    write(&store, &text);
+    let preds = vec![
+        TagPredicate::Eq("dc".into(), "d1".into()),
+        TagPredicate::NotEq("dc".into(), "d1".into()),
+        TagPredicate::In("team".into(), vec!["t0".into(), "t2".into(), "zz".into()]),
+        TagPredicate::Regex("host".into(), regex::Regex::new("^h1[0-9]$").unwrap()),
+        TagPredicate::NotRegex("host".into(), regex::Regex::new("3").unwrap()),
+        TagPredicate::Exists("dc".into()),
+        TagPredicate::Not(Box::new(TagPredicate::Exists("dc".into()))),
+        TagPredicate::And(vec![
+            TagPredicate::Eq("team".into(), "t1".into()),
+            TagPredicate::NotEq("dc".into(), "d3".into()),
+        ]),
+        TagPredicate::Or(vec![
+            TagPredicate::Eq("host".into(), "h7".into()),
+            TagPredicate::Eq("dc".into(), "d2".into()),
+        ]),
+        TagPredicate::Eq("missing".into(), "x".into()),
+    ];
+    let hosts = |store: &Store, p: &TagPredicate| -> BTreeSet<String> {
+        let b = collect(
+            store,
+            &ScanRequest {
+                predicate: Some(p.clone()),
+                ..ScanRequest::all("cpu")
+            },
+        );
+        rows(&b).into_iter().filter_map(|(h, _, _)| h).collect()
+    };
+    let in_buffer: Vec<_> = preds.iter().map(|p| hosts(&store, p)).collect();
+    store.flush().unwrap();
+    for (p, expected) in preds.iter().zip(&in_buffer) {
+        assert_eq!(&hosts(&store, p), expected, "{p:?}");
+    }
+    assert_eq!(in_buffer[0].len(), 8);
+    assert_eq!(in_buffer[5].len(), 32);
+    assert_eq!(in_buffer[6].len(), 8);
+    assert!(in_buffer[9].is_empty());
+}
+
+#[test]
+fn duplicate_points_merge_on_flush_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(
+        &store,
+        &format!("cpu,host=a usage=1,x=1i {T0}\ncpu,host=a usage=2 {T0}"),
+    );
+    store.flush().unwrap();
+    let b = collect(&store, &ScanRequest::all("cpu"));
+    assert_eq!(rows(&b), vec![(Some("a".into()), T0, Some(2.0))]);
+    assert_eq!(
+        b.column_by_name("x")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .value(0),
+        1
+    );
+    // A later segment overrides usage; compaction merges the two.
+    for i in 0..3 {
+        write(&store, &format!("cpu,host=a usage={} {T0}", 10 + i));
+        store.flush().unwrap();
+    }
+    assert_eq!(store.compact().unwrap(), 1);
+    let b = collect(&store, &ScanRequest::all("cpu"));
+    assert_eq!(rows(&b), vec![(Some("a".into()), T0, Some(12.0))]);
+    assert_eq!(
+        b.column_by_name("x")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .value(0),
+        1
+    );
+}
+
+#[test]
+fn compaction_merges_small_segments_and_deletes_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for i in 0..5 {
+        write(&store, &body(20, 30, T0 + i * 1_000_000_000_000));
+        store.flush().unwrap();
+    }
+    let before = rows(&collect(&store, &ScanRequest::all("cpu")));
+    let old: Vec<_> = store.segments().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(old.len(), 5);
+    assert_eq!(store.compact().unwrap(), 1);
+    let segs = store.segments();
+    assert_eq!(segs.len(), 1);
+    assert_eq!(segs[0].meta.level, 1);
+    assert_eq!(segs[0].meta.rows, 3000);
+    assert_eq!(segs[0].meta.series.cardinality(), 20);
+    assert!(old.iter().all(|p| !p.exists()), "inputs deleted");
+    assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))), before);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(rows(&collect(&store, &ScanRequest::all("cpu"))), before);
+}
+
+#[test]
+fn retention_drops_old_partitions_and_rejects_old_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(
+        &store,
+        &format!(
+            "cpu,host=a usage=1 {}\ncpu,host=a usage=2 {}",
+            T0 - 3 * DAY,
+            T0
+        ),
+    );
+    store.flush().unwrap();
+    write(&store, &format!("cpu,host=a usage=3 {}", T0 - 3 * DAY + 1));
+    assert_eq!(store.segments().len(), 2);
+    assert!(
+        store
+            .set_retention("cpu", Some(Duration::from_secs(2 * 86_400)))
+            .unwrap()
+    );
+    assert!(!store.set_retention("nope", None).unwrap());
+    assert_eq!(store.enforce_retention(T0).unwrap(), 1);
+    let r = rows(&collect(&store, &ScanRequest::all("cpu")));
+    assert_eq!(r, vec![(Some("a".into()), T0, Some(2.0))]);
+    let o = write(&store, &format!("cpu,host=a usage=4 {}", T0 - 3 * DAY));
+    assert_eq!(o.rejected_lines, 1);
+    assert!(
+        o.errors[0]
+            .reason
+            .contains("older than the retention period"),
+        "{:?}",
+        o.errors
+    );
+    // The period is in the catalog: it survives a restart.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(
+        store.table("cpu").unwrap().retention,
+        Some(Duration::from_secs(2 * 86_400))
+    );
+}
+
+#[test]
+fn corrupt_or_missing_segment_names_the_file_and_the_rest_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    write(&store, &format!("cpu,host=a usage=1 {T0}"));
+    store.flush().unwrap();
+    write(&store, &format!("cpu,host=b usage=2 {T0}"));
+    store.flush().unwrap();
+    write(&store, &format!("cpu,host=c usage=3 {T0}"));
+    store.flush().unwrap();
+    let segs = store.segments();
+    std::fs::write(&segs[0].path, b"PAR1 this is not parquet").unwrap();
+    std::fs::remove_file(&segs[1].path).unwrap();
+    let results: Vec<_> = store.scan(&ScanRequest::all("cpu")).unwrap().collect();
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains(&segs[0].path.display().to_string()),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains(&segs[1].path.display().to_string()),
+        "{}",
+        errors[1]
+    );
+    let good: Vec<_> = results.into_iter().filter_map(|r| r.ok()).collect();
+    assert_eq!(good.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    assert_eq!(
+        store
+            .metrics()
+            .segment_read_errors_total
+            .load(Ordering::Relaxed),
+        2
+    );
+    drop(store);
+    let (_store, report) = Store::open_with_report(config(dir.path())).unwrap();
+    assert_eq!(report.missing_segments, vec![segs[1].path.clone()]);
+}
+
+#[test]
+fn orphan_files_from_an_interrupted_flush_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        write(&store, &format!("cpu,host=a usage=1 {T0}"));
+        store.shutdown().unwrap();
+    }
+    let segs = dir.path().join("segments");
+    std::fs::write(segs.join("00000000000000099999.parquet"), b"partial").unwrap();
+    std::fs::write(segs.join("00000000000000099998.parquet.tmp"), b"partial").unwrap();
+    let (store, report) = Store::open_with_report(config(dir.path())).unwrap();
+    assert_eq!(report.orphans_removed, 2);
+    assert_eq!(collect(&store, &ScanRequest::all("cpu")).num_rows(), 1);
+}
+
+#[test]
+fn buffer_size_triggers_a_background_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.flush.max_buffer_bytes = 1 << 20;
+    let store = Store::open(cfg).unwrap();
+    let mut i = 0;
+    while store.metrics().flushes_total.load(Ordering::Relaxed) == 0 && i < 2000 {
+        write(&store, &body(50, 10, T0 + i * 1_000_000_000_000));
+        i += 1;
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Wait (bounded) for the background flush to finish.
+    for _ in 0..500 {
+        if !store.segments().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !store.segments().is_empty(),
+        "a flush ran without being called"
+    );
+    assert_eq!(
+        collect(&store, &ScanRequest::all("cpu")).num_rows(),
+        i as usize * 500
+    );
+}
+
+#[test]
+fn writes_after_shutdown_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.shutdown().unwrap();
+    store.shutdown().unwrap();
+    assert!(matches!(
+        store.write(b"m v=1", Precision::Nanoseconds, T0),
+        Err(Error::ShuttingDown)
+    ));
+}
+
+#[test]
+fn segment_files_are_small_for_regular_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // 50 hosts x 360 points x 10 integer fields in a random walk, 10 s apart.
+    let mut text = String::new();
+    let mut state = [50i64; 10];
+    let mut seed = 7u64;
+    for p in 0..360 {
+        for h in 0..50 {
+            text.push_str(&format!("cpu,hostname=host_{h},region=eu,rack={} ", h % 7));
+            for (f, v) in state.iter_mut().enumerate() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *v = (*v + (seed >> 61) as i64 - 3).clamp(0, 100);
+                text.push_str(&format!("{}usage_{f}={v}i", if f == 0 { "" } else { "," }));
+            }
+            text.push_str(&format!(" {}\n", T0 + p * 10_000_000_000));
+        }
+    }
+    write(&store, &text);
+    store.flush().unwrap();
+    let bytes: u64 = store.segments().iter().map(|s| s.meta.bytes).sum();
+    let values = 50 * 360 * 10;
+    let per_value = bytes as f64 / values as f64;
+    // Raw values are 8 bytes; the encodings must do far better (the footer is included).
+    assert!(per_value < 1.0, "{per_value:.3} bytes per value");
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building Forestall needs on a fresh Debian machine: Debian's RocksDB (linked
+# instead of compiling its C++; see ../shared/BUILD.md) and libclang for bindgen.
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+
+need=()
+for pkg in librocksdb-dev libclang-dev; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo is missing; install Rust with rustup" >&2; exit 1; }

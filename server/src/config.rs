@@ -1,0 +1,278 @@
+//! Server configuration, layered: defaults < TOML file < `FORESTALL__SECTION__KEY` environment
+//! variables < command-line flags.
+//!
+//! Every section is documented in `docs/forestall.example.toml`, which a test parses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use forestall_engine::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of configuration environment variables; `__` separates sections and keys.
+pub const ENV_PREFIX: &str = "FORESTALL__";
+
+/// Errors while loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:8181`.
+    pub addr: SocketAddr,
+    /// Largest request body accepted, before and after decompression. Default 32 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            max_body_bytes: 32 << 20,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `forestall_engine=debug,info`). `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub engine: EngineConfig,
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl ServerConfig {
+    /// Loads the layers: defaults, then `file` (if any), then the environment `env` (pass
+    /// `std::env::vars()`), then `overrides`; and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "empty section or key".into(),
+                });
+            }
+            set_path(&mut table, &path, env_value(&raw)).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        let mut config: ServerConfig =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: file
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| "<environment>".into()),
+                    message: e.to_string(),
+                })?;
+        if let Some(dir) = &overrides.data_dir {
+            config.engine.data_dir = dir.clone();
+        }
+        if let Some(addr) = overrides.http_addr {
+            config.http.addr = addr;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the whole configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "http.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        self.engine
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// An environment value as TOML when it parses as a TOML value (`100`, `true`, `"x"`,
+/// `[1, 2]`), otherwise as a plain string (`10s`, `127.0.0.1:8181`).
+fn env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty name")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{p:?} is not a section"))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = ServerConfig::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.http.addr.to_string(), "127.0.0.1:8181");
+        assert_eq!(c.engine.data_dir, PathBuf::from("./forestall-data"));
+        assert_eq!(c.engine.wal.sync, forestall_engine::SyncPolicy::Always);
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[http]\naddr = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\n[engine]\ndata_dir = \"/from/file\"\n[engine.flush]\ninterval = \"30s\"\n",
+        )
+        .unwrap();
+        let c = ServerConfig::load(
+            Some(&file),
+            env(&[
+                ("FORESTALL__HTTP__MAX_BODY_BYTES", "4096"),
+                ("FORESTALL__ENGINE__DATA_DIR", "/from/env"),
+                ("FORESTALL__ENGINE__WAL__SYNC", "interval"),
+                ("UNRELATED", "x"),
+            ]),
+            &Overrides {
+                data_dir: Some("/from/flag".into()),
+                http_addr: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.http.addr.to_string(), "127.0.0.1:9000", "file");
+        assert_eq!(c.http.max_body_bytes, 4096, "env over file");
+        assert_eq!(
+            c.engine.data_dir,
+            PathBuf::from("/from/flag"),
+            "flag over env over file"
+        );
+        assert_eq!(c.engine.flush.interval, Duration::from_secs(30));
+        assert_eq!(c.engine.wal.sync, forestall_engine::SyncPolicy::Interval);
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[http]\nadress = \"x\"\n").unwrap();
+        let e = ServerConfig::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml") && e.contains("adress"), "{e}");
+        let e = ServerConfig::load(
+            None,
+            env(&[("FORESTALL__ENGINE__WAL__SYNC", "sometimes")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sometimes"), "{e}");
+        let e = ServerConfig::load(
+            None,
+            env(&[("FORESTALL__ENGINE__FLUSH__ZSTD_LEVEL", "99")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("zstd_level"), "{e}");
+        let e = ServerConfig::load(
+            Some(Path::new("/nonexistent/f.toml")),
+            env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/f.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/forestall.example.toml");
+        let c = ServerConfig::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
+        let d = ServerConfig::default();
+        assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+}

@@ -1,0 +1,67 @@
+//! The one place where errors become HTTP responses. Internal details are logged, never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    #[error("request body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("unsupported Content-Encoding {0:?}: use gzip or identity")]
+    UnsupportedEncoding(String),
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<forestall_engine::Error> for ApiError {
+    fn from(e: forestall_engine::Error) -> Self {
+        use forestall_engine::Error as E;
+        match e {
+            E::ShuttingDown | E::WalClosed => ApiError::Unavailable,
+            E::UnknownMeasurement(m) => ApiError::NotFound(format!("unknown measurement {m:?}")),
+            E::InvalidScan(m) => ApiError::Invalid(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request too large"),
+            ApiError::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
+            }
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status();
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                "internal error; see the server log".to_string()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(json!({"code": code, "error": message}))).into_response()
+    }
+}

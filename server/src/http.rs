@@ -1,0 +1,191 @@
+//! The HTTP API.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /api/v2/write?org=&bucket=&precision=ns\|us\|ms\|s` | InfluxDB v2 line protocol write |
+//! | `POST /write?db=&precision=n\|ns\|u\|us\|ms\|s\|m\|h` | InfluxDB v1 line protocol write |
+//! | `GET /health` | liveness and version |
+//! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
+//!
+//! Forestall has one namespace: `org`, `bucket`, `db` and `rp` are accepted for client
+//! compatibility and ignored, always. Writes answer 204 when every line was stored and 400
+//! with the list of rejected lines (line number and reason) when some or all were not; the
+//! valid lines of such a request are stored (InfluxDB's partial write). Bodies may be gzip
+//! (`Content-Encoding: gzip`); the size limit applies before and after decompression.
+//! Every error is JSON: `{"code": ..., "error": ...}`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forestall_engine::Store;
+use forestall_engine::line_protocol::Precision;
+use forestall_engine::store::{WriteOutcome, now_nanos};
+use http_body_util::BodyExt;
+use serde_json::json;
+
+use crate::error::ApiError;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub max_body_bytes: u64,
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v2/write", post(write_v2))
+        .route("/write", post(write_v1))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "pass", "name": "forestall", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut out = String::new();
+    for (name, help, kind, value) in state.store.metrics().snapshot() {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+async fn write_v2(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = match q.get("precision").map(String::as_str) {
+        None | Some("") => Precision::Nanoseconds,
+        Some(p @ ("ns" | "us" | "ms" | "s")) => Precision::parse(p).unwrap_or_default(),
+        Some(p) => {
+            return Err(ApiError::Invalid(format!(
+                "invalid precision {p:?}: expected ns, us, ms or s"
+            )));
+        }
+    };
+    write(state, precision, headers, body).await
+}
+
+async fn write_v1(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = match q.get("precision").map(String::as_str) {
+        None | Some("") => Precision::Nanoseconds,
+        Some(p) => Precision::parse(p).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "invalid precision {p:?}: expected n, ns, u, us, ms, s, m or h"
+            ))
+        })?,
+    };
+    write(state, precision, headers, body).await
+}
+
+async fn write(
+    state: AppState,
+    precision: Precision,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = state.max_body_bytes;
+    let raw = read_limited(body, limit).await?;
+    let body = match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    {
+        None => raw,
+        Some(e) if e.is_empty() || e == "identity" => raw,
+        Some(e) if e == "gzip" || e == "x-gzip" => gunzip(&raw, limit)?,
+        Some(e) => return Err(ApiError::UnsupportedEncoding(e)),
+    };
+    let store = Arc::clone(&state.store);
+    let now = now_nanos();
+    let outcome = tokio::task::spawn_blocking(move || store.write(&body, precision, now))
+        .await
+        .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
+    Ok(write_response(outcome))
+}
+
+fn write_response(o: WriteOutcome) -> Response {
+    if o.rejected_lines == 0 {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let errors: Vec<_> = o
+        .errors
+        .iter()
+        .map(|e| json!({"line": e.line, "error": e.reason}))
+        .collect();
+    let body = json!({
+        "code": "invalid",
+        "error": format!(
+            "partial write: {} of {} lines rejected{}",
+            o.rejected_lines,
+            o.rejected_lines + o.accepted_lines,
+            if o.errors.len() < o.rejected_lines { format!(" (first {} listed)", o.errors.len()) } else { String::new() }
+        ),
+        "accepted_lines": o.accepted_lines,
+        "rejected_lines": o.rejected_lines,
+        "line_errors": errors,
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, limit as usize);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(limit)),
+        Err(e) => Err(ApiError::Invalid(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+fn gunzip(raw: &[u8], limit: u64) -> Result<Bytes, ApiError> {
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit as usize));
+    let mut decoder = flate2::read::MultiGzDecoder::new(raw).take(limit + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::Invalid(format!("invalid gzip body: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests;

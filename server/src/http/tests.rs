@@ -1,0 +1,312 @@
+use super::*;
+use axum::http::Request;
+use forestall_engine::{EngineConfig, ScanRequest};
+use std::io::Write;
+use tower::ServiceExt;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    app: Router,
+}
+
+fn fixture(max_body_bytes: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let store = Arc::new(Store::open(config).unwrap());
+    let app = router(AppState {
+        store: Arc::clone(&store),
+        max_body_bytes,
+    });
+    Fixture {
+        _dir: dir,
+        store,
+        app,
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+            String::from_utf8_lossy(&bytes).into(),
+        ))
+    };
+    (status, json)
+}
+
+fn post(uri: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(uri).body(body.into()).unwrap()
+}
+
+fn rows(store: &Store, measurement: &str) -> usize {
+    match store.scan(&ScanRequest::all(measurement)) {
+        Ok(s) => s.map(|b| b.unwrap().num_rows()).sum(),
+        Err(_) => 0,
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn v2_and_v1_writes_store_points() {
+    let f = fixture(1 << 20);
+    let (s, body) = send(
+        &f.app,
+        post(
+            "/api/v2/write?org=o&bucket=b&precision=s",
+            "cpu,host=a usage=1 1700000000\n",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let (s, _) = send(
+        &f.app,
+        post(
+            "/write?db=x&precision=ms",
+            "cpu,host=b usage=2 1700000000000",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = send(
+        &f.app,
+        post("/write?db=x&precision=h", "cpu,host=c usage=3 472222"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(rows(&f.store, "cpu"), 3);
+}
+
+#[tokio::test]
+async fn partial_write_stores_valid_lines_and_lists_the_rest() {
+    let f = fixture(1 << 20);
+    let body = "m,host=a v=1 1\nm,host=a v=oops 2\n\n# comment\nm v=\"s\" 3\nm,host=b v=4 4\n";
+    let (s, json) = send(&f.app, post("/api/v2/write", body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(json["code"], "invalid");
+    assert_eq!(json["accepted_lines"], 2);
+    assert_eq!(json["rejected_lines"], 2);
+    assert_eq!(json["line_errors"][0]["line"], 2);
+    assert!(
+        json["line_errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid number"),
+        "{json}"
+    );
+    assert_eq!(json["line_errors"][1]["line"], 5);
+    assert!(
+        json["line_errors"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("is float, got string"),
+        "{json}"
+    );
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("2 of 4 lines rejected"),
+        "{json}"
+    );
+    assert_eq!(rows(&f.store, "m"), 2);
+}
+
+#[tokio::test]
+async fn many_bad_lines_are_counted_and_the_list_is_capped() {
+    let f = fixture(1 << 20);
+    let body: String = (0..500).map(|i| format!("bad{i}\n")).collect();
+    let (s, json) = send(&f.app, post("/write", body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(json["rejected_lines"], 500);
+    assert_eq!(
+        json["line_errors"].as_array().unwrap().len(),
+        forestall_engine::store::MAX_LISTED_ERRORS
+    );
+    assert!(json["error"].as_str().unwrap().contains("first 100 listed"));
+}
+
+#[tokio::test]
+async fn bad_precision_is_rejected_before_anything_is_stored() {
+    let f = fixture(1 << 20);
+    let (s, json) = send(&f.app, post("/api/v2/write?precision=h", "m v=1 1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid precision \"h\"")
+    );
+    let (s, _) = send(&f.app, post("/write?precision=fortnight", "m v=1 1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(rows(&f.store, "m"), 0);
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_decoded_and_bad_gzip_is_a_400() {
+    let f = fixture(1 << 20);
+    let req = Request::post("/api/v2/write")
+        .header("content-encoding", "gzip")
+        .body(Body::from(gzip(b"m v=1 1\nm v=2 2")))
+        .unwrap();
+    let (s, _) = send(&f.app, req).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(rows(&f.store, "m"), 2);
+
+    let req = Request::post("/api/v2/write")
+        .header("content-encoding", "gzip")
+        .body(Body::from("not gzip at all"))
+        .unwrap();
+    let (s, json) = send(&f.app, req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        json["error"].as_str().unwrap().contains("invalid gzip"),
+        "{json}"
+    );
+
+    let mut truncated = gzip(b"m v=3 3\nm v=4 4\nm v=5 5");
+    truncated.truncate(truncated.len() - 6);
+    let req = Request::post("/api/v2/write")
+        .header("content-encoding", "gzip")
+        .body(Body::from(truncated))
+        .unwrap();
+    let (s, json) = send(&f.app, req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{json}");
+    assert_eq!(
+        rows(&f.store, "m"),
+        2,
+        "nothing from a truncated gzip body is stored"
+    );
+
+    let req = Request::post("/api/v2/write")
+        .header("content-encoding", "br")
+        .body(Body::from("m v=1"))
+        .unwrap();
+    let (s, json) = send(&f.app, req).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(json["code"], "unsupported media type");
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_gzip_bombs_get_413() {
+    let f = fixture(4096);
+    let big = "m v=1 1\n".repeat(1000);
+    let (s, json) = send(&f.app, post("/write", big.clone())).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(json["error"].as_str().unwrap().contains("4096"));
+    // Small when compressed, too big once decompressed.
+    let bomb = gzip(big.as_bytes());
+    assert!(bomb.len() < 4096);
+    let req = Request::post("/write")
+        .header("content-encoding", "gzip")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (s, _) = send(&f.app, req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(rows(&f.store, "m"), 0);
+}
+
+#[tokio::test]
+async fn hostile_bodies_never_break_the_server() {
+    let f = fixture(1 << 20);
+    let bodies: Vec<Vec<u8>> = vec![
+        vec![0xff; 100],
+        b"\0\0\0".to_vec(),
+        "m,".repeat(10_000).into_bytes(),
+        format!("m {}=1", "k".repeat(50_000)).into_bytes(),
+        b"m v=\"unterminated".to_vec(),
+        b"\r\n\r\n\r\n".to_vec(),
+        (0..=255u8).collect(),
+    ];
+    for b in bodies {
+        let (s, json) = send(&f.app, post("/api/v2/write", b)).await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::NO_CONTENT,
+            "{s} {json}"
+        );
+        if s == StatusCode::BAD_REQUEST {
+            assert_eq!(json["code"], "invalid");
+        }
+    }
+    let (s, json) = send(&f.app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!((s, json["status"].as_str()), (StatusCode::OK, Some("pass")));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let f = fixture(1 << 20);
+    let (s, json) = send(&f.app, Request::get("/nope").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(json["code"], "not found");
+    let (s, json) = send(
+        &f.app,
+        Request::get("/api/v2/write").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(json["code"], "method not allowed");
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let f = fixture(1 << 20);
+    send(&f.app, post("/write", "m,host=a v=1,w=2 1\nbad\n")).await;
+    f.store.flush().unwrap();
+    let resp = f
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for expected in [
+        "forestall_points_written_total 1",
+        "forestall_values_written_total 2",
+        "forestall_lines_rejected_total 1",
+        "forestall_flushes_total 1",
+        "forestall_segments 1",
+        "# TYPE forestall_wal_syncs_total counter",
+        "# TYPE forestall_segments gauge",
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "missing {expected:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn writes_after_shutdown_get_503() {
+    let f = fixture(1 << 20);
+    f.store.shutdown().unwrap();
+    let (s, json) = send(&f.app, post("/write", "m v=1")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json["code"], "unavailable");
+}

@@ -1,0 +1,76 @@
+//! The `forestall` command.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forestall_server::config::{Overrides, ServerConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "forestall",
+    version,
+    about = "A time-series metric store that forecasts bottlenecks and acts before they happen"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (HTTP API, storage engine) until SIGTERM or Ctrl-C.
+    Serve {
+        /// TOML configuration file (see docs/forestall.example.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory [default: ./forestall-data].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// HTTP listen address [default: 127.0.0.1:8181].
+        #[arg(long, value_name = "ADDR")]
+        http_addr: Option<SocketAddr>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            http_addr,
+        } => {
+            let config = ServerConfig::load(
+                config.as_deref(),
+                std::env::vars(),
+                &Overrides {
+                    data_dir,
+                    http_addr,
+                },
+            )?;
+            init_logging(&config.log.filter);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown =
+                    forestall_server::shutdown_signal().context("install signal handlers")?;
+                forestall_server::serve(config, shutdown).await
+            })
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,190 @@
+//! Starting, stopping and killing a real `forestall serve`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use forestall_engine::{EngineConfig, ScanRequest, Store};
+
+/// A running server.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    stderr: Receiver<String>,
+}
+
+impl Server {
+    /// Starts `forestall serve` on a free port with `data_dir` and extra environment.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forestall"));
+        cmd.args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start forestall");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (addr_tx, addr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("forestall listening on http://") {
+                    let _ = addr_tx.send(addr.to_string());
+                }
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if err_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let log: Vec<String> = err_rx.try_iter().collect();
+                panic!("forestall did not start:\n{}", log.join("\n"));
+            }
+        };
+        Server {
+            child,
+            addr,
+            stderr: err_rx,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`; returns every line seen.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no log line with {needle:?} within {timeout:?}; saw:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let rc = unsafe_kill(self.child.id(), libc::SIGTERM);
+        assert_eq!(rc, 0, "send SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if !status.success() {
+                    // Give the reader thread a moment to collect the last lines.
+                    std::thread::sleep(Duration::from_millis(100));
+                    let log: Vec<String> = self.stderr.try_iter().collect();
+                    eprintln!(
+                        "forestall exited with {status}; its log:\n{}",
+                        log.join("\n")
+                    );
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "forestall did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: u32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid as i32, sig) }
+}
+
+/// POSTs a body; returns the status (0 when the server could not be reached).
+pub fn post(url: &str, body: &[u8]) -> (u16, String) {
+    match ureq::post(url)
+        .timeout(Duration::from_secs(30))
+        .send_bytes(body)
+    {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.into_string().unwrap_or_default())
+        }
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Opens the data directory in-process (the server must be stopped) and returns every row of
+/// `measurement` as (series tag value, time).
+pub fn read_back(
+    data_dir: &Path,
+    measurement: &str,
+    tag: &str,
+    field: &str,
+) -> Vec<(String, i64, i64)> {
+    use arrow::array::{Array, ArrayAccessor, AsArray};
+    use arrow::datatypes::{Int32Type, Int64Type, TimestampNanosecondType};
+    let config = EngineConfig {
+        data_dir: data_dir.to_path_buf(),
+        ..Default::default()
+    };
+    let store = Store::open(config).expect("reopen the data directory");
+    let mut out = Vec::new();
+    for batch in store.scan(&ScanRequest::all(measurement)).expect("scan") {
+        let batch = batch.expect("batch");
+        let times = batch
+            .column_by_name("time")
+            .unwrap()
+            .as_primitive::<TimestampNanosecondType>();
+        let tags = batch
+            .column_by_name(tag)
+            .unwrap()
+            .as_dictionary::<Int32Type>()
+            .downcast_dict::<arrow::array::StringArray>()
+            .unwrap();
+        let values = batch
+            .column_by_name(field)
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            assert!(values.is_valid(i));
+            out.push((tags.value(i).to_string(), times.value(i), values.value(i)));
+        }
+    }
+    out
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: each starts the real `forestall` binary on 127.0.0.1 with a temporary
+//! data directory and talks to it over HTTP, the way users do.
+
+mod harness;
+
+mod crash;
+mod serve;
