@@ -7,6 +7,8 @@
 //! series and time happens once, at flush.
 
 use std::collections::{BTreeMap, HashMap};
+
+use ahash::RandomState;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -99,6 +101,16 @@ impl FieldBuilder {
         8
     }
 
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            FieldBuilder::Float(b) => Arc::new(b.finish()),
+            FieldBuilder::Integer(b) => Arc::new(b.finish()),
+            FieldBuilder::UInteger(b) => Arc::new(b.finish()),
+            FieldBuilder::Boolean(b) => Arc::new(b.finish()),
+            FieldBuilder::String(b) => Arc::new(b.finish()),
+        }
+    }
+
     fn finish_cloned(&self) -> ArrayRef {
         match self {
             FieldBuilder::Float(b) => Arc::new(b.finish_cloned()),
@@ -125,12 +137,20 @@ impl FieldBuilder {
 pub struct PartitionBuffer {
     measurement: Arc<str>,
     partition: i64,
-    by_raw: HashMap<Box<str>, u32>,
-    by_key: HashMap<Box<str>, u32>,
+    /// Series by their text as written (the hot path), and by canonical key. Keyed by client
+    /// input, so the hasher is randomised (no crafted collisions).
+    by_raw: HashMap<Box<str>, u32, RandomState>,
+    by_key: HashMap<Box<str>, u32, RandomState>,
     series: Vec<SeriesEntry>,
     row_series: Vec<u32>,
     times: Vec<i64>,
-    fields: BTreeMap<String, FieldBuilder>,
+    /// Field columns in order of first appearance; snapshots sort them by name.
+    fields: Vec<(String, FieldBuilder)>,
+    field_index: HashMap<String, usize, RandomState>,
+    /// The field names of the previous line and their columns: consecutive lines nearly
+    /// always have the same fields in the same order.
+    shape_names: Vec<String>,
+    shape_slots: Vec<usize>,
     min_time: i64,
     max_time: i64,
     bytes: usize,
@@ -141,12 +161,15 @@ impl PartitionBuffer {
         Self {
             measurement,
             partition,
-            by_raw: HashMap::new(),
-            by_key: HashMap::new(),
+            by_raw: HashMap::default(),
+            by_key: HashMap::default(),
             series: Vec::new(),
             row_series: Vec::new(),
             times: Vec::new(),
-            fields: BTreeMap::new(),
+            fields: Vec::new(),
+            field_index: HashMap::default(),
+            shape_names: Vec::new(),
+            shape_slots: Vec::new(),
             min_time: i64::MAX,
             max_time: i64::MIN,
             bytes: 0,
@@ -194,19 +217,36 @@ impl PartitionBuffer {
         self.times.push(line.timestamp);
         self.min_time = self.min_time.min(line.timestamp);
         self.max_time = self.max_time.max(line.timestamp);
+        let same_shape = line.fields.len() == self.shape_names.len()
+            && line
+                .fields
+                .iter()
+                .zip(&self.shape_names)
+                .all(|((name, _), known)| name.as_ref() == known.as_str());
+        if !same_shape {
+            self.shape_names.clear();
+            self.shape_slots.clear();
+            for (name, value) in &line.fields {
+                let slot = match self.field_index.get(name.as_ref()) {
+                    Some(&slot) => slot,
+                    None => {
+                        let slot = self.fields.len();
+                        self.fields
+                            .push((name.to_string(), FieldBuilder::new(value.field_type(), row)));
+                        self.field_index.insert(name.to_string(), slot);
+                        slot
+                    }
+                };
+                self.shape_names.push(name.to_string());
+                self.shape_slots.push(slot);
+            }
+        }
         let mut bytes = 12;
-        for (name, value) in &line.fields {
-            let builder = match self.fields.get_mut(name.as_ref()) {
-                Some(b) => b,
-                None => self
-                    .fields
-                    .entry(name.to_string())
-                    .or_insert_with(|| FieldBuilder::new(value.field_type(), row)),
-            };
-            bytes += builder.append(value);
+        for ((_, value), &slot) in line.fields.iter().zip(&self.shape_slots) {
+            bytes += self.fields[slot].1.append(value);
         }
         if line.fields.len() < self.fields.len() {
-            for b in self.fields.values_mut() {
+            for (_, b) in &mut self.fields {
                 if b.len() == row {
                     b.append_nulls(1);
                     bytes += 1;
@@ -224,7 +264,25 @@ impl PartitionBuffer {
 
     /// An immutable copy of the rows, as Arrow.
     pub fn snapshot(&self) -> Result<PartitionSnapshot> {
-        let rows = self.times.len();
+        let fields = self.fields.iter().map(|(_, b)| b.finish_cloned()).collect();
+        self.make_snapshot(self.times.clone(), self.row_series.clone(), fields)
+    }
+
+    /// The rows as Arrow, moving the buffers instead of copying them.
+    pub fn into_snapshot(mut self) -> Result<PartitionSnapshot> {
+        let fields = self.fields.iter_mut().map(|(_, b)| b.finish()).collect();
+        let times = std::mem::take(&mut self.times);
+        let row_series = std::mem::take(&mut self.row_series);
+        self.make_snapshot(times, row_series, fields)
+    }
+
+    fn make_snapshot(
+        &self,
+        times: Vec<i64>,
+        row_series: Vec<u32>,
+        field_columns: Vec<ArrayRef>,
+    ) -> Result<PartitionSnapshot> {
+        let rows = times.len();
         let series = Arc::new(self.series.clone());
         // Tag columns are dictionaries whose keys are the row's local series index and whose
         // values are each series' tag value: one pass over the rows, no hashing.
@@ -236,9 +294,8 @@ impl PartitionBuffer {
         tag_names.sort_unstable();
         tag_names.dedup();
         let mut fields = vec![time_field()];
-        let mut columns: Vec<ArrayRef> =
-            vec![Arc::new(TimestampNanosecondArray::from(self.times.clone()))];
-        let keys = Int32Array::from_iter_values(self.row_series.iter().map(|&s| s as i32));
+        let keys = Int32Array::from_iter_values(row_series.iter().map(|&s| s as i32));
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(TimestampNanosecondArray::from(times))];
         for tag in tag_names {
             let values: StringArray = self.series.iter().map(|s| s.tag(tag)).collect();
             let dict = DictionaryArray::<Int32Type>::try_new(keys.clone(), Arc::new(values))
@@ -256,13 +313,16 @@ impl PartitionBuffer {
             fields.push(tag_field(tag));
             columns.push(Arc::new(dict));
         }
-        for (name, builder) in &self.fields {
-            fields.push(Field::new(
-                name,
-                field_data_type(builder.field_type()),
-                true,
-            ));
-            columns.push(builder.finish_cloned());
+        let mut field_columns: Vec<(&str, FieldType, ArrayRef)> = self
+            .fields
+            .iter()
+            .zip(field_columns)
+            .map(|((name, b), column)| (name.as_str(), b.field_type(), column))
+            .collect();
+        field_columns.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (name, field_type, column) in field_columns {
+            fields.push(Field::new(name, field_data_type(field_type), true));
+            columns.push(column);
         }
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
             .map_err(|source| self.arrow_error(source))?;
@@ -271,7 +331,7 @@ impl PartitionBuffer {
             measurement: self.measurement.to_string(),
             partition: self.partition,
             series,
-            row_series: self.row_series.clone(),
+            row_series,
             batch,
             min_time: self.min_time,
             max_time: self.max_time,
@@ -395,7 +455,7 @@ impl Buffer {
         let mut out = Vec::new();
         for (_, table) in tables {
             for (_, p) in table.parts {
-                out.push(p.snapshot()?);
+                out.push(p.into_snapshot()?);
             }
         }
         out.sort_by(|a, b| (&a.measurement, a.partition).cmp(&(&b.measurement, b.partition)));
@@ -493,6 +553,41 @@ mod tests {
         let dict = bcol.as_dictionary::<Int32Type>();
         let values = dict.values().as_string::<i32>();
         assert_eq!(values.value(dict.keys().value(0) as usize), "2");
+    }
+
+    #[test]
+    fn fields_in_any_order_or_subset_land_in_their_own_columns() {
+        let mut b = Buffer::default();
+        insert(
+            &mut b,
+            "m a=1,b=10 1\nm b=20,a=2 2\nm b=30 3\nm a=4,b=40 4\nm c=5i 5\nm a=6,b=60 6",
+        );
+        let s = &b.snapshot("m", 0, DAY, DAY).unwrap()[0];
+        let col = |n: &str| s.batch.column_by_name(n).unwrap().clone();
+        let a = col("a");
+        let a = a.as_primitive::<Float64Type>();
+        let bcol = col("b");
+        let bcol = bcol.as_primitive::<Float64Type>();
+        let got: Vec<(Option<f64>, Option<f64>)> = (0..6)
+            .map(|i| {
+                (
+                    a.is_valid(i).then(|| a.value(i)),
+                    bcol.is_valid(i).then(|| bcol.value(i)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(1.0), Some(10.0)),
+                (Some(2.0), Some(20.0)),
+                (None, Some(30.0)),
+                (Some(4.0), Some(40.0)),
+                (None, None),
+                (Some(6.0), Some(60.0)),
+            ]
+        );
+        assert_eq!(col("c").null_count(), 5);
     }
 
     #[test]

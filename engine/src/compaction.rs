@@ -26,8 +26,9 @@ const CHUNK_ROWS: u64 = 1 << 20;
 const MAX_INPUTS: usize = 32;
 
 impl Inner {
-    /// Compacts every partition that qualifies; returns how many compactions ran.
-    pub(crate) fn compact(&self) -> Result<usize> {
+    /// Compacts every partition with at least `min_segments` small segments; returns how many
+    /// compactions ran.
+    pub(crate) fn compact(&self, min_segments: usize) -> Result<usize> {
         let _maintenance = self.maintenance.lock();
         let mut groups: BTreeMap<(String, i64), Vec<SegmentRef>> = BTreeMap::new();
         for seg in self.state.read().segments.values() {
@@ -40,7 +41,7 @@ impl Inner {
         }
         let mut ran = 0;
         for (_, mut inputs) in groups {
-            if inputs.len() < self.config.compaction.min_segments {
+            if inputs.len() < min_segments.max(2) {
                 continue;
             }
             inputs.sort_by_key(|s| s.meta.id);

@@ -194,18 +194,13 @@ impl Store {
                 tracing::warn!("skipping WAL record of unknown kind");
                 return Ok(());
             };
-            let mut lines = Vec::new();
-            for item in parse_lines(body, precision, default_time) {
-                match item {
-                    Ok(line) => match admit(&catalog, &config, &line, now)? {
-                        Ok(()) => lines.push(line),
-                        Err(reason) => {
-                            tracing::warn!(line = line.line_number, %reason, "WAL line no longer admissible; skipped")
-                        }
-                    },
-                    Err(e) => tracing::warn!(error = %e, "unparseable line in WAL record; skipped"),
-                }
-            }
+            let lines = admit_all(
+                &catalog,
+                &config,
+                parse_lines(body, precision, default_time),
+                now,
+                |e| tracing::warn!(error = %e, "WAL line no longer admissible; skipped"),
+            )?;
             report.replayed_lines += lines.len();
             buffer.insert(&lines, pnanos);
             Ok(())
@@ -271,28 +266,18 @@ impl Store {
             return Err(Error::ShuttingDown);
         }
         let mut outcome = WriteOutcome::default();
-        let mut accepted: Vec<ParsedLine<'_>> = Vec::new();
-        let reject = |outcome: &mut WriteOutcome, e: LineError| {
-            outcome.rejected_lines += 1;
-            if outcome.errors.len() < MAX_LISTED_ERRORS {
-                outcome.errors.push(e);
-            }
-        };
-        for item in parse_lines(body, precision, now) {
-            match item {
-                Ok(line) => match inner.admit(&line, now)? {
-                    Ok(()) => accepted.push(line),
-                    Err(reason) => reject(
-                        &mut outcome,
-                        LineError {
-                            line: line.line_number,
-                            reason,
-                        },
-                    ),
-                },
-                Err(e) => reject(&mut outcome, e),
-            }
-        }
+        let accepted = admit_all(
+            &inner.catalog,
+            &inner.config,
+            parse_lines(body, precision, now),
+            now,
+            |e| {
+                outcome.rejected_lines += 1;
+                if outcome.errors.len() < MAX_LISTED_ERRORS {
+                    outcome.errors.push(e);
+                }
+            },
+        )?;
         Metrics::add(
             &inner.metrics.lines_rejected_total,
             outcome.rejected_lines as u64,
@@ -347,9 +332,17 @@ impl Store {
         self.inner.flush()
     }
 
-    /// Runs compaction now; returns how many partitions were compacted.
+    /// Runs compaction now, as the background would; returns how many partitions were
+    /// compacted.
     pub fn compact(&self) -> Result<usize> {
-        self.inner.compact()
+        self.inner
+            .compact(self.inner.config.compaction.min_segments)
+    }
+
+    /// Compacts every partition that has at least two small segments, whatever
+    /// `min_segments` says (an operator's "compact now").
+    pub fn compact_all(&self) -> Result<usize> {
+        self.inner.compact(2)
     }
 
     /// Enforces retention as of `now` (ns); returns how many segments were dropped.
@@ -422,24 +415,75 @@ impl Drop for Store {
     }
 }
 
-/// Checks a line against retention and the catalog.
-fn admit(
+/// Admits lines against retention and the catalog, in order, and returns the accepted ones;
+/// `reject` hears about every other line. Live writes and WAL replay both come through here.
+///
+/// Lines of one request nearly always share one shape (measurement, tag keys, field keys and
+/// types). Schemas only grow and never change a column's kind, so a line shaped like the
+/// previous accepted one is admitted without asking the catalog again.
+fn admit_all<'a>(
     catalog: &Catalog,
     config: &EngineConfig,
-    line: &ParsedLine<'_>,
+    lines: impl Iterator<Item = Result<ParsedLine<'a>, LineError>>,
     now: i64,
-) -> Result<Result<(), String>> {
-    if let Some((cutoff, period)) =
-        retention_cutoff(catalog.get(&line.measurement).as_deref(), config, now)
-        && line.timestamp < cutoff
-    {
-        return Ok(Err(format!(
-            "point is older than the retention period of {:?} ({})",
-            line.measurement.as_ref(),
-            humantime::format_duration(period)
-        )));
+    mut reject: impl FnMut(LineError),
+) -> Result<Vec<ParsedLine<'a>>> {
+    let mut accepted: Vec<ParsedLine<'a>> = Vec::new();
+    // Retention cutoff of the last accepted line's measurement.
+    let mut cutoff: Option<(i64, Duration)> = None;
+    for item in lines {
+        let line = match item {
+            Ok(line) => line,
+            Err(e) => {
+                reject(e);
+                continue;
+            }
+        };
+        let fast = accepted.last().is_some_and(|prev| same_shape(prev, &line))
+            && cutoff.is_none_or(|(c, _)| line.timestamp >= c);
+        if fast {
+            accepted.push(line);
+            continue;
+        }
+        let schema = catalog.get(&line.measurement);
+        let line_cutoff = retention_cutoff(schema.as_deref(), config, now);
+        if let Some((c, period)) = line_cutoff
+            && line.timestamp < c
+        {
+            reject(LineError {
+                line: line.line_number,
+                reason: format!(
+                    "point is older than the retention period of {:?} ({})",
+                    line.measurement.as_ref(),
+                    humantime::format_duration(period)
+                ),
+            });
+            continue;
+        }
+        match catalog.admit(&line)? {
+            Ok(()) => {
+                cutoff = line_cutoff;
+                accepted.push(line);
+            }
+            Err(reason) => reject(LineError {
+                line: line.line_number,
+                reason,
+            }),
+        }
     }
-    catalog.admit(line)
+    Ok(accepted)
+}
+
+/// Whether two lines have the same measurement, tag keys, and field keys and types, in order.
+fn same_shape(a: &ParsedLine<'_>, b: &ParsedLine<'_>) -> bool {
+    a.measurement == b.measurement
+        && a.tags.len() == b.tags.len()
+        && a.fields.len() == b.fields.len()
+        && a.tags.iter().zip(&b.tags).all(|(x, y)| x.0 == y.0)
+        && a.fields
+            .iter()
+            .zip(&b.fields)
+            .all(|(x, y)| x.0 == y.0 && x.1.field_type() == y.1.field_type())
 }
 
 fn remove_orphans(dir: &std::path::Path, state: &ReadState) -> Result<usize> {
@@ -474,10 +518,6 @@ fn remove_orphans(dir: &std::path::Path, state: &ReadState) -> Result<usize> {
 }
 
 impl Inner {
-    fn admit(&self, line: &ParsedLine<'_>, now: i64) -> Result<Result<(), String>> {
-        admit(&self.catalog, &self.config, line, now)
-    }
-
     fn request_flush(&self) {
         let mut wake = self.wake.lock();
         if !wake.flush_requested {
@@ -539,7 +579,7 @@ impl Inner {
                 next_flush = Instant::now() + cfg.flush.interval;
             }
             if now >= next_compact {
-                if let Err(e) = self.compact() {
+                if let Err(e) = self.compact(self.config.compaction.min_segments) {
                     tracing::error!(error = %e, "compaction failed");
                 }
                 next_compact = Instant::now() + cfg.compaction.interval;

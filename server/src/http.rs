@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `POST /api/v2/write?org=&bucket=&precision=ns\|us\|ms\|s` | InfluxDB v2 line protocol write |
 //! | `POST /write?db=&precision=n\|ns\|u\|us\|ms\|s\|m\|h` | InfluxDB v1 line protocol write |
+//! | `POST /api/v1/admin/flush` | flush the buffer to segments now |
+//! | `POST /api/v1/admin/compact` | flush, then compact every partition that has more than one small segment |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -44,6 +46,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v2/write", post(write_v2))
         .route("/write", post(write_v1))
+        .route("/api/v1/admin/flush", post(admin_flush))
+        .route("/api/v1/admin/compact", post(admin_compact))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -61,6 +65,27 @@ async fn method_not_allowed() -> ApiError {
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "pass", "name": "forestall", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn admin_flush(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = Arc::clone(&state.store);
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .map_err(|e| ApiError::Internal(format!("flush task failed: {e}")))??;
+    Ok(Json(json!({"segments": state.store.segments().len()})))
+}
+
+async fn admin_compact(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = Arc::clone(&state.store);
+    let compacted = tokio::task::spawn_blocking(move || {
+        store.flush()?;
+        store.compact_all()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("compaction task failed: {e}")))??;
+    Ok(Json(
+        json!({"compacted_partitions": compacted, "segments": state.store.segments().len()}),
+    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

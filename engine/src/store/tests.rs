@@ -473,8 +473,16 @@ fn retention_drops_old_partitions_and_rejects_old_writes() {
     assert_eq!(store.enforce_retention(T0).unwrap(), 1);
     let r = rows(&collect(&store, &ScanRequest::all("cpu")));
     assert_eq!(r, vec![(Some("a".into()), T0, Some(2.0))]);
-    let o = write(&store, &format!("cpu,host=a usage=4 {}", T0 - 3 * DAY));
-    assert_eq!(o.rejected_lines, 1);
+    // The second line has the first one's shape: the shortcut must still check its time.
+    let o = write(
+        &store,
+        &format!(
+            "cpu,host=a usage=4 {T0}\ncpu,host=a usage=5 {}",
+            T0 - 3 * DAY
+        ),
+    );
+    assert_eq!((o.accepted_lines, o.rejected_lines), (1, 1));
+    assert_eq!(o.errors[0].line, 2);
     assert!(
         o.errors[0]
             .reason

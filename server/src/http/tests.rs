@@ -310,3 +310,24 @@ async fn writes_after_shutdown_get_503() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json["code"], "unavailable");
 }
+
+#[tokio::test]
+async fn admin_flush_and_compact() {
+    let f = fixture(1 << 20);
+    for i in 0..3 {
+        send(&f.app, post("/write", format!("m,host=a v={i} {i}"))).await;
+        let (s, json) = send(&f.app, post("/api/v1/admin/flush", "")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(json["segments"], i + 1);
+    }
+    let (s, json) = send(&f.app, post("/api/v1/admin/compact", "")).await;
+    assert_eq!(s, StatusCode::OK, "{json}");
+    assert_eq!(
+        (
+            json["compacted_partitions"].as_u64(),
+            json["segments"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(rows(&f.store, "m"), 3);
+}

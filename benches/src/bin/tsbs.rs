@@ -1,0 +1,506 @@
+//! TSBS "cpu-only" style ingestion benchmark: Forestall against VictoriaMetrics and InfluxDB 1.6,
+//! the same data, in the same run.
+//!
+//! ```text
+//! tsbs generate --hosts 1000 --hours 24 --out FILE
+//! tsbs ingest   --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
+//! ```
+//!
+//! The data follows TSBS's `cpu-only` use case: measurement `cpu`, ten tags per host
+//! (hostname, region, datacenter, rack, os, arch, team, service, service_version,
+//! service_environment), ten fields `usage_user` … `usage_guest_nice` that are random walks
+//! clamped to 0–100 and written as integers (as TSBS's InfluxDB serializer does), one row per
+//! host every 10 s from 2016-01-01T00:00:00Z. The loader sends batches of 5,000 lines from 2
+//! concurrent clients. Each server runs as a child process with a fresh data directory; the
+//! harness reads its CPU time and peak RSS from /proc, stops it gracefully (each flushes what it
+//! buffers) and measures its data directory.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const START_SECS: i64 = 1_451_606_400; // 2016-01-01T00:00:00Z
+const FIELDS: [&str; 10] = [
+    "usage_user",
+    "usage_system",
+    "usage_idle",
+    "usage_nice",
+    "usage_iowait",
+    "usage_irq",
+    "usage_softirq",
+    "usage_steal",
+    "usage_guest",
+    "usage_guest_nice",
+];
+const REGIONS: [&str; 9] = [
+    "us-east-1",
+    "us-west-1",
+    "us-west-2",
+    "eu-west-1",
+    "eu-central-1",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-northeast-1",
+    "sa-east-1",
+];
+
+#[derive(Debug, Parser)]
+#[command(about = "TSBS cpu-only ingestion benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write the data set as line protocol.
+    Generate {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 24)]
+        hours: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Load the data set into each system and report throughput, CPU, disk and memory.
+    Ingest {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 24)]
+        hours: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Scratch directory for the data set and the servers' data directories.
+        #[arg(long, default_value = "/tmp/forestall-bench")]
+        work: PathBuf,
+        /// Comma-separated: forestall, victoriametrics, influxdb.
+        #[arg(long, default_value = "forestall,victoriametrics,influxdb")]
+        systems: String,
+        /// The forestall binary (build it with `cargo build --release --bin forestall`).
+        #[arg(long, default_value = "target/release/forestall")]
+        forestall_bin: PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Generate {
+            hosts,
+            hours,
+            seed,
+            out,
+        } => generate(hosts, hours, seed, &out),
+        Cmd::Ingest {
+            hosts,
+            hours,
+            seed,
+            work,
+            systems,
+            forestall_bin,
+            batch,
+            clients,
+        } => {
+            fs::create_dir_all(&work)?;
+            let data = work.join(format!("tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}.lp"));
+            if !data.exists() {
+                eprintln!("generating {}", data.display());
+                generate(hosts, hours, seed, &data)?;
+            }
+            let values = (hosts * hours * 360 * FIELDS.len()) as u64;
+            let mut results = Vec::new();
+            for name in systems.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let system = System::parse(name, &forestall_bin)?;
+                eprintln!("== {name}");
+                let r = run_one(&system, &work, &data, batch, clients)?;
+                eprintln!("   {r:?}");
+                results.push((name.to_string(), r));
+            }
+            report(&results, values, hosts, hours, batch, clients);
+            Ok(())
+        }
+    }
+}
+
+/// Standard normal sample (Box–Muller).
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn generate(hosts: usize, hours: usize, seed: u64, out: &Path) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tags: Vec<String> = (0..hosts)
+        .map(|h| {
+            let region = REGIONS[rng.random_range(0..REGIONS.len())];
+            let dc = ["a", "b", "c"][rng.random_range(0..3)];
+            format!(
+                "cpu,hostname=host_{h},region={region},datacenter={region}{dc},rack={},os={},arch={},team={},service={},service_version={},service_environment={}",
+                rng.random_range(0..100),
+                ["Ubuntu16.10", "Ubuntu16.04LTS", "Ubuntu15.10"][rng.random_range(0..3)],
+                ["x64", "x86"][rng.random_range(0..2)],
+                ["SF", "NYC", "LON", "CHI"][rng.random_range(0..4)],
+                rng.random_range(0..20),
+                rng.random_range(0..2),
+                ["production", "staging", "test"][rng.random_range(0..3)],
+            )
+        })
+        .collect();
+    let mut state: Vec<[f64; 10]> = (0..hosts)
+        .map(|_| std::array::from_fn(|_| rng.random_range(0.0..100.0)))
+        .collect();
+    let tmp = out.with_extension("partial");
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    let mut line = String::with_capacity(512);
+    for step in 0..hours * 360 {
+        let ts = (START_SECS + step as i64 * 10) * 1_000_000_000;
+        for (h, tagset) in tags.iter().enumerate() {
+            line.clear();
+            line.push_str(tagset);
+            for (f, name) in FIELDS.iter().enumerate() {
+                let v = &mut state[h][f];
+                *v = (*v + normal(&mut rng)).clamp(0.0, 100.0);
+                line.push(if f == 0 { ' ' } else { ',' });
+                line.push_str(name);
+                line.push('=');
+                line.push_str(&(*v as i64).to_string());
+                line.push('i');
+            }
+            line.push(' ');
+            line.push_str(&ts.to_string());
+            line.push('\n');
+            w.write_all(line.as_bytes())?;
+        }
+    }
+    w.flush()?;
+    drop(w);
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+enum System {
+    Forestall(PathBuf),
+    VictoriaMetrics,
+    InfluxDb,
+}
+
+impl System {
+    fn parse(name: &str, forestall_bin: &Path) -> Result<Self> {
+        Ok(match name {
+            "forestall" => System::Forestall(forestall_bin.to_path_buf()),
+            "victoriametrics" => System::VictoriaMetrics,
+            "influxdb" => System::InfluxDb,
+            other => bail!("unknown system {other:?}"),
+        })
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            System::Forestall(_) => 18181,
+            System::VictoriaMetrics => 18428,
+            System::InfluxDb => 18086,
+        }
+    }
+
+    fn start(&self, dir: &Path) -> Result<Child> {
+        let port = self.port();
+        let mut cmd = match self {
+            System::Forestall(bin) => {
+                let mut c = Command::new(bin);
+                c.args([
+                    "serve",
+                    "--http-addr",
+                    &format!("127.0.0.1:{port}"),
+                    "--data-dir",
+                ])
+                .arg(dir);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+            System::VictoriaMetrics => {
+                let mut c = Command::new("victoria-metrics");
+                c.arg(format!("-storageDataPath={}", dir.display()))
+                    .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                    .arg("-retentionPeriod=100y")
+                    .arg("-loggerLevel=ERROR");
+                c
+            }
+            System::InfluxDb => {
+                let conf = dir.join("influxdb.conf");
+                fs::write(
+                    &conf,
+                    format!(
+                        "reporting-disabled = true\nbind-address = \"127.0.0.1:{}\"\n[meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n  cache-snapshot-write-cold-duration = \"5s\"\n[http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n[monitor]\n  store-enabled = false\n[continuous_queries]\n  enabled = false\n",
+                        port + 2,
+                        d = dir.display()
+                    ),
+                )?;
+                let mut c = Command::new("influxd");
+                c.arg("-config").arg(&conf);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd.spawn()
+            .with_context(|| format!("start {}", self.name()))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            System::Forestall(_) => "forestall",
+            System::VictoriaMetrics => "victoriametrics",
+            System::InfluxDb => "influxdb",
+        }
+    }
+
+    fn ready_path(&self) -> &'static str {
+        match self {
+            System::Forestall(_) | System::VictoriaMetrics => "/health",
+            System::InfluxDb => "/ping",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RunResult {
+    load_secs: f64,
+    cpu_secs_load: f64,
+    cpu_secs_total: f64,
+    disk_bytes: u64,
+    peak_rss_bytes: u64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Peak resident set size (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("VmHWM")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn run_one(
+    system: &System,
+    work: &Path,
+    data: &Path,
+    batch: usize,
+    clients: usize,
+) -> Result<RunResult> {
+    let dir = work.join(system.name());
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let mut child = system.start(&dir)?;
+    let pid = child.id();
+    let base = format!("http://127.0.0.1:{}", system.port());
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(300))
+        .build();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent
+        .get(&format!("{base}{}", system.ready_path()))
+        .call()
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{} did not become ready", system.name());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let System::InfluxDb = system {
+        agent
+            .post(&format!("{base}/query"))
+            .send_form(&[("q", "CREATE DATABASE bench")])?;
+    }
+    let peak = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let peak = Arc::clone(&peak);
+        std::thread::spawn(move || {
+            while let Ok(rss) = peak_rss(pid) {
+                peak.fetch_max(rss, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+
+    let cpu0 = cpu_secs(pid)?;
+    let started = Instant::now();
+    let reader = Arc::new(Mutex::new(BufReader::with_capacity(
+        4 << 20,
+        File::open(data)?,
+    )));
+    // The InfluxDB v1 write endpoint: all three serve it.
+    let url = format!("{base}/write?db=bench&precision=ns");
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (reader, url, agent) = (Arc::clone(&reader), url.clone(), agent.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let mut body = Vec::with_capacity(batch * 400);
+                loop {
+                    body.clear();
+                    {
+                        let mut r = reader
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("reader poisoned"))?;
+                        for _ in 0..batch {
+                            if r.read_until(b'\n', &mut body)? == 0 {
+                                break;
+                            }
+                        }
+                    }
+                    if body.is_empty() {
+                        return Ok(());
+                    }
+                    let resp = agent
+                        .post(&url)
+                        .send_bytes(&body)
+                        .context("write request")?;
+                    if resp.status() != 204 {
+                        bail!("write answered {}", resp.status());
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    let cpu_load = cpu_secs(pid)? - cpu0;
+
+    // Let each system put what it buffers on disk, then stop it gracefully.
+    match system {
+        System::VictoriaMetrics => {
+            agent.get(&format!("{base}/internal/force_flush")).call()?;
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        System::InfluxDb => std::thread::sleep(Duration::from_secs(15)),
+        System::Forestall(_) => {}
+    }
+    let mut cpu_total = cpu_secs(pid)? - cpu0;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    let exit_deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(c) = cpu_secs(pid) {
+            cpu_total = c - cpu0;
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > exit_deadline {
+            let _ = child.kill();
+            bail!("{} did not stop", system.name());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = monitor.join();
+    let mut disk = dir_size(&dir);
+    if let System::InfluxDb = system {
+        disk -= fs::metadata(dir.join("influxdb.conf"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+    Ok(RunResult {
+        load_secs,
+        cpu_secs_load: cpu_load,
+        cpu_secs_total: cpu_total,
+        disk_bytes: disk,
+        peak_rss_bytes: peak.load(Ordering::Relaxed),
+    })
+}
+
+fn report(
+    results: &[(String, RunResult)],
+    values: u64,
+    hosts: usize,
+    hours: usize,
+    batch: usize,
+    clients: usize,
+) {
+    println!(
+        "\nTSBS cpu-only: {hosts} hosts x {hours} h = {values} values; batches of {batch} lines from {clients} clients\n"
+    );
+    println!(
+        "| system | values/s | server CPU µs/value (load) | server CPU µs/value (incl. flush) | bytes/value on disk | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, r) in results {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.0} |",
+            values as f64 / r.load_secs,
+            r.cpu_secs_load * 1e6 / values as f64,
+            r.cpu_secs_total * 1e6 / values as f64,
+            r.disk_bytes as f64 / values as f64,
+            r.peak_rss_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some((_, f)) = results.iter().find(|(n, _)| n == "forestall") {
+        println!(
+            "\nForestall relative to each peer (throughput: higher is better; the rest: lower is better):\n"
+        );
+        println!(
+            "| peer | throughput | CPU/value (load) | CPU/value (incl. flush) | bytes/value | peak RSS |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, r) in results.iter().filter(|(n, _)| n != "forestall") {
+            println!(
+                "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+                r.load_secs / f.load_secs,
+                f.cpu_secs_load / r.cpu_secs_load,
+                f.cpu_secs_total / r.cpu_secs_total,
+                f.disk_bytes as f64 / r.disk_bytes as f64,
+                f.peak_rss_bytes as f64 / r.peak_rss_bytes as f64
+            );
+        }
+    }
+}
