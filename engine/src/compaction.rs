@@ -21,7 +21,7 @@ use crate::store::Inner;
 use crate::{Error, Result};
 
 /// Rows merged in memory at a time.
-const CHUNK_ROWS: u64 = 1 << 20;
+const CHUNK_ROWS: u64 = 256 * 1024;
 /// At most this many segments are merged in one compaction.
 const MAX_INPUTS: usize = 32;
 
@@ -165,6 +165,7 @@ fn merge_range(
         source,
     };
     let merged = concat_batches(schema, &parts).map_err(arrow_err)?;
+    drop(parts);
     let bad = |reason: String| Error::ReadSegment {
         path: inputs[0].path.clone(),
         reason,

@@ -14,6 +14,7 @@
 //! crash after it leaves WAL files that replay skips. Either way nothing is lost or doubled.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array, new_null_array};
@@ -35,72 +36,127 @@ pub struct Frozen {
     pub partitions: Vec<PartitionSnapshot>,
 }
 
-/// Sorts rows by (series id, time) and merges rows with the same series and time: for each
-/// column, the value of the last row (in input order) that has one wins. Returns the sorted
-/// batch with `__series_id` as its first column.
+/// How to turn a batch into its sorted, de-duplicated form, as row indices, so the result can
+/// be materialised a slice at a time (a flush writes one row group at a time instead of
+/// copying the whole buffer).
+///
+/// Rows are ordered by (series id, time). Rows with the same series and time merge into one:
+/// for each column, the value of the last row (in input order) that has one wins.
+#[derive(Debug)]
+pub struct SortPlan {
+    /// Series id of each output row.
+    sids: Vec<SeriesId>,
+    /// Input row of each output row, the same for every column (no duplicates)...
+    shared: Option<Vec<u32>>,
+    /// ...or per column, when duplicates were merged field by field.
+    per_column: Vec<Vec<u32>>,
+}
+
+impl SortPlan {
+    /// Plans the sort of `batch`, whose rows have the given series ids and times.
+    pub fn new(batch: &RecordBatch, sids: &[SeriesId], times: &[i64]) -> Self {
+        let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+        // Stable on input order within equal keys, which the merge below relies on.
+        order.sort_by_key(|&i| (sids[i as usize], times[i as usize]));
+        let same = |a: u32, b: u32| {
+            sids[a as usize] == sids[b as usize] && times[a as usize] == times[b as usize]
+        };
+        if !order.windows(2).any(|w| same(w[0], w[1])) {
+            return Self {
+                sids: order.iter().map(|&i| sids[i as usize]).collect(),
+                shared: Some(order),
+                per_column: Vec::new(),
+            };
+        }
+        // Runs of equal keys; each output row is one run.
+        let mut run_ends = Vec::new();
+        for i in 1..=order.len() {
+            if i == order.len() || !same(order[i - 1], order[i]) {
+                run_ends.push(i);
+            }
+        }
+        let per_column = batch
+            .columns()
+            .iter()
+            .map(|col| {
+                let mut start = 0;
+                run_ends
+                    .iter()
+                    .map(|&end| {
+                        let run = &order[start..end];
+                        start = end;
+                        *run.iter()
+                            .rev()
+                            .find(|&&r| col.is_valid(r as usize))
+                            .unwrap_or(&run[run.len() - 1])
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            sids: run_ends
+                .iter()
+                .map(|&e| sids[order[e - 1] as usize])
+                .collect(),
+            shared: None,
+            per_column,
+        }
+    }
+
+    /// Output rows.
+    pub fn len(&self) -> usize {
+        self.sids.len()
+    }
+
+    /// Whether there are no output rows.
+    pub fn is_empty(&self) -> bool {
+        self.sids.is_empty()
+    }
+
+    /// Output rows `range` of `batch` (the batch the plan was made for), with
+    /// `__series_id` as the first column.
+    pub fn take(&self, batch: &RecordBatch, range: Range<usize>) -> Result<RecordBatch> {
+        let arrow_err = |source| Error::Arrow {
+            measurement: String::new(),
+            source,
+        };
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
+        columns.push(Arc::new(UInt32Array::from(
+            self.sids[range.clone()].to_vec(),
+        )));
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|rows| UInt32Array::from(rows[range.clone()].to_vec()));
+        for (i, col) in batch.columns().iter().enumerate() {
+            let taken = match &shared {
+                Some(idx) => take(col, idx, None),
+                None => take(
+                    col,
+                    &UInt32Array::from(self.per_column[i][range.clone()].to_vec()),
+                    None,
+                ),
+            };
+            columns.push(taken.map_err(arrow_err)?);
+        }
+        let mut fields = vec![Arc::new(Field::new(
+            SERIES_ID_COLUMN,
+            DataType::UInt32,
+            false,
+        ))];
+        fields.extend(batch.schema().fields().iter().cloned());
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(arrow_err)
+    }
+}
+
+/// [`SortPlan`] applied to the whole batch at once.
 pub fn sort_and_dedupe(
     batch: &RecordBatch,
     sids: &[SeriesId],
     times: &[i64],
 ) -> Result<RecordBatch> {
-    let n = batch.num_rows();
-    let arrow_err = |source| Error::Arrow {
-        measurement: String::new(),
-        source,
-    };
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    // Stable on input order within equal keys, which the merge below relies on.
-    order.sort_by_key(|&i| (sids[i as usize], times[i as usize]));
-    let same = |a: u32, b: u32| {
-        sids[a as usize] == sids[b as usize] && times[a as usize] == times[b as usize]
-    };
-    let has_dups = order.windows(2).any(|w| same(w[0], w[1]));
-
-    let mut out_cols: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
-    if !has_dups {
-        let idx = UInt32Array::from(order.clone());
-        out_cols.push(Arc::new(UInt32Array::from_iter_values(
-            order.iter().map(|&i| sids[i as usize]),
-        )));
-        for col in batch.columns() {
-            out_cols.push(take(col, &idx, None).map_err(arrow_err)?);
-        }
-    } else {
-        // Runs of equal keys; each output row is one run.
-        let mut ends = Vec::new();
-        for i in 1..=order.len() {
-            if i == order.len() || !same(order[i - 1], order[i]) {
-                ends.push(i);
-            }
-        }
-        let run_ends = ends;
-        let last_of_run: Vec<u32> = run_ends.iter().map(|&e| order[e - 1]).collect();
-        out_cols.push(Arc::new(UInt32Array::from_iter_values(
-            last_of_run.iter().map(|&i| sids[i as usize]),
-        )));
-        for col in batch.columns() {
-            let mut idx = Vec::with_capacity(run_ends.len());
-            let mut start = 0;
-            for &end in &run_ends {
-                let run = &order[start..end];
-                let pick = run
-                    .iter()
-                    .rev()
-                    .find(|&&r| col.is_valid(r as usize))
-                    .unwrap_or(&run[run.len() - 1]);
-                idx.push(*pick);
-                start = end;
-            }
-            out_cols.push(take(col, &UInt32Array::from(idx), None).map_err(arrow_err)?);
-        }
-    }
-    let mut fields = vec![Arc::new(Field::new(
-        SERIES_ID_COLUMN,
-        DataType::UInt32,
-        false,
-    ))];
-    fields.extend(batch.schema().fields().iter().cloned());
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), out_cols).map_err(arrow_err)
+    let plan = SortPlan::new(batch, sids, times);
+    plan.take(batch, 0..plan.len())
 }
 
 /// The union of several schemas: `__series_id` and `time` first (when present), then the other
@@ -204,13 +260,31 @@ impl Inner {
                 .collect();
             let times = crate::segment::time_values(&part.batch)
                 .ok_or_else(|| Error::InvalidScan("buffer without time".into()))?;
-            let sorted = sort_and_dedupe(&part.batch, &sids, times)?;
+            // Sorted and written one row group at a time: the frozen buffer stays readable
+            // until the commit, so a full sorted copy beside it would double the memory.
+            let plan = SortPlan::new(&part.batch, &sids, times);
             let id = self
                 .next_segment
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = self.segment_dir.join(SegmentMeta::file_name(id));
-            let mut writer = SegmentWriter::create(&path, sorted.schema(), &self.config.flush)?;
-            writer.write(&sorted)?;
+            let chunk = self.config.flush.row_group_rows;
+            let first = plan.take(&part.batch, 0..chunk.min(plan.len()))?;
+            let mut writer = SegmentWriter::create(&path, first.schema(), &self.config.flush)?;
+            let mut written = writer.write(&first);
+            drop(first);
+            let mut start = chunk;
+            while written.is_ok() && start < plan.len() {
+                let end = (start + chunk).min(plan.len());
+                written = plan
+                    .take(&part.batch, start..end)
+                    .and_then(|b| writer.write(&b));
+                start = end;
+            }
+            if let Err(e) = written {
+                writer.abandon();
+                return Err(e);
+            }
+            let rows = writer.rows();
             let bytes = writer.finish()?;
             paths.push(path);
             let mut series = croaring::Bitmap::of(&local_ids);
@@ -221,7 +295,7 @@ impl Inner {
                 partition: part.partition,
                 min_time: part.min_time,
                 max_time: part.max_time,
-                rows: sorted.num_rows() as u64,
+                rows,
                 bytes,
                 level: 0,
                 series,

@@ -245,7 +245,7 @@ impl System {
                 fs::write(
                     &conf,
                     format!(
-                        "reporting-disabled = true\nbind-address = \"127.0.0.1:{}\"\n[meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n  cache-snapshot-write-cold-duration = \"5s\"\n[http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n[monitor]\n  store-enabled = false\n[continuous_queries]\n  enabled = false\n",
+                        "reporting-disabled = true\nbind-address = \"127.0.0.1:{}\"\n[meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n  cache-snapshot-write-cold-duration = \"5s\"\n  compact-full-write-cold-duration = \"10s\"\n[http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n[monitor]\n  store-enabled = false\n[continuous_queries]\n  enabled = false\n",
                         port + 2,
                         d = dir.display()
                     ),
@@ -255,9 +255,9 @@ impl System {
                 c
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        // Servers' logs go next to their data directory, not into the report.
+        let log = File::create(dir.with_extension("log"))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         cmd.spawn()
             .with_context(|| format!("start {}", self.name()))
     }
@@ -283,7 +283,8 @@ struct RunResult {
     load_secs: f64,
     cpu_secs_load: f64,
     cpu_secs_total: f64,
-    disk_bytes: u64,
+    disk_flushed: u64,
+    disk_compacted: u64,
     peak_rss_bytes: u64,
 }
 
@@ -324,6 +325,31 @@ fn dir_size(path: &Path) -> u64 {
         }
     }
     total
+}
+
+/// The size of `dir` once it has not changed for `quiet` (at most five minutes), excluding the
+/// InfluxDB config file the harness wrote.
+fn stable_size(dir: &Path, quiet: Duration) -> u64 {
+    let measure = || {
+        dir_size(dir)
+            - fs::metadata(dir.join("influxdb.conf"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = measure();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = measure();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            break;
+        }
+    }
+    last
 }
 
 fn run_one(
@@ -415,15 +441,30 @@ fn run_one(
     let load_secs = started.elapsed().as_secs_f64();
     let cpu_load = cpu_secs(pid)? - cpu0;
 
-    // Let each system put what it buffers on disk, then stop it gracefully.
+    // 1. After flush: each system puts what it buffers on disk.
     match system {
+        System::Forestall(_) => {
+            agent.post(&format!("{base}/api/v1/admin/flush")).call()?;
+        }
         System::VictoriaMetrics => {
             agent.get(&format!("{base}/internal/force_flush")).call()?;
-            std::thread::sleep(Duration::from_secs(2));
         }
-        System::InfluxDb => std::thread::sleep(Duration::from_secs(15)),
-        System::Forestall(_) => {}
+        // Snapshots the cache 5 s after the last write (see its config above).
+        System::InfluxDb => {}
     }
+    let disk_flushed = stable_size(&dir, Duration::from_secs(3));
+    // 2. After compaction: each system merges what it wrote into its final layout.
+    match system {
+        System::Forestall(_) => {
+            agent.post(&format!("{base}/api/v1/admin/compact")).call()?;
+        }
+        System::VictoriaMetrics => {
+            agent.get(&format!("{base}/internal/force_merge")).call()?;
+        }
+        // Fully compacts a shard 10 s after its last write (see its config above).
+        System::InfluxDb => {}
+    }
+    let disk_compacted = stable_size(&dir, Duration::from_secs(15));
     let mut cpu_total = cpu_secs(pid)? - cpu0;
     Command::new("kill")
         .arg("-TERM")
@@ -444,17 +485,12 @@ fn run_one(
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = monitor.join();
-    let mut disk = dir_size(&dir);
-    if let System::InfluxDb = system {
-        disk -= fs::metadata(dir.join("influxdb.conf"))
-            .map(|m| m.len())
-            .unwrap_or(0);
-    }
     Ok(RunResult {
         load_secs,
         cpu_secs_load: cpu_load,
         cpu_secs_total: cpu_total,
-        disk_bytes: disk,
+        disk_flushed,
+        disk_compacted,
         peak_rss_bytes: peak.load(Ordering::Relaxed),
     })
 }
@@ -467,20 +503,22 @@ fn report(
     batch: usize,
     clients: usize,
 ) {
+    let v = values as f64;
     println!(
         "\nTSBS cpu-only: {hosts} hosts x {hours} h = {values} values; batches of {batch} lines from {clients} clients\n"
     );
     println!(
-        "| system | values/s | server CPU µs/value (load) | server CPU µs/value (incl. flush) | bytes/value on disk | peak RSS MiB |"
+        "| system | values/s | server CPU µs/value (load) | server CPU µs/value (incl. flush, compaction) | bytes/value after flush | bytes/value compacted | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (name, r) in results {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.0} |",
-            values as f64 / r.load_secs,
-            r.cpu_secs_load * 1e6 / values as f64,
-            r.cpu_secs_total * 1e6 / values as f64,
-            r.disk_bytes as f64 / values as f64,
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} |",
+            v / r.load_secs,
+            r.cpu_secs_load * 1e6 / v,
+            r.cpu_secs_total * 1e6 / v,
+            r.disk_flushed as f64 / v,
+            r.disk_compacted as f64 / v,
             r.peak_rss_bytes as f64 / (1 << 20) as f64
         );
     }
@@ -489,16 +527,17 @@ fn report(
             "\nForestall relative to each peer (throughput: higher is better; the rest: lower is better):\n"
         );
         println!(
-            "| peer | throughput | CPU/value (load) | CPU/value (incl. flush) | bytes/value | peak RSS |"
+            "| peer | throughput | CPU/value (load) | CPU/value (all) | bytes/value after flush | bytes/value compacted | peak RSS |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for (name, r) in results.iter().filter(|(n, _)| n != "forestall") {
             println!(
-                "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+                "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
                 r.load_secs / f.load_secs,
                 f.cpu_secs_load / r.cpu_secs_load,
                 f.cpu_secs_total / r.cpu_secs_total,
-                f.disk_bytes as f64 / r.disk_bytes as f64,
+                f.disk_flushed as f64 / r.disk_flushed as f64,
+                f.disk_compacted as f64 / r.disk_compacted as f64,
                 f.peak_rss_bytes as f64 / r.peak_rss_bytes as f64
             );
         }
