@@ -63,6 +63,11 @@ pub struct FlushConfig {
     pub row_group_rows: usize,
     /// ZSTD level of segment files. Default 3.
     pub zstd_level: i32,
+    /// When the buffer reaches twice `max_buffer_bytes` (flushing cannot keep up), writes wait
+    /// for a flush; after this long they fail with "overloaded" (HTTP 503) instead of growing
+    /// memory without bound. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
 }
 
 /// `[engine.compaction]`
@@ -123,6 +128,7 @@ impl Default for FlushConfig {
             max_buffer_bytes: 128 << 20,
             row_group_rows: 256 * 1024,
             zstd_level: 3,
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -216,6 +216,8 @@ impl Inner {
                     wal_next,
                     partitions,
                 }));
+                // The buffer is empty again: writers waiting for room can go on.
+                self.notify_flushed();
             }
         }
         loop {

@@ -112,6 +112,9 @@ pub enum Error {
 
     #[error("the store is shutting down")]
     ShuttingDown,
+
+    #[error("write buffer full: flushing has not kept up for {0:?}; retry later")]
+    Overloaded(std::time::Duration),
 }
 
 /// The engine's result type.

@@ -99,6 +99,8 @@ pub(crate) struct Inner {
     pub maintenance: Mutex<()>,
     wake: Mutex<Wake>,
     wake_cv: Condvar,
+    /// Signalled when a flush has emptied the buffer (see `wait_for_buffer_room`).
+    flushed_cv: Condvar,
     closed: AtomicBool,
 }
 
@@ -230,6 +232,7 @@ impl Store {
             maintenance: Mutex::new(()),
             wake: Mutex::new(Wake::default()),
             wake_cv: Condvar::new(),
+            flushed_cv: Condvar::new(),
             closed: AtomicBool::new(false),
         });
         inner.update_gauges();
@@ -295,6 +298,7 @@ impl Store {
             }
             encode_record(precision, now, &text)
         };
+        inner.wait_for_buffer_room()?;
         let bytes: usize = accepted.iter().map(|l| l.raw.len() + 1).sum();
         outcome.accepted_lines = accepted.len();
         outcome.accepted_values = accepted.iter().map(|l| l.fields.len()).sum();
@@ -518,6 +522,40 @@ fn remove_orphans(dir: &std::path::Path, state: &ReadState) -> Result<usize> {
 }
 
 impl Inner {
+    /// Backpressure: while the buffer holds twice its flush threshold (a flush is running
+    /// and cannot keep up), writers wait for flushes, up to `write_stall_timeout`.
+    fn wait_for_buffer_room(&self) -> Result<()> {
+        let limit = self.config.flush.max_buffer_bytes.saturating_mul(2);
+        if (self.buffer.lock().bytes() as u64) < limit {
+            return Ok(());
+        }
+        let timeout = self.config.flush.write_stall_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut wake = self.wake.lock();
+        loop {
+            if (self.buffer.lock().bytes() as u64) < limit {
+                return Ok(());
+            }
+            if wake.shutdown || Instant::now() >= deadline {
+                return Err(Error::Overloaded(timeout));
+            }
+            if !wake.flush_requested {
+                wake.flush_requested = true;
+                self.wake_cv.notify_all();
+            }
+            self.flushed_cv.wait_until(
+                &mut wake,
+                deadline.min(Instant::now() + Duration::from_millis(100)),
+            );
+        }
+    }
+
+    /// Wakes writers waiting for buffer room.
+    pub(crate) fn notify_flushed(&self) {
+        let _wake = self.wake.lock();
+        self.flushed_cv.notify_all();
+    }
+
     fn request_flush(&self) {
         let mut wake = self.wake.lock();
         if !wake.flush_requested {

@@ -20,6 +20,8 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("the server is shutting down")]
     Unavailable,
+    #[error("{0}")]
+    Overloaded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -29,6 +31,7 @@ impl From<forestall_engine::Error> for ApiError {
         use forestall_engine::Error as E;
         match e {
             E::ShuttingDown | E::WalClosed => ApiError::Unavailable,
+            e @ E::Overloaded(_) => ApiError::Overloaded(e.to_string()),
             E::UnknownMeasurement(m) => ApiError::NotFound(format!("unknown measurement {m:?}")),
             E::InvalidScan(m) => ApiError::Invalid(m),
             other => ApiError::Internal(other.to_string()),
@@ -47,6 +50,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }

@@ -682,3 +682,45 @@ fn rows_in_order(batch: &RecordBatch) -> Vec<(Option<String>, i64, Option<f64>)>
         .map(|i| (Some(host.value(i).to_string()), times.value(i), None))
         .collect()
 }
+
+#[test]
+fn writes_wait_for_a_stuck_flush_and_then_fail_as_overloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.flush.max_buffer_bytes = 1 << 20;
+    cfg.flush.write_stall_timeout = Duration::from_millis(300);
+    let store = Store::open(cfg).unwrap();
+    // A flush that cannot make progress: hold the maintenance lock.
+    let stuck = store.inner.maintenance.lock();
+    let mut result = Ok(WriteOutcome::default());
+    for i in 0..1000 {
+        result = store.write(
+            body(50, 10, T0 + i * 1_000_000_000_000).as_bytes(),
+            Precision::Nanoseconds,
+            T0,
+        );
+        if result.is_err() {
+            break;
+        }
+    }
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::Overloaded(_)), "{err}");
+    assert!(
+        store.inner.buffer.lock().bytes() < 3 << 20,
+        "memory stayed bounded"
+    );
+    let rows_before = collect(&store, &ScanRequest::all("cpu")).num_rows();
+    // Once flushing resumes, writes are accepted again and nothing acknowledged was lost.
+    drop(stuck);
+    store
+        .write(
+            body(50, 10, T0 - 1_000_000_000_000).as_bytes(),
+            Precision::Nanoseconds,
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        collect(&store, &ScanRequest::all("cpu")).num_rows(),
+        rows_before + 500
+    );
+}
