@@ -6,6 +6,8 @@
 //! | `POST /write?db=&precision=n\|ns\|u\|us\|ms\|s\|m\|h` | InfluxDB v1 line protocol write |
 //! | `POST /api/v1/admin/flush` | flush the buffer to segments now |
 //! | `POST /api/v1/admin/compact` | flush, then compact every partition that has more than one small segment |
+//! | `GET /api/v1/retention` | every measurement with its retention period |
+//! | `PUT /api/v1/retention/{measurement}` | set (`{"period": "30d"}`) or clear (`{"period": null}`) a measurement's retention |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -21,10 +23,11 @@ use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
+use axum::extract::Path;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use forestall_engine::Store;
 use forestall_engine::line_protocol::Precision;
@@ -48,6 +51,8 @@ pub fn router(state: AppState) -> Router {
         .route("/write", post(write_v1))
         .route("/api/v1/admin/flush", post(admin_flush))
         .route("/api/v1/admin/compact", post(admin_compact))
+        .route("/api/v1/retention", get(list_retention))
+        .route("/api/v1/retention/{measurement}", put(set_retention))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -86,6 +91,71 @@ async fn admin_compact(State(state): State<AppState>) -> Result<Json<serde_json:
     Ok(Json(
         json!({"compacted_partitions": compacted, "segments": state.store.segments().len()}),
     ))
+}
+
+fn retention_json(store: &Store) -> serde_json::Value {
+    let default = store.config().retention.default_period;
+    let tables: Vec<_> = store
+        .tables()
+        .iter()
+        .map(|t| {
+            json!({
+                "measurement": t.name,
+                "period": t.retention.map(|p| humantime::format_duration(p).to_string()),
+                "effective": t.retention.or(default).map(|p| humantime::format_duration(p).to_string()),
+            })
+        })
+        .collect();
+    json!({
+        "default": default.map(|p| humantime::format_duration(p).to_string()),
+        "measurements": tables,
+    })
+}
+
+async fn list_retention(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(retention_json(&state.store))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionBody {
+    /// A duration such as `30d` or `12h`; `null` returns to the engine default.
+    period: Option<String>,
+}
+
+async fn set_retention(
+    State(state): State<AppState>,
+    Path(measurement): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: RetentionBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Invalid(format!("expected {{\"period\": \"30d\" | null}}: {e}")))?;
+    let period = match body.period.as_deref() {
+        None => None,
+        Some(text) => {
+            let p = humantime::parse_duration(text)
+                .map_err(|e| ApiError::Invalid(format!("invalid period {text:?}: {e}")))?;
+            let partition = state.store.config().partition_duration;
+            if p < partition {
+                return Err(ApiError::Invalid(format!(
+                    "period {text:?} is shorter than one partition ({}); data is dropped a partition at a time",
+                    humantime::format_duration(partition)
+                )));
+            }
+            Some(p)
+        }
+    };
+    let store = Arc::clone(&state.store);
+    let name = measurement.clone();
+    let found = tokio::task::spawn_blocking(move || store.set_retention(&name, period))
+        .await
+        .map_err(|e| ApiError::Internal(format!("retention task failed: {e}")))??;
+    if !found {
+        return Err(ApiError::NotFound(format!(
+            "unknown measurement {measurement:?}"
+        )));
+    }
+    Ok(Json(retention_json(&state.store)))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -331,3 +331,58 @@ async fn admin_flush_and_compact() {
     );
     assert_eq!(rows(&f.store, "m"), 3);
 }
+
+#[tokio::test]
+async fn retention_is_set_per_measurement_and_validated() {
+    let f = fixture(1 << 20);
+    send(&f.app, post("/write", "cpu v=1 1\nmem v=1 1")).await;
+    let put = |uri: &str, body: &'static str| Request::put(uri).body(Body::from(body)).unwrap();
+    let (s, json) = send(&f.app, put("/api/v1/retention/cpu", r#"{"period": "30d"}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{json}");
+    let cpu = json["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["measurement"] == "cpu")
+        .unwrap();
+    assert_eq!(cpu["period"], "30days");
+    assert_eq!(
+        f.store.table("cpu").unwrap().retention,
+        Some(std::time::Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(f.store.table("mem").unwrap().retention, None);
+
+    let (s, json) = send(&f.app, put("/api/v1/retention/cpu", r#"{"period": null}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(f.store.table("cpu").unwrap().retention, None);
+    assert!(json["default"].is_null());
+
+    for (body, needle) in [
+        (r#"{"period": "soon"}"#, "invalid period"),
+        (r#"{"period": "1h"}"#, "shorter than one partition"),
+        (r#"{"perod": "30d"}"#, "expected"),
+        ("not json", "expected"),
+    ] {
+        let (s, json) = send(&f.app, put("/api/v1/retention/cpu", body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            json["error"].as_str().unwrap().contains(needle),
+            "{body}: {json}"
+        );
+    }
+    let (s, _) = send(
+        &f.app,
+        put("/api/v1/retention/nope", r#"{"period": "30d"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, json) = send(
+        &f.app,
+        Request::get("/api/v1/retention")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json["measurements"].as_array().unwrap().len(), 2);
+}
