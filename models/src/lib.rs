@@ -5,5 +5,25 @@
 //! errors, and the Bayesian network that turns a component's metric states and health into a
 //! risk score per resource, with its reasons. Online training and checkpoints live here too.
 //!
-//! A leaf crate: it works on plain slices and Arrow arrays and depends on no other Forestall
-//! crate. This crate is filled by the models issue; until then it has no items.
+//! A leaf crate: it works on plain slices and depends on no other Forestall crate.
+//!
+//! Built so far: [`nab`] (the NAB benchmark's data layout and scorer), [`likelihood`] (the
+//! anomaly likelihood post-processing) and [`detector`] (a streaming detector that turns
+//! one-step forecast errors into anomaly scores). The LSTM, ETS and the Bayesian network are
+//! still to come (see the models issue).
+
+pub mod detector;
+pub mod likelihood;
+pub mod nab;
+
+use std::path::PathBuf;
+
+/// Errors of the models crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read {path}: {reason}")]
+    Data { path: PathBuf, reason: String },
+}
+
+/// The models crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,11 +1,12 @@
 //! # forestall-server
 //!
-//! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]) and the
-//! `forestall` binary's `serve` command ([`serve`]). This is the only crate that wires the
+//! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
+//! `forestall` binary's `serve` command ([`serve`]) and its offline evaluations ([`eval`]). This is the only crate that wires the
 //! others together; it may depend on every Forestall crate, and none depends on it.
 
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod http;
 
 use std::future::Future;

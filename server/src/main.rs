@@ -33,6 +33,23 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         http_addr: Option<SocketAddr>,
     },
+    /// Evaluate the models on benchmark data.
+    Eval {
+        #[command(subcommand)]
+        what: Eval,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Eval {
+    /// Score the streaming anomaly detector on a NAB-layout folder (data/<category>/<file>.csv,
+    /// windows.json): writes OUT/<category>/<file>.csv and prints the NAB scores.
+    Nab {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// mimalloc returns freed memory to the OS; with glibc's per-thread arenas, the buffers a flush
@@ -43,6 +60,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Eval {
+            what: Eval::Nab { data, out },
+        } => {
+            print!("{}", forestall_server::eval::nab(&data, &out)?);
+            Ok(())
+        }
         Command::Serve {
             config,
             data_dir,

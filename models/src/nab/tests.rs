@@ -1,0 +1,155 @@
+use super::*;
+
+const STD: Profile = PROFILES[0];
+
+fn labels() -> Labels {
+    // 100 rows (probation: the first 15), one window on rows 60..=69 (width 10).
+    Labels {
+        rows: 100,
+        windows: vec![(60, 69)],
+    }
+}
+
+fn alarms_at(rows: &[usize]) -> Vec<bool> {
+    let mut a = vec![false; 100];
+    for &r in rows {
+        a[r] = true;
+    }
+    a
+}
+
+fn close(a: f64, b: f64) {
+    assert!((a - b).abs() < 1e-5, "{a} != {b}");
+}
+
+#[test]
+fn sigma_matches_nab() {
+    close(sigma(-1.0), 0.986614);
+    close(sigma(0.0), 0.0);
+    assert_eq!(sigma(3.5), -1.0);
+}
+
+#[test]
+fn an_alarm_at_the_start_of_a_window_earns_the_full_weight() {
+    close(score_file(&labels(), &alarms_at(&[60]), &STD), 1.0);
+    // Only the best alarm of a window counts.
+    close(score_file(&labels(), &alarms_at(&[60, 61, 69]), &STD), 1.0);
+}
+
+#[test]
+fn a_late_alarm_earns_less() {
+    // p = -1/10: sigma(-0.1) / sigma(-1) = 0.244919 / 0.986614
+    close(score_file(&labels(), &alarms_at(&[69]), &STD), 0.248242);
+    // p = -6/10
+    close(score_file(&labels(), &alarms_at(&[64]), &STD), 0.917428);
+}
+
+#[test]
+fn false_alarms_before_and_after_a_window() {
+    // Before the first window: -fp, and the window is missed: -fn.
+    close(score_file(&labels(), &alarms_at(&[20]), &STD), -0.11 - 1.0);
+    // Just after: p = 6/9, fp * sigma(0.667) = 0.11 * -0.931110.
+    close(
+        score_file(&labels(), &alarms_at(&[60, 75]), &STD),
+        1.0 - 0.102422,
+    );
+    // Far after (p > 3): the full -fp.
+    close(
+        score_file(&labels(), &alarms_at(&[60, 99]), &STD),
+        1.0 - 0.11,
+    );
+    // reward_low_FN doubles the cost of a miss.
+    close(
+        score_file(&labels(), &alarms_at(&[20]), &PROFILES[2]),
+        -0.11 - 2.0,
+    );
+}
+
+#[test]
+fn alarms_in_the_probationary_period_do_not_count() {
+    close(score_file(&labels(), &alarms_at(&[3, 10, 14]), &STD), -1.0);
+    close(score_file(&labels(), &alarms_at(&[15]), &STD), -0.11 - 1.0);
+}
+
+#[test]
+fn the_corpus_threshold_is_chosen_to_maximise_the_score() {
+    let mut scores = vec![0.0; 100];
+    scores[30] = 0.95; // a false alarm before the window
+    scores[62] = 0.9; // inside the window, p = -0.8
+    let l = [labels()];
+    let s = [scores];
+    let r = score_corpus(&l, &s, &STD);
+    // At 0.95 only the false alarm fires (worse than never alarming); at 0.9 both fire.
+    assert_eq!(r.threshold, 0.9);
+    close(r.raw, -0.11 + 0.977108);
+    close(r.normalized, 100.0 * (r.raw + 1.0) / 2.0);
+    let r = score_corpus(&l, &s, &PROFILES[1]);
+    close(r.raw, -0.22 + 0.977108);
+    // A detector that only raises false alarms is best left silent: normalised 0.
+    let mut noise = vec![0.0; 100];
+    noise[20] = 1.0;
+    let r = score_corpus(&l, &[noise], &STD);
+    assert_eq!(r.threshold, f64::INFINITY);
+    close(r.normalized, 0.0);
+    // A perfect detector scores 100.
+    let mut perfect = vec![0.0; 100];
+    perfect[60] = 1.0;
+    close(score_corpus(&l, &[perfect], &STD).normalized, 100.0);
+}
+
+#[test]
+fn timestamps_and_windows_map_to_rows() {
+    assert_eq!(
+        parse_timestamp("2014-04-01 00:00:00"),
+        Some(1_396_310_400.0)
+    );
+    assert_eq!(
+        parse_timestamp("2014-04-01 00:00:00.500000"),
+        Some(1_396_310_400.5)
+    );
+    assert_eq!(parse_timestamp("1969-12-31 23:59:59"), Some(-1.0));
+    assert_eq!(parse_timestamp("yesterday"), None);
+    let ts: Vec<String> = [
+        "2014-01-01 00:00:00",
+        "2014-01-01 00:05:00",
+        "2014-01-01 00:10:00",
+        "2014-01-01 00:05:00",
+        "2014-01-01 00:20:00",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let w = window_rows(
+        &ts,
+        &[(
+            "2014-01-01 00:05:00.000000".into(),
+            "2014-01-01 00:10:00.000000".into(),
+        )],
+    )
+    .unwrap();
+    // A repeated timestamp further down still belongs to the window.
+    assert_eq!(w, vec![(1, 3)]);
+}
+
+#[test]
+fn the_dev_corpus_loads_with_all_its_windows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab-dev");
+    if !root.exists() {
+        eprintln!("skipping: {} is not here", root.display());
+        return;
+    }
+    let files = load_corpus(&root).unwrap();
+    assert_eq!(files.len(), 18);
+    assert_eq!(files.iter().map(|f| f.windows.len()).sum::<usize>(), 25);
+    assert!(
+        files
+            .iter()
+            .all(|f| f.values.len() == f.timestamps.len() && !f.values.is_empty())
+    );
+    assert!(
+        files
+            .iter()
+            .flat_map(|f| f.windows.iter())
+            .all(|(l, r)| l <= r)
+    );
+}
