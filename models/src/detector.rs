@@ -2,8 +2,9 @@
 //!
 //! Several cheap one-step forecasters run side by side: naive (the last value) and seasonal
 //! naive at a few candidate periods (a day and an hour of 5-minute data, a day of hourly data).
-//! Each tracks its recent mean absolute error; the one with the lowest answers. Its error,
-//! divided by its own typical error, is the surprise; [`Likelihood`] turns the surprise into
+//! Each forecaster's error, divided by its own typical error, is its surprise; by default the
+//! largest surprise counts (something a usually-right forecaster did not expect), and a
+//! refractory period damps repeats so the first alarm of an event stands out; [`Likelihood`] turns the surprise into
 //! a score in [0, 1]. Every step is O(1) in time and memory bounded by the longest period
 //! and the likelihood's history: no look-ahead, no second pass.
 
@@ -20,6 +21,11 @@ pub struct DetectorParams {
     pub scale_alpha: f64,
     /// Smoothing of the error used to pick the best forecaster.
     pub choice_alpha: f64,
+    /// How the forecasters' surprises become one.
+    pub combine: Combine,
+    /// After a score, later scores within this many rows are damped unless they exceed it:
+    /// the first alarm of an event is the one that counts.
+    pub refractory: usize,
     pub likelihood: LikelihoodParams,
 }
 
@@ -27,11 +33,25 @@ impl Default for DetectorParams {
     fn default() -> Self {
         Self {
             periods: vec![288, 24, 12],
-            scale_alpha: 0.02,
+            scale_alpha: 0.005,
             choice_alpha: 0.01,
-            likelihood: LikelihoodParams::default(),
+            combine: Combine::Max,
+            refractory: 300,
+            likelihood: LikelihoodParams {
+                short: 5,
+                ..LikelihoodParams::default()
+            },
         }
     }
+}
+
+/// How the forecasters' surprises combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// The surprise of the forecaster with the lowest recent error.
+    Best,
+    /// The largest surprise: anything that a usually-right forecaster did not expect.
+    Max,
 }
 
 /// One forecaster's running state.
@@ -52,6 +72,8 @@ pub struct Detector {
     candidates: Vec<Candidate>,
     likelihood: Likelihood,
     magnitude: f64,
+    /// Recent output scores, for the refractory period.
+    recent: VecDeque<f64>,
 }
 
 impl Detector {
@@ -73,6 +95,7 @@ impl Detector {
             candidates,
             likelihood,
             magnitude: 0.0,
+            recent: VecDeque::new(),
         }
     }
 
@@ -97,10 +120,14 @@ impl Detector {
                 Some(s) => err / (s + floor),
                 None => 0.0,
             };
-            if let Some(choice) = c.choice
-                && best.is_none_or(|(b, _)| choice < b)
-            {
-                best = Some((choice, surprise));
+            if let Some(choice) = c.choice {
+                let better = match self.params.combine {
+                    Combine::Best => best.is_none_or(|(b, _)| choice < b),
+                    Combine::Max => best.is_none_or(|(_, s)| surprise > s),
+                };
+                if better {
+                    best = Some((choice, surprise));
+                }
             }
             c.scale = Some(
                 c.scale
@@ -116,7 +143,16 @@ impl Detector {
             self.history.pop_front();
         }
         let surprise = best.map_or(0.0, |(_, s)| s);
-        log_scale(self.likelihood.update((1.0 + surprise.min(1e6)).ln()))
+        let score = log_scale(self.likelihood.update((1.0 + surprise.min(1e6)).ln()));
+        if self.params.refractory == 0 {
+            return score;
+        }
+        let before = self.recent.iter().copied().fold(0.0, f64::max);
+        self.recent.push_back(score);
+        if self.recent.len() > self.params.refractory {
+            self.recent.pop_front();
+        }
+        if score > before { score } else { score * 0.5 }
     }
 }
 
