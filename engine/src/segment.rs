@@ -269,16 +269,19 @@ impl SegmentWriter {
     }
 }
 
+/// Opens a segment file and reads its footer; errors name the file.
+fn open_file(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let fail = |e: &dyn std::fmt::Display| Error::ReadSegment {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let file = File::open(path).map_err(|e| fail(&e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fail(&e))
+}
+
 /// The Arrow schema stored in a segment file.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
-    let fail = |reason: String| Error::ReadSegment {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fail(e.to_string()))?;
-    Ok(Arc::clone(builder.schema()))
+    Ok(Arc::clone(open_file(path)?.schema()))
 }
 
 /// See [`Segment::read`].
@@ -293,9 +296,7 @@ pub fn read_file(
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fail(e.to_string()))?;
+    let builder = open_file(path)?;
     let schema = Arc::clone(builder.schema());
     let time_idx = schema
         .index_of(TIME_COLUMN)

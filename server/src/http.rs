@@ -181,15 +181,7 @@ async fn write_v2(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let precision = match q.get("precision").map(String::as_str) {
-        None | Some("") => Precision::Nanoseconds,
-        Some(p @ ("ns" | "us" | "ms" | "s")) => Precision::parse(p).unwrap_or_default(),
-        Some(p) => {
-            return Err(ApiError::Invalid(format!(
-                "invalid precision {p:?}: expected ns, us, ms or s"
-            )));
-        }
-    };
+    let precision = precision(&q, &["ns", "us", "ms", "s"])?;
     write(state, precision, headers, body).await
 }
 
@@ -199,15 +191,25 @@ async fn write_v1(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let precision = match q.get("precision").map(String::as_str) {
-        None | Some("") => Precision::Nanoseconds,
-        Some(p) => Precision::parse(p).ok_or_else(|| {
-            ApiError::Invalid(format!(
-                "invalid precision {p:?}: expected n, ns, u, us, ms, s, m or h"
-            ))
-        })?,
-    };
+    let precision = precision(&q, &["n", "ns", "u", "us", "ms", "s", "m", "h"])?;
     write(state, precision, headers, body).await
+}
+
+/// The `precision` parameter, one of `allowed` (nanoseconds when absent).
+fn precision(q: &HashMap<String, String>, allowed: &[&str]) -> Result<Precision, ApiError> {
+    match q.get("precision").map(String::as_str) {
+        None | Some("") => Ok(Precision::Nanoseconds),
+        Some(p) => allowed
+            .contains(&p)
+            .then(|| Precision::parse(p))
+            .flatten()
+            .ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "invalid precision {p:?}: expected one of {}",
+                    allowed.join(", ")
+                ))
+            }),
+    }
 }
 
 async fn write(
