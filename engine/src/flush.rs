@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array, new_null_array};
+use arrow::array::{Array, ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array};
 use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
@@ -195,10 +195,14 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
             measurement: String::new(),
             source,
         })?;
-    // Nullable everywhere except `time` and `__series_id`, which every segment has.
-    RecordBatch::try_new(Arc::clone(schema), cols).map_err(|source| Error::Arrow {
-        measurement: String::new(),
-        source,
+    // The row count is explicit so that an empty projection (`count(*)`) still says how
+    // many rows there are.
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    RecordBatch::try_new_with_options(Arc::clone(schema), cols, &options).map_err(|source| {
+        Error::Arrow {
+            measurement: String::new(),
+            source,
+        }
     })
 }
 

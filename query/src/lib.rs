@@ -1,10 +1,94 @@
 //! # forestall-query
 //!
 //! Forestall's query layer: a DataFusion session in which every measurement is a table, one
-//! `TableProvider` per measurement over the engine's scan API (time and tag predicates pushed
-//! down, segments pruned by the manifest and the series bitmaps), the time-series SQL
-//! functions (`date_bin_gapfill`, selectors, `forecast`, `anomaly_score`, `risk`) and the
-//! continuous-query runtime.
+//! [`TableProvider`](datafusion::catalog::TableProvider) per measurement over the engine's
+//! scan API ([`provider`]), with time ranges and tag predicates pushed down so that segments
+//! are pruned by the manifest and the series bitmaps before any Parquet is opened.
 //!
 //! May depend on `forestall-engine` and `forestall-models`; never on `actuators` or `server`.
-//! This crate is filled by the SQL issue; until then it has no items.
+//!
+//! Built so far: the session ([`QueryEngine`]), the schema provider and the table provider
+//! with time and tag pushdown. Still to come (the SQL issue): gap filling, selectors, the
+//! last-value fast path, streaming results, the model functions and continuous queries.
+
+pub mod provider;
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::{SessionConfig, SessionContext};
+use forestall_engine::Store;
+
+pub use provider::{MeasurementTable, StoreSchema};
+
+/// Name of the catalog and schema every measurement lives in (`forestall.public.cpu`).
+pub const CATALOG: &str = "forestall";
+pub const SCHEMA: &str = "public";
+
+/// Errors of the query layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The query is wrong: syntax, unknown table or column, types. The user can fix it.
+    #[error("{0}")]
+    Query(String),
+    /// The query could not run for a reason the user cannot fix.
+    #[error("query failed: {0}")]
+    Execution(String),
+}
+
+impl From<DataFusionError> for Error {
+    fn from(e: DataFusionError) -> Self {
+        match e.find_root() {
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_) => Error::Query(e.strip_backtrace()),
+            _ => Error::Execution(e.strip_backtrace()),
+        }
+    }
+}
+
+/// The query layer's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs SQL over a store.
+#[derive(Debug, Clone)]
+pub struct QueryEngine {
+    store: Arc<Store>,
+}
+
+impl QueryEngine {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    /// A session whose default schema holds every measurement of the store, with
+    /// `information_schema` (so `SHOW TABLES` and `SHOW COLUMNS FROM cpu` work). Tables are
+    /// looked up when a query names them, so a schema that grew since is always current.
+    pub fn session(&self) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema(CATALOG, SCHEMA)
+            .with_create_default_catalog_and_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        if let Some(catalog) = ctx.catalog(CATALOG) {
+            // Registering replaces the empty default schema; there is nothing to keep.
+            let _ = catalog
+                .register_schema(SCHEMA, Arc::new(StoreSchema::new(Arc::clone(&self.store))));
+        }
+        ctx
+    }
+
+    /// Plans and runs `sql`, collecting the result.
+    pub async fn sql(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let df = self.session().sql(sql).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -63,11 +63,32 @@ impl Default for LogConfig {
     }
 }
 
+/// `[query]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// A SQL query running longer than this is stopped. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+    /// A result with more rows than this is refused (add a LIMIT). Default 1,000,000.
+    pub max_result_rows: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_secs(60),
+            max_result_rows: 1_000_000,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub http: HttpConfig,
+    pub query: QueryConfig,
     pub log: LogConfig,
     pub engine: EngineConfig,
 }
@@ -142,6 +163,11 @@ impl ServerConfig {
 
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.query.timeout.is_zero() || self.query.max_result_rows == 0 {
+            return Err(ConfigError::Invalid(
+                "query.timeout and query.max_result_rows must be positive".into(),
+            ));
+        }
         if self.http.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "http.max_body_bytes must be at least 1024".into(),

@@ -8,6 +8,7 @@
 //! | `POST /api/v1/admin/compact` | flush, then compact every partition that has more than one small segment |
 //! | `GET /api/v1/retention` | every measurement with its retention period |
 //! | `PUT /api/v1/retention/{measurement}` | set (`{"period": "30d"}`) or clear (`{"period": null}`) a measurement's retention |
+//! | `GET`/`POST /api/v3/query_sql?q=…&format=json\|jsonl\|csv\|parquet\|pretty` | SQL (see [`query`]) |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -37,11 +38,37 @@ use serde_json::json;
 
 use crate::error::ApiError;
 
+mod query;
+
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub store: Arc<Store>,
+    pub query: forestall_query::QueryEngine,
+    pub query_limits: QueryLimits,
     pub max_body_bytes: u64,
+}
+
+impl AppState {
+    /// State over `store` with the limits of `config`.
+    pub fn new(store: Arc<Store>, config: &crate::config::ServerConfig) -> Self {
+        Self {
+            query: forestall_query::QueryEngine::new(Arc::clone(&store)),
+            store,
+            query_limits: QueryLimits {
+                timeout: config.query.timeout,
+                max_result_rows: config.query.max_result_rows,
+            },
+            max_body_bytes: config.http.max_body_bytes,
+        }
+    }
+}
+
+/// Limits on one SQL query.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    pub timeout: std::time::Duration,
+    pub max_result_rows: usize,
 }
 
 /// The router with every route.
@@ -53,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/compact", post(admin_compact))
         .route("/api/v1/retention", get(list_retention))
         .route("/api/v1/retention/{measurement}", put(set_retention))
+        .route("/api/v3/query_sql", get(query::get).post(query::post))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)

@@ -35,10 +35,7 @@ pub async fn serve(
     tracing::info!(%addr, data_dir = %config.engine.data_dir.display(), "forestall is serving HTTP");
     // Tests and scripts wait for this line to learn the port (with --http-addr 127.0.0.1:0).
     println!("forestall listening on http://{addr}");
-    let app = http::router(http::AppState {
-        store: Arc::clone(&store),
-        max_body_bytes: config.http.max_body_bytes,
-    });
+    let app = http::router(http::AppState::new(Arc::clone(&store), &config));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

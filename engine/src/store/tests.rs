@@ -280,6 +280,17 @@ fn time_range_predicate_and_projection() {
         r.iter()
             .all(|(h, t, _)| h.as_deref() == Some("h1") && *t >= req.start && *t < req.end)
     );
+    // An empty projection still counts rows (SQL's count(*)).
+    let count = ScanRequest {
+        projection: Some(vec![]),
+        ..req.clone()
+    };
+    let n: usize = store
+        .scan(&count)
+        .unwrap()
+        .map(|b| b.unwrap().num_rows())
+        .sum();
+    assert_eq!(n, 10);
     // Unknown measurement and column are errors, not empty results.
     assert!(matches!(
         store.scan(&ScanRequest::all("nope")),

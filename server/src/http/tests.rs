@@ -12,15 +12,23 @@ struct Fixture {
 
 fn fixture(max_body_bytes: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        data_dir: dir.path().to_path_buf(),
+    let config = crate::config::ServerConfig {
+        engine: EngineConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        },
+        http: crate::config::HttpConfig {
+            max_body_bytes,
+            ..Default::default()
+        },
+        query: crate::config::QueryConfig {
+            max_result_rows: 1000,
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let store = Arc::new(Store::open(config).unwrap());
-    let app = router(AppState {
-        store: Arc::clone(&store),
-        max_body_bytes,
-    });
+    let store = Arc::new(Store::open(config.engine.clone()).unwrap());
+    let app = router(AppState::new(Arc::clone(&store), &config));
     Fixture {
         _dir: dir,
         store,
@@ -385,4 +393,122 @@ async fn retention_is_set_per_measurement_and_validated() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json["measurements"].as_array().unwrap().len(), 2);
+}
+
+async fn get_text(app: &Router, uri: &str) -> (StatusCode, String, String) {
+    let resp = app
+        .clone()
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn q(sql: &str, format: &str) -> String {
+    let mut enc = String::new();
+    for b in sql.bytes() {
+        if b.is_ascii_alphanumeric() {
+            enc.push(b as char);
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("/api/v3/query_sql?q={enc}&format={format}")
+}
+
+#[tokio::test]
+async fn sql_results_in_every_format() {
+    let f = fixture(1 << 20);
+    send(
+        &f.app,
+        post(
+            "/write",
+            "cpu,host=a usage=1.5 1767225600000000000\ncpu,host=b usage=2.5 1767225660000000000",
+        ),
+    )
+    .await;
+    let sql = "SELECT host, usage FROM cpu ORDER BY host";
+    let (s, ct, body) = get_text(&f.app, &q(sql, "json")).await;
+    assert_eq!((s, ct.as_str()), (StatusCode::OK, "application/json"));
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"host": "a", "usage": 1.5}, {"host": "b", "usage": 2.5}])
+    );
+    let (_, _, body) = get_text(&f.app, &q(sql, "jsonl")).await;
+    assert_eq!(
+        body,
+        "{\"host\":\"a\",\"usage\":1.5}\n{\"host\":\"b\",\"usage\":2.5}\n"
+    );
+    let (_, ct, body) = get_text(&f.app, &q(sql, "csv")).await;
+    assert!(ct.starts_with("text/csv"));
+    assert_eq!(body, "host,usage\na,1.5\nb,2.5\n");
+    let (_, _, body) = get_text(&f.app, &q(sql, "pretty")).await;
+    assert!(body.contains("| a    | 1.5   |"), "{body}");
+    let (s, ct, body) = get_text(&f.app, &q(sql, "parquet")).await;
+    assert_eq!(
+        (s, ct.as_str()),
+        (StatusCode::OK, "application/vnd.apache.parquet")
+    );
+    assert!(body.starts_with("PAR1"));
+    // POST with a JSON body; an empty result is still valid JSON.
+    let req = Request::post("/api/v3/query_sql")
+        .body(Body::from(
+            r#"{"q": "SELECT * FROM cpu WHERE host = 'zz'", "format": "json", "db": "x"}"#,
+        ))
+        .unwrap();
+    let (s, json) = send(&f.app, req).await;
+    assert_eq!((s, json), (StatusCode::OK, serde_json::json!([])));
+}
+
+#[tokio::test]
+async fn bad_sql_gets_400_with_the_reason() {
+    let f = fixture(1 << 20);
+    send(&f.app, post("/write", "cpu,host=a usage=1 1")).await;
+    for (sql, needle) in [
+        ("SELEC 1", "Expected"),
+        ("SELECT * FROM nope", "nope"),
+        ("SELECT nope FROM cpu", "nope"),
+    ] {
+        let (s, _, body) = get_text(&f.app, &q(sql, "json")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{sql}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["code"], "invalid");
+        assert!(
+            json["error"].as_str().unwrap().contains(needle),
+            "{sql}: {body}"
+        );
+    }
+    let (s, _, body) = get_text(&f.app, &q("SELECT 1", "xml")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body.contains("unknown format"));
+    let (s, _, _) = get_text(&f.app, "/api/v3/query_sql").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, json) = send(
+        &f.app,
+        Request::post("/api/v3/query_sql")
+            .body(Body::from("SELECT 1"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{json}");
+}
+
+#[tokio::test]
+async fn huge_results_are_refused_not_sent() {
+    let f = fixture(1 << 20);
+    let body: String = (0..1500).map(|i| format!("m v={i} {i}\n")).collect();
+    send(&f.app, post("/write", body)).await;
+    let (s, _, body) = get_text(&f.app, &q("SELECT * FROM m", "json")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body.contains("more than the limit of 1000"), "{body}");
+    let (s, _, _) = get_text(&f.app, &q("SELECT * FROM m LIMIT 10", "json")).await;
+    assert_eq!(s, StatusCode::OK);
 }

@@ -1,0 +1,344 @@
+//! Tables over the engine: one [`MeasurementTable`] per measurement, found through
+//! [`StoreSchema`].
+//!
+//! Pushdown. Filters DataFusion hands to the scan are translated where possible into the
+//! engine's [`ScanRequest`]:
+//! * on `time`: `=`, `<`, `<=`, `>`, `>=` and `BETWEEN` against timestamp literals (after
+//!   DataFusion's simplification, `now() - INTERVAL '1 hour'` is such a literal);
+//! * on tags: `=`, `!=`, `IN`, `NOT IN`, `LIKE`, `NOT LIKE`, regex `~` and `!~`, `IS NOT NULL`,
+//!   and `OR`s of those.
+//!
+//! Every translated filter is reported as *inexact*: DataFusion still applies it to the rows
+//! that come back, so the translation only has to be a superset, never exact. The engine
+//! uses the time range and the tag bitmap to skip whole segments and row groups.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::{DataFusionError, ScalarValue};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::{
+    Between, BinaryExpr, Expr, Like, Operator, TableProviderFilterPushDown,
+};
+use datafusion::physical_plan::ExecutionPlan;
+use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
+use forestall_engine::{ScanRequest, Store, TableSchema, TagPredicate};
+use regex::Regex;
+
+/// Every measurement of a store, as tables.
+#[derive(Debug)]
+pub struct StoreSchema {
+    store: Arc<Store>,
+}
+
+impl StoreSchema {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for StoreSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.store.tables().iter().map(|t| t.name.clone()).collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Ok(self.store.table(name).map(|schema| {
+            Arc::new(MeasurementTable {
+                store: Arc::clone(&self.store),
+                schema,
+            }) as Arc<dyn TableProvider>
+        }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.store.table(name).is_some()
+    }
+}
+
+/// One measurement as a table: `time`, its tags, its fields.
+#[derive(Debug)]
+pub struct MeasurementTable {
+    store: Arc<Store>,
+    schema: Arc<TableSchema>,
+}
+
+#[async_trait]
+impl TableProvider for MeasurementTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.arrow_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>, DataFusionError> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if time_bounds(f).is_some() || tag_predicate(f, &self.schema).is_some() {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let full = self.schema.arrow_schema();
+        let mut req = ScanRequest::all(self.schema.name.clone());
+        let mut predicates = Vec::new();
+        for f in filters {
+            if let Some((lo, hi)) = time_bounds(f) {
+                req.start = req.start.max(lo);
+                req.end = req.end.min(hi);
+            } else if let Some(p) = tag_predicate(f, &self.schema) {
+                predicates.push(p);
+            }
+        }
+        req.predicate = match predicates.len() {
+            0 => None,
+            1 => predicates.pop(),
+            _ => Some(TagPredicate::And(predicates)),
+        };
+        let projected: SchemaRef = match projection {
+            Some(idx) => Arc::new(full.project(idx)?),
+            None => Arc::clone(&full),
+        };
+        req.projection = Some(
+            projected
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect(),
+        );
+        if req.start >= req.end {
+            // Contradictory time filters: nothing can match.
+            return Ok(MemorySourceConfig::try_new_exec(
+                &[vec![]],
+                projected,
+                None,
+            )?);
+        }
+        let store = Arc::clone(&self.store);
+        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<_>, DataFusionError> {
+            let stream = store
+                .scan(&req)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            let mut out = Vec::new();
+            let mut rows = 0;
+            for batch in stream {
+                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                rows += batch.num_rows();
+                out.push(batch);
+                if limit.is_some_and(|l| rows >= l) {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            projected,
+            None,
+        )?)
+    }
+}
+
+/// `[start, end)` in nanoseconds implied by a filter on `time`.
+fn time_bounds(e: &Expr) -> Option<(i64, i64)> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (op, v) = match (column_name(left), column_name(right)) {
+                (Some(TIME_COLUMN), None) => (*op, timestamp_nanos(right)?),
+                (None, Some(TIME_COLUMN)) => (op.swap()?, timestamp_nanos(left)?),
+                _ => return None,
+            };
+            match op {
+                Operator::Eq => Some((v, v.saturating_add(1))),
+                Operator::Lt => Some((i64::MIN, v)),
+                Operator::LtEq => Some((i64::MIN, v.saturating_add(1))),
+                Operator::Gt => Some((v.saturating_add(1), i64::MAX)),
+                Operator::GtEq => Some((v, i64::MAX)),
+                _ => None,
+            }
+        }
+        Expr::Between(Between {
+            expr,
+            negated: false,
+            low,
+            high,
+        }) if column_name(expr) == Some(TIME_COLUMN) => Some((
+            timestamp_nanos(low)?,
+            timestamp_nanos(high)?.saturating_add(1),
+        )),
+        _ => None,
+    }
+}
+
+/// The column a (possibly cast) expression refers to.
+fn column_name(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Column(c) => Some(c.name.as_str()),
+        Expr::Cast(c) => column_name(&c.expr),
+        Expr::TryCast(c) => column_name(&c.expr),
+        _ => None,
+    }
+}
+
+fn timestamp_nanos(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else { return None };
+    match v {
+        ScalarValue::TimestampNanosecond(Some(n), _) => Some(*n),
+        ScalarValue::TimestampMicrosecond(Some(n), _) => n.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(n), _) => n.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(n), _) => n.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+fn string_literal(e: &Expr) -> Option<String> {
+    let Expr::Literal(v, _) = e else { return None };
+    scalar_string(v)
+}
+
+fn scalar_string(v: &ScalarValue) -> Option<String> {
+    match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => Some(s.clone()),
+        ScalarValue::Dictionary(_, inner) => scalar_string(inner),
+        _ => None,
+    }
+}
+
+/// The tag a (possibly cast) column expression names, if it is a tag of `schema`.
+fn tag_column<'a>(e: &'a Expr, schema: &TableSchema) -> Option<&'a str> {
+    let name = column_name(e)?;
+    (schema.columns.get(name) == Some(&ColumnKind::Tag)).then_some(name)
+}
+
+/// A SQL `LIKE` pattern as an anchored regex.
+fn like_regex(pattern: &str, escape: Option<char>, case_insensitive: bool) -> Option<Regex> {
+    let mut re = String::from(if case_insensitive { "(?is)^" } else { "(?s)^" });
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if Some(c) == escape => re.push_str(&regex::escape(&chars.next()?.to_string())),
+            '%' => re.push_str(".*"),
+            '_' => re.push('.'),
+            c => re.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    re.push('$');
+    Regex::new(&re).ok()
+}
+
+/// The engine predicate for a filter on tags, if it has one.
+fn tag_predicate(e: &Expr, schema: &TableSchema) -> Option<TagPredicate> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            if matches!(op, Operator::Or | Operator::And) {
+                let (l, r) = (tag_predicate(left, schema)?, tag_predicate(right, schema)?);
+                return Some(if *op == Operator::Or {
+                    TagPredicate::Or(vec![l, r])
+                } else {
+                    TagPredicate::And(vec![l, r])
+                });
+            }
+            let (tag, value, op) = match (tag_column(left, schema), tag_column(right, schema)) {
+                (Some(t), None) => (t, string_literal(right)?, *op),
+                (None, Some(t)) => (t, string_literal(left)?, op.swap()?),
+                _ => return None,
+            };
+            let tag = tag.to_string();
+            match op {
+                Operator::Eq => Some(TagPredicate::Eq(tag, value)),
+                Operator::NotEq => Some(TagPredicate::NotEq(tag, value)),
+                Operator::RegexMatch => Some(TagPredicate::Regex(tag, Regex::new(&value).ok()?)),
+                Operator::RegexNotMatch => {
+                    Some(TagPredicate::NotRegex(tag, Regex::new(&value).ok()?))
+                }
+                Operator::RegexIMatch => Some(TagPredicate::Regex(
+                    tag,
+                    Regex::new(&format!("(?i){value}")).ok()?,
+                )),
+                Operator::RegexNotIMatch => Some(TagPredicate::NotRegex(
+                    tag,
+                    Regex::new(&format!("(?i){value}")).ok()?,
+                )),
+                _ => None,
+            }
+        }
+        Expr::InList(list) => {
+            let tag = tag_column(&list.expr, schema)?.to_string();
+            let values = list
+                .list
+                .iter()
+                .map(string_literal)
+                .collect::<Option<Vec<_>>>()?;
+            if list.negated {
+                // NOT IN: the series has the tag and its value is none of these.
+                Some(TagPredicate::And(vec![
+                    TagPredicate::Exists(tag.clone()),
+                    TagPredicate::Not(Box::new(TagPredicate::In(tag, values))),
+                ]))
+            } else {
+                Some(TagPredicate::In(tag, values))
+            }
+        }
+        Expr::Like(Like {
+            negated,
+            expr,
+            pattern,
+            escape_char,
+            case_insensitive,
+        }) => {
+            let tag = tag_column(expr, schema)?.to_string();
+            let re = like_regex(&string_literal(pattern)?, *escape_char, *case_insensitive)?;
+            Some(if *negated {
+                TagPredicate::NotRegex(tag, re)
+            } else {
+                TagPredicate::Regex(tag, re)
+            })
+        }
+        Expr::IsNotNull(inner) => {
+            Some(TagPredicate::Exists(tag_column(inner, schema)?.to_string()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns_become_anchored_regexes() {
+        let re = like_regex("web-%-0_", None, false).unwrap();
+        assert!(re.is_match("web-eu-01"));
+        assert!(!re.is_match("xweb-eu-01"));
+        assert!(!re.is_match("web-eu-011"));
+        let re = like_regex("a.b%", None, true).unwrap();
+        assert!(re.is_match("A.Bc") && !re.is_match("axb"));
+        let re = like_regex(r"100\%", Some('\\'), false).unwrap();
+        assert!(re.is_match("100%") && !re.is_match("1000"));
+    }
+}
