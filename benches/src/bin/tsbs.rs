@@ -193,6 +193,12 @@ fn generate(hosts: usize, hours: usize, seed: u64, out: &Path) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Flush,
+    Compact,
+}
+
 enum System {
     Forestall(PathBuf),
     VictoriaMetrics,
@@ -267,6 +273,18 @@ impl System {
             System::Forestall(_) => "forestall",
             System::VictoriaMetrics => "victoriametrics",
             System::InfluxDb => "influxdb",
+        }
+    }
+
+    /// The request that makes the system flush or fully compact now. InfluxDB has none; it
+    /// does both on the short timers its config above sets.
+    fn maintenance(&self, stage: Stage) -> Option<(&'static str, &'static str)> {
+        match (self, stage) {
+            (System::Forestall(_), Stage::Flush) => Some(("POST", "/api/v1/admin/flush")),
+            (System::Forestall(_), Stage::Compact) => Some(("POST", "/api/v1/admin/compact")),
+            (System::VictoriaMetrics, Stage::Flush) => Some(("GET", "/internal/force_flush")),
+            (System::VictoriaMetrics, Stage::Compact) => Some(("GET", "/internal/force_merge")),
+            (System::InfluxDb, _) => None,
         }
     }
 
@@ -441,30 +459,19 @@ fn run_one(
     let load_secs = started.elapsed().as_secs_f64();
     let cpu_load = cpu_secs(pid)? - cpu0;
 
-    // 1. After flush: each system puts what it buffers on disk.
-    match system {
-        System::Forestall(_) => {
-            agent.post(&format!("{base}/api/v1/admin/flush")).call()?;
+    // After flush, then after compaction: each system is asked to put what it buffers on
+    // disk, then to merge it into its final layout, and measured once its directory is quiet.
+    let mut sizes = [0u64; 2];
+    for (i, (stage, quiet)) in [(Stage::Flush, 3), (Stage::Compact, 15)]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some((method, path)) = system.maintenance(stage) {
+            agent.request(method, &format!("{base}{path}")).call()?;
         }
-        System::VictoriaMetrics => {
-            agent.get(&format!("{base}/internal/force_flush")).call()?;
-        }
-        // Snapshots the cache 5 s after the last write (see its config above).
-        System::InfluxDb => {}
+        sizes[i] = stable_size(&dir, Duration::from_secs(quiet));
     }
-    let disk_flushed = stable_size(&dir, Duration::from_secs(3));
-    // 2. After compaction: each system merges what it wrote into its final layout.
-    match system {
-        System::Forestall(_) => {
-            agent.post(&format!("{base}/api/v1/admin/compact")).call()?;
-        }
-        System::VictoriaMetrics => {
-            agent.get(&format!("{base}/internal/force_merge")).call()?;
-        }
-        // Fully compacts a shard 10 s after its last write (see its config above).
-        System::InfluxDb => {}
-    }
-    let disk_compacted = stable_size(&dir, Duration::from_secs(15));
+    let [disk_flushed, disk_compacted] = sizes;
     let mut cpu_total = cpu_secs(pid)? - cpu0;
     Command::new("kill")
         .arg("-TERM")
