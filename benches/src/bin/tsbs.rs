@@ -60,27 +60,30 @@ struct Cli {
     command: Cmd,
 }
 
+/// Which data set: its size and seed.
+#[derive(Debug, clap::Args)]
+struct DataSet {
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    #[arg(long, default_value_t = 24)]
+    hours: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Write the data set as line protocol.
     Generate {
-        #[arg(long, default_value_t = 1000)]
-        hosts: usize,
-        #[arg(long, default_value_t = 24)]
-        hours: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        data: DataSet,
         #[arg(long)]
         out: PathBuf,
     },
     /// Load the data set into each system and report throughput, CPU, disk and memory.
     Ingest {
-        #[arg(long, default_value_t = 1000)]
-        hosts: usize,
-        #[arg(long, default_value_t = 24)]
-        hours: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        data: DataSet,
         /// Scratch directory for the data set and the servers' data directories.
         #[arg(long, default_value = "/tmp/forestall-bench")]
         work: PathBuf,
@@ -100,15 +103,11 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Generate {
-            hosts,
-            hours,
-            seed,
+            data: DataSet { hosts, hours, seed },
             out,
         } => generate(hosts, hours, seed, &out),
         Cmd::Ingest {
-            hosts,
-            hours,
-            seed,
+            data: DataSet { hosts, hours, seed },
             work,
             systems,
             forestall_bin,
