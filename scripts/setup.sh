@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what building Forestall needs on a fresh Debian machine: Debian's RocksDB (linked
-# instead of compiling its C++; see ../shared/BUILD.md) and libclang for bindgen.
+# Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
+# RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
+# and the real Postgres clients the tests drive (psql, and psycopg from PyPI).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -8,11 +9,16 @@ need=()
 for pkg in librocksdb-dev libclang-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+command -v psql >/dev/null || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${need[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if command -v python3 >/dev/null && ! python3 -c 'import psycopg' 2>/dev/null; then
+  echo "setup: installing psycopg" >&2
+  python3 -m pip install -q --disable-pip-version-check psycopg >&2
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing; install Rust with rustup" >&2; exit 1; }

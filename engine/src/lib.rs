@@ -41,7 +41,8 @@ pub use catalog::{ColumnKind, TableSchema};
 pub use config::{EngineConfig, SyncPolicy};
 pub use line_protocol::{FieldType, Precision};
 pub use metrics::Metrics;
-pub use scan::{ScanRequest, TagPredicate};
+pub use scan::{ScanRequest, ScanStream, TagPredicate};
+pub use segment::ReadStats;
 pub use store::{Store, WriteOutcome};
 
 /// Identifies a series (a measurement plus its sorted tag set) for the life of the store.

@@ -23,7 +23,7 @@ use crate::buffer::{PartitionSnapshot, SeriesEntry};
 use crate::flush::conform;
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::segment::{SegmentRef, time_values};
+use crate::segment::{ReadStats, SegmentRef, time_values};
 use crate::store::Inner;
 use crate::{Error, Result};
 
@@ -151,8 +151,12 @@ pub struct ScanStream {
     end: i64,
     columns: Vec<String>,
     metrics: Arc<Metrics>,
+    /// Segments of the measurement in the manifest.
+    pub segments_total: usize,
     /// Segments skipped by manifest pruning (time range or series bitmap).
     pub segments_pruned: usize,
+    /// Row groups and rows skipped and read so far, over the segments opened.
+    pub read: ReadStats,
 }
 
 impl ScanStream {
@@ -182,7 +186,8 @@ impl Iterator for ScanStream {
                 self.series.as_ref(),
                 Some(&self.columns),
             ) {
-                Ok(batches) => {
+                Ok((batches, stats)) => {
+                    self.read += stats;
                     for b in batches {
                         match conform(&b, &self.schema) {
                             Ok(b) => self.ready.push_back(b),
@@ -319,7 +324,9 @@ impl Inner {
         Ok(ScanStream {
             schema,
             ready,
+            segments_total: total,
             segments_pruned: total - segments.len(),
+            read: ReadStats::default(),
             segments,
             series,
             start: req.start,

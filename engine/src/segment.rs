@@ -11,6 +11,7 @@
 //! its [`SegmentMeta`] is committed to the index.
 
 use std::fs::{self, File};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +20,13 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, UInt32Type};
 use croaring::{Bitmap, Portable};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnPath;
@@ -151,7 +156,7 @@ impl Segment {
         end: i64,
         series: Option<&Bitmap>,
         columns: Option<&[String]>,
-    ) -> Result<Vec<RecordBatch>> {
+    ) -> Result<(Vec<RecordBatch>, ReadStats)> {
         read_file(&self.path, start, end, series, columns)
     }
 }
@@ -269,19 +274,82 @@ impl SegmentWriter {
     }
 }
 
-/// Opens a segment file and reads its footer; errors name the file.
-fn open_file(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+/// Opens a segment file and reads its footer (and, with `page_index`, the column and offset
+/// indexes); errors name the file.
+fn open_file(path: &Path, page_index: bool) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let fail = |e: &dyn std::fmt::Display| Error::ReadSegment {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
     let file = File::open(path).map_err(|e| fail(&e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fail(&e))
+    let policy = if page_index {
+        PageIndexPolicy::Optional
+    } else {
+        PageIndexPolicy::Skip
+    };
+    let options = ArrowReaderOptions::new().with_page_index_policy(policy);
+    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options).map_err(|e| fail(&e))
 }
 
 /// The Arrow schema stored in a segment file.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
-    Ok(Arc::clone(open_file(path)?.schema()))
+    Ok(Arc::clone(open_file(path, false)?.schema()))
+}
+
+/// What one segment read skipped and decoded, for `EXPLAIN ANALYZE` and the tests that prove
+/// pruning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Row groups in the file.
+    pub row_groups: usize,
+    /// Row groups whose statistics could hold a match.
+    pub row_groups_read: usize,
+    /// Rows in the row groups read.
+    pub rows_in_row_groups: usize,
+    /// Rows decoded after page pruning (the rest were skipped without decompression).
+    pub rows_decoded: usize,
+}
+
+impl std::ops::AddAssign for ReadStats {
+    fn add_assign(&mut self, o: Self) {
+        self.row_groups += o.row_groups;
+        self.row_groups_read += o.row_groups_read;
+        self.rows_in_row_groups += o.rows_in_row_groups;
+        self.rows_decoded += o.rows_decoded;
+    }
+}
+
+/// Whether an inclusive range of series ids `[lo, hi]` can hold one of `series`.
+fn series_in_range(series: Option<&Bitmap>, lo: i32, hi: i32) -> bool {
+    series.is_none_or(|b| b.range_cardinality((lo as u32)..=(hi as u32)) > 0)
+}
+
+/// Row ranges (within one row group of `rows` rows) of the pages whose `[min, max]`, as
+/// given by `keep`, can hold a match. `None` when the column has no page index.
+fn page_ranges(
+    meta: &ParquetMetaData,
+    rg: usize,
+    leaf: usize,
+    rows: usize,
+    keep: impl Fn(usize, &ColumnIndexMetaData) -> bool,
+) -> Option<Vec<Range<usize>>> {
+    let index = meta.column_index()?.get(rg)?.get(leaf)?;
+    let pages = meta.offset_index()?.get(rg)?.get(leaf)?.page_locations();
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, page) in pages.iter().enumerate() {
+        if !keep(i, index) {
+            continue;
+        }
+        let from = page.first_row_index as usize;
+        let to = pages
+            .get(i + 1)
+            .map_or(rows, |p| p.first_row_index as usize);
+        match out.last_mut() {
+            Some(last) if last.end == from => last.end = to,
+            _ => out.push(from..to),
+        }
+    }
+    Some(out)
 }
 
 /// See [`Segment::read`].
@@ -291,12 +359,16 @@ pub fn read_file(
     end: i64,
     series: Option<&Bitmap>,
     columns: Option<&[String]>,
-) -> Result<Vec<RecordBatch>> {
+) -> Result<(Vec<RecordBatch>, ReadStats)> {
     let fail = |reason: String| Error::ReadSegment {
         path: path.to_path_buf(),
         reason,
     };
-    let builder = open_file(path)?;
+    let mut stats = ReadStats::default();
+    if series.is_some_and(|b| b.is_empty()) {
+        return Ok((Vec::new(), stats));
+    }
+    let builder = open_file(path, true)?;
     let schema = Arc::clone(builder.schema());
     let time_idx = schema
         .index_of(TIME_COLUMN)
@@ -305,43 +377,76 @@ pub fn read_file(
         .index_of(SERIES_ID_COLUMN)
         .map_err(|_| fail("no series id column".into()))?;
 
-    // Row groups: keep those whose time and series-id ranges can hold a match.
-    let (series_min, series_max) = match series {
-        Some(b) if b.is_empty() => return Ok(Vec::new()),
-        Some(b) => (b.minimum().unwrap_or(0), b.maximum().unwrap_or(u32::MAX)),
-        None => (0, u32::MAX),
-    };
-    let meta = builder.metadata();
+    // Row groups, then pages inside them: keep those whose time and series-id ranges can
+    // hold a match. Rows are sorted by (series, time), so one series' hour is a page or two.
+    let meta = Arc::clone(builder.metadata());
     let parquet_schema = builder.parquet_schema();
     let leaf_of = |root: usize| {
         (0..parquet_schema.num_columns()).find(|&i| parquet_schema.get_column_root_idx(i) == root)
     };
     let (time_leaf, sid_leaf) = (leaf_of(time_idx), leaf_of(sid_idx));
-    let row_groups: Vec<usize> = (0..meta.num_row_groups())
-        .filter(|&rg| {
-            let rg = meta.row_group(rg);
-            let time_ok = match time_leaf.and_then(|l| rg.column(l).statistics()) {
-                Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
-                    (Some(&lo), Some(&hi)) => hi >= start && lo < end,
-                    _ => true,
-                },
+    stats.row_groups = meta.num_row_groups();
+    let mut row_groups = Vec::new();
+    let mut selected: Vec<Range<usize>> = Vec::new();
+    let mut offset = 0;
+    for rg in 0..meta.num_row_groups() {
+        let rgm = meta.row_group(rg);
+        let time_ok = match time_leaf.and_then(|l| rgm.column(l).statistics()) {
+            Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
+                (Some(&lo), Some(&hi)) => hi >= start && lo < end,
                 _ => true,
-            };
-            let sid_ok = match sid_leaf.and_then(|l| rg.column(l).statistics()) {
-                Some(Statistics::Int32(s)) => match (s.min_opt(), s.max_opt()) {
-                    (Some(&lo), Some(&hi)) => {
-                        (hi as u32) >= series_min && (lo as u32) <= series_max
-                    }
-                    _ => true,
-                },
+            },
+            _ => true,
+        };
+        let sid_ok = match sid_leaf.and_then(|l| rgm.column(l).statistics()) {
+            Some(Statistics::Int32(s)) => match (s.min_opt(), s.max_opt()) {
+                (Some(&lo), Some(&hi)) => series_in_range(series, lo, hi),
                 _ => true,
-            };
-            time_ok && sid_ok
-        })
-        .collect();
-    if row_groups.is_empty() {
-        return Ok(Vec::new());
+            },
+            _ => true,
+        };
+        if !(time_ok && sid_ok) {
+            continue;
+        }
+        let rows = rgm.num_rows() as usize;
+        let all: Vec<Range<usize>> = std::iter::once(0..rows).collect();
+        let by_time = time_leaf
+            .and_then(|l| {
+                page_ranges(&meta, rg, l, rows, |i, idx| match idx {
+                    ColumnIndexMetaData::INT64(ix) => match (ix.min_value(i), ix.max_value(i)) {
+                        (Some(&lo), Some(&hi)) => hi >= start && lo < end,
+                        _ => true,
+                    },
+                    _ => true,
+                })
+            })
+            .unwrap_or_else(|| all.clone());
+        let by_series = sid_leaf
+            .and_then(|l| {
+                page_ranges(&meta, rg, l, rows, |i, idx| match idx {
+                    ColumnIndexMetaData::INT32(ix) => match (ix.min_value(i), ix.max_value(i)) {
+                        (Some(&lo), Some(&hi)) => series_in_range(series, lo, hi),
+                        _ => true,
+                    },
+                    _ => true,
+                })
+            })
+            .unwrap_or(all);
+        let ranges = intersect_ranges(&by_time, &by_series);
+        if ranges.is_empty() {
+            continue;
+        }
+        stats.row_groups_read += 1;
+        stats.rows_in_row_groups += rows;
+        stats.rows_decoded += ranges.iter().map(|r| r.len()).sum::<usize>();
+        selected.extend(ranges.into_iter().map(|r| r.start + offset..r.end + offset));
+        offset += rows;
+        row_groups.push(rg);
     }
+    if row_groups.is_empty() {
+        return Ok((Vec::new(), stats));
+    }
+    let selection = RowSelection::from_consecutive_ranges(selected.into_iter(), offset);
 
     // Projection: what was asked for, plus the columns the row filter needs.
     let wanted: Vec<usize> = match columns {
@@ -363,6 +468,7 @@ pub fn read_file(
     let mask = ProjectionMask::roots(parquet_schema, read_roots.iter().copied());
     let reader = builder
         .with_row_groups(row_groups)
+        .with_row_selection(selection)
         .with_projection(mask)
         .with_batch_size(64 * 1024)
         .build()
@@ -409,7 +515,24 @@ pub fn read_file(
                 .map_err(|e| fail(e.to_string()))?,
         );
     }
-    Ok(out)
+    Ok((out, stats))
+}
+
+/// The intersection of two sorted lists of disjoint ranges.
+fn intersect_ranges(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (lo, hi) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if lo < hi {
+            out.push(lo..hi);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 /// The `time` column of a batch as i64 values.

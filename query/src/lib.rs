@@ -7,11 +7,14 @@
 //!
 //! May depend on `forestall-engine` and `forestall-models`; never on `actuators` or `server`.
 //!
-//! Built so far: the session ([`QueryEngine`]), the schema provider and the table provider
-//! with time and tag pushdown. Still to come (the SQL issue): gap filling, selectors, the
-//! last-value fast path, streaming results, the model functions and continuous queries.
+//! Beyond DataFusion's own functions: gap filling ([`gapfill`]: `date_bin_gapfill`, `locf`,
+//! `interpolate`) and selectors ([`selector`]: `selector_first`, `selector_last`). Results
+//! stream from the scan ([`provider::ScanExec`]) to the client. Still to come: the model
+//! functions (`forecast`, `anomaly_score`, `risk`) and continuous queries.
 
+pub mod gapfill;
 pub mod provider;
+pub mod selector;
 
 use std::sync::Arc;
 
@@ -19,9 +22,10 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
 use forestall_engine::Store;
 
-pub use provider::{MeasurementTable, StoreSchema};
+pub use provider::{MeasurementTable, ScanExec, StoreSchema};
 
 /// Name of the catalog and schema every measurement lives in (`forestall.public.cpu`).
 pub const CATALOG: &str = "forestall";
@@ -72,7 +76,19 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(true);
-        let ctx = SessionContext::new_with_config(config);
+        let state = gapfill::install(
+            SessionStateBuilder::new()
+                .with_config(config)
+                .with_default_features(),
+        )
+        .build();
+        let mut ctx = SessionContext::new_with_state(state);
+        for f in gapfill::functions() {
+            ctx.register_udf(f);
+        }
+        ctx.register_udaf(selector::selector_first());
+        ctx.register_udaf(selector::selector_last());
+        let _ = ctx.register_expr_planner(Arc::new(selector::FieldAccessPlanner));
         if let Some(catalog) = ctx.catalog(CATALOG) {
             // Registering replaces the empty default schema; there is nothing to keep.
             let _ = catalog
@@ -87,6 +103,14 @@ impl QueryEngine {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok((schema, batches))
+    }
+
+    /// Plans `sql` and starts it; batches arrive as the scan produces them. Errors found while
+    /// planning are returned here, errors while running come through the stream.
+    pub async fn stream(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
+        let df = self.session().sql(sql).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        Ok((schema, df.execute_stream().await?))
     }
 }
 

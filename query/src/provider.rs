@@ -15,17 +15,29 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
-use datafusion::common::{DataFusionError, ScalarValue};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::datasource::TableType;
-use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{
     Between, BinaryExpr, Expr, Like, Operator, TableProviderFilterPushDown,
 };
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{
+    BaselineMetrics, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
 use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::{ScanRequest, Store, TableSchema, TagPredicate};
+use futures::StreamExt;
 use regex::Regex;
 
 /// Every measurement of a store, as tables.
@@ -129,36 +141,169 @@ impl TableProvider for MeasurementTable {
         );
         if req.start >= req.end {
             // Contradictory time filters: nothing can match.
-            return Ok(MemorySourceConfig::try_new_exec(
-                &[vec![]],
-                projected,
-                None,
-            )?);
+            return Ok(Arc::new(EmptyExec::new(projected)));
         }
-        let store = Arc::clone(&self.store);
-        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<_>, DataFusionError> {
-            let stream = store
-                .scan(&req)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?;
-            let mut out = Vec::new();
+        Ok(Arc::new(ScanExec::new(
+            Arc::clone(&self.store),
+            req,
+            projected,
+            limit,
+        )))
+    }
+}
+
+/// The leaf of every query plan over a measurement: the engine's scan, streamed. Batches come
+/// from a blocking task through a small channel, so a large result never sits in memory at
+/// once, and a consumer that stops early (a `LIMIT`, a client that hung up) stops the scan.
+///
+/// Its metrics (shown by `EXPLAIN ANALYZE`) say what pruning skipped: segments by the
+/// manifest, row groups by statistics, rows by the page index.
+#[derive(Debug)]
+pub struct ScanExec {
+    store: Arc<Store>,
+    req: ScanRequest,
+    schema: SchemaRef,
+    limit: Option<usize>,
+    props: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl ScanExec {
+    fn new(store: Arc<Store>, req: ScanRequest, schema: SchemaRef, limit: Option<usize>) -> Self {
+        let props = PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&schema)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            store,
+            req,
+            schema,
+            limit,
+            props: Arc::new(props),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+impl DisplayAs for ScanExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match t {
+            DisplayFormatType::Default | DisplayFormatType::Verbose => {
+                write!(f, "ForestallScanExec: measurement={}", self.req.measurement)?;
+                if self.req.start != i64::MIN || self.req.end != i64::MAX {
+                    write!(f, ", time=[{}, {})", self.req.start, self.req.end)?;
+                }
+                if let Some(p) = &self.req.predicate {
+                    write!(f, ", tags={p:?}")?;
+                }
+                if let Some(l) = self.limit {
+                    write!(f, ", limit={l}")?;
+                }
+                Ok(())
+            }
+            DisplayFormatType::TreeRender => write!(f, "measurement={}", self.req.measurement),
+        }
+    }
+}
+
+impl ExecutionPlan for ScanExec {
+    fn name(&self) -> &str {
+        "ForestallScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let counter =
+            |name: &'static str| MetricBuilder::new(&self.metrics).counter(name, partition);
+        let counters = [
+            counter("segments_total"),
+            counter("segments_pruned"),
+            counter("row_groups_total"),
+            counter("row_groups_pruned"),
+            counter("rows_decoded"),
+            counter("rows_skipped_by_page_index"),
+        ];
+        let baseline = BaselineMetrics::new(&self.metrics, partition);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
+        let (store, req, limit) = (Arc::clone(&self.store), self.req.clone(), self.limit);
+        tokio::task::spawn_blocking(move || {
+            let external = |e: forestall_engine::Error| DataFusionError::External(Box::new(e));
+            let mut stream = match store.scan(&req) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(external(e)));
+                    return;
+                }
+            };
             let mut rows = 0;
-            for batch in stream {
-                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                rows += batch.num_rows();
-                out.push(batch);
-                if limit.is_some_and(|l| rows >= l) {
+            for batch in stream.by_ref() {
+                let batch = batch.map_err(external);
+                let stop = match &batch {
+                    Ok(b) => {
+                        rows += b.num_rows();
+                        limit.is_some_and(|l| rows >= l)
+                    }
+                    Err(_) => true,
+                };
+                // A closed channel means the consumer is gone: stop reading.
+                if tx.blocking_send(batch).is_err() || stop {
                     break;
                 }
             }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))??;
-        Ok(MemorySourceConfig::try_new_exec(
-            &[batches],
-            projected,
-            None,
-        )?)
+            let read = stream.read;
+            let values = [
+                stream.segments_total,
+                stream.segments_pruned,
+                read.row_groups,
+                read.row_groups - read.row_groups_read,
+                read.rows_decoded,
+                read.rows_in_row_groups - read.rows_decoded,
+            ];
+            for (c, v) in counters.iter().zip(values) {
+                c.add(v);
+            }
+        });
+        let batches = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(move |b| {
+            if let Ok(b) = &b {
+                baseline.record_output(b.num_rows());
+            }
+            b
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            batches,
+        )))
     }
 }
 

@@ -196,3 +196,172 @@ async fn bad_queries_are_query_errors() {
         }
     }
 }
+
+/// Runs `sql` and returns the scan's metrics by name, after checking that `EXPLAIN ANALYZE`
+/// prints them too.
+async fn scan_metrics(engine: &QueryEngine, sql: &str) -> std::collections::HashMap<String, usize> {
+    let text = table(engine, &format!("EXPLAIN ANALYZE {sql}")).await;
+    assert!(text.contains("segments_pruned="), "{text}");
+    let df = engine.session().sql(sql).await.unwrap();
+    let ctx = df.task_ctx();
+    let plan = df.create_physical_plan().await.unwrap();
+    datafusion::physical_plan::collect(Arc::clone(&plan), Arc::new(ctx))
+        .await
+        .unwrap();
+    fn find(
+        plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    ) -> Option<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        if plan.name() == "ForestallScanExec" {
+            return Some(Arc::clone(plan));
+        }
+        plan.children().into_iter().find_map(find)
+    }
+    let scan = find(&plan).expect("a scan in the plan");
+    let metrics = scan.metrics().unwrap().aggregate_by_name();
+    metrics
+        .iter()
+        .map(|m| (m.value().name().to_string(), m.value().as_usize()))
+        .collect()
+}
+
+#[tokio::test]
+async fn explain_analyze_shows_one_host_one_hour_opens_only_what_can_hold_it() {
+    let (_dir, store) = store();
+    let engine = QueryEngine::new(Arc::clone(&store));
+    // Four segments: two days (two partitions), each flushed in two halves of hosts.
+    let step = 10 * 1_000_000_000;
+    for day in 0..2 {
+        for half in 0..2 {
+            let mut body = String::new();
+            for h in (half * 20)..(half * 20 + 20) {
+                for i in 0..(6 * 360) {
+                    let t = T0 + day * 86_400_000_000_000 + i * step;
+                    body.push_str(&format!("cpu,host=h{h} usage={i} {t}\n"));
+                }
+            }
+            write(&store, &body);
+            store.flush().unwrap();
+        }
+    }
+    let sql = "SELECT max(usage) FROM cpu WHERE host = 'h7' \
+               AND time >= '2026-01-01T02:00:00Z' AND time < '2026-01-01T03:00:00Z'";
+    assert_eq!(scalar(&engine, sql).await, "1079.0");
+    let m = scan_metrics(&engine, sql).await;
+    assert_eq!(m["segments_total"], 4, "{m:?}");
+    // Only day 0's first half of hosts can hold h7.
+    assert_eq!(m["segments_pruned"], 3, "{m:?}");
+    assert_eq!(m["output_rows"], 360, "{m:?}");
+    // 20 hosts x 2160 rows in the one segment opened; the page index skips most of them.
+    assert!(m["rows_decoded"] <= 2 * 16 * 1024, "{m:?}");
+    assert_eq!(
+        m["rows_decoded"] + m["rows_skipped_by_page_index"],
+        20 * 2160,
+        "{m:?}"
+    );
+    // A whole-table count opens every segment and decodes every row.
+    let m = scan_metrics(&engine, "SELECT count(usage) FROM cpu").await;
+    assert_eq!(
+        (m["segments_pruned"], m["rows_decoded"]),
+        (0, 4 * 20 * 2160)
+    );
+}
+
+#[tokio::test]
+async fn a_limit_stops_the_scan_early() {
+    let (_dir, store) = store();
+    fill(&store);
+    store.flush().unwrap();
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let (_, batches) = engine.sql("SELECT * FROM cpu LIMIT 5").await.unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 5);
+    // Streaming: the first batch arrives without collecting the rest.
+    let (schema, mut stream) = engine.stream("SELECT host, usage FROM cpu").await.unwrap();
+    assert_eq!(schema.fields().len(), 2);
+    use futures::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.num_rows() > 0);
+    drop(stream);
+}
+
+#[tokio::test]
+async fn selectors_return_the_value_at_the_first_and_last_time() {
+    let (_dir, store) = store();
+    fill(&store);
+    // A later point for h0 with an older timestamp must not win selector_last.
+    write(
+        &store,
+        &format!("cpu,host=h0,region=eu usage=-1 {}", T0 - MIN),
+    );
+    store.flush().unwrap();
+    write(
+        &store,
+        &format!("cpu,host=h1,region=eu usage=500 {}", T0 + 90 * MIN),
+    );
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let out = table(
+        &engine,
+        "SELECT host, selector_last(usage, time)['value'] AS last, \
+                selector_last(usage, time)['time'] AS last_time, \
+                selector_first(usage, time)['value'] AS first \
+         FROM cpu GROUP BY host ORDER BY host",
+    )
+    .await;
+    let want = "\
++------+-------+---------------------+-------+
+| host | last  | last_time           | first |
++------+-------+---------------------+-------+
+| h0   | 59.0  | 2026-01-01T00:59:00 | -1.0  |
+| h1   | 500.0 | 2026-01-01T01:30:00 | 1.0   |
+| h2   | 61.0  | 2026-01-01T00:59:00 | 2.0   |
++------+-------+---------------------+-------+";
+    assert_eq!(out, want);
+    let err = engine
+        .sql("SELECT selector_last(usage, host) FROM cpu")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must be a timestamp"), "{err}");
+}
+
+#[tokio::test]
+async fn gap_filling_fills_every_bucket_of_the_range() {
+    let (_dir, store) = store();
+    // h0 at minutes 1 and 4 (values 10, 40); h1 at minute 2 only.
+    write(
+        &store,
+        &format!(
+            "cpu,host=h0 usage=10 {}\ncpu,host=h0 usage=40 {}\ncpu,host=h1 usage=7 {}",
+            T0 + MIN,
+            T0 + 4 * MIN,
+            T0 + 2 * MIN
+        ),
+    );
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let sql = "SELECT date_bin_gapfill(INTERVAL '1 minute', time) AS minute, host, \
+               avg(usage) AS plain, locf(avg(usage)) AS carried, interpolate(avg(usage)) AS linear \
+               FROM cpu WHERE time >= '2026-01-01T00:00:00Z' AND time < '2026-01-01T00:06:00Z' \
+               GROUP BY 1, host ORDER BY host, minute";
+    let want = "\
++---------------------+------+-------+---------+--------+
+| minute              | host | plain | carried | linear |
++---------------------+------+-------+---------+--------+
+| 2026-01-01T00:00:00 | h0   |       |         |        |
+| 2026-01-01T00:01:00 | h0   | 10.0  | 10.0    | 10.0   |
+| 2026-01-01T00:02:00 | h0   |       | 10.0    | 20.0   |
+| 2026-01-01T00:03:00 | h0   |       | 10.0    | 30.0   |
+| 2026-01-01T00:04:00 | h0   | 40.0  | 40.0    | 40.0   |
+| 2026-01-01T00:05:00 | h0   |       | 40.0    |        |
+| 2026-01-01T00:00:00 | h1   |       |         |        |
+| 2026-01-01T00:01:00 | h1   |       |         |        |
+| 2026-01-01T00:02:00 | h1   | 7.0   | 7.0     | 7.0    |
+| 2026-01-01T00:03:00 | h1   |       | 7.0     |        |
+| 2026-01-01T00:04:00 | h1   |       | 7.0     |        |
+| 2026-01-01T00:05:00 | h1   |       | 7.0     |        |
++---------------------+------+-------+---------+--------+";
+    assert_eq!(table(&engine, sql).await, want);
+    // Without a bounded range there is nothing to fill: a clear error.
+    let err = engine
+        .sql("SELECT date_bin_gapfill(INTERVAL '1 minute', time), avg(usage) FROM cpu GROUP BY 1")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("bounded on both sides"), "{err}");
+}

@@ -47,6 +47,25 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[pg]`: the PostgreSQL wire protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PgConfig {
+    /// Serve the Postgres protocol. Default true.
+    pub enabled: bool,
+    /// Listen address. Default `127.0.0.1:5433` (no authentication yet: keep it on loopback).
+    pub addr: SocketAddr,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+        }
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -88,6 +107,7 @@ impl Default for QueryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub http: HttpConfig,
+    pub pg: PgConfig,
     pub query: QueryConfig,
     pub log: LogConfig,
     pub engine: EngineConfig,
@@ -98,6 +118,7 @@ pub struct ServerConfig {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
+    pub pg_addr: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -156,6 +177,9 @@ impl ServerConfig {
         }
         if let Some(addr) = overrides.http_addr {
             config.http.addr = addr;
+        }
+        if let Some(addr) = overrides.pg_addr {
+            config.pg.addr = addr;
         }
         config.validate()?;
         Ok(config)
@@ -245,6 +269,7 @@ mod tests {
             &Overrides {
                 data_dir: Some("/from/flag".into()),
                 http_addr: None,
+                pg_addr: None,
             },
         )
         .unwrap();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod http;
+pub mod pg;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,13 +33,35 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {}", config.http.addr))?;
     let addr = listener.local_addr()?;
+    let state = http::AppState::new(Arc::clone(&store), &config);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let pg = if config.pg.enabled {
+        let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)
+            .await
+            .with_context(|| format!("listen on {} (postgres)", config.pg.addr))?;
+        let pg_addr = pg_listener.local_addr()?;
+        tracing::info!(addr = %pg_addr, "forestall is serving the PostgreSQL protocol");
+        println!("forestall listening on postgres://{pg_addr}");
+        Some(tokio::spawn(pg::serve(
+            pg_listener,
+            state.query.clone(),
+            state.query_limits,
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
     tracing::info!(%addr, data_dir = %config.engine.data_dir.display(), "forestall is serving HTTP");
-    // Tests and scripts wait for this line to learn the port (with --http-addr 127.0.0.1:0).
+    // Tests and scripts wait for this line, printed last, to learn the port (with
+    // --http-addr 127.0.0.1:0); the Postgres line, if any, came before it.
     println!("forestall listening on http://{addr}");
-    let app = http::router(http::AppState::new(Arc::clone(&store), &config));
+    let app = http::router(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
+    if let Some(pg) = pg {
+        let _ = pg.await;
+    }
     tracing::info!("HTTP stopped; flushing the store");
     let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await?;
     served.context("HTTP server")?;

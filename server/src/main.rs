@@ -32,6 +32,9 @@ enum Command {
         /// HTTP listen address [default: 127.0.0.1:8181].
         #[arg(long, value_name = "ADDR")]
         http_addr: Option<SocketAddr>,
+        /// PostgreSQL wire protocol listen address [default: 127.0.0.1:5433].
+        #[arg(long, value_name = "ADDR")]
+        pg_addr: Option<SocketAddr>,
     },
     /// Evaluate the models on benchmark data.
     Eval {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             config,
             data_dir,
             http_addr,
+            pg_addr,
         } => {
             let config = ServerConfig::load(
                 config.as_deref(),
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
                 &Overrides {
                     data_dir,
                     http_addr,
+                    pg_addr,
                 },
             )?;
             init_logging(&config.log.filter);

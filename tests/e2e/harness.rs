@@ -12,6 +12,8 @@ use forestall_engine::{EngineConfig, ScanRequest, Store};
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// `host:port` of the PostgreSQL protocol.
+    pub pg_addr: String,
     stderr: Receiver<String>,
 }
 
@@ -19,12 +21,19 @@ impl Server {
     /// Starts `forestall serve` on a free port with `data_dir` and extra environment.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_forestall"));
-        cmd.args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--pg-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -34,7 +43,7 @@ impl Server {
         let (addr_tx, addr_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("forestall listening on http://") {
+                if let Some(addr) = line.strip_prefix("forestall listening on ") {
                     let _ = addr_tx.send(addr.to_string());
                 }
             }
@@ -47,17 +56,28 @@ impl Server {
                 }
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let log: Vec<String> = err_rx.try_iter().collect();
-                panic!("forestall did not start:\n{}", log.join("\n"));
+        // The Postgres line comes first, then the HTTP one once everything is up.
+        let (mut addr, mut pg_addr) = (None, String::new());
+        while addr.is_none() {
+            match addr_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(a) => {
+                    if let Some(a) = a.strip_prefix("http://") {
+                        addr = Some(a.to_string());
+                    } else if let Some(a) = a.strip_prefix("postgres://") {
+                        pg_addr = a.to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let log: Vec<String> = err_rx.try_iter().collect();
+                    panic!("forestall did not start:\n{}", log.join("\n"));
+                }
             }
-        };
+        }
         Server {
             child,
-            addr,
+            addr: addr.unwrap_or_default(),
+            pg_addr,
             stderr: err_rx,
         }
     }

@@ -4,4 +4,6 @@
 mod harness;
 
 mod crash;
+mod pg;
+mod query;
 mod serve;

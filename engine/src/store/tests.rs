@@ -345,6 +345,54 @@ fn segments_are_pruned_by_time_and_series_bitmap() {
 }
 
 #[test]
+fn one_series_for_one_hour_decodes_only_its_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // 50 hosts x 12 h at 10 s: 216,000 rows in one segment, sorted by (series, time).
+    let step = 10_000_000_000;
+    let hour = 3_600_000_000_000;
+    let mut body = String::new();
+    for h in 0..50 {
+        for i in 0..(12 * 360) {
+            body.push_str(&format!("cpu,host=h{h} usage={i} {}\n", T0 + i * step));
+        }
+    }
+    write(&store, &body);
+    store.flush().unwrap();
+    let req = ScanRequest {
+        start: T0 + 5 * hour,
+        end: T0 + 6 * hour,
+        predicate: Some(TagPredicate::Eq("host".into(), "h17".into())),
+        ..ScanRequest::all("cpu")
+    };
+    let mut stream = store.scan(&req).unwrap();
+    let batches: Vec<_> = stream.by_ref().map(|b| b.unwrap()).collect();
+    let got: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(got, 360, "one hour of one host");
+    let read = stream.read;
+    assert_eq!(read.rows_in_row_groups, 50 * 12 * 360);
+    // Pages hold at most 16 Ki rows: the hour sits in one or two of them.
+    assert!(
+        read.rows_decoded <= 2 * 16 * 1024,
+        "decoded {} of {} rows",
+        read.rows_decoded,
+        read.rows_in_row_groups
+    );
+    // A host that does not exist opens no page, and the whole range decodes every row.
+    let none = ScanRequest {
+        predicate: Some(TagPredicate::Eq("host".into(), "nope".into())),
+        ..req.clone()
+    };
+    assert_eq!(collect(&store, &none).num_rows(), 0);
+    let mut all = store.scan(&ScanRequest::all("cpu")).unwrap();
+    assert_eq!(
+        all.by_ref().map(|b| b.unwrap().num_rows()).sum::<usize>(),
+        216_000
+    );
+    assert_eq!(all.read.rows_decoded, 216_000);
+}
+
+#[test]
 fn index_and_buffer_evaluate_predicates_identically() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde::Deserialize;
 
 use super::AppState;
@@ -58,6 +59,11 @@ enum Format {
     Pretty,
 }
 
+/// Rows buffered before the response starts. A result that ends within them gets an exact
+/// status (a 400 for a limit or a runtime error); a longer one is streamed, and an error after
+/// the first byte can only cut the response short (and is logged).
+const BUFFER_ROWS: usize = 8192;
+
 async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Response, ApiError> {
     let format = match format.unwrap_or("json") {
         "json" => Format::Json,
@@ -72,85 +78,222 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
         }
     };
     let limits = state.query_limits;
-    let result = tokio::time::timeout(limits.timeout, state.query.sql(sql)).await;
-    let (schema, batches) = match result {
-        Err(_) => {
-            return Err(ApiError::Invalid(format!(
-                "query timed out after {}",
-                humantime::format_duration(limits.timeout)
-            )));
-        }
-        Ok(Err(forestall_query::Error::Query(m))) => return Err(ApiError::Invalid(m)),
-        Ok(Err(e)) => return Err(ApiError::Internal(e.to_string())),
-        Ok(Ok(r)) => r,
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let timed_out = move || {
+        ApiError::Invalid(format!(
+            "query timed out after {}",
+            humantime::format_duration(limits.timeout)
+        ))
     };
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    if rows > limits.max_result_rows {
-        return Err(ApiError::Invalid(format!(
-            "the result has {rows} rows, more than the limit of {}; add a LIMIT or aggregate",
+    let too_many = move || {
+        ApiError::Invalid(format!(
+            "the result has more than {} rows; add a LIMIT or aggregate",
             limits.max_result_rows
-        )));
+        ))
+    };
+    let (schema, mut stream) =
+        match tokio::time::timeout_at(deadline, state.query.stream(sql)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => return Err(query_error(e)),
+            Ok(Ok(r)) => r,
+        };
+    let mut encoder = Encoder::new(format, &schema)?;
+    let mut head = encoder.start();
+    let mut rows = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Some(Err(e))) => return Err(query_error(e.into())),
+            Ok(Some(Ok(batch))) => {
+                rows += batch.num_rows();
+                if rows > limits.max_result_rows {
+                    return Err(too_many());
+                }
+                head.extend(encoder.batch(&batch)?);
+                if rows >= BUFFER_ROWS && encoder.streams() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                head.extend(encoder.finish()?);
+                return Ok(([(header::CONTENT_TYPE, format.content_type())], head).into_response());
+            }
+        }
     }
-    encode(format, &schema, &batches)
+    // Stream the rest; the encoder and the stream move into the body.
+    let rest = futures::stream::unfold(Some((encoder, stream, rows)), move |state| async move {
+        let (mut encoder, mut stream, rows) = state?;
+        let fail = |m: String| {
+            tracing::warn!(error = %m, "query stream cut short");
+            Some((Err(std::io::Error::other(m)), None))
+        };
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => fail("query timed out while streaming".into()),
+            Ok(Some(Err(e))) => fail(e.to_string()),
+            Ok(Some(Ok(batch))) => {
+                let rows = rows + batch.num_rows();
+                if rows > limits.max_result_rows {
+                    return fail(too_many().to_string());
+                }
+                match encoder.batch(&batch) {
+                    Ok(bytes) => Some((Ok(Bytes::from(bytes)), Some((encoder, stream, rows)))),
+                    Err(e) => fail(e.to_string()),
+                }
+            }
+            Ok(None) => match encoder.finish() {
+                Ok(bytes) => Some((Ok(Bytes::from(bytes)), None)),
+                Err(e) => fail(e.to_string()),
+            },
+        }
+    });
+    let body = futures::stream::once(async move { Ok(Bytes::from(head)) }).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
-fn encode(
-    format: Format,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-) -> Result<Response, ApiError> {
-    let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("encode result: {e}"));
-    let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let (content_type, body): (&str, Vec<u8>) = match format {
-        Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(Vec::new());
-            w.write_batches(&refs).map_err(|e| internal(&e))?;
-            w.finish().map_err(|e| internal(&e))?;
-            let mut out = w.into_inner();
-            if out.is_empty() {
-                out.extend_from_slice(b"[]");
+fn query_error(e: forestall_query::Error) -> ApiError {
+    match e {
+        forestall_query::Error::Query(m) => ApiError::Invalid(m),
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+impl Format {
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Jsonl => "application/jsonl",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Parquet => "application/vnd.apache.parquet",
+            Format::Pretty => "text/plain; charset=utf-8",
+        }
+    }
+}
+
+/// Turns batches into the bytes of one format, a batch at a time where the format allows.
+enum Encoder {
+    Json { first: bool },
+    Jsonl,
+    Csv { header: bool, schema: SchemaRef },
+    Parquet(Option<Box<parquet::arrow::ArrowWriter<Vec<u8>>>>),
+    Pretty(Vec<RecordBatch>),
+}
+
+fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("encode result: {e}"))
+}
+
+impl Encoder {
+    fn new(format: Format, schema: &SchemaRef) -> Result<Self, ApiError> {
+        Ok(match format {
+            Format::Json => Encoder::Json { first: true },
+            Format::Jsonl => Encoder::Jsonl,
+            Format::Csv => Encoder::Csv {
+                header: true,
+                schema: schema.clone(),
+            },
+            Format::Parquet => Encoder::Parquet(Some(Box::new(
+                parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), None)
+                    .map_err(|e| internal(&e))?,
+            ))),
+            Format::Pretty => Encoder::Pretty(Vec::new()),
+        })
+    }
+
+    /// Whether bytes can go out before the last batch.
+    fn streams(&self) -> bool {
+        matches!(
+            self,
+            Encoder::Json { .. } | Encoder::Jsonl | Encoder::Csv { .. }
+        )
+    }
+
+    fn start(&self) -> Vec<u8> {
+        match self {
+            Encoder::Json { .. } => b"[".to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, ApiError> {
+        if batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        match self {
+            Encoder::Json { first } => {
+                let mut w = arrow::json::ArrayWriter::new(Vec::new());
+                w.write(batch).map_err(|e| internal(&e))?;
+                w.finish().map_err(|e| internal(&e))?;
+                let array = w.into_inner();
+                // `[{..},{..}]` without its brackets, joined to what came before.
+                let inner = array.get(1..array.len() - 1).unwrap_or_default();
+                let mut out = Vec::with_capacity(inner.len() + 1);
+                if !*first {
+                    out.push(b',');
+                }
+                *first = false;
+                out.extend_from_slice(inner);
+                Ok(out)
             }
-            ("application/json", out)
+            Encoder::Jsonl => {
+                let mut w = arrow::json::LineDelimitedWriter::new(Vec::new());
+                w.write(batch).map_err(|e| internal(&e))?;
+                w.finish().map_err(|e| internal(&e))?;
+                Ok(w.into_inner())
+            }
+            Encoder::Csv { header, .. } => {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(*header)
+                    .build(Vec::new());
+                w.write(batch).map_err(|e| internal(&e))?;
+                *header = false;
+                Ok(w.into_inner())
+            }
+            Encoder::Parquet(w) => {
+                w.as_mut()
+                    .ok_or_else(|| internal(&"parquet writer already finished"))?
+                    .write(batch)
+                    .map_err(|e| internal(&e))?;
+                Ok(Vec::new())
+            }
+            Encoder::Pretty(batches) => {
+                batches.push(batch.clone());
+                Ok(Vec::new())
+            }
         }
-        Format::Jsonl => {
-            let mut w = arrow::json::LineDelimitedWriter::new(Vec::new());
-            w.write_batches(&refs).map_err(|e| internal(&e))?;
-            w.finish().map_err(|e| internal(&e))?;
-            ("application/jsonl", w.into_inner())
-        }
-        Format::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(Vec::new());
-            if batches.is_empty() {
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>, ApiError> {
+        match self {
+            Encoder::Json { .. } => Ok(b"]".to_vec()),
+            Encoder::Jsonl => Ok(Vec::new()),
+            Encoder::Csv { header, schema } => {
+                if !*header {
+                    return Ok(Vec::new());
+                }
+                // No rows: still the header line.
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(Vec::new());
                 w.write(&RecordBatch::new_empty(schema.clone()))
                     .map_err(|e| internal(&e))?;
+                *header = false;
+                Ok(w.into_inner())
             }
-            for b in batches {
-                w.write(b).map_err(|e| internal(&e))?;
+            Encoder::Parquet(w) => w
+                .take()
+                .ok_or_else(|| internal(&"parquet writer already finished"))?
+                .into_inner()
+                .map_err(|e| internal(&e)),
+            Encoder::Pretty(batches) => {
+                let text = arrow::util::pretty::pretty_format_batches(batches)
+                    .map_err(|e| internal(&e))?
+                    .to_string();
+                Ok(format!("{text}\n").into_bytes())
             }
-            ("text/csv; charset=utf-8", w.into_inner())
         }
-        Format::Parquet => {
-            let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema.clone(), None)
-                .map_err(|e| internal(&e))?;
-            for b in batches {
-                w.write(b).map_err(|e| internal(&e))?;
-            }
-            (
-                "application/vnd.apache.parquet",
-                w.into_inner().map_err(|e| internal(&e))?,
-            )
-        }
-        Format::Pretty => {
-            let text = arrow::util::pretty::pretty_format_batches(batches)
-                .map_err(|e| internal(&e))?
-                .to_string();
-            (
-                "text/plain; charset=utf-8",
-                format!("{text}\n").into_bytes(),
-            )
-        }
-    };
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    }
 }

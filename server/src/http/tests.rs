@@ -508,7 +508,7 @@ async fn huge_results_are_refused_not_sent() {
     send(&f.app, post("/write", body)).await;
     let (s, _, body) = get_text(&f.app, &q("SELECT * FROM m", "json")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(body.contains("more than the limit of 1000"), "{body}");
+    assert!(body.contains("more than 1000 rows"), "{body}");
     let (s, _, _) = get_text(&f.app, &q("SELECT * FROM m LIMIT 10", "json")).await;
     assert_eq!(s, StatusCode::OK);
 }
