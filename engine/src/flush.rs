@@ -116,26 +116,32 @@ impl SortPlan {
     /// Output rows `range` of `batch` (the batch the plan was made for), with
     /// `__series_id` as the first column.
     pub fn take(&self, batch: &RecordBatch, range: Range<usize>) -> Result<RecordBatch> {
+        self.take_rows(batch, &range.collect::<Vec<_>>())
+    }
+
+    /// The last output row of every series (its latest time), as [`SortPlan::take`] gives it.
+    pub fn last_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let rows: Vec<usize> = (0..self.sids.len())
+            .filter(|&i| i + 1 == self.sids.len() || self.sids[i] != self.sids[i + 1])
+            .collect();
+        self.take_rows(batch, &rows)
+    }
+
+    /// Output rows `rows` of `batch`.
+    fn take_rows(&self, batch: &RecordBatch, rows: &[usize]) -> Result<RecordBatch> {
         let arrow_err = |source| Error::Arrow {
             measurement: String::new(),
             source,
         };
+        let pick =
+            |all: &[u32]| UInt32Array::from(rows.iter().map(|&r| all[r]).collect::<Vec<_>>());
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 1);
-        columns.push(Arc::new(UInt32Array::from(
-            self.sids[range.clone()].to_vec(),
-        )));
-        let shared = self
-            .shared
-            .as_ref()
-            .map(|rows| UInt32Array::from(rows[range.clone()].to_vec()));
+        columns.push(Arc::new(pick(&self.sids)));
+        let shared = self.shared.as_deref().map(pick);
         for (i, col) in batch.columns().iter().enumerate() {
             let taken = match &shared {
                 Some(idx) => take(col, idx, None),
-                None => take(
-                    col,
-                    &UInt32Array::from(self.per_column[i][range.clone()].to_vec()),
-                    None,
-                ),
+                None => take(col, &pick(&self.per_column[i]), None),
             };
             columns.push(taken.map_err(arrow_err)?);
         }
@@ -240,6 +246,8 @@ impl Inner {
         let mut pending: HashMap<Box<str>, SeriesId> = HashMap::new();
         let mut metas = Vec::new();
         let mut paths = Vec::new();
+        // The last rows of each measurement flushed, merged with what the index has.
+        let mut last: HashMap<String, RecordBatch> = HashMap::new();
         for part in &frozen.partitions {
             if part.batch.num_rows() == 0 {
                 continue;
@@ -269,6 +277,15 @@ impl Inner {
             // Sorted and written one row group at a time: the frozen buffer stays readable
             // until the commit, so a full sorted copy beside it would double the memory.
             let plan = SortPlan::new(&part.batch, &sids, times);
+            let part_last = plan.last_rows(&part.batch)?;
+            let known = match last.remove(&part.measurement) {
+                Some(b) => Some(b),
+                None => self.state.read().last.get(&part.measurement).cloned(),
+            };
+            last.insert(
+                part.measurement.clone(),
+                crate::last::merge(known.as_ref(), &part_last)?,
+            );
             let id = self
                 .next_segment
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -317,6 +334,10 @@ impl Inner {
             self.next_segment.load(std::sync::atomic::Ordering::Relaxed),
         );
         self.index.set_wal_checkpoint(&mut batch, frozen.wal_next);
+        for (measurement, rows) in &last {
+            self.index
+                .set_last_rows(&mut batch, measurement, &crate::last::encode(rows)?);
+        }
         crate::pause_point("flush-before-commit");
         if let Err(e) = self.index.commit(batch) {
             for p in paths {
@@ -333,6 +354,7 @@ impl Inner {
                 state.segments.insert(seg.meta.id, seg);
             }
             state.frozen.retain(|f| !Arc::ptr_eq(f, frozen));
+            state.last.extend(last);
         }
         crate::pause_point("flush-after-commit");
         crate::wal::remove_before(&self.wal_dir, frozen.wal_next)?;

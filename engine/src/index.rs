@@ -30,6 +30,14 @@ const CF_META: &str = "meta";
 const META_NEXT_SERIES: &[u8] = b"next_series_id";
 const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
 const META_WAL_CHECKPOINT: &[u8] = b"wal_checkpoint";
+/// Prefix of the keys holding each measurement's last rows.
+const META_LAST_ROWS: &[u8] = b"last_rows/";
+
+fn last_rows_key(measurement: &str) -> Vec<u8> {
+    let mut k = META_LAST_ROWS.to_vec();
+    k.extend_from_slice(measurement.as_bytes());
+    k
+}
 
 /// The RocksDB index of one store.
 #[derive(Debug)]
@@ -340,6 +348,32 @@ impl Index {
     pub fn set_wal_checkpoint(&self, b: &mut IndexBatch, file: u64) {
         b.batch
             .put_cf(self.cf(CF_META), META_WAL_CHECKPOINT, file.to_be_bytes());
+    }
+
+    /// Stores the last rows of `measurement` (Arrow IPC, see `last.rs`).
+    pub fn set_last_rows(&self, b: &mut IndexBatch, measurement: &str, ipc: &[u8]) {
+        b.batch
+            .put_cf(self.cf(CF_META), last_rows_key(measurement), ipc);
+    }
+
+    /// Every measurement's stored last rows.
+    pub fn load_last_rows(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META),
+            rocksdb::IteratorMode::From(META_LAST_ROWS, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|source| Error::Index {
+                op: "read last rows",
+                source,
+            })?;
+            let Some(name) = k.strip_prefix(META_LAST_ROWS) else {
+                break;
+            };
+            out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Adds a segment to the manifest.

@@ -27,6 +27,7 @@ pub mod compaction;
 pub mod config;
 pub mod flush;
 pub mod index;
+mod last;
 pub mod line_protocol;
 pub mod metrics;
 pub mod retention;

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arrow::array::RecordBatch;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::buffer::Buffer;
@@ -65,6 +66,8 @@ pub(crate) struct ReadState {
     pub frozen: Vec<Arc<Frozen>>,
     /// The manifest, by segment id.
     pub segments: BTreeMap<u64, SegmentRef>,
+    /// The last row of every flushed series, by measurement (see `last.rs`).
+    pub last: HashMap<String, RecordBatch>,
 }
 
 #[derive(Debug, Default)]
@@ -184,6 +187,15 @@ impl Store {
             state.segments.insert(seg.meta.id, Arc::new(seg));
         }
         report.segments = state.segments.len();
+        for (measurement, ipc) in index.load_last_rows()? {
+            match crate::last::decode(&ipc) {
+                Ok(rows) => {
+                    state.last.insert(measurement, rows);
+                }
+                // Rebuilt from the segments when first asked.
+                Err(e) => tracing::warn!(%measurement, error = %e, "stored last rows unreadable"),
+            }
+        }
         report.orphans_removed = remove_orphans(&segment_dir, &state)?;
 
         let pnanos = config.partition_nanos();
@@ -329,6 +341,12 @@ impl Store {
     /// Reads rows; see [`crate::scan`].
     pub fn scan(&self, req: &ScanRequest) -> Result<ScanStream> {
         self.inner.scan(req)
+    }
+
+    /// The latest row of every series of `measurement` (one row per series, the table's
+    /// columns), without scanning history; `None` for an unknown measurement. See `last.rs`.
+    pub fn last_rows(&self, measurement: &str) -> Result<Option<RecordBatch>> {
+        self.inner.last_rows(measurement, now_nanos())
     }
 
     /// Flushes the buffer to segments now.

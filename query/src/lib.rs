@@ -8,7 +8,8 @@
 //! May depend on `forestall-engine` and `forestall-models`; never on `actuators` or `server`.
 //!
 //! Beyond DataFusion's own functions: gap filling ([`gapfill`]: `date_bin_gapfill`, `locf`,
-//! `interpolate`) and selectors ([`selector`]: `selector_first`, `selector_last`). Results
+//! `interpolate`), selectors ([`selector`]: `selector_first`, `selector_last`) and
+//! `last_rows('cpu')` (the latest row of every series, from the engine's last-row cache). Results
 //! stream from the scan ([`provider::ScanExec`]) to the client. Still to come: the model
 //! functions (`forecast`, `anomaly_score`, `risk`) and continuous queries.
 
@@ -89,6 +90,10 @@ impl QueryEngine {
         ctx.register_udaf(selector::selector_first());
         ctx.register_udaf(selector::selector_last());
         let _ = ctx.register_expr_planner(Arc::new(selector::FieldAccessPlanner));
+        ctx.register_udtf(
+            "last_rows",
+            Arc::new(provider::LastRows::new(Arc::clone(&self.store))),
+        );
         if let Some(catalog) = ctx.catalog(CATALOG) {
             // Registering replaces the empty default schema; there is nothing to keep.
             let _ = catalog

@@ -17,9 +17,12 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::catalog::{
+    SchemaProvider, Session, TableFunctionArgs, TableFunctionImpl, TableProvider,
+};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
+use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{
@@ -304,6 +307,43 @@ impl ExecutionPlan for ScanExec {
             Arc::clone(&self.schema),
             batches,
         )))
+    }
+}
+
+/// `last_rows('cpu')`: the latest row of every series of a measurement, from the engine's
+/// last-row cache, so "the latest value of each host" reads one row per series instead of
+/// the measurement's history. Filter and project it like any table.
+#[derive(Debug)]
+pub struct LastRows {
+    store: Arc<Store>,
+}
+
+impl LastRows {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+impl TableFunctionImpl for LastRows {
+    fn call_with_args(&self, args: TableFunctionArgs<'_, '_>) -> DfResult<Arc<dyn TableProvider>> {
+        let name = match args.exprs() {
+            [e] => string_literal(e),
+            _ => None,
+        };
+        let Some(name) = name else {
+            return Err(DataFusionError::Plan(
+                "last_rows takes one argument, the measurement's name: last_rows('cpu')".into(),
+            ));
+        };
+        let rows = self
+            .store
+            .last_rows(&name)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .ok_or_else(|| DataFusionError::Plan(format!("table '{name}' not found")))?;
+        Ok(Arc::new(MemTable::try_new(
+            rows.schema(),
+            vec![vec![rows]],
+        )?))
     }
 }
 

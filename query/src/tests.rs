@@ -365,3 +365,43 @@ async fn gap_filling_fills_every_bucket_of_the_range() {
         .unwrap_err();
     assert!(err.to_string().contains("bounded on both sides"), "{err}");
 }
+
+#[tokio::test]
+async fn last_rows_is_the_latest_row_of_every_series() {
+    let (_dir, store) = store();
+    fill(&store);
+    store.flush().unwrap();
+    write(
+        &store,
+        &format!("cpu,host=h1,region=eu usage=99 {}", T0 + 70 * MIN),
+    );
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let out = table(
+        &engine,
+        "SELECT host, time, usage FROM last_rows('cpu') WHERE region = 'eu' ORDER BY host",
+    )
+    .await;
+    let want = "\
++------+---------------------+-------+
+| host | time                | usage |
++------+---------------------+-------+
+| h0   | 2026-01-01T00:59:00 | 59.0  |
+| h1   | 2026-01-01T01:10:00 | 99.0  |
++------+---------------------+-------+";
+    assert_eq!(out, want);
+    // The same answer as the scan that reads history.
+    let scanned = table(
+        &engine,
+        "SELECT host, selector_last(usage, time)['time'] AS time, selector_last(usage, time)['value'] AS usage \
+         FROM cpu WHERE region = 'eu' GROUP BY host ORDER BY host",
+    )
+    .await;
+    assert_eq!(scanned, want);
+    let err = engine
+        .sql("SELECT * FROM last_rows('nope')")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+    let err = engine.sql("SELECT * FROM last_rows(1)").await.unwrap_err();
+    assert!(err.to_string().contains("measurement's name"), "{err}");
+}

@@ -4,7 +4,10 @@
 //! ```text
 //! tsbs generate --hosts 1000 --hours 24 --out FILE
 //! tsbs ingest   --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
+//! tsbs query    --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
 //! ```
+//!
+//! `query` is described in its module.
 //!
 //! The data follows TSBS's `cpu-only` use case: measurement `cpu`, ten tags per host
 //! (hostname, region, datacenter, rack, os, arch, team, service, service_version,
@@ -27,6 +30,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "tsbs/query.rs"]
+mod query;
 
 const START_SECS: i64 = 1_451_606_400; // 2016-01-01T00:00:00Z
 const FIELDS: [&str; 10] = [
@@ -98,6 +104,36 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         clients: usize,
     },
+    /// Load the data set into each system, then time TSBS's queries against each; then
+    /// measure Forestall's ingest while a client queries.
+    Query {
+        #[command(flatten)]
+        data: DataSet,
+        #[arg(long, default_value = "/tmp/forestall-bench")]
+        work: PathBuf,
+        #[arg(long, default_value = "forestall,victoriametrics,influxdb")]
+        systems: String,
+        #[arg(long, default_value = "target/release/forestall")]
+        forestall_bin: PathBuf,
+        /// Timed runs of each query (after two warm-up runs).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        #[arg(long, default_value_t = 5000)]
+        batch: usize,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+    },
+}
+
+/// The data file of a data set in `work`, generated if missing.
+fn data_file(work: &Path, hosts: usize, hours: usize, seed: u64) -> Result<PathBuf> {
+    fs::create_dir_all(work)?;
+    let data = work.join(format!("tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}.lp"));
+    if !data.exists() {
+        eprintln!("generating {}", data.display());
+        generate(hosts, hours, seed, &data)?;
+    }
+    Ok(data)
 }
 
 fn main() -> Result<()> {
@@ -114,12 +150,7 @@ fn main() -> Result<()> {
             batch,
             clients,
         } => {
-            fs::create_dir_all(&work)?;
-            let data = work.join(format!("tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}.lp"));
-            if !data.exists() {
-                eprintln!("generating {}", data.display());
-                generate(hosts, hours, seed, &data)?;
-            }
+            let data = data_file(&work, hosts, hours, seed)?;
             let values = (hosts * hours * 360 * FIELDS.len()) as u64;
             let mut results = Vec::new();
             for name in systems.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -131,6 +162,36 @@ fn main() -> Result<()> {
             }
             report(&results, values, hosts, hours, batch, clients);
             Ok(())
+        }
+        Cmd::Query {
+            data: DataSet { hosts, hours, seed },
+            work,
+            systems,
+            forestall_bin,
+            reps,
+            batch,
+            clients,
+        } => {
+            let data = data_file(&work, hosts, hours, seed)?;
+            let systems = systems
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|n| System::parse(n, &forestall_bin))
+                .collect::<Result<Vec<_>>>()?;
+            query::main(
+                &systems,
+                &query::Options {
+                    work: &work,
+                    data: &data,
+                    hosts,
+                    hours,
+                    reps,
+                    batch,
+                    clients,
+                    seed,
+                },
+            )
         }
     }
 }
@@ -369,18 +430,12 @@ fn stable_size(dir: &Path, quiet: Duration) -> u64 {
     last
 }
 
-fn run_one(
-    system: &System,
-    work: &Path,
-    data: &Path,
-    batch: usize,
-    clients: usize,
-) -> Result<RunResult> {
+/// Starts `system` on a fresh data directory under `work` and waits until it answers.
+fn start_ready(system: &System, work: &Path) -> Result<(Child, PathBuf, String, ureq::Agent)> {
     let dir = work.join(system.name());
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
     let mut child = system.start(&dir)?;
-    let pid = child.id();
     let base = format!("http://127.0.0.1:{}", system.port());
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(300))
@@ -402,24 +457,16 @@ fn run_one(
             .post(&format!("{base}/query"))
             .send_form(&[("q", "CREATE DATABASE bench")])?;
     }
-    let peak = Arc::new(AtomicU64::new(0));
-    let monitor = {
-        let peak = Arc::clone(&peak);
-        std::thread::spawn(move || {
-            while let Ok(rss) = peak_rss(pid) {
-                peak.fetch_max(rss, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
-    };
+    Ok((child, dir, base, agent))
+}
 
-    let cpu0 = cpu_secs(pid)?;
-    let started = Instant::now();
+/// Sends the whole data file to the InfluxDB v1 write endpoint (all three serve it) in
+/// batches of `batch` lines from `clients` concurrent clients.
+fn load(base: &str, agent: &ureq::Agent, data: &Path, batch: usize, clients: usize) -> Result<()> {
     let reader = Arc::new(Mutex::new(BufReader::with_capacity(
         4 << 20,
         File::open(data)?,
     )));
-    // The InfluxDB v1 write endpoint: all three serve it.
     let url = format!("{base}/write?db=bench&precision=ns");
     let workers: Vec<_> = (0..clients)
         .map(|_| {
@@ -455,6 +502,32 @@ fn run_one(
     for w in workers {
         w.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
     }
+    Ok(())
+}
+
+fn run_one(
+    system: &System,
+    work: &Path,
+    data: &Path,
+    batch: usize,
+    clients: usize,
+) -> Result<RunResult> {
+    let (mut child, dir, base, agent) = start_ready(system, work)?;
+    let pid = child.id();
+    let peak = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let peak = Arc::clone(&peak);
+        std::thread::spawn(move || {
+            while let Ok(rss) = peak_rss(pid) {
+                peak.fetch_max(rss, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+
+    let cpu0 = cpu_secs(pid)?;
+    let started = Instant::now();
+    load(&base, &agent, data, batch, clients)?;
     let load_secs = started.elapsed().as_secs_f64();
     let cpu_load = cpu_secs(pid)? - cpu0;
 
@@ -472,24 +545,11 @@ fn run_one(
     }
     let [disk_flushed, disk_compacted] = sizes;
     let mut cpu_total = cpu_secs(pid)? - cpu0;
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    let exit_deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    stop(&mut child, system.name(), || {
         if let Ok(c) = cpu_secs(pid) {
             cpu_total = c - cpu0;
         }
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() > exit_deadline {
-            let _ = child.kill();
-            bail!("{} did not stop", system.name());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })?;
     let _ = monitor.join();
     Ok(RunResult {
         load_secs,
@@ -499,6 +559,27 @@ fn run_one(
         disk_compacted,
         peak_rss_bytes: peak.load(Ordering::Relaxed),
     })
+}
+
+/// SIGTERM, then waits (at most five minutes) for the server to exit, calling `tick` while
+/// it does.
+fn stop(child: &mut Child, name: &str, mut tick: impl FnMut()) -> Result<()> {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()?;
+    let exit_deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        tick();
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > exit_deadline {
+            let _ = child.kill();
+            bail!("{name} did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn report(
