@@ -154,6 +154,10 @@ pub struct PartitionBuffer {
     min_time: i64,
     max_time: i64,
     bytes: usize,
+    /// The latest time of each series so far, and whether a row ever came at or before its
+    /// series' latest (a duplicate or an out-of-order point): then scans merge duplicates.
+    series_last: Vec<i64>,
+    unordered: bool,
 }
 
 impl PartitionBuffer {
@@ -173,6 +177,8 @@ impl PartitionBuffer {
             min_time: i64::MAX,
             max_time: i64::MIN,
             bytes: 0,
+            series_last: Vec::new(),
+            unordered: false,
         }
     }
 
@@ -212,6 +218,13 @@ impl PartitionBuffer {
     fn push(&mut self, line: &ParsedLine<'_>) -> usize {
         let before = self.bytes;
         let series = self.series_for(line);
+        match self.series_last.get_mut(series as usize) {
+            Some(last) => {
+                self.unordered |= line.timestamp <= *last;
+                *last = (*last).max(line.timestamp);
+            }
+            None => self.series_last.push(line.timestamp),
+        }
         let row = self.times.len();
         self.row_series.push(series);
         self.times.push(line.timestamp);
@@ -336,6 +349,7 @@ impl PartitionBuffer {
             min_time: self.min_time,
             max_time: self.max_time,
             bytes: self.bytes,
+            unordered: self.unordered,
         })
     }
 
@@ -362,6 +376,8 @@ pub struct PartitionSnapshot {
     pub max_time: i64,
     /// Approximate memory held by the partition it was taken from.
     pub bytes: usize,
+    /// Whether a series has a row at or before an earlier row's time (possible duplicates).
+    pub unordered: bool,
 }
 
 /// Every partition of every measurement.

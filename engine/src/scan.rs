@@ -7,25 +7,28 @@
 //! their manifest time range and by intersecting their series bitmap with the predicate's
 //! bitmap from the posting lists; inside a file, row groups are pruned by statistics.
 //!
+//! A point written more than once is returned once, its fields merged (see [`ScanStream`]).
+//!
 //! A segment that cannot be read yields one `Err` naming its file, and the stream goes on
 //! with the rest: the caller decides whether a partial answer is acceptable.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{BooleanArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
 use croaring::Bitmap;
 use regex::Regex;
 
 use crate::buffer::{PartitionSnapshot, SeriesEntry};
-use crate::flush::conform;
+use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
+use crate::flush::{SortPlan, conform};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::segment::{ReadStats, SegmentRef, time_values};
 use crate::store::Inner;
-use crate::{Error, Result};
+use crate::{Error, Result, SeriesId};
 
 /// A condition on a series' tags.
 ///
@@ -140,23 +143,89 @@ impl ScanRequest {
     }
 }
 
+/// Inclusive time intervals in which two sources (or one buffer partition that received
+/// points out of order) may hold the same (series, time). Sorted and disjoint.
+#[derive(Debug, Default)]
+struct Overlaps(Vec<(i64, i64)>);
+
+impl Overlaps {
+    fn new(mut v: Vec<(i64, i64)>) -> Self {
+        v.sort_unstable();
+        let mut out: Vec<(i64, i64)> = Vec::with_capacity(v.len());
+        for (lo, hi) in v {
+            match out.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => out.push((lo, hi)),
+            }
+        }
+        Self(out)
+    }
+
+    fn contains(&self, t: i64) -> bool {
+        let i = self.0.partition_point(|&(lo, _)| lo <= t);
+        i > 0 && t <= self.0[i - 1].1
+    }
+}
+
+/// A source's extent, for finding overlaps.
+struct Extent<'a> {
+    min: i64,
+    max: i64,
+    series: &'a Bitmap,
+    unordered: bool,
+}
+
+fn overlaps(extents: &[Extent<'_>], start: i64, end: i64) -> Overlaps {
+    let mut v = Vec::new();
+    let clamp = |lo: i64, hi: i64| (lo.max(start), hi.min(end.saturating_sub(1)));
+    for (i, a) in extents.iter().enumerate() {
+        if a.unordered {
+            v.push(clamp(a.min, a.max));
+        }
+        for b in &extents[i + 1..] {
+            let (lo, hi) = (a.min.max(b.min), a.max.min(b.max));
+            if lo <= hi && a.series.intersect(b.series) {
+                v.push(clamp(lo, hi));
+            }
+        }
+    }
+    v.retain(|(lo, hi)| lo <= hi);
+    Overlaps::new(v)
+}
+
 /// Batches of a scan. See the module docs for the order and the error contract.
+///
+/// Duplicates. A point written twice (a client's retry, a backfill) is one row: where two
+/// sources can hold the same series at the same time, their rows in that time range are held
+/// back, merged field by field (the newer source wins: later segments, then the frozen
+/// buffers, then the live buffer), and returned after everything else. Elsewhere rows stream
+/// straight through, so in-order ingestion costs nothing.
 #[derive(Debug)]
 pub struct ScanStream {
     schema: SchemaRef,
+    /// `__series_id`, `time`, then the columns of `schema` not already there.
+    wide: SchemaRef,
+    /// Where each column of `schema` is in `wide`.
+    out: Vec<usize>,
     ready: VecDeque<RecordBatch>,
     segments: VecDeque<SegmentRef>,
     series: Option<Bitmap>,
     start: i64,
     end: i64,
+    /// The columns read from segments: `wide`'s.
     columns: Vec<String>,
     metrics: Arc<Metrics>,
+    overlaps: Overlaps,
+    /// Rows held back for merging, with the age of their source (newer is larger).
+    pending: Vec<(u64, RecordBatch)>,
     /// Segments of the measurement in the manifest.
     pub segments_total: usize,
     /// Segments skipped by manifest pruning (time range or series bitmap).
     pub segments_pruned: usize,
     /// Row groups and rows skipped and read so far, over the segments opened.
     pub read: ReadStats,
+    /// Rows merged away as duplicates.
+    pub duplicates_merged: usize,
 }
 
 impl ScanStream {
@@ -169,6 +238,88 @@ impl ScanStream {
     pub fn segments_to_read(&self) -> usize {
         self.segments.len()
     }
+
+    fn arrow_err(source: arrow::error::ArrowError) -> Error {
+        Error::Arrow {
+            measurement: String::new(),
+            source,
+        }
+    }
+
+    /// The output columns of a wide batch.
+    fn narrow(&self, wide: &RecordBatch) -> Result<RecordBatch> {
+        let b = wide.project(&self.out).map_err(Self::arrow_err)?;
+        conform(&b, &self.schema)
+    }
+
+    /// Takes a source's rows (with `__series_id` and `time`): rows where another source may
+    /// hold the same point are held back; the rest are ready.
+    fn accept(&mut self, batch: &RecordBatch, age: u64) -> Result<()> {
+        let wide = conform(batch, &self.wide)?;
+        if wide.num_rows() == 0 {
+            return Ok(());
+        }
+        if self.overlaps.0.is_empty() {
+            let b = self.narrow(&wide)?;
+            self.ready.push_back(b);
+            return Ok(());
+        }
+        let times =
+            time_values(&wide).ok_or_else(|| Error::InvalidScan("rows without time".into()))?;
+        let held: BooleanArray = times
+            .iter()
+            .map(|&t| Some(self.overlaps.contains(t)))
+            .collect();
+        let n = held.true_count();
+        if n == 0 {
+            let b = self.narrow(&wide)?;
+            self.ready.push_back(b);
+        } else if n == wide.num_rows() {
+            self.pending.push((age, wide));
+        } else {
+            let pass = arrow::compute::not(&held).map_err(Self::arrow_err)?;
+            let b = filter_record_batch(&wide, &pass).map_err(Self::arrow_err)?;
+            let b = self.narrow(&b)?;
+            self.ready.push_back(b);
+            let kept = filter_record_batch(&wide, &held).map_err(Self::arrow_err)?;
+            self.pending.push((age, kept));
+        }
+        Ok(())
+    }
+
+    /// Merges the held-back rows into one batch per point.
+    fn merge_pending(&mut self) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Oldest first: the merge lets the last value of each field win.
+        pending.sort_by_key(|(age, _)| *age);
+        let batches: Vec<RecordBatch> = pending.into_iter().map(|(_, b)| b).collect();
+        let all = arrow::compute::concat_batches(&self.wide, &batches).map_err(Self::arrow_err)?;
+        let sids: Vec<SeriesId> = all
+            .column(0)
+            .as_primitive_opt::<UInt32Type>()
+            .ok_or_else(|| Error::InvalidScan("series id column".into()))?
+            .values()
+            .to_vec();
+        let times =
+            time_values(&all).ok_or_else(|| Error::InvalidScan("rows without time".into()))?;
+        let plan = SortPlan::new(&all, &sids, times);
+        self.duplicates_merged += all.num_rows() - plan.len();
+        let chunk = 64 * 1024;
+        let mut from = 0;
+        while from < plan.len() {
+            let to = (from + chunk).min(plan.len());
+            // `take` puts another `__series_id` in front.
+            let merged = plan.take(&all, from..to)?;
+            let cols: Vec<usize> = self.out.iter().map(|&i| i + 1).collect();
+            let b = merged.project(&cols).map_err(Self::arrow_err)?;
+            self.ready.push_back(conform(&b, &self.schema)?);
+            from = to;
+        }
+        Ok(())
+    }
 }
 
 impl Iterator for ScanStream {
@@ -179,7 +330,15 @@ impl Iterator for ScanStream {
             if let Some(b) = self.ready.pop_front() {
                 return Some(Ok(b));
             }
-            let seg = self.segments.pop_front()?;
+            let Some(seg) = self.segments.pop_front() else {
+                if self.pending.is_empty() {
+                    return None;
+                }
+                if let Err(e) = self.merge_pending() {
+                    return Some(Err(e));
+                }
+                continue;
+            };
             match seg.read(
                 self.start,
                 self.end,
@@ -189,9 +348,8 @@ impl Iterator for ScanStream {
                 Ok((batches, stats)) => {
                     self.read += stats;
                     for b in batches {
-                        match conform(&b, &self.schema) {
-                            Ok(b) => self.ready.push_back(b),
-                            Err(e) => return Some(Err(e)),
+                        if let Err(e) = self.accept(&b, seg.meta.id) {
+                            return Some(Err(e));
                         }
                     }
                 }
@@ -205,13 +363,13 @@ impl Iterator for ScanStream {
     }
 }
 
-/// Rows of a buffer snapshot that pass the time range and predicate.
-fn filter_snapshot(
+/// Which rows of a buffer snapshot pass the time range and predicate; `None` if none do.
+fn snapshot_rows(
     snap: &PartitionSnapshot,
     start: i64,
     end: i64,
     predicate: Option<&TagPredicate>,
-) -> Result<Option<RecordBatch>> {
+) -> Result<Option<BooleanArray>> {
     let series_ok: Option<Vec<bool>> =
         predicate.map(|p| snap.series.iter().map(|s| p.matches(s)).collect());
     if series_ok.as_ref().is_some_and(|ok| !ok.contains(&true)) {
@@ -226,18 +384,16 @@ fn filter_snapshot(
             Some(t >= start && t < end && series_ok.as_ref().is_none_or(|ok| ok[s as usize]))
         })
         .collect();
-    if keep.true_count() == 0 {
-        return Ok(None);
+    Ok((keep.true_count() > 0).then_some(keep))
+}
+
+/// Age of a frozen buffer (`Some(i)`, oldest first) or of the live one (`None`), above every
+/// segment id.
+fn buffer_age(frozen: Option<usize>) -> u64 {
+    match frozen {
+        Some(i) => (1 << 62) + i as u64,
+        None => 1 << 63,
     }
-    let batch = if keep.true_count() == snap.batch.num_rows() {
-        snap.batch.clone()
-    } else {
-        filter_record_batch(&snap.batch, &keep).map_err(|source| Error::Arrow {
-            measurement: snap.measurement.clone(),
-            source,
-        })?
-    };
-    Ok(Some(batch))
 }
 
 impl Inner {
@@ -252,9 +408,13 @@ impl Inner {
             .catalog
             .get(&req.measurement)
             .ok_or_else(|| Error::UnknownMeasurement(req.measurement.clone()))?;
+        let arrow_err = |source| Error::Arrow {
+            measurement: req.measurement.clone(),
+            source,
+        };
         let full = table.arrow_schema();
         let schema = match &req.projection {
-            None => full,
+            None => full.clone(),
             Some(cols) => {
                 let idx = cols
                     .iter()
@@ -264,35 +424,54 @@ impl Inner {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Arc::new(full.project(&idx).map_err(|source| Error::Arrow {
-                    measurement: req.measurement.clone(),
-                    source,
-                })?)
+                Arc::new(full.project(&idx).map_err(arrow_err)?)
             }
         };
-        let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        // The wide schema: series id and time, which merging needs, then the projection.
+        let mut wide_fields = vec![
+            Arc::new(Field::new(SERIES_ID_COLUMN, DataType::UInt32, false)),
+            Arc::new(
+                full.field_with_name(TIME_COLUMN)
+                    .map_err(arrow_err)?
+                    .clone(),
+            ),
+        ];
+        let out: Vec<usize> = schema
+            .fields()
+            .iter()
+            .map(
+                |f| match wide_fields.iter().position(|w| w.name() == f.name()) {
+                    Some(i) => i,
+                    None => {
+                        wide_fields.push(Arc::clone(f));
+                        wide_fields.len() - 1
+                    }
+                },
+            )
+            .collect();
+        let wide = Arc::new(Schema::new(wide_fields));
+        let columns: Vec<String> = wide.fields().iter().map(|f| f.name().clone()).collect();
 
-        // Buffer first: take the snapshots under the locks, filter outside them.
+        // Buffers: take the snapshots under the locks, work on them outside.
         let pnanos = self.config.partition_nanos();
-        let (mut snaps, segments) = {
+        let (snaps, segments) = {
             let state = self.state.read();
-            let mut snaps: Vec<PartitionSnapshot> = state
-                .frozen
-                .iter()
-                .flat_map(|f| f.partitions.iter())
-                .filter(|p| {
-                    p.measurement == req.measurement
+            let mut snaps: Vec<(u64, PartitionSnapshot)> = Vec::new();
+            for (i, f) in state.frozen.iter().enumerate() {
+                for p in &f.partitions {
+                    if p.measurement == req.measurement
                         && p.max_time >= req.start
                         && p.min_time < req.end
-                })
-                .cloned()
-                .collect();
-            snaps.extend(self.buffer.lock().snapshot(
-                &req.measurement,
-                req.start,
-                req.end,
-                pnanos,
-            )?);
+                    {
+                        snaps.push((buffer_age(Some(i)), p.clone()));
+                    }
+                }
+            }
+            let live = self
+                .buffer
+                .lock()
+                .snapshot(&req.measurement, req.start, req.end, pnanos)?;
+            snaps.extend(live.into_iter().map(|p| (buffer_age(None), p)));
             let segments: Vec<SegmentRef> = state
                 .segments
                 .values()
@@ -301,12 +480,6 @@ impl Inner {
                 .collect();
             (snaps, segments)
         };
-        let mut ready = VecDeque::new();
-        for snap in snaps.drain(..) {
-            if let Some(b) = filter_snapshot(&snap, req.start, req.end, req.predicate.as_ref())? {
-                ready.push_back(conform(&b, &schema)?);
-            }
-        }
 
         let series = match &req.predicate {
             None => None,
@@ -321,9 +494,85 @@ impl Inner {
             .filter(|s| s.meta.max_time >= req.start && s.meta.min_time < req.end)
             .filter(|s| series.as_ref().is_none_or(|b| s.meta.series.intersect(b)))
             .collect();
-        Ok(ScanStream {
+
+        // Series ids of the buffered rows: the registered id, or one past every registered id
+        // for a series first seen since the last flush (the same one in every snapshot).
+        let mut snap_rows = Vec::new();
+        {
+            let registry = self.series.lock();
+            let mut fresh: std::collections::HashMap<&str, SeriesId> = Default::default();
+            let mut next = registry.next;
+            for (age, snap) in &snaps {
+                let Some(keep) = snapshot_rows(snap, req.start, req.end, req.predicate.as_ref())?
+                else {
+                    continue;
+                };
+                let local: Vec<SeriesId> = snap
+                    .series
+                    .iter()
+                    .map(|s| match registry.by_key.get(&s.key) {
+                        Some(&id) => id,
+                        None => *fresh.entry(&s.key).or_insert_with(|| {
+                            next += 1;
+                            next
+                        }),
+                    })
+                    .collect();
+                let ids: Bitmap = local.iter().copied().collect();
+                let sids = UInt32Array::from(
+                    snap.row_series
+                        .iter()
+                        .map(|&l| local[l as usize])
+                        .collect::<Vec<_>>(),
+                );
+                let mut fields = vec![Arc::new(Field::new(
+                    SERIES_ID_COLUMN,
+                    DataType::UInt32,
+                    false,
+                ))];
+                fields.extend(snap.batch.schema().fields().iter().cloned());
+                let mut cols: Vec<ArrayRef> = vec![Arc::new(sids)];
+                cols.extend(snap.batch.columns().iter().cloned());
+                let with_ids =
+                    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(arrow_err)?;
+                let rows = filter_record_batch(&with_ids, &keep).map_err(arrow_err)?;
+                snap_rows.push((
+                    *age,
+                    rows,
+                    ids,
+                    snap.min_time,
+                    snap.max_time,
+                    snap.unordered,
+                ));
+            }
+        }
+        let mut extents: Vec<Extent<'_>> = segments
+            .iter()
+            .map(|s| Extent {
+                min: s.meta.min_time,
+                max: s.meta.max_time,
+                series: &s.meta.series,
+                unordered: false,
+            })
+            .collect();
+        extents.extend(
+            snap_rows
+                .iter()
+                .map(|(_, _, ids, min, max, unordered)| Extent {
+                    min: *min,
+                    max: *max,
+                    series: ids,
+                    unordered: *unordered,
+                }),
+        );
+        let overlaps = overlaps(&extents, req.start, req.end);
+        drop(extents);
+
+        let mut stream = ScanStream {
             schema,
-            ready,
+            wide,
+            out,
+            ready: VecDeque::new(),
             segments_total: total,
             segments_pruned: total - segments.len(),
             read: ReadStats::default(),
@@ -333,6 +582,13 @@ impl Inner {
             end: req.end,
             columns,
             metrics: Arc::clone(&self.metrics),
-        })
+            overlaps,
+            pending: Vec::new(),
+            duplicates_merged: 0,
+        };
+        for (age, rows, ..) in snap_rows {
+            stream.accept(&rows, age)?;
+        }
+        Ok(stream)
     }
 }
