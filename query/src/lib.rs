@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
 use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
 use forestall_engine::Store;
 
@@ -61,18 +61,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Runs SQL over a store.
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
-    store: Arc<Store>,
+    /// Everything a session needs (functions, rules, the store's catalog), built once: a
+    /// session is a clone of it, so a query does not pay for registering ~300 functions.
+    base: SessionState,
 }
 
 impl QueryEngine {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
-    }
-
-    /// A session whose default schema holds every measurement of the store, with
-    /// `information_schema` (so `SHOW TABLES` and `SHOW COLUMNS FROM cpu` work). Tables are
-    /// looked up when a query names them, so a schema that grew since is always current.
-    pub fn session(&self) -> SessionContext {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
@@ -92,14 +87,21 @@ impl QueryEngine {
         let _ = ctx.register_expr_planner(Arc::new(selector::FieldAccessPlanner));
         ctx.register_udtf(
             "last_rows",
-            Arc::new(provider::LastRows::new(Arc::clone(&self.store))),
+            Arc::new(provider::LastRows::new(Arc::clone(&store))),
         );
         if let Some(catalog) = ctx.catalog(CATALOG) {
             // Registering replaces the empty default schema; there is nothing to keep.
-            let _ = catalog
-                .register_schema(SCHEMA, Arc::new(StoreSchema::new(Arc::clone(&self.store))));
+            let _ = catalog.register_schema(SCHEMA, Arc::new(StoreSchema::new(store)));
         }
-        ctx
+        Self { base: ctx.state() }
+    }
+
+    /// A session whose default schema holds every measurement of the store, with
+    /// `information_schema` (so `SHOW TABLES` and `SHOW COLUMNS FROM cpu` work). Tables are
+    /// looked up when a query names them, so a schema that grew since is always current.
+    /// Settings changed in one session (`SET datafusion.…`) stay in it.
+    pub fn session(&self) -> SessionContext {
+        SessionContext::new_with_state(self.base.clone())
     }
 
     /// Plans and runs `sql`, collecting the result.

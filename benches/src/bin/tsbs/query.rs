@@ -11,6 +11,11 @@
 //! | double-groupby-1 | avg `usage_user` per host per hour, 12 h | `date_bin` + `avg` by host | `GROUP BY time(1h), hostname` | `avg_over_time[1h]` by host, step 1h |
 //! | high-cpu-1 | rows of 1 host with `usage_user` > 90, 12 h | `WHERE usage_user > 90` | same | `cpu_usage_user{…} > 90`, step 10s |
 //! | groupby-orderby-limit | max per minute, the 5 minutes before a random time | `ORDER BY 1 DESC LIMIT 5` | `ORDER BY time DESC LIMIT 5` | `max(max_over_time[1m])`, 5 steps |
+//!
+//! groupby-orderby-limit gives every system the window `[T - 5 min, T)`. TSBS's SQL form has
+//! only `time < T`, but InfluxQL's `GROUP BY time(1m)` without a lower bound counts buckets
+//! from 1970, and the data has a point every 10 s, so the latest five buckets before `T` are
+//! those five minutes either way.
 //! | lastpoint | the latest row of every host | `last_rows('cpu')` | `last(*) GROUP BY hostname` | instant query of every `cpu_*` series |
 //!
 //! VictoriaMetrics stores each field as its own series (`cpu_usage_user{hostname=…}`), so its
@@ -151,7 +156,7 @@ fn request(
                 ),
                 Kind::GroupbyOrderbyLimit => format!(
                     "SELECT date_bin(INTERVAL '1 minute', time) AS minute, max(usage_user) FROM cpu \
-                     WHERE time < '{e}' GROUP BY 1 ORDER BY 1 DESC LIMIT 5"
+                     WHERE time >= '{s}' AND time < '{e}' GROUP BY 1 ORDER BY 1 DESC LIMIT 5"
                 ),
                 Kind::Lastpoint => "SELECT * FROM last_rows('cpu')".to_string(),
             };
@@ -175,8 +180,8 @@ fn request(
                      AND time >= '{s}' AND time < '{e}'"
                 ),
                 Kind::GroupbyOrderbyLimit => format!(
-                    "SELECT max(usage_user) FROM cpu WHERE time < '{e}' GROUP BY time(1m) \
-                     ORDER BY time DESC LIMIT 5"
+                    "SELECT max(usage_user) FROM cpu WHERE time >= '{s}' AND time < '{e}' \
+                     GROUP BY time(1m) ORDER BY time DESC LIMIT 5"
                 ),
                 Kind::Lastpoint => "SELECT last(*) FROM cpu GROUP BY hostname".to_string(),
             };
