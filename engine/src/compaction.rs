@@ -153,7 +153,10 @@ fn merge_range(
 ) -> Result<()> {
     let mut parts = Vec::new();
     for seg in inputs {
-        for b in seg.read(i64::MIN, i64::MAX, Some(range), Some(columns))?.0 {
+        for b in seg
+            .read(i64::MIN, i64::MAX, Some(range), Some(columns), None)?
+            .0
+        {
             parts.push(conform(&b, schema)?);
         }
     }

@@ -193,6 +193,9 @@ fn overlaps(extents: &[Extent<'_>], start: i64, end: i64) -> Overlaps {
     Overlaps::new(v)
 }
 
+/// A segment to read, whole or a share `(k, n)` of its row groups.
+type Part = (SegmentRef, Option<(usize, usize)>);
+
 /// Batches of a scan. See the module docs for the order and the error contract.
 ///
 /// Duplicates. A point written twice (a client's retry, a backfill) is one row: where two
@@ -208,7 +211,8 @@ pub struct ScanStream {
     /// Where each column of `schema` is in `wide`.
     out: Vec<usize>,
     ready: VecDeque<RecordBatch>,
-    segments: VecDeque<SegmentRef>,
+    /// Segments to read, each whole or a share of its row groups (see `Segment::read`).
+    segments: VecDeque<Part>,
     series: Option<Bitmap>,
     start: i64,
     end: i64,
@@ -237,6 +241,55 @@ impl ScanStream {
     /// Segments that will be opened.
     pub fn segments_to_read(&self) -> usize {
         self.segments.len()
+    }
+
+    /// Splits the scan into up to `n` streams that can be read in parallel: the segments
+    /// are dealt out in turn (or, when there are fewer segments than streams, each segment's
+    /// row groups are), the buffered rows go to the first. A scan that has rows to merge (see
+    /// the type's docs) stays whole, since merging needs them in one place. Counts of
+    /// segments are reported by the first stream only.
+    pub fn split(mut self, n: usize) -> Vec<ScanStream> {
+        if n <= 1 || !self.overlaps.0.is_empty() || self.segments.is_empty() {
+            return vec![self];
+        }
+        let mut parts: Vec<VecDeque<Part>> = vec![VecDeque::new(); n];
+        if self.segments.len() >= n {
+            for (i, seg) in self.segments.drain(..).enumerate() {
+                parts[i % n].push_back(seg);
+            }
+        } else {
+            for (seg, _) in self.segments.drain(..) {
+                for (k, part) in parts.iter_mut().enumerate() {
+                    part.push_back((Arc::clone(&seg), Some((k, n))));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        for (i, segments) in parts.into_iter().enumerate() {
+            out.push(ScanStream {
+                schema: Arc::clone(&self.schema),
+                wide: Arc::clone(&self.wide),
+                out: self.out.clone(),
+                ready: if i == 0 {
+                    std::mem::take(&mut self.ready)
+                } else {
+                    VecDeque::new()
+                },
+                segments,
+                series: self.series.clone(),
+                start: self.start,
+                end: self.end,
+                columns: self.columns.clone(),
+                metrics: Arc::clone(&self.metrics),
+                overlaps: Overlaps::default(),
+                pending: Vec::new(),
+                segments_total: if i == 0 { self.segments_total } else { 0 },
+                segments_pruned: if i == 0 { self.segments_pruned } else { 0 },
+                read: ReadStats::default(),
+                duplicates_merged: 0,
+            });
+        }
+        out
     }
 
     fn arrow_err(source: arrow::error::ArrowError) -> Error {
@@ -330,7 +383,7 @@ impl Iterator for ScanStream {
             if let Some(b) = self.ready.pop_front() {
                 return Some(Ok(b));
             }
-            let Some(seg) = self.segments.pop_front() else {
+            let Some((seg, share)) = self.segments.pop_front() else {
                 if self.pending.is_empty() {
                     return None;
                 }
@@ -344,6 +397,7 @@ impl Iterator for ScanStream {
                 self.end,
                 self.series.as_ref(),
                 Some(&self.columns),
+                share,
             ) {
                 Ok((batches, stats)) => {
                     self.read += stats;
@@ -489,7 +543,7 @@ impl Inner {
             }
         };
         let total = segments.len();
-        let segments: VecDeque<SegmentRef> = segments
+        let segments: Vec<SegmentRef> = segments
             .into_iter()
             .filter(|s| s.meta.max_time >= req.start && s.meta.min_time < req.end)
             .filter(|s| series.as_ref().is_none_or(|b| s.meta.series.intersect(b)))
@@ -576,7 +630,7 @@ impl Inner {
             segments_total: total,
             segments_pruned: total - segments.len(),
             read: ReadStats::default(),
-            segments,
+            segments: segments.into_iter().map(|s| (s, None)).collect(),
             series,
             start: req.start,
             end: req.end,

@@ -13,15 +13,15 @@
 use std::fs::{self, File};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, UInt32Type};
 use croaring::{Bitmap, Portable};
 use parquet::arrow::arrow_reader::{
-    ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
 };
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -127,6 +127,9 @@ pub struct Segment {
     pub meta: SegmentMeta,
     pub path: PathBuf,
     obsolete: AtomicBool,
+    /// The file's footer and page index, decoded on the first read and kept: a query that
+    /// touches many segments would otherwise parse every footer again.
+    footer: OnceLock<ArrowReaderMetadata>,
 }
 
 /// Shared handle to a live segment.
@@ -139,6 +142,7 @@ impl Segment {
             meta,
             path,
             obsolete: AtomicBool::new(false),
+            footer: OnceLock::new(),
         }
     }
 
@@ -150,14 +154,28 @@ impl Segment {
     /// Reads the rows with `start <= time < end` (and, if given, whose series is in `series`),
     /// projected to `columns` (all when `None`; `time` and `__series_id` are dropped unless
     /// asked for). Row groups whose statistics rule them out are not read.
+    ///
+    /// `share` `(k, n)` reads only the row groups whose index is `k` modulo `n`, so that `n`
+    /// readers can split one file.
     pub fn read(
         &self,
         start: i64,
         end: i64,
         series: Option<&Bitmap>,
         columns: Option<&[String]>,
+        share: Option<(usize, usize)>,
     ) -> Result<(Vec<RecordBatch>, ReadStats)> {
-        read_file(&self.path, start, end, series, columns)
+        read_file(
+            &self.path,
+            Some(&self.footer),
+            Window {
+                start,
+                end,
+                series,
+                share,
+            },
+            columns,
+        )
     }
 }
 
@@ -275,8 +293,12 @@ impl SegmentWriter {
 }
 
 /// Opens a segment file and reads its footer (and, with `page_index`, the column and offset
-/// indexes); errors name the file.
-fn open_file(path: &Path, page_index: bool) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+/// indexes), or takes them from `cached` (filling it on first use); errors name the file.
+fn open_file(
+    path: &Path,
+    page_index: bool,
+    cached: Option<&OnceLock<ArrowReaderMetadata>>,
+) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let fail = |e: &dyn std::fmt::Display| Error::ReadSegment {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -288,12 +310,24 @@ fn open_file(path: &Path, page_index: bool) -> Result<ParquetRecordBatchReaderBu
         PageIndexPolicy::Skip
     };
     let options = ArrowReaderOptions::new().with_page_index_policy(policy);
-    ParquetRecordBatchReaderBuilder::try_new_with_options(file, options).map_err(|e| fail(&e))
+    let footer = match cached.and_then(OnceLock::get) {
+        Some(f) => f.clone(),
+        None => {
+            let f = ArrowReaderMetadata::load(&file, options).map_err(|e| fail(&e))?;
+            if let Some(c) = cached {
+                let _ = c.set(f.clone());
+            }
+            f
+        }
+    };
+    Ok(ParquetRecordBatchReaderBuilder::new_with_metadata(
+        file, footer,
+    ))
 }
 
 /// The Arrow schema stored in a segment file.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
-    Ok(Arc::clone(open_file(path, false)?.schema()))
+    Ok(Arc::clone(open_file(path, false, None)?.schema()))
 }
 
 /// What one segment read skipped and decoded, for `EXPLAIN ANALYZE` and the tests that prove
@@ -352,14 +386,28 @@ fn page_ranges(
     Some(out)
 }
 
+/// Which rows of a file a read wants; see [`Segment::read`].
+#[derive(Debug, Clone, Copy)]
+pub struct Window<'a> {
+    pub start: i64,
+    pub end: i64,
+    pub series: Option<&'a Bitmap>,
+    pub share: Option<(usize, usize)>,
+}
+
 /// See [`Segment::read`].
 pub fn read_file(
     path: &Path,
-    start: i64,
-    end: i64,
-    series: Option<&Bitmap>,
+    footer: Option<&OnceLock<ArrowReaderMetadata>>,
+    window: Window<'_>,
     columns: Option<&[String]>,
 ) -> Result<(Vec<RecordBatch>, ReadStats)> {
+    let Window {
+        start,
+        end,
+        series,
+        share,
+    } = window;
     let fail = |reason: String| Error::ReadSegment {
         path: path.to_path_buf(),
         reason,
@@ -368,7 +416,7 @@ pub fn read_file(
     if series.is_some_and(|b| b.is_empty()) {
         return Ok((Vec::new(), stats));
     }
-    let builder = open_file(path, true)?;
+    let builder = open_file(path, true, footer)?;
     let schema = Arc::clone(builder.schema());
     let time_idx = schema
         .index_of(TIME_COLUMN)
@@ -390,6 +438,9 @@ pub fn read_file(
     let mut selected: Vec<Range<usize>> = Vec::new();
     let mut offset = 0;
     for rg in 0..meta.num_row_groups() {
+        if share.is_some_and(|(k, n)| rg % n != k) {
+            continue;
+        }
         let rgm = meta.row_group(rg);
         let time_ok = match time_leaf.and_then(|l| rgm.column(l).statistics()) {
             Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {

@@ -21,10 +21,13 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
 use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use forestall_engine::Store;
+use futures::StreamExt;
 
 pub use provider::{MeasurementTable, ScanExec, StoreSchema};
 
@@ -64,6 +67,8 @@ pub struct QueryEngine {
     /// Everything a session needs (functions, rules, the store's catalog), built once: a
     /// session is a clone of it, so a query does not pay for registering ~300 functions.
     base: SessionState,
+    /// Where queries run, if not on the caller's runtime (see [`QueryEngine::on_runtime`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl QueryEngine {
@@ -93,7 +98,53 @@ impl QueryEngine {
             // Registering replaces the empty default schema; there is nothing to keep.
             let _ = catalog.register_schema(SCHEMA, Arc::new(StoreSchema::new(store)));
         }
-        Self { base: ctx.state() }
+        Self {
+            base: ctx.state(),
+            runtime: None,
+        }
+    }
+
+    /// Runs queries (planning, scans, operators) on `runtime` instead of the caller's. The
+    /// server gives queries their own runtime whose threads have a lower CPU priority than
+    /// ingestion's, so that heavy queries slow down other queries, not writes.
+    pub fn on_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// Executes a planned query on the query runtime; batches come back through a small
+    /// channel, and dropping the stream stops the query.
+    pub fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let Some(runtime) = &self.runtime else {
+            let fut = df.execute_stream();
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::once(fut).flat_map(|r| match r {
+                    Ok(s) => s.left_stream(),
+                    Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+                }),
+            )));
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        runtime.spawn(async move {
+            let mut stream = match df.execute_stream().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            while let Some(batch) = stream.next().await {
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        )))
     }
 
     /// A session whose default schema holds every measurement of the store, with
@@ -117,7 +168,7 @@ impl QueryEngine {
     pub async fn stream(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
         let df = self.session().sql(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        Ok((schema, df.execute_stream().await?))
+        Ok((schema, self.execute(df)?))
     }
 }
 

@@ -91,6 +91,9 @@ pub struct QueryConfig {
     pub timeout: std::time::Duration,
     /// A result with more rows than this is refused (add a LIMIT). Default 1,000,000.
     pub max_result_rows: usize,
+    /// Niceness (0–19) of the threads queries run on: above 0, ingestion wins the CPU when
+    /// both want it. Default 10.
+    pub nice: i32,
 }
 
 impl Default for QueryConfig {
@@ -98,6 +101,7 @@ impl Default for QueryConfig {
         Self {
             timeout: std::time::Duration::from_secs(60),
             max_result_rows: 1_000_000,
+            nice: 10,
         }
     }
 }
@@ -187,6 +191,11 @@ impl ServerConfig {
 
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0..=19).contains(&self.query.nice) {
+            return Err(ConfigError::Invalid(
+                "query.nice must be within 0..=19".into(),
+            ));
+        }
         if self.query.timeout.is_zero() || self.query.max_result_rows == 0 {
             return Err(ConfigError::Invalid(
                 "query.timeout and query.max_result_rows must be positive".into(),

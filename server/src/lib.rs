@@ -33,7 +33,10 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {}", config.http.addr))?;
     let addr = listener.local_addr()?;
-    let state = http::AppState::new(Arc::clone(&store), &config);
+    // Queries run on their own runtime, at a lower CPU priority than ingestion.
+    let query_runtime = query_runtime(config.query.nice)?;
+    let mut state = http::AppState::new(Arc::clone(&store), &config);
+    state.query = state.query.on_runtime(query_runtime.handle().clone());
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let pg = if config.pg.enabled {
         let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)
@@ -62,12 +65,36 @@ pub async fn serve(
     if let Some(pg) = pg {
         let _ = pg.await;
     }
+    query_runtime.shutdown_background();
     tracing::info!("HTTP stopped; flushing the store");
     let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await?;
     served.context("HTTP server")?;
     flushed.context("flush at shutdown")?;
     tracing::info!("forestall stopped cleanly");
     Ok(())
+}
+
+/// The runtime queries run on: one worker per core, threads (blocking ones too) at niceness
+/// `nice`.
+fn query_runtime(nice: i32) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("forestall-query")
+        .on_thread_start(move || lower_priority(nice))
+        .enable_all()
+        .build()
+        .context("start the query runtime")
+}
+
+/// Sets the calling thread's niceness.
+#[allow(unsafe_code)]
+fn lower_priority(nice: i32) {
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours. With
+    // PRIO_PROCESS and who = 0 it applies to the calling thread (a task, on Linux).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the priority of a query thread");
+    }
 }
 
 /// Installs handlers for SIGTERM and SIGINT (Ctrl-C) now, and returns a future that resolves

@@ -236,10 +236,10 @@ impl Backend {
         }
         let df = ctx.execute_logical_plan(plan).await.map_err(df_error)?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
-        let batches = tokio::time::timeout(self.limits.timeout, df.execute_stream())
-            .await
-            .map_err(|_| timed_out(self.limits.timeout))?
-            .map_err(df_error)?;
+        let batches = self.query.execute(df).map_err(|e| match e {
+            forestall_query::Error::Query(m) => user_error("42000", m),
+            e => internal(e),
+        })?;
         let rows = row_stream(batches, Arc::clone(&fields), self.limits);
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
@@ -346,6 +346,7 @@ enum Column<'a> {
     F64(&'a arrow::array::Float64Array),
     Timestamp(arrow::array::ArrayRef, bool),
     Date(&'a arrow::array::PrimitiveArray<Date32Type>),
+    Str(arrow::array::ArrayRef),
     Bytes(arrow::array::ArrayRef),
     Text(ArrayFormatter<'a>, &'a dyn Array),
 }
@@ -381,6 +382,9 @@ fn column<'a>(array: &'a arrow::array::ArrayRef, name: &'a str) -> PgWireResult<
             tz.is_some(),
         ),
         DataType::Date32 => Column::Date(array.as_primitive()),
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+            Column::Str(cast(array, &DataType::Utf8).map_err(internal)?)
+        }
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
             Column::Bytes(cast(array, &DataType::Binary).map_err(internal)?)
         }
@@ -455,6 +459,10 @@ fn encode_batch(batch: &RecordBatch, fields: &Arc<Vec<FieldInfo>>) -> PgWireResu
                 }
                 Column::Bytes(a) => {
                     let a = a.as_binary::<i32>();
+                    encoder.encode_field(&a.is_valid(row).then(|| a.value(row)))?
+                }
+                Column::Str(a) => {
+                    let a = a.as_string::<i32>();
                     encoder.encode_field(&a.is_valid(row).then(|| a.value(row)))?
                 }
                 Column::Text(f, a) => {

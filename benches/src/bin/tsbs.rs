@@ -7,7 +7,9 @@
 //! tsbs query    --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
 //! ```
 //!
-//! `query` is described in its module.
+//! `query` is described in its module. With `TSBS_VM_NO_CACHE=1` VictoriaMetrics runs with
+//! `-search.disableCache`, so that repeated query windows measure its query work rather than
+//! its rollup result cache.
 //!
 //! The data follows TSBS's `cpu-only` use case: measurement `cpu`, ten tags per host
 //! (hostname, region, datacenter, rack, os, arch, team, service, service_version,
@@ -304,6 +306,11 @@ impl System {
                     .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
                     .arg("-retentionPeriod=100y")
                     .arg("-loggerLevel=ERROR");
+                if std::env::var_os("TSBS_VM_NO_CACHE").is_some() {
+                    // Measure query work, not VictoriaMetrics' rollup result cache (the
+                    // benchmark repeats windows; Forestall caches no results).
+                    c.arg("-search.disableCache");
+                }
                 c
             }
             System::InfluxDb => {

@@ -896,3 +896,60 @@ fn a_point_written_twice_is_read_once_wherever_its_copies_are() {
     };
     assert_eq!(collect(&store, &req).num_rows(), 3);
 }
+
+#[test]
+fn a_scan_splits_across_segments_unless_it_must_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let m = 60_000_000_000;
+    for i in 0..3 {
+        write(&store, &format!("cpu,host=a usage={i} {}", T0 + i * m));
+        store.flush().unwrap();
+    }
+    write(&store, &format!("cpu,host=a usage=9 {}", T0 + 9 * m));
+    let parts = store.scan(&ScanRequest::all("cpu")).unwrap().split(2);
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0].segments_total + parts[1].segments_total, 3);
+    let mut all: Vec<_> = parts
+        .into_iter()
+        .flat_map(|p| p.map(|b| b.unwrap()).collect::<Vec<_>>())
+        .flat_map(|b| rows(&b))
+        .collect();
+    all.sort_by_key(|r| r.1);
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[3].2, Some(9.0));
+    // A point in two segments must be merged in one place: the scan stays whole.
+    write(&store, &format!("cpu,host=a usage=5 {T0}"));
+    store.flush().unwrap();
+    assert_eq!(
+        store.scan(&ScanRequest::all("cpu")).unwrap().split(2).len(),
+        1
+    );
+}
+
+#[test]
+fn one_segment_splits_by_row_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.flush.row_group_rows = 1024;
+    let store = Store::open(cfg).unwrap();
+    let body: String = (0..5000)
+        .map(|i| format!("cpu,host=h{} usage={i} {}\n", i % 7, T0 + i * 1_000_000_000))
+        .collect();
+    write(&store, &body);
+    store.flush().unwrap();
+    assert_eq!(store.segments().len(), 1);
+    let parts = store.scan(&ScanRequest::all("cpu")).unwrap().split(2);
+    assert_eq!(parts.len(), 2);
+    let mut usage: Vec<f64> = Vec::new();
+    for mut p in parts {
+        let n: Vec<_> = p.by_ref().map(|b| b.unwrap()).collect();
+        assert!(
+            p.read.row_groups_read > 0,
+            "each share reads some row groups"
+        );
+        usage.extend(n.iter().flat_map(rows).filter_map(|r| r.2));
+    }
+    usage.sort_by(f64::total_cmp);
+    assert_eq!(usage, (0..5000).map(f64::from).collect::<Vec<_>>());
+}
