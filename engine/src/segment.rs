@@ -36,6 +36,12 @@ use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
 use crate::config::FlushConfig;
 use crate::{Error, Result};
 
+/// Rows per data page, at most. Rows are sorted by series then time, so a page is a stretch
+/// of one or a few series; the page index lets a read skip the pages outside its series and
+/// time range. 4 Ki-row pages were measured on TSBS (docs/BENCHMARKS.md): segments 16 %
+/// larger and no query faster, so pages stay at 16 Ki rows.
+pub const PAGE_ROWS: usize = 16 * 1024;
+
 /// A segment's entry in the manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentMeta {
@@ -220,7 +226,7 @@ impl SegmentWriter {
             .set_compression(Compression::ZSTD(level))
             .set_statistics_enabled(EnabledStatistics::Page)
             .set_max_row_group_row_count(Some(config.row_group_rows))
-            .set_data_page_row_count_limit(16 * 1024);
+            .set_data_page_row_count_limit(PAGE_ROWS);
         for field in schema.fields() {
             let col = ColumnPath::from(field.name().as_str());
             props = match field.data_type() {

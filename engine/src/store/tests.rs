@@ -371,9 +371,9 @@ fn one_series_for_one_hour_decodes_only_its_pages() {
     assert_eq!(got, 360, "one hour of one host");
     let read = stream.read;
     assert_eq!(read.rows_in_row_groups, 50 * 12 * 360);
-    // Pages hold at most 16 Ki rows: the hour sits in one or two of them.
+    // The hour sits in one or two pages.
     assert!(
-        read.rows_decoded <= 2 * 16 * 1024,
+        read.rows_decoded <= 2 * crate::segment::PAGE_ROWS,
         "decoded {} of {} rows",
         read.rows_decoded,
         read.rows_in_row_groups
