@@ -91,40 +91,55 @@ enum Cmd {
     /// Load the data set into each system and report throughput, CPU, disk and memory.
     Ingest {
         #[command(flatten)]
-        data: DataSet,
-        /// Scratch directory for the data set and the servers' data directories.
-        #[arg(long, default_value = "/tmp/forestall-bench")]
-        work: PathBuf,
-        /// Comma-separated: forestall, victoriametrics, influxdb.
-        #[arg(long, default_value = "forestall,victoriametrics,influxdb")]
-        systems: String,
-        /// The forestall binary (build it with `cargo build --release --bin forestall`).
-        #[arg(long, default_value = "target/release/forestall")]
-        forestall_bin: PathBuf,
-        #[arg(long, default_value_t = 5000)]
-        batch: usize,
-        #[arg(long, default_value_t = 2)]
-        clients: usize,
+        run: Run,
     },
     /// Load the data set into each system, then time TSBS's queries against each; then
     /// measure Forestall's ingest while a client queries.
     Query {
         #[command(flatten)]
-        data: DataSet,
-        #[arg(long, default_value = "/tmp/forestall-bench")]
-        work: PathBuf,
-        #[arg(long, default_value = "forestall,victoriametrics,influxdb")]
-        systems: String,
-        #[arg(long, default_value = "target/release/forestall")]
-        forestall_bin: PathBuf,
+        run: Run,
         /// Timed runs of each query (after two warm-up runs).
         #[arg(long, default_value_t = 20)]
         reps: usize,
-        #[arg(long, default_value_t = 5000)]
-        batch: usize,
-        #[arg(long, default_value_t = 2)]
-        clients: usize,
     },
+}
+
+/// What a run against the servers needs.
+#[derive(Debug, clap::Args)]
+struct Run {
+    #[command(flatten)]
+    data: DataSet,
+    /// Scratch directory for the data set and the servers' data directories.
+    #[arg(long, default_value = "/tmp/forestall-bench")]
+    work: PathBuf,
+    /// Comma-separated: forestall, victoriametrics, influxdb.
+    #[arg(long, default_value = "forestall,victoriametrics,influxdb")]
+    systems: String,
+    /// The forestall binary (build it with `cargo build --release --bin forestall`).
+    #[arg(long, default_value = "target/release/forestall")]
+    forestall_bin: PathBuf,
+    /// Lines per write request.
+    #[arg(long, default_value_t = 5000)]
+    batch: usize,
+    /// Concurrent writing clients.
+    #[arg(long, default_value_t = 2)]
+    clients: usize,
+}
+
+impl Run {
+    /// The data file (generated if missing) and the systems to run.
+    fn prepare(&self) -> Result<(PathBuf, Vec<System>)> {
+        let DataSet { hosts, hours, seed } = self.data;
+        let data = data_file(&self.work, hosts, hours, seed)?;
+        let systems = self
+            .systems
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|n| System::parse(n, &self.forestall_bin))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((data, systems))
+    }
 }
 
 /// The data file of a data set in `work`, generated if missing.
@@ -144,54 +159,33 @@ fn main() -> Result<()> {
             data: DataSet { hosts, hours, seed },
             out,
         } => generate(hosts, hours, seed, &out),
-        Cmd::Ingest {
-            data: DataSet { hosts, hours, seed },
-            work,
-            systems,
-            forestall_bin,
-            batch,
-            clients,
-        } => {
-            let data = data_file(&work, hosts, hours, seed)?;
+        Cmd::Ingest { run } => {
+            let (data, systems) = run.prepare()?;
+            let DataSet { hosts, hours, .. } = run.data;
             let values = (hosts * hours * 360 * FIELDS.len()) as u64;
             let mut results = Vec::new();
-            for name in systems.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let system = System::parse(name, &forestall_bin)?;
-                eprintln!("== {name}");
-                let r = run_one(&system, &work, &data, batch, clients)?;
+            for system in &systems {
+                eprintln!("== {}", system.name());
+                let r = run_one(system, &run.work, &data, run.batch, run.clients)?;
                 eprintln!("   {r:?}");
-                results.push((name.to_string(), r));
+                results.push((system.name().to_string(), r));
             }
-            report(&results, values, hosts, hours, batch, clients);
+            report(&results, values, hosts, hours, run.batch, run.clients);
             Ok(())
         }
-        Cmd::Query {
-            data: DataSet { hosts, hours, seed },
-            work,
-            systems,
-            forestall_bin,
-            reps,
-            batch,
-            clients,
-        } => {
-            let data = data_file(&work, hosts, hours, seed)?;
-            let systems = systems
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|n| System::parse(n, &forestall_bin))
-                .collect::<Result<Vec<_>>>()?;
+        Cmd::Query { run, reps } => {
+            let (data, systems) = run.prepare()?;
             query::main(
                 &systems,
                 &query::Options {
-                    work: &work,
+                    work: &run.work,
                     data: &data,
-                    hosts,
-                    hours,
+                    hosts: run.data.hosts,
+                    hours: run.data.hours,
                     reps,
-                    batch,
-                    clients,
-                    seed,
+                    batch: run.batch,
+                    clients: run.clients,
+                    seed: run.data.seed,
                 },
             )
         }

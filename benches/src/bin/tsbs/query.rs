@@ -374,11 +374,13 @@ pub fn main(systems: &[System], opts: &Options<'_>) -> Result<()> {
             .collect();
         println!("| {} | {} |", kind.name(), cells.join(" | "));
     }
-    if let Some((_, f)) = results.iter().find(|(n, _)| *n == "forestall") {
+    let peers: Vec<_> = results.iter().filter(|(n, _)| *n != "forestall").collect();
+    if let Some((_, f)) = results.iter().find(|(n, _)| *n == "forestall")
+        && !peers.is_empty()
+    {
         println!(
             "\nForestall's median latency as a multiple of each peer's (below 1 is faster):\n"
         );
-        let peers: Vec<_> = results.iter().filter(|(n, _)| *n != "forestall").collect();
         println!(
             "| query | {} |",
             peers
