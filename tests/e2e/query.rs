@@ -90,6 +90,13 @@ fn curl_gets_every_format_and_large_results_stream_whole() {
     use parquet::file::reader::FileReader;
     assert_eq!(reader.metadata().file_metadata().num_rows(), ROWS as i64);
 
+    let (status, body) = curl(&server, all, "arrow");
+    assert_eq!(status, 200);
+    let reader = arrow_ipc::reader::StreamReader::try_new(body.as_slice(), None).unwrap();
+    assert_eq!(reader.schema().field(1).name(), "usage");
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, ROWS);
+
     let (status, body) = curl(
         &server,
         "SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host LIMIT 2",

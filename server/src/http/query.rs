@@ -1,7 +1,7 @@
 //! `GET` and `POST /api/v3/query_sql`: SQL over HTTP.
 //!
 //! Parameters `q` (the SQL) and `format`: `json` (an array of objects, the default), `jsonl`,
-//! `csv` (with a header), `parquet`, or `pretty` (a text table). `POST` takes the same as a
+//! `csv` (with a header), `parquet`, `arrow` (an Arrow IPC stream) or `pretty` (a text table). `POST` takes the same as a
 //! JSON body (`{"q": "...", "format": "csv"}`). `db` is accepted and ignored (one namespace).
 //! A wrong query is a 400 with the planner's message; a query that runs longer than
 //! `query.timeout` or returns more than `query.max_result_rows` rows is stopped.
@@ -57,6 +57,7 @@ enum Format {
     Csv,
     Parquet,
     Pretty,
+    Arrow,
 }
 
 /// Rows buffered before the response starts. A result that ends within them gets an exact
@@ -71,9 +72,10 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
         "csv" => Format::Csv,
         "parquet" => Format::Parquet,
         "pretty" => Format::Pretty,
+        "arrow" => Format::Arrow,
         other => {
             return Err(ApiError::Invalid(format!(
-                "unknown format {other:?}: use json, jsonl, csv, parquet or pretty"
+                "unknown format {other:?}: use json, jsonl, csv, parquet, arrow or pretty"
             )));
         }
     };
@@ -169,17 +171,25 @@ impl Format {
             Format::Csv => "text/csv; charset=utf-8",
             Format::Parquet => "application/vnd.apache.parquet",
             Format::Pretty => "text/plain; charset=utf-8",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
         }
     }
 }
 
 /// Turns batches into the bytes of one format, a batch at a time where the format allows.
 enum Encoder {
-    Json { first: bool },
+    Json {
+        first: bool,
+    },
     Jsonl,
-    Csv { header: bool, schema: SchemaRef },
+    Csv {
+        header: bool,
+        schema: SchemaRef,
+    },
     Parquet(Option<Box<parquet::arrow::ArrowWriter<Vec<u8>>>>),
     Pretty(Vec<RecordBatch>),
+    /// Arrow IPC stream: the schema, then each batch as it comes.
+    Arrow(Box<arrow_ipc::writer::StreamWriter<Vec<u8>>>),
 }
 
 fn internal(e: &dyn std::fmt::Display) -> ApiError {
@@ -200,6 +210,10 @@ impl Encoder {
                     .map_err(|e| internal(&e))?,
             ))),
             Format::Pretty => Encoder::Pretty(Vec::new()),
+            Format::Arrow => Encoder::Arrow(Box::new(
+                arrow_ipc::writer::StreamWriter::try_new(Vec::new(), schema)
+                    .map_err(|e| internal(&e))?,
+            )),
         })
     }
 
@@ -207,13 +221,15 @@ impl Encoder {
     fn streams(&self) -> bool {
         matches!(
             self,
-            Encoder::Json { .. } | Encoder::Jsonl | Encoder::Csv { .. }
+            Encoder::Json { .. } | Encoder::Jsonl | Encoder::Csv { .. } | Encoder::Arrow(_)
         )
     }
 
-    fn start(&self) -> Vec<u8> {
+    fn start(&mut self) -> Vec<u8> {
         match self {
             Encoder::Json { .. } => b"[".to_vec(),
+            // The schema message, written when the writer was made.
+            Encoder::Arrow(w) => std::mem::take(w.get_mut()),
             _ => Vec::new(),
         }
     }
@@ -263,6 +279,10 @@ impl Encoder {
                 batches.push(batch.clone());
                 Ok(Vec::new())
             }
+            Encoder::Arrow(w) => {
+                w.write(batch).map_err(|e| internal(&e))?;
+                Ok(std::mem::take(w.get_mut()))
+            }
         }
     }
 
@@ -288,6 +308,10 @@ impl Encoder {
                 .ok_or_else(|| internal(&"parquet writer already finished"))?
                 .into_inner()
                 .map_err(|e| internal(&e)),
+            Encoder::Arrow(w) => {
+                w.finish().map_err(|e| internal(&e))?;
+                Ok(std::mem::take(w.get_mut()))
+            }
             Encoder::Pretty(batches) => {
                 let text = arrow::util::pretty::pretty_format_batches(batches)
                     .map_err(|e| internal(&e))?
