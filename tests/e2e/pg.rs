@@ -136,11 +136,23 @@ with psycopg.connect(host=host, port=port, user="app", dbname="forestall", conne
         conn.rollback()
     (n,) = conn.execute("SELECT count(*) FROM cpu").fetchone()
     assert n == 30
+# A client that goes away in the middle of a large result (27,000 rows, streamed).
+gone = psycopg.connect(host=host, port=port, user="app", dbname="forestall", connect_timeout=10)
+seen = 0
+for row in gone.cursor().stream("SELECT a.usage FROM cpu a CROSS JOIN cpu b CROSS JOIN cpu c"):
+    seen += 1
+    if seen == 100:
+        break
+gone.pgconn.finish()
+# The server goes on serving.
+with psycopg.connect(host=host, port=port, user="app", dbname="forestall", connect_timeout=10) as conn:
+    (n,) = conn.execute("SELECT count(*) FROM cpu").fetchone()
+    assert n == 30
 print("ok")
 "#;
 
 #[test]
-fn psycopg_reads_rows_with_parameters_and_binary_results() {
+fn psycopg_reads_rows_with_parameters_and_binary_results_and_survives_a_hang_up() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     write_sample(&server);
