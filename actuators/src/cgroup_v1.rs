@@ -1,0 +1,397 @@
+//! cgroup v1: `cpu.cfs_quota_us` (over `cpu.cfs_period_us`) for the CPU cap, `cpu.shares`
+//! for the weight, `memory.limit_in_bytes` and `memory.soft_limit_in_bytes` for memory.
+//!
+//! Each controller is its own hierarchy (`/sys/fs/cgroup/cpu/<path>`,
+//! `/sys/fs/cgroup/memory/<path>`). Weights use the cgroup v2 scale everywhere in Forestall
+//! (1..=10000, default 100); v1's shares are 1024 at the default, so shares = weight × 1024 /
+//! 100. A memory limit of "none" reads back from v1 as a huge page-rounded number; anything
+//! at or above 2^62 is reported as no limit.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::{Actuator, Capabilities, Error, Limits, Result, Target};
+
+const NAME: &str = "cgroup-v1";
+const NO_LIMIT: u64 = 1 << 62;
+
+/// The cgroup v1 plugin over controllers mounted under `root` (normally `/sys/fs/cgroup`).
+#[derive(Debug, Clone)]
+pub struct CgroupV1 {
+    root: PathBuf,
+}
+
+impl CgroupV1 {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn dir(&self, controller: &str, target: &Target) -> PathBuf {
+        self.root.join(controller).join(&target.cgroup)
+    }
+
+    fn has(&self, controller: &str, file: &str) -> bool {
+        self.root.join(controller).join(file).exists()
+    }
+
+    /// Creates the component's cgroup in every controller this plugin uses.
+    pub fn create(&self, target: &Target) -> Result<()> {
+        for c in ["cpu", "memory"] {
+            let dir = self.dir(c, target);
+            fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
+        }
+        Ok(())
+    }
+
+    /// Moves a process (all its threads) into the component's cgroups.
+    pub fn attach(&self, target: &Target, pid: u32) -> Result<()> {
+        for c in ["cpu", "memory"] {
+            write(&self.dir(c, target).join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the component's cgroups; the kernel refuses while processes are in them.
+    pub fn remove(&self, target: &Target) -> Result<()> {
+        for c in ["cpu", "memory"] {
+            let dir = self.dir(c, target);
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", &dir, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        actuator: NAME,
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).map_err(|e| io("write", path, e))
+}
+
+fn read_i64(path: &Path) -> Result<i64> {
+    let text = fs::read_to_string(path).map_err(|e| io("read", path, e))?;
+    text.trim().parse().map_err(|_| Error::Parse {
+        actuator: NAME,
+        path: path.to_path_buf(),
+        value: text.trim().to_string(),
+    })
+}
+
+impl Actuator for CgroupV1 {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            cpu_millicores: self.has("cpu", "cpu.cfs_quota_us"),
+            cpu_weight: self.has("cpu", "cpu.shares"),
+            memory_high: self.has("memory", "memory.soft_limit_in_bytes"),
+            memory_max: self.has("memory", "memory.limit_in_bytes"),
+        }
+    }
+
+    fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
+        let caps = self.capabilities();
+        let unsupported = |what: &'static str| Error::Unsupported {
+            actuator: NAME,
+            what,
+            why: format!("no such controller file under {}", self.root.display()),
+        };
+        for (asked, can, what) in [
+            (
+                limits.cpu_millicores.is_some(),
+                caps.cpu_millicores,
+                "a CPU quota",
+            ),
+            (limits.cpu_weight.is_some(), caps.cpu_weight, "a CPU weight"),
+            (
+                limits.memory_high_bytes.is_some(),
+                caps.memory_high,
+                "memory.high",
+            ),
+            (
+                limits.memory_max_bytes.is_some(),
+                caps.memory_max,
+                "memory.max",
+            ),
+        ] {
+            if asked && !can {
+                return Err(unsupported(what));
+            }
+        }
+        if limits.cpu_millicores == Some(0) {
+            return Err(Error::Invalid(
+                "a CPU quota of 0 would stop the component".into(),
+            ));
+        }
+        if let Some(w) = limits.cpu_weight
+            && !(1..=10_000).contains(&w)
+        {
+            return Err(Error::Invalid(format!(
+                "CPU weight {w} is outside 1..=10000"
+            )));
+        }
+        self.create(target)?;
+        let cpu = self.dir("cpu", target);
+        if let Some(m) = limits.cpu_millicores {
+            let period = read_i64(&cpu.join("cpu.cfs_period_us"))?.max(1) as u64;
+            // The kernel's floor is 1 ms of quota.
+            let quota = (m * period / 1000).max(1000);
+            write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+        }
+        if let Some(w) = limits.cpu_weight {
+            let shares = (u64::from(w) * 1024 / 100).max(2);
+            write(&cpu.join("cpu.shares"), &shares.to_string())?;
+        }
+        let mem = self.dir("memory", target);
+        if let Some(b) = limits.memory_max_bytes {
+            write(&mem.join("memory.limit_in_bytes"), &b.to_string())?;
+        }
+        if let Some(b) = limits.memory_high_bytes {
+            write(&mem.join("memory.soft_limit_in_bytes"), &b.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn read_back(&self, target: &Target) -> Result<Limits> {
+        let caps = self.capabilities();
+        let cpu = self.dir("cpu", target);
+        let mem = self.dir("memory", target);
+        let mut out = Limits::default();
+        if caps.cpu_millicores {
+            let quota = read_i64(&cpu.join("cpu.cfs_quota_us"))?;
+            let period = read_i64(&cpu.join("cpu.cfs_period_us"))?.max(1);
+            if quota > 0 {
+                out.cpu_millicores = Some((quota * 1000 / period) as u64);
+            }
+        }
+        if caps.cpu_weight {
+            let shares = read_i64(&cpu.join("cpu.shares"))?.max(0) as u64;
+            out.cpu_weight = Some(((shares * 100).div_ceil(1024)).clamp(1, 10_000) as u32);
+        }
+        let bytes = |file: &str| -> Result<Option<u64>> {
+            let v = read_i64(&mem.join(file))?;
+            Ok((v >= 0 && (v as u64) < NO_LIMIT).then_some(v as u64))
+        };
+        if caps.memory_max {
+            out.memory_max_bytes = bytes("memory.limit_in_bytes")?;
+        }
+        if caps.memory_high {
+            out.memory_high_bytes = bytes("memory.soft_limit_in_bytes")?;
+        }
+        Ok(out)
+    }
+
+    fn revert(&self, target: &Target) -> Result<()> {
+        let caps = self.capabilities();
+        let cpu = self.dir("cpu", target);
+        let mem = self.dir("memory", target);
+        if caps.cpu_millicores {
+            write(&cpu.join("cpu.cfs_quota_us"), "-1")?;
+        }
+        if caps.cpu_weight {
+            write(&cpu.join("cpu.shares"), "1024")?;
+        }
+        if caps.memory_high {
+            write(&mem.join("memory.soft_limit_in_bytes"), "-1")?;
+        }
+        if caps.memory_max {
+            write(&mem.join("memory.limit_in_bytes"), "-1")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    /// The component's cgroup, removed (with its process killed) even if the test fails.
+    struct Fixture {
+        cg: CgroupV1,
+        target: Target,
+        child: Child,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = self.cg.remove(&self.target);
+            // The shared parent goes with the last test that used it.
+            for c in ["cpu", "memory"] {
+                let _ = fs::remove_dir(self.cg.root.join(c).join("forestall-test"));
+            }
+        }
+    }
+
+    fn fixture(name: &str) -> Fixture {
+        fixture_running(name, Command::new("sleep").arg("60"))
+    }
+
+    fn fixture_running(name: &str, cmd: &mut Command) -> Fixture {
+        assert!(
+            Path::new(ROOT).join("cpu/cpu.cfs_quota_us").exists()
+                && Path::new(ROOT)
+                    .join("memory/memory.limit_in_bytes")
+                    .exists(),
+            "these tests need cgroup v1 cpu and memory controllers under {ROOT}, and root"
+        );
+        let cg = CgroupV1::new(ROOT);
+        let target = Target::new(
+            name,
+            format!("forestall-test/{name}-{}", std::process::id()),
+        )
+        .unwrap();
+        let child = cmd.spawn().unwrap();
+        cg.create(&target).unwrap();
+        cg.attach(&target, child.id()).unwrap();
+        Fixture { cg, target, child }
+    }
+
+    #[test]
+    fn cgroup_v1_limits_read_back_from_the_kernel_as_set() {
+        let f = fixture("limits");
+        // The process is in the component's cgroups.
+        let own = fs::read_to_string(format!("/proc/{}/cgroup", f.child.id())).unwrap();
+        assert!(own.contains(&f.target.cgroup), "{own}");
+        let limits = Limits {
+            cpu_millicores: Some(200),
+            cpu_weight: Some(50),
+            memory_high_bytes: Some(32 << 20),
+            memory_max_bytes: Some(64 << 20),
+        };
+        f.cg.apply(&f.target, &limits).unwrap();
+        assert_eq!(f.cg.read_back(&f.target).unwrap(), limits);
+        // Raising one resource leaves the others as they were.
+        f.cg.apply(
+            &f.target,
+            &Limits {
+                cpu_millicores: Some(1500),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let back = f.cg.read_back(&f.target).unwrap();
+        assert_eq!(back.cpu_millicores, Some(1500));
+        assert_eq!(back.memory_max_bytes, Some(64 << 20));
+        // Revert lifts everything.
+        f.cg.revert(&f.target).unwrap();
+        let back = f.cg.read_back(&f.target).unwrap();
+        assert_eq!(
+            (
+                back.cpu_millicores,
+                back.memory_max_bytes,
+                back.memory_high_bytes
+            ),
+            (None, None, None)
+        );
+        assert_eq!(back.cpu_weight, Some(100));
+    }
+
+    /// CPU seconds a process has used (utime + stime).
+    fn cpu_secs(pid: u32) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+
+    /// Share of one core the process used over `secs` of wall time.
+    fn cpu_share(pid: u32, secs: f64) -> f64 {
+        let c0 = cpu_secs(pid);
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64()
+    }
+
+    #[test]
+    fn cgroup_v1_cpu_quota_holds_a_cpu_burner_to_its_share() {
+        // A busy loop; the quota, not the machine, decides how much CPU it gets.
+        let f = fixture_running(
+            "burn",
+            Command::new("sh").args(["-c", "while :; do :; done"]),
+        );
+        let pid = f.child.id();
+        f.cg.apply(
+            &f.target,
+            &Limits {
+                cpu_millicores: Some(200),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let held = cpu_share(pid, 2.0);
+        // CFS enforces the quota every 100 ms period; 0.2 of a core, with rounding to ticks.
+        assert!(held < 0.3, "held at {held:.2} of a core with a 20 % quota");
+        assert!(
+            held > 0.1,
+            "the burner barely ran ({held:.2}); is it in the cgroup?"
+        );
+        f.cg.apply(
+            &f.target,
+            &Limits {
+                cpu_millicores: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let raised = cpu_share(pid, 2.0);
+        assert!(
+            raised > 1.5 * held && raised > 0.3,
+            "raising the quota to a core took it from {held:.2} to only {raised:.2}"
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_refuses_what_it_cannot_do_and_cleans_up() {
+        let f = fixture("refuse");
+        let err =
+            f.cg.apply(
+                &f.target,
+                &Limits {
+                    cpu_millicores: Some(0),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("quota of 0"), "{err}");
+        // A controller that is not there is an error, not a silent no-op.
+        let empty = tempfile::tempdir().unwrap();
+        let nowhere = CgroupV1::new(empty.path());
+        let err = nowhere
+            .apply(
+                &f.target,
+                &Limits {
+                    memory_max_bytes: Some(1 << 20),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        // The kernel refuses to remove a cgroup with a process in it; after the process is
+        // gone, removal works and nothing is left behind.
+        assert!(f.cg.remove(&f.target).is_err());
+        let dirs = [f.cg.dir("cpu", &f.target), f.cg.dir("memory", &f.target)];
+        drop(f);
+        for d in dirs {
+            assert!(!d.exists(), "{} left behind", d.display());
+        }
+    }
+}
