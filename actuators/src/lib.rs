@@ -154,8 +154,7 @@ impl Actuator for DryRun {
         // What was last applied (merged field by field), since nothing was really set.
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Limits::default();
-        for (t, l) in log.iter().filter(|(t, _)| t == target) {
-            let _ = t;
+        for (_, l) in log.iter().filter(|(t, _)| t == target) {
             match l {
                 None => out = Limits::default(),
                 Some(l) => {
