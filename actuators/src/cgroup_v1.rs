@@ -102,46 +102,9 @@ impl Actuator for CgroupV1 {
     }
 
     fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
-        let caps = self.capabilities();
-        let unsupported = |what: &'static str| Error::Unsupported {
-            actuator: NAME,
-            what,
-            why: format!("no such controller file under {}", self.root.display()),
-        };
-        for (asked, can, what) in [
-            (
-                limits.cpu_millicores.is_some(),
-                caps.cpu_millicores,
-                "a CPU quota",
-            ),
-            (limits.cpu_weight.is_some(), caps.cpu_weight, "a CPU weight"),
-            (
-                limits.memory_high_bytes.is_some(),
-                caps.memory_high,
-                "memory.high",
-            ),
-            (
-                limits.memory_max_bytes.is_some(),
-                caps.memory_max,
-                "memory.max",
-            ),
-        ] {
-            if asked && !can {
-                return Err(unsupported(what));
-            }
-        }
-        if limits.cpu_millicores == Some(0) {
-            return Err(Error::Invalid(
-                "a CPU quota of 0 would stop the component".into(),
-            ));
-        }
-        if let Some(w) = limits.cpu_weight
-            && !(1..=10_000).contains(&w)
-        {
-            return Err(Error::Invalid(format!(
-                "CPU weight {w} is outside 1..=10000"
-            )));
-        }
+        limits.check(NAME, self.capabilities(), || {
+            format!("no such controller file under {}", self.root.display())
+        })?;
         self.create(target)?;
         let cpu = self.dir("cpu", target);
         if let Some(m) = limits.cpu_millicores {

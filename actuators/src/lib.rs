@@ -8,11 +8,13 @@
 //! A leaf crate: it depends on no other Forestall crate.
 //!
 //! Built so far: the [`Actuator`] trait with the [`Limits`] it applies, a recording
-//! [`DryRun`] actuator, and the cgroup v1 plugin ([`cgroup_v1`]). Still to come (the
-//! allocation issue): cgroup v2, traffic control, I/O priority, affinity/nice, webhook, the
-//! resource pool, the allocation engine and the feedback controller.
+//! [`DryRun`] actuator, and the cgroup v1 and v2 plugins ([`cgroup_v1`], [`cgroup_v2`]).
+//! Still to come (the allocation issue): I/O limits, traffic control, I/O priority,
+//! affinity/nice, webhook, the resource pool, the allocation engine and the feedback
+//! controller.
 
 pub mod cgroup_v1;
+pub mod cgroup_v2;
 
 use std::sync::Mutex;
 
@@ -69,6 +71,58 @@ pub struct Capabilities {
     pub cpu_weight: bool,
     pub memory_high: bool,
     pub memory_max: bool,
+}
+
+impl Limits {
+    /// Checks a request against what a plugin can do: every asked-for resource must be
+    /// supported (`why` says why not), a CPU cap must be above zero and a weight within
+    /// 1..=10000.
+    pub fn check(
+        &self,
+        actuator: &'static str,
+        caps: Capabilities,
+        why: impl Fn() -> String,
+    ) -> Result<()> {
+        for (asked, can, what) in [
+            (
+                self.cpu_millicores.is_some(),
+                caps.cpu_millicores,
+                "a CPU quota",
+            ),
+            (self.cpu_weight.is_some(), caps.cpu_weight, "a CPU weight"),
+            (
+                self.memory_high_bytes.is_some(),
+                caps.memory_high,
+                "memory.high",
+            ),
+            (
+                self.memory_max_bytes.is_some(),
+                caps.memory_max,
+                "memory.max",
+            ),
+        ] {
+            if asked && !can {
+                return Err(Error::Unsupported {
+                    actuator,
+                    what,
+                    why: why(),
+                });
+            }
+        }
+        if self.cpu_millicores == Some(0) {
+            return Err(Error::Invalid(
+                "a CPU quota of 0 would stop the component".into(),
+            ));
+        }
+        if let Some(w) = self.cpu_weight
+            && !(1..=10_000).contains(&w)
+        {
+            return Err(Error::Invalid(format!(
+                "CPU weight {w} is outside 1..=10000"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The component an actuator acts on: its name and its cgroup path, relative to each
