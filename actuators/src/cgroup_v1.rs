@@ -1,5 +1,7 @@
 //! cgroup v1: `cpu.cfs_quota_us` (over `cpu.cfs_period_us`) for the CPU cap, `cpu.shares`
-//! for the weight, `memory.limit_in_bytes` and `memory.soft_limit_in_bytes` for memory.
+//! for the weight, `memory.limit_in_bytes` and `memory.soft_limit_in_bytes` for memory, and
+//! `blkio.throttle.{read,write}_{bps,iops}_device` for I/O (read back: the first device
+//! throttled; revert: every device's throttles lifted).
 //!
 //! Each controller is its own hierarchy (`/sys/fs/cgroup/cpu/<path>`,
 //! `/sys/fs/cgroup/memory/<path>`). Weights use the cgroup v2 scale everywhere in Forestall
@@ -10,10 +12,40 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::{Actuator, Capabilities, Error, Limits, Result, Target};
+use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Result, Target};
 
 const NAME: &str = "cgroup-v1";
 const NO_LIMIT: u64 = 1 << 62;
+/// The throttle files, in the order of [`IoLimit`]'s fields.
+const THROTTLES: [&str; 4] = ["read_bps", "write_bps", "read_iops", "write_iops"];
+
+fn throttle_values(l: &IoLimit) -> [Option<u64>; 4] {
+    [l.read_bps, l.write_bps, l.read_iops, l.write_iops]
+}
+
+/// `major:minor value` lines of a throttle file.
+fn throttle_lines(path: &Path) -> Result<Vec<((u32, u32), u64)>> {
+    let text = fs::read_to_string(path).map_err(|e| io("read", path, e))?;
+    let bad = |line: &str| Error::Parse {
+        actuator: NAME,
+        path: path.to_path_buf(),
+        value: line.to_string(),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (dev, value) = line.split_once(' ').ok_or_else(|| bad(line))?;
+            let (maj, min) = dev.split_once(':').ok_or_else(|| bad(line))?;
+            Ok((
+                (
+                    maj.parse().map_err(|_| bad(line))?,
+                    min.parse().map_err(|_| bad(line))?,
+                ),
+                value.trim().parse().map_err(|_| bad(line))?,
+            ))
+        })
+        .collect()
+}
 
 /// The cgroup v1 plugin over controllers mounted under `root` (normally `/sys/fs/cgroup`).
 #[derive(Debug, Clone)]
@@ -34,9 +66,17 @@ impl CgroupV1 {
         self.root.join(controller).join(file).exists()
     }
 
+    /// The controllers this plugin uses that are mounted.
+    fn controllers(&self) -> Vec<&'static str> {
+        ["cpu", "memory", "blkio"]
+            .into_iter()
+            .filter(|c| self.root.join(c).is_dir())
+            .collect()
+    }
+
     /// Creates the component's cgroup in every controller this plugin uses.
     pub fn create(&self, target: &Target) -> Result<()> {
-        for c in ["cpu", "memory"] {
+        for c in self.controllers() {
             let dir = self.dir(c, target);
             fs::create_dir_all(&dir).map_err(|source| io("create", &dir, source))?;
         }
@@ -45,7 +85,7 @@ impl CgroupV1 {
 
     /// Moves a process (all its threads) into the component's cgroups.
     pub fn attach(&self, target: &Target, pid: u32) -> Result<()> {
-        for c in ["cpu", "memory"] {
+        for c in self.controllers() {
             write(&self.dir(c, target).join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
@@ -53,7 +93,7 @@ impl CgroupV1 {
 
     /// Removes the component's cgroups; the kernel refuses while processes are in them.
     pub fn remove(&self, target: &Target) -> Result<()> {
-        for c in ["cpu", "memory"] {
+        for c in self.controllers() {
             let dir = self.dir(c, target);
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
@@ -98,6 +138,9 @@ impl Actuator for CgroupV1 {
             cpu_weight: self.has("cpu", "cpu.shares"),
             memory_high: self.has("memory", "memory.soft_limit_in_bytes"),
             memory_max: self.has("memory", "memory.limit_in_bytes"),
+            io_max: THROTTLES
+                .iter()
+                .all(|f| self.has("blkio", &format!("blkio.throttle.{f}_device"))),
         }
     }
 
@@ -123,6 +166,16 @@ impl Actuator for CgroupV1 {
         }
         if let Some(b) = limits.memory_high_bytes {
             write(&mem.join("memory.soft_limit_in_bytes"), &b.to_string())?;
+        }
+        if let Some(l) = &limits.io {
+            let blkio = self.dir("blkio", target);
+            let (maj, min) = l.device;
+            for (file, value) in THROTTLES.iter().zip(throttle_values(l)) {
+                if let Some(v) = value {
+                    let path = blkio.join(format!("blkio.throttle.{file}_device"));
+                    write(&path, &format!("{maj}:{min} {v}"))?;
+                }
+            }
         }
         Ok(())
     }
@@ -153,6 +206,30 @@ impl Actuator for CgroupV1 {
         if caps.memory_high {
             out.memory_high_bytes = bytes("memory.soft_limit_in_bytes")?;
         }
+        if caps.io_max {
+            let blkio = self.dir("blkio", target);
+            let mut found: Option<IoLimit> = None;
+            for (i, file) in THROTTLES.iter().enumerate() {
+                for (device, value) in
+                    throttle_lines(&blkio.join(format!("blkio.throttle.{file}_device")))?
+                {
+                    let l = found.get_or_insert(IoLimit {
+                        device,
+                        ..Default::default()
+                    });
+                    if l.device == device {
+                        let slot = [
+                            &mut l.read_bps,
+                            &mut l.write_bps,
+                            &mut l.read_iops,
+                            &mut l.write_iops,
+                        ];
+                        *slot.into_iter().nth(i).expect("four throttles") = Some(value);
+                    }
+                }
+            }
+            out.io = found;
+        }
         Ok(out)
     }
 
@@ -171,6 +248,16 @@ impl Actuator for CgroupV1 {
         }
         if caps.memory_max {
             write(&mem.join("memory.limit_in_bytes"), "-1")?;
+        }
+        if caps.io_max {
+            let blkio = self.dir("blkio", target);
+            for file in THROTTLES {
+                let path = blkio.join(format!("blkio.throttle.{file}_device"));
+                for ((maj, min), _) in throttle_lines(&path)? {
+                    // Zero removes a v1 throttle.
+                    write(&path, &format!("{maj}:{min} 0"))?;
+                }
+            }
         }
         Ok(())
     }
@@ -196,7 +283,7 @@ mod tests {
             let _ = self.child.wait();
             let _ = self.cg.remove(&self.target);
             // The shared parent goes with the last test that used it.
-            for c in ["cpu", "memory"] {
+            for c in ["cpu", "memory", "blkio"] {
                 let _ = fs::remove_dir(self.cg.root.join(c).join("forestall-test"));
             }
         }
@@ -237,6 +324,13 @@ mod tests {
             cpu_weight: Some(50),
             memory_high_bytes: Some(32 << 20),
             memory_max_bytes: Some(64 << 20),
+            io: Some(IoLimit {
+                device: block_device(),
+                read_bps: Some(10 << 20),
+                write_bps: Some(5 << 20),
+                read_iops: None,
+                write_iops: Some(200),
+            }),
         };
         f.cg.apply(&f.target, &limits).unwrap();
         assert_eq!(f.cg.read_back(&f.target).unwrap(), limits);
@@ -264,6 +358,25 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(back.cpu_weight, Some(100));
+    }
+
+    /// A real block device's `major:minor`: a disk if there is one, else any.
+    fn block_device() -> (u32, u32) {
+        let mut devices: Vec<(String, (u32, u32))> = fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let dev = fs::read_to_string(e.path().join("dev")).ok()?;
+                let (maj, min) = dev.trim().split_once(':')?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    (maj.parse().ok()?, min.parse().ok()?),
+                ))
+            })
+            .collect();
+        devices
+            .sort_by_key(|(name, _)| ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)));
+        devices.first().expect("a block device in /sys/block").1
     }
 
     /// CPU seconds a process has used (utime + stime).

@@ -110,6 +110,7 @@ impl Actuator for CgroupV2 {
             cpu_weight: has("cpu"),
             memory_high: has("memory"),
             memory_max: has("memory"),
+            io_max: false,
         }
     }
 
@@ -227,6 +228,7 @@ mod tests {
             cpu_weight: Some(400),
             memory_high_bytes: Some(256 << 20),
             memory_max_bytes: Some(512 << 20),
+            io: None,
         };
         cg.apply(&target, &limits).unwrap();
         let dir = root.path().join("forestall/web");

@@ -62,6 +62,18 @@ pub struct Limits {
     pub memory_high_bytes: Option<u64>,
     /// Memory the component can never exceed.
     pub memory_max_bytes: Option<u64>,
+    /// Bandwidth and operation caps on one block device.
+    pub io: Option<IoLimit>,
+}
+
+/// Caps on one block device (`major:minor`); `None` leaves a direction unlimited on apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoLimit {
+    pub device: (u32, u32),
+    pub read_bps: Option<u64>,
+    pub write_bps: Option<u64>,
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
 }
 
 /// Which parts of [`Limits`] a plugin can set here.
@@ -71,6 +83,7 @@ pub struct Capabilities {
     pub cpu_weight: bool,
     pub memory_high: bool,
     pub memory_max: bool,
+    pub io_max: bool,
 }
 
 impl Limits {
@@ -193,6 +206,7 @@ impl Actuator for DryRun {
             cpu_weight: true,
             memory_high: true,
             memory_max: true,
+            io_max: true,
         }
     }
 
@@ -216,6 +230,7 @@ impl Actuator for DryRun {
                     out.cpu_weight = l.cpu_weight.or(out.cpu_weight);
                     out.memory_high_bytes = l.memory_high_bytes.or(out.memory_high_bytes);
                     out.memory_max_bytes = l.memory_max_bytes.or(out.memory_max_bytes);
+                    out.io = l.io.or(out.io);
                 }
             }
         }
