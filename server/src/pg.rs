@@ -10,6 +10,7 @@
 //!   protocol, so there is nothing for a transaction to protect.
 //! * Columns are typed: `bool`, `int2/4/8`, `float4/8`, `text`, `timestamp(tz)`, `date`,
 //!   `bytea`; other Arrow types (intervals, decimals, structs, lists) arrive as text.
+//!   Text-format timestamps print as Postgres prints them (`2026-01-01 00:08:00`).
 //!   Unsigned 64-bit fields are sent as `int8`; a value above `i64::MAX` is an error.
 //! * Errors are Postgres error responses with a SQLSTATE: `42601` syntax, `42P01` unknown
 //!   table, `42703` unknown column, `42000` other planning errors, `57014` timeout, `54000`
@@ -39,7 +40,7 @@ use forestall_query::QueryEngine;
 use futures::{Sink, StreamExt, stream};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
@@ -412,10 +413,14 @@ fn encode_batch(batch: &RecordBatch, fields: &Arc<Vec<FieldInfo>>) -> PgWireResu
         .zip(schema.fields())
         .map(|(a, f)| column(a, f.name()))
         .collect::<PgWireResult<_>>()?;
+    let text: Vec<bool> = fields
+        .iter()
+        .map(|f| f.format() == FieldFormat::Text)
+        .collect();
     let mut encoder = DataRowEncoder::new(Arc::clone(fields));
     let mut rows = Vec::with_capacity(batch.num_rows());
     for row in 0..batch.num_rows() {
-        for col in &columns {
+        for (ci, col) in columns.iter().enumerate() {
             match col {
                 Column::Bool(a) => encoder.encode_field(&a.is_valid(row).then(|| a.value(row)))?,
                 Column::I16(v) => encoder.encode_field(&v[row])?,
@@ -444,7 +449,9 @@ fn encode_batch(batch: &RecordBatch, fields: &Arc<Vec<FieldInfo>>) -> PgWireResu
                     let t = a
                         .is_valid(row)
                         .then(|| DateTime::<Utc>::from_timestamp_nanos(a.value(row)));
-                    if *tz {
+                    if text[ci] {
+                        encoder.encode_field(&t.map(|t| timestamp_text(t, *tz)))?
+                    } else if *tz {
                         encoder.encode_field(&t)?
                     } else {
                         encoder.encode_field(&t.map(|t| t.naive_utc()))?
@@ -474,6 +481,22 @@ fn encode_batch(batch: &RecordBatch, fields: &Arc<Vec<FieldInfo>>) -> PgWireResu
         rows.push(encoder.take_row());
     }
     Ok(rows)
+}
+
+/// A timestamp as Postgres prints it: no fraction when it is zero, microseconds without
+/// trailing zeros otherwise, and `+00` for a time zone (answers are in UTC).
+fn timestamp_text(t: DateTime<Utc>, tz: bool) -> String {
+    let mut s = t.format("%Y-%m-%d %H:%M:%S").to_string();
+    let micros = t.timestamp_subsec_micros();
+    if micros > 0 {
+        let frac = format!("{micros:06}");
+        s.push('.');
+        s.push_str(frac.trim_end_matches('0'));
+    }
+    if tz {
+        s.push_str("+00");
+    }
+    s
 }
 
 /// The Arrow type a client-declared parameter type reads as, when the plan does not say.
@@ -674,5 +697,26 @@ impl ExtendedQueryHandler for Backend {
         };
         self.run(&ctx, stmt, params, &portal.result_column_format)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_print_as_postgres_prints_them() {
+        let t = |n: i64| DateTime::<Utc>::from_timestamp_nanos(n);
+        let s = 1_767_225_600_000_000_000; // 2026-01-01T00:00:00Z
+        assert_eq!(timestamp_text(t(s), false), "2026-01-01 00:00:00");
+        assert_eq!(
+            timestamp_text(t(s + 500_000_000), false),
+            "2026-01-01 00:00:00.5"
+        );
+        assert_eq!(
+            timestamp_text(t(s + 123_456_789), true),
+            "2026-01-01 00:00:00.123456+00"
+        );
+        assert_eq!(timestamp_text(t(s + 999), false), "2026-01-01 00:00:00");
     }
 }
