@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
-# and the real Postgres clients the tests drive (psql, and psycopg from PyPI).
+# and the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -10,6 +10,8 @@ for pkg in librocksdb-dev libclang-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 command -v psql >/dev/null || need+=(postgresql-client)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -17,8 +19,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if command -v python3 >/dev/null && ! python3 -c 'import psycopg' 2>/dev/null; then
+if ! python3 -c 'import psycopg' 2>/dev/null; then
   echo "setup: installing psycopg" >&2
-  python3 -m pip install -q --disable-pip-version-check psycopg >&2
+  # pip where Python allows it; Debian's own Python is externally managed, so apt there.
+  python3 -m pip install -q --disable-pip-version-check psycopg >&2 2>/dev/null \
+    || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+         $sudo apt-get update -qq
+         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-psycopg >/dev/null; }
+  python3 -c 'import psycopg' || { echo "setup: psycopg is still missing" >&2; exit 1; }
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing; install Rust with rustup" >&2; exit 1; }

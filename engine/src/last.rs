@@ -11,7 +11,6 @@
 //! longer has data keeps its entry until then.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -92,41 +91,6 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<RecordBatch> {
     concat_batches(&schema, &batches).map_err(arrow_err)
 }
 
-/// The series of a buffer snapshot as ids for merging: the registered id where the series
-/// has one, else an id past every registered one (a series first seen since the last flush).
-pub(crate) fn snapshot_with_ids(
-    snap: &crate::buffer::PartitionSnapshot,
-    ids: impl Fn(&str) -> Option<u32>,
-    next_free: &mut u32,
-) -> Result<RecordBatch> {
-    let local: Vec<u32> = snap
-        .series
-        .iter()
-        .map(|s| {
-            ids(&s.key).unwrap_or_else(|| {
-                *next_free += 1;
-                *next_free
-            })
-        })
-        .collect();
-    let sids = UInt32Array::from(
-        snap.row_series
-            .iter()
-            .map(|&l| local[l as usize])
-            .collect::<Vec<_>>(),
-    );
-    let mut fields = vec![Arc::new(arrow::datatypes::Field::new(
-        SERIES_ID_COLUMN,
-        arrow::datatypes::DataType::UInt32,
-        false,
-    ))];
-    fields.extend(snap.batch.schema().fields().iter().cloned());
-    let mut columns: Vec<arrow::array::ArrayRef> = vec![Arc::new(sids)];
-    columns.extend(snap.batch.columns().iter().cloned());
-    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
-        .map_err(arrow_err)
-}
-
 impl crate::store::Inner {
     /// See [`crate::Store::last_rows`].
     pub(crate) fn last_rows(&self, measurement: &str, now: i64) -> Result<Option<RecordBatch>> {
@@ -188,10 +152,11 @@ impl crate::store::Inner {
         }
         {
             let registry = self.series.lock();
-            let mut next_free = registry.next;
+            // One id per series across every snapshot, so a series first seen since the last
+            // flush and present in both a frozen and the live buffer stays one row.
+            let mut ids = crate::scan::BufferIds::new(&registry);
             for snap in &snaps {
-                let b =
-                    snapshot_with_ids(snap, |k| registry.by_key.get(k).copied(), &mut next_free)?;
+                let (b, _) = ids.with_ids(snap)?;
                 acc = Some(merge(acc.as_ref(), &last_per_series(&b)?)?);
             }
         }

@@ -27,7 +27,7 @@ use crate::flush::{SortPlan, conform};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::segment::{ReadStats, SegmentRef, time_values};
-use crate::store::Inner;
+use crate::store::{Inner, SeriesRegistry};
 use crate::{Error, Result, SeriesId};
 
 /// A condition on a series' tags.
@@ -441,6 +441,61 @@ fn snapshot_rows(
     Ok((keep.true_count() > 0).then_some(keep))
 }
 
+/// Series ids for buffered rows: the registered id, or one past every registered id for a
+/// series first seen since the last flush, the same one in every snapshot of one read.
+pub(crate) struct BufferIds<'a> {
+    registry: &'a SeriesRegistry,
+    fresh: std::collections::HashMap<Box<str>, SeriesId>,
+    next: SeriesId,
+}
+
+impl<'a> BufferIds<'a> {
+    pub(crate) fn new(registry: &'a SeriesRegistry) -> Self {
+        Self {
+            registry,
+            fresh: Default::default(),
+            next: registry.next,
+        }
+    }
+
+    /// The snapshot's rows with `__series_id` in front, and the ids it holds.
+    pub(crate) fn with_ids(&mut self, snap: &PartitionSnapshot) -> Result<(RecordBatch, Bitmap)> {
+        let local: Vec<SeriesId> = snap
+            .series
+            .iter()
+            .map(|s| match self.registry.by_key.get(&s.key) {
+                Some(&id) => id,
+                None => *self.fresh.entry(s.key.clone()).or_insert_with(|| {
+                    self.next += 1;
+                    self.next
+                }),
+            })
+            .collect();
+        let sids = UInt32Array::from(
+            snap.row_series
+                .iter()
+                .map(|&l| local[l as usize])
+                .collect::<Vec<_>>(),
+        );
+        let mut fields = vec![Arc::new(Field::new(
+            SERIES_ID_COLUMN,
+            DataType::UInt32,
+            false,
+        ))];
+        fields.extend(snap.batch.schema().fields().iter().cloned());
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(sids)];
+        cols.extend(snap.batch.columns().iter().cloned());
+        let batch =
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|source| {
+                Error::Arrow {
+                    measurement: snap.measurement.clone(),
+                    source,
+                }
+            })?;
+        Ok((batch, local.into_iter().collect()))
+    }
+}
+
 /// Age of a frozen buffer (`Some(i)`, oldest first) or of the live one (`None`), above every
 /// segment id.
 fn buffer_age(frozen: Option<usize>) -> u64 {
@@ -549,46 +604,16 @@ impl Inner {
             .filter(|s| series.as_ref().is_none_or(|b| s.meta.series.intersect(b)))
             .collect();
 
-        // Series ids of the buffered rows: the registered id, or one past every registered id
-        // for a series first seen since the last flush (the same one in every snapshot).
         let mut snap_rows = Vec::new();
         {
             let registry = self.series.lock();
-            let mut fresh: std::collections::HashMap<&str, SeriesId> = Default::default();
-            let mut next = registry.next;
+            let mut ids = BufferIds::new(&registry);
             for (age, snap) in &snaps {
                 let Some(keep) = snapshot_rows(snap, req.start, req.end, req.predicate.as_ref())?
                 else {
                     continue;
                 };
-                let local: Vec<SeriesId> = snap
-                    .series
-                    .iter()
-                    .map(|s| match registry.by_key.get(&s.key) {
-                        Some(&id) => id,
-                        None => *fresh.entry(&s.key).or_insert_with(|| {
-                            next += 1;
-                            next
-                        }),
-                    })
-                    .collect();
-                let ids: Bitmap = local.iter().copied().collect();
-                let sids = UInt32Array::from(
-                    snap.row_series
-                        .iter()
-                        .map(|&l| local[l as usize])
-                        .collect::<Vec<_>>(),
-                );
-                let mut fields = vec![Arc::new(Field::new(
-                    SERIES_ID_COLUMN,
-                    DataType::UInt32,
-                    false,
-                ))];
-                fields.extend(snap.batch.schema().fields().iter().cloned());
-                let mut cols: Vec<ArrayRef> = vec![Arc::new(sids)];
-                cols.extend(snap.batch.columns().iter().cloned());
-                let with_ids =
-                    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(arrow_err)?;
+                let (with_ids, ids) = ids.with_ids(snap)?;
                 let rows = filter_record_batch(&with_ids, &keep).map_err(arrow_err)?;
                 snap_rows.push((
                     *age,
