@@ -12,7 +12,9 @@
 //! one-step forecast errors into anomaly scores). The LSTM, ETS and the Bayesian network are
 //! still to come (see the models issue).
 
+pub mod codec;
 pub mod detector;
+pub mod forecast;
 pub mod likelihood;
 pub mod nab;
 
@@ -23,6 +25,10 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("read {path}: {reason}")]
     Data { path: PathBuf, reason: String },
+    #[error("invalid model config: {reason}")]
+    Config { reason: String },
+    #[error("read checkpoint: {reason}")]
+    Checkpoint { reason: String },
 }
 
 /// The models crate's result type.

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use forestall_models::detector::{DetectorParams, score_series};
+use forestall_models::forecast::ForecastConfig;
+use forestall_models::forecast::evaluation::{Accuracy, LEVELS, evaluate_series};
 use forestall_models::nab::{self, Labels, PROFILES};
 
 /// Runs a fresh detector over every file of a NAB-layout folder, writes
@@ -60,6 +62,120 @@ pub fn nab(data: &Path, out: &Path) -> anyhow::Result<String> {
     Ok(report)
 }
 
+/// Steps ahead `eval forecast` scores.
+const FORECAST_STEPS: [usize; 2] = [1, 12];
+
+/// Streams every file of a NAB-layout folder through a fresh forecaster and returns the
+/// report: per file and overall, MASE and 80/90/95% interval coverage at 1 and 12 steps
+/// ahead, for every model and for the automatic choice. Rows before NAB's probationary end
+/// (`min(15% of rows, 750)`) only train.
+pub fn forecast(data: &Path) -> anyhow::Result<String> {
+    let files =
+        nab::load_corpus(data).with_context(|| format!("load the corpus in {}", data.display()))?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no data/<category>/<file>.csv under {}",
+        data.display()
+    );
+    let started = Instant::now();
+    let mut report = String::new();
+    let header = |r: &mut String| {
+        writeln!(
+            r,
+            "{:<16} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            "forecaster",
+            "MASE@1",
+            "MASE@12",
+            "c80@1",
+            "c90@1",
+            "c95@1",
+            "c80@12",
+            "c90@12",
+            "c95@12"
+        )
+    };
+    let row = |r: &mut String, name: &str, mase: [f64; 2], acc: &[Accuracy]| {
+        let c = |s: usize, l: usize| 100.0 * acc[s].coverage(l);
+        writeln!(
+            r,
+            "{name:<16} {:>8.3} {:>8.3} {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}%",
+            mase[0],
+            mase[1],
+            c(0, 0),
+            c(0, 1),
+            c(0, 2),
+            c(1, 0),
+            c(1, 1),
+            c(1, 2)
+        )
+    };
+    let mut names = Vec::new();
+    let mut pooled: Vec<Vec<Accuracy>> = Vec::new();
+    let mut mase_sum: Vec<[f64; 2]> = Vec::new();
+    let (mut scaled_files, mut rows, mut auto_wins) = (0usize, 0usize, 0usize);
+    for f in &files {
+        let warmup = (f.values.len() * 15 / 100).min(750);
+        let e = evaluate_series(
+            &f.values,
+            ForecastConfig::default(),
+            &FORECAST_STEPS,
+            warmup,
+        )?;
+        rows += f.values.len();
+        if names.is_empty() {
+            names = e.forecasters.clone();
+            pooled = vec![vec![Accuracy::default(); FORECAST_STEPS.len()]; names.len()];
+            mase_sum = vec![[0.0; 2]; names.len()];
+        }
+        writeln!(report, "{}  (MASE scale {:.4})", f.name, e.scale)?;
+        header(&mut report)?;
+        let scaled = e.scale > 0.0;
+        scaled_files += usize::from(scaled);
+        for (m, acc) in e.accuracy.iter().enumerate() {
+            let mase = [acc[0].mase(e.scale), acc[1].mase(e.scale)];
+            row(&mut report, e.forecasters[m], mase, acc)?;
+            for (p, a) in pooled[m].iter_mut().zip(acc) {
+                p.merge(a);
+            }
+            if scaled {
+                mase_sum[m][0] += mase[0];
+                mase_sum[m][1] += mase[1];
+            }
+        }
+        // The automatic choice against seasonal naive (model 0) at the longest step.
+        let auto = e.accuracy.len() - 1;
+        if e.accuracy[auto][1].abs_error < e.accuracy[0][1].abs_error {
+            auto_wins += 1;
+        }
+        report.push('\n');
+    }
+    let elapsed = started.elapsed();
+    writeln!(
+        report,
+        "overall: {} files, {rows} rows, evaluated in {:.2} s; MASE averaged over the {scaled_files} files that vary, coverage pooled over every forecast",
+        files.len(),
+        elapsed.as_secs_f64()
+    )?;
+    header(&mut report)?;
+    for (m, name) in names.iter().enumerate() {
+        let n = scaled_files.max(1) as f64;
+        row(
+            &mut report,
+            name,
+            [mase_sum[m][0] / n, mase_sum[m][1] / n],
+            &pooled[m],
+        )?;
+    }
+    writeln!(
+        report,
+        "auto has lower MASE@12 than seasonal_naive on {auto_wins} of {} files ({:.0}%)",
+        files.len(),
+        100.0 * auto_wins as f64 / files.len() as f64
+    )?;
+    debug_assert_eq!(LEVELS.len(), 3);
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +220,32 @@ mod tests {
         );
         let score: f64 = lines[401].rsplit(',').next().unwrap().parse().unwrap();
         assert!((0.0..=1.0).contains(&score));
+    }
+
+    #[test]
+    fn forecast_report_covers_every_file_and_forecaster() {
+        let data = tempfile::tempdir().unwrap();
+        let cat = data.path().join("data/cat");
+        std::fs::create_dir_all(&cat).unwrap();
+        for (name, period) in [("a.csv", 24.0), ("b.csv", 36.0)] {
+            let mut csv = String::from("timestamp,value\n");
+            for i in 0..1500 {
+                let v = 10.0 + (i as f64 * std::f64::consts::TAU / period).sin();
+                csv.push_str(&format!("2014-01-01 00:00:00,{v}\n"));
+            }
+            std::fs::write(cat.join(name), csv).unwrap();
+        }
+        let report = forecast(data.path()).unwrap();
+        for needle in [
+            "cat/a.csv",
+            "cat/b.csv",
+            "seasonal_naive",
+            "ets_smooth",
+            "overall: 2 files, 3000 rows",
+            "seasonal_naive on",
+        ] {
+            assert!(report.contains(needle), "{needle} missing from\n{report}");
+        }
+        assert!(forecast(&data.path().join("missing")).is_err());
     }
 }

@@ -53,6 +53,13 @@ enum Eval {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Evaluate the forecasters on a folder of data/<category>/<file>.csv series: MASE and
+    /// 80/90/95% interval coverage at 1 and 12 steps ahead, per model and for the automatic
+    /// choice.
+    Forecast {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
 }
 
 /// mimalloc returns freed memory to the OS; with glibc's per-thread arenas, the buffers a flush
@@ -67,6 +74,12 @@ fn main() -> anyhow::Result<()> {
             what: Eval::Nab { data, out },
         } => {
             print!("{}", forestall_server::eval::nab(&data, &out)?);
+            Ok(())
+        }
+        Command::Eval {
+            what: Eval::Forecast { data },
+        } => {
+            print!("{}", forestall_server::eval::forecast(&data)?);
             Ok(())
         }
         Command::Serve {

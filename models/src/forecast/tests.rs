@@ -1,0 +1,205 @@
+use super::*;
+
+/// A deterministic noise source in [-0.5, 0.5).
+fn noise(seed: &mut u64) -> f64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+}
+
+fn seasonal(n: usize, period: usize, noise_amp: f64, slope: f64) -> Vec<f64> {
+    let mut seed = 7;
+    (0..n)
+        .map(|i| {
+            50.0 + slope * i as f64
+                + 10.0 * (i as f64 * std::f64::consts::TAU / period as f64).sin()
+                + noise_amp * noise(&mut seed)
+        })
+        .collect()
+}
+
+/// Mean absolute error at `step` ahead of the automatic choice, and of the naive forecast
+/// (the last value), over the second half of `values`.
+fn errors_at(values: &[f64], step: usize) -> (f64, f64) {
+    let mut f = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    let (mut auto, mut naive, mut n) = (0.0, 0.0, 0.0);
+    for (i, &v) in values.iter().enumerate() {
+        f.update(v);
+        if i >= values.len() / 2 && i + step < values.len() {
+            let actual = values[i + step];
+            auto += (f.forecast(step, 0.9)[step - 1].mean - actual).abs();
+            naive += (v - actual).abs();
+            n += 1.0;
+        }
+    }
+    (auto / n, naive / n)
+}
+
+#[test]
+fn period_detection_finds_the_cycle_and_not_noise_or_trends() {
+    assert_eq!(detect_period(&seasonal(600, 24, 4.0, 0.05), 200), Some(24));
+    assert_eq!(
+        detect_period(&seasonal(3000, 288, 2.0, 0.0), 1008),
+        Some(288)
+    );
+    let mut seed = 3;
+    let white: Vec<f64> = (0..2000).map(|_| noise(&mut seed)).collect();
+    assert_eq!(detect_period(&white, 500), None);
+    let mut walk = vec![0.0];
+    for _ in 0..2000 {
+        let next = walk[walk.len() - 1] + noise(&mut seed);
+        walk.push(next);
+    }
+    assert_eq!(detect_period(&walk, 500), None);
+    assert_eq!(detect_period(&[1.0; 500], 100), None);
+    assert_eq!(detect_period(&[1.0, f64::NAN, 2.0, 1.0, 2.0], 2), None);
+}
+
+#[test]
+fn beats_the_naive_forecast_on_seasonal_and_trending_series() {
+    let s = seasonal(4000, 48, 2.0, 0.0);
+    for step in [1, 12] {
+        let (auto, naive) = errors_at(&s, step);
+        assert!(
+            auto < 0.8 * naive,
+            "seasonal, step {step}: auto {auto} naive {naive}"
+        );
+    }
+    let mut seed = 11;
+    let trend: Vec<f64> = (0..3000)
+        .map(|i| 0.5 * i as f64 + noise(&mut seed))
+        .collect();
+    let (auto, naive) = errors_at(&trend, 12);
+    assert!(auto < 0.5 * naive, "trend: auto {auto} naive {naive}");
+}
+
+#[test]
+fn ninety_percent_intervals_cover_about_ninety_percent() {
+    let s = seasonal(6000, 48, 6.0, 0.0);
+    let mut f = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    for step in [1usize, 12] {
+        let (mut hits, mut n) = (0, 0);
+        for (i, &v) in s.iter().enumerate() {
+            f.update(v);
+            if i >= 2000 && i + step < s.len() {
+                let p = f.forecast(step, 0.9)[step - 1];
+                hits += usize::from(p.lower <= s[i + step] && s[i + step] <= p.upper);
+                n += 1;
+            }
+        }
+        let coverage = hits as f64 / n as f64;
+        assert!(
+            (0.85..=0.95).contains(&coverage),
+            "step {step}: coverage {coverage}"
+        );
+        f = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    }
+}
+
+#[test]
+fn a_new_series_gets_a_forecast_from_its_first_value() {
+    let mut f = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    assert!(f.forecast(5, 0.9).is_empty());
+    f.update(f64::NAN); // nothing to repeat yet: ignored
+    assert!(f.forecast(5, 0.9).is_empty());
+    f.update(42.0);
+    let p = f.forecast(30, 0.9);
+    assert_eq!(p.len(), 30);
+    for s in &p {
+        assert_eq!(s.mean, 42.0);
+        assert!(s.lower < 42.0 && s.upper > 42.0, "{s:?}");
+    }
+    f.update(f64::INFINITY); // a gap repeats the last value
+    assert!(f.forecast(3, 0.9).iter().all(|s| s.mean.is_finite()));
+    // Beyond the tracked horizon intervals keep widening.
+    let mut f = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    for v in seasonal(500, 24, 3.0, 0.0) {
+        f.update(v);
+    }
+    let p = f.forecast(48, 0.9);
+    assert!(p[47].upper - p[47].lower > p[11].upper - p[11].lower);
+}
+
+#[test]
+fn checkpoints_round_trip_and_continue_exactly() {
+    let s = seasonal(3000, 36, 3.0, 0.01);
+    let mut a = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    for &v in &s[..1700] {
+        a.update(v);
+    }
+    let bytes = a.checkpoint();
+    let mut b = AutoForecaster::restore(&bytes).unwrap();
+    assert_eq!(a, b);
+    for &v in &s[1700..] {
+        a.update(v);
+        b.update(v);
+        assert_eq!(a.forecast(12, 0.9), b.forecast(12, 0.9));
+    }
+    assert_eq!(a, b);
+
+    // Damaged checkpoints are refused, never half-read.
+    for cut in [0, 3, 15, bytes.len() / 2, bytes.len() - 1] {
+        assert!(AutoForecaster::restore(&bytes[..cut]).is_err(), "cut {cut}");
+    }
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x10;
+    let err = AutoForecaster::restore(&flipped).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    let mut foreign = bytes.clone();
+    foreign[0] = b'X';
+    assert!(AutoForecaster::restore(&foreign).is_err());
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    for c in [
+        ForecastConfig {
+            horizon: 0,
+            ..Default::default()
+        },
+        ForecastConfig {
+            choice_alpha: f64::NAN,
+            ..Default::default()
+        },
+        ForecastConfig {
+            error_window: 2,
+            ..Default::default()
+        },
+    ] {
+        assert!(AutoForecaster::new(c).is_err(), "{c:?}");
+    }
+}
+
+#[test]
+fn normal_quantile_inverts_the_tail() {
+    for p in [0.01, 0.05, 0.5, 0.9, 0.975] {
+        let z = normal_quantile(p);
+        assert!(
+            (crate::likelihood::normal_tail(z) - (1.0 - p)).abs() < 1e-6,
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn evaluation_scores_every_forecaster_on_rows_after_the_warmup() {
+    use super::evaluation::evaluate_series;
+    let s = seasonal(3000, 48, 4.0, 0.0);
+    let e = evaluate_series(&s, ForecastConfig::default(), &[1, 12], 500).unwrap();
+    assert_eq!(
+        e.forecasters,
+        ["seasonal_naive", "ets", "ets_smooth", "auto"]
+    );
+    for acc in &e.accuracy {
+        // Rows 499..=2999, less the last `step` rows that have no actual value yet.
+        assert_eq!(acc[0].n, 2501 - 1);
+        assert_eq!(acc[1].n, 2501 - 12);
+    }
+    let auto = &e.accuracy[3][1];
+    let seasonal_naive = &e.accuracy[0][1];
+    assert!(auto.mase(e.scale) < seasonal_naive.mase(e.scale));
+    let c90 = auto.coverage(1);
+    assert!((0.85..=0.95).contains(&c90), "{c90}");
+    assert!(auto.coverage(0) < auto.coverage(2));
+}
