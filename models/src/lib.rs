@@ -12,11 +12,13 @@
 //! one-step forecast errors into anomaly scores). The LSTM, ETS and the Bayesian network are
 //! still to come (see the models issue).
 
+pub mod bayes;
 pub mod codec;
 pub mod detector;
 pub mod forecast;
 pub mod likelihood;
 pub mod nab;
+pub mod risk;
 
 use std::path::PathBuf;
 
@@ -27,6 +29,8 @@ pub enum Error {
     Data { path: PathBuf, reason: String },
     #[error("invalid model config: {reason}")]
     Config { reason: String },
+    #[error("bayesian network: {reason}")]
+    Network { reason: String },
     #[error("read checkpoint: {reason}")]
     Checkpoint { reason: String },
 }

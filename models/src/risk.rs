@@ -1,0 +1,381 @@
+//! Per-component risk: a Bayesian network over the component's discretised metric states,
+//! its health and one "bottleneck within the horizon" node per resource.
+//!
+//! For each metric there are three evidence nodes:
+//! * `deviation:<m>`: the value against its own forecast (`below`, `normal`, `above`, by the
+//!   forecast's interval);
+//! * `level:<m>`: the value against the metric's threshold (`ok`, `near`, `over`);
+//! * `trend:<m>`: where the forecast says the metric is heading over the horizon (`falling`,
+//!   `flat`, `rising`, by the forecast's spread).
+//!
+//! and one `health` node (`pass`, `warn`, `fail`). Each resource has a `bottleneck:<r>` node
+//! (`no`, `yes`): will one of its metrics cross its threshold within the horizon? Its score
+//! is P(yes | evidence) and its reasons are the evidence that moved it most.
+//!
+//! [`training_rows`] turns a component's history into labelled samples (the label is known in
+//! hindsight); [`RiskModel::learn`] learns the structure from them (or [`RiskModel::new`]
+//! declares the default one: every evidence node of a resource's metrics and `health` are
+//! parents of its bottleneck node), and [`RiskModel::observe`] keeps counting online.
+
+use crate::bayes::{Network, Variable};
+use crate::forecast::{AutoForecaster, ForecastConfig};
+use crate::{Error, Result};
+
+/// What a metric means for risk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSpec {
+    pub name: String,
+    /// The resource this metric exhausts (for example `cpu` for `usage_user`).
+    pub resource: String,
+    /// The level that counts as a bottleneck.
+    pub threshold: f64,
+}
+
+/// Discretisation and learning settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RiskConfig {
+    /// Rows ahead a bottleneck is predicted for.
+    pub horizon: usize,
+    /// `near` starts at this fraction of the threshold.
+    pub near: f64,
+    /// Interval level of the forecast used for deviation and trend.
+    pub level: f64,
+    /// Dirichlet prior per table cell.
+    pub prior: f64,
+    /// Parent limit for structure learning.
+    pub max_parents: usize,
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        Self {
+            horizon: 12,
+            near: 0.8,
+            level: 0.9,
+            prior: 0.5,
+            max_parents: 4,
+        }
+    }
+}
+
+/// A component's health signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Pass = 0,
+    Warn = 1,
+    Fail = 2,
+}
+
+/// One metric at one time, with what its forecaster expected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricObs {
+    pub value: f64,
+    /// The one-step forecast for this value and its interval.
+    pub expected: f64,
+    pub expected_lower: f64,
+    pub expected_upper: f64,
+    /// The forecast `horizon` rows ahead, and the half-width of its interval.
+    pub ahead: f64,
+    pub ahead_spread: f64,
+}
+
+/// A component at one time: one entry per metric (`None` when missing) and its health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub metrics: Vec<Option<MetricObs>>,
+    pub health: Option<Health>,
+}
+
+/// One resource's risk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Risk {
+    pub resource: String,
+    /// P(bottleneck within the horizon | evidence).
+    pub score: f64,
+    /// The evidence that moved the score most, as `node=state (±delta)`, largest first.
+    pub reasons: Vec<String>,
+}
+
+/// The risk model of one component.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RiskModel {
+    metrics: Vec<MetricSpec>,
+    resources: Vec<String>,
+    config: RiskConfig,
+    net: Network,
+}
+
+impl RiskModel {
+    /// A model with the default (declared) structure and empty tables.
+    pub fn new(metrics: Vec<MetricSpec>, config: RiskConfig) -> Result<Self> {
+        let (vars, resources) = variables(&metrics)?;
+        let m = metrics.len();
+        let mut parents = vec![Vec::new(); vars.len()];
+        for (r, resource) in resources.iter().enumerate() {
+            let node = 3 * m + 1 + r;
+            for (i, spec) in metrics.iter().enumerate() {
+                if &spec.resource == resource {
+                    parents[node].extend([3 * i, 3 * i + 1, 3 * i + 2]);
+                }
+            }
+            parents[node].push(3 * m);
+        }
+        let net = Network::new(vars, parents, config.prior)?;
+        Ok(Self {
+            metrics,
+            resources,
+            config,
+            net,
+        })
+    }
+
+    /// A model whose structure is learned from `rows` (see [`training_rows`]) by BIC hill
+    /// climbing, with the tables counted from the same rows.
+    pub fn learn(
+        metrics: Vec<MetricSpec>,
+        config: RiskConfig,
+        rows: &[(Observation, Vec<bool>)],
+    ) -> Result<Self> {
+        let mut model = Self::new(metrics, config)?;
+        let vars = model.net.vars().to_vec();
+        let data: Vec<Vec<usize>> = rows
+            .iter()
+            .filter_map(|(o, labels)| model.sample(o, labels).ok())
+            .collect();
+        model.net = Network::learn(vars, &data, config.max_parents, config.prior, &|_, _| true)?;
+        Ok(model)
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    pub fn resources(&self) -> &[String] {
+        &self.resources
+    }
+
+    /// The evidence of an observation: one state per evidence node, `None` where missing.
+    pub fn evidence(&self, obs: &Observation) -> Result<Vec<Option<usize>>> {
+        if obs.metrics.len() != self.metrics.len() {
+            return Err(Error::Config {
+                reason: format!(
+                    "an observation has {} metrics, the model {}",
+                    obs.metrics.len(),
+                    self.metrics.len()
+                ),
+            });
+        }
+        let mut e = vec![None; self.net.vars().len()];
+        for (i, (spec, o)) in self.metrics.iter().zip(&obs.metrics).enumerate() {
+            let Some(o) = o.filter(|o| o.value.is_finite()) else {
+                continue;
+            };
+            e[3 * i] = Some(if o.value < o.expected_lower {
+                0
+            } else if o.value > o.expected_upper {
+                2
+            } else {
+                1
+            });
+            e[3 * i + 1] = Some(level(o.value, spec.threshold, self.config.near));
+            let change = o.ahead - o.value;
+            let spread = o.ahead_spread.max(1e-9 * (1.0 + o.value.abs()));
+            e[3 * i + 2] = Some(if change > spread {
+                2
+            } else if change < -spread {
+                0
+            } else {
+                1
+            });
+        }
+        let m = self.metrics.len();
+        e[3 * m] = obs.health.map(|h| h as usize).or_else(|| {
+            // No health signal: derive it from the levels, as the health rules do.
+            let levels: Vec<usize> = (0..m).filter_map(|i| e[3 * i + 1]).collect();
+            (!levels.is_empty()).then(|| levels.into_iter().max().unwrap_or(0))
+        });
+        Ok(e)
+    }
+
+    fn sample(&self, obs: &Observation, labels: &[bool]) -> Result<Vec<usize>> {
+        let e = self.evidence(obs)?;
+        let m = self.metrics.len();
+        if labels.len() != self.resources.len() {
+            return Err(Error::Config {
+                reason: format!(
+                    "{} labels for {} resources",
+                    labels.len(),
+                    self.resources.len()
+                ),
+            });
+        }
+        let mut s = Vec::with_capacity(e.len());
+        for v in e.iter().take(3 * m + 1) {
+            s.push(v.ok_or_else(|| Error::Config {
+                reason: "a training row must observe every metric".into(),
+            })?);
+        }
+        s.extend(labels.iter().map(|&b| usize::from(b)));
+        Ok(s)
+    }
+
+    /// Counts one labelled observation into the tables (online learning). Rows with missing
+    /// metrics are skipped.
+    pub fn observe(&mut self, obs: &Observation, labels: &[bool]) -> Result<()> {
+        match self.sample(obs, labels) {
+            Ok(s) => self.net.observe(&s, 1.0),
+            Err(Error::Config { reason }) if reason.contains("every metric") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The risk of each resource given an observation, with its reasons.
+    pub fn risk(&self, obs: &Observation) -> Result<Vec<Risk>> {
+        let evidence = self.evidence(obs)?;
+        let m = self.metrics.len();
+        let mut out = Vec::with_capacity(self.resources.len());
+        for (r, resource) in self.resources.iter().enumerate() {
+            let node = 3 * m + 1 + r;
+            let (score, reasons) = self.net.explain(node, 1, &evidence)?;
+            let vars = self.net.vars();
+            out.push(Risk {
+                resource: resource.clone(),
+                score,
+                reasons: reasons
+                    .iter()
+                    .filter(|r| r.delta.abs() >= 0.01)
+                    .take(3)
+                    .map(|r| {
+                        let v = &vars[r.var];
+                        format!("{}={} ({:+.2})", v.name, v.states[r.state], r.delta)
+                    })
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The nodes of a component's network: 3 per metric, health, then a bottleneck per resource
+/// (in order of first mention).
+fn variables(metrics: &[MetricSpec]) -> Result<(Vec<Variable>, Vec<String>)> {
+    if metrics.is_empty() {
+        return Err(Error::Config {
+            reason: "a risk model needs at least one metric".into(),
+        });
+    }
+    let mut vars = Vec::new();
+    let mut resources: Vec<String> = Vec::new();
+    for m in metrics {
+        if !m.threshold.is_finite() {
+            return Err(Error::Config {
+                reason: format!("metric {} has no finite threshold", m.name),
+            });
+        }
+        vars.push(Variable::new(
+            format!("deviation:{}", m.name),
+            &["below", "normal", "above"],
+        ));
+        vars.push(Variable::new(
+            format!("level:{}", m.name),
+            &["ok", "near", "over"],
+        ));
+        vars.push(Variable::new(
+            format!("trend:{}", m.name),
+            &["falling", "flat", "rising"],
+        ));
+        if !resources.contains(&m.resource) {
+            resources.push(m.resource.clone());
+        }
+    }
+    vars.push(Variable::new("health", &["pass", "warn", "fail"]));
+    for r in &resources {
+        vars.push(Variable::new(format!("bottleneck:{r}"), &["no", "yes"]));
+    }
+    Ok((vars, resources))
+}
+
+fn level(value: f64, threshold: f64, near: f64) -> usize {
+    if value >= threshold {
+        2
+    } else if value >= near * threshold {
+        1
+    } else {
+        0
+    }
+}
+
+/// Streams a component's aligned metric histories (`series[metric][row]`) through one
+/// forecaster per metric and returns, per row, the observation as it looked then and its
+/// labels (did each resource's metric cross its threshold within the next `horizon` rows).
+/// The last `horizon` rows have no complete label and are left out; so are rows before every
+/// forecaster has seen `warmup` values.
+pub fn training_rows(
+    metrics: &[MetricSpec],
+    series: &[Vec<f64>],
+    config: RiskConfig,
+    warmup: usize,
+) -> Result<Vec<(Observation, Vec<bool>)>> {
+    let (_, resources) = variables(metrics)?;
+    let rows = series.iter().map(Vec::len).min().unwrap_or(0);
+    let h = config.horizon.max(1);
+    let fc = ForecastConfig {
+        horizon: h,
+        ..ForecastConfig::default()
+    };
+    let mut forecasters = (0..metrics.len())
+        .map(|_| AutoForecaster::new(fc))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for t in 0..rows.saturating_sub(h) {
+        let mut obs = Vec::with_capacity(metrics.len());
+        for (i, f) in forecasters.iter_mut().enumerate() {
+            let value = series[i][t];
+            obs.push(observe_metric(f, value, config));
+        }
+        if t >= warmup {
+            let labels = resources
+                .iter()
+                .map(|r| {
+                    metrics.iter().enumerate().any(|(i, m)| {
+                        &m.resource == r
+                            && series[i][t + 1..=t + h].iter().any(|&v| v >= m.threshold)
+                    })
+                })
+                .collect();
+            out.push((
+                Observation {
+                    metrics: obs,
+                    health: None,
+                },
+                labels,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// What `f` expected for `value`, then learns it and looks `horizon` ahead.
+pub fn observe_metric(f: &mut AutoForecaster, value: f64, config: RiskConfig) -> Option<MetricObs> {
+    let before = f.forecast(1, config.level).first().copied();
+    f.update(value);
+    let ahead = f
+        .forecast(config.horizon.max(1), config.level)
+        .last()
+        .copied();
+    match (before, ahead) {
+        (Some(b), Some(a)) if value.is_finite() => Some(MetricObs {
+            value,
+            expected: b.mean,
+            expected_lower: b.lower,
+            expected_upper: b.upper,
+            ahead: a.mean,
+            ahead_spread: (a.upper - a.lower) / 2.0,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "risk/tests.rs"]
+mod tests;
