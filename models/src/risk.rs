@@ -305,18 +305,60 @@ fn level(value: f64, threshold: f64, near: f64) -> usize {
     }
 }
 
-/// Streams a component's aligned metric histories (`series[metric][row]`) through one
-/// forecaster per metric and returns, per row, the observation as it looked then and its
-/// labels (did each resource's metric cross its threshold within the next `horizon` rows).
-/// The last `horizon` rows have no complete label and are left out; so are rows before every
-/// forecaster has seen `warmup` values.
+/// Streams a component's aligned metric histories (`series[metric][row]`, NaN where a metric
+/// is missing) through one forecaster per metric and returns, per row, the observation as it
+/// looked then and its labels (did each resource's metric cross its threshold within the next
+/// `horizon` rows). The last `horizon` rows have no complete label and are left out; so are
+/// rows before every forecaster has seen `warmup` values.
 pub fn training_rows(
     metrics: &[MetricSpec],
     series: &[Vec<f64>],
     config: RiskConfig,
     warmup: usize,
 ) -> Result<Vec<(Observation, Vec<bool>)>> {
+    let (observations, labels) = replay(metrics, series, config)?;
+    Ok(observations
+        .into_iter()
+        .zip(labels)
+        .skip(warmup)
+        .filter_map(|(o, l)| l.map(|l| (o, l)))
+        .collect())
+}
+
+/// The risk of each resource of a component now (after its last row), from its history alone:
+/// the history is replayed through forecasters, every row whose outcome is known is counted
+/// into a model of the default structure, and the last row is the evidence.
+pub fn assess(
+    metrics: &[MetricSpec],
+    series: &[Vec<f64>],
+    config: RiskConfig,
+    warmup: usize,
+) -> Result<Vec<Risk>> {
+    let (mut observations, labels) = replay(metrics, series, config)?;
+    let Some(now) = observations.pop() else {
+        return Err(Error::Config {
+            reason: "no history to assess".into(),
+        });
+    };
+    let mut model = RiskModel::new(metrics.to_vec(), config)?;
+    for (o, l) in observations.iter().zip(labels).skip(warmup) {
+        if let Some(l) = l {
+            model.observe(o, &l)?;
+        }
+    }
+    model.risk(&now)
+}
+
+/// Every row's observation, and its labels where the next `horizon` rows are known.
+type Replay = (Vec<Observation>, Vec<Option<Vec<bool>>>);
+
+fn replay(metrics: &[MetricSpec], series: &[Vec<f64>], config: RiskConfig) -> Result<Replay> {
     let (_, resources) = variables(metrics)?;
+    if series.len() != metrics.len() {
+        return Err(Error::Config {
+            reason: format!("{} series for {} metrics", series.len(), metrics.len()),
+        });
+    }
     let rows = series.iter().map(Vec::len).min().unwrap_or(0);
     let h = config.horizon.max(1);
     let fc = ForecastConfig {
@@ -326,15 +368,20 @@ pub fn training_rows(
     let mut forecasters = (0..metrics.len())
         .map(|_| AutoForecaster::new(fc))
         .collect::<Result<Vec<_>>>()?;
-    let mut out = Vec::new();
-    for t in 0..rows.saturating_sub(h) {
-        let mut obs = Vec::with_capacity(metrics.len());
-        for (i, f) in forecasters.iter_mut().enumerate() {
-            let value = series[i][t];
-            obs.push(observe_metric(f, value, config));
-        }
-        if t >= warmup {
-            let labels = resources
+    let mut observations = Vec::with_capacity(rows);
+    let mut labels = Vec::with_capacity(rows);
+    for t in 0..rows {
+        let obs = forecasters
+            .iter_mut()
+            .enumerate()
+            .map(|(i, f)| observe_metric(f, series[i][t], config))
+            .collect();
+        observations.push(Observation {
+            metrics: obs,
+            health: None,
+        });
+        labels.push((t + h < rows).then(|| {
+            resources
                 .iter()
                 .map(|r| {
                     metrics.iter().enumerate().any(|(i, m)| {
@@ -342,17 +389,10 @@ pub fn training_rows(
                             && series[i][t + 1..=t + h].iter().any(|&v| v >= m.threshold)
                     })
                 })
-                .collect();
-            out.push((
-                Observation {
-                    metrics: obs,
-                    health: None,
-                },
-                labels,
-            ));
-        }
+                .collect()
+        }));
     }
-    Ok(out)
+    Ok((observations, labels))
 }
 
 /// What `f` expected for `value`, then learns it and looks `horizon` ahead.

@@ -9,11 +9,13 @@
 //!
 //! Beyond DataFusion's own functions: gap filling ([`gapfill`]: `date_bin_gapfill`, `locf`,
 //! `interpolate`), selectors ([`selector`]: `selector_first`, `selector_last`) and
-//! `last_rows('cpu')` (the latest row of every series, from the engine's last-row cache). Results
-//! stream from the scan ([`provider::ScanExec`]) to the client. Still to come: the model
-//! functions (`forecast`, `anomaly_score`, `risk`) and continuous queries.
+//! `last_rows('cpu')` (the latest row of every series, from the engine's last-row cache), and the
+//! model functions ([`models`]: `anomaly_score(value) OVER (…)`, `forecast(…)`, `risk(…)`).
+//! Results stream from the scan ([`provider::ScanExec`]) to the client. Still to come:
+//! continuous queries.
 
 pub mod gapfill;
+pub mod models;
 pub mod provider;
 pub mod selector;
 
@@ -93,6 +95,15 @@ impl QueryEngine {
         ctx.register_udtf(
             "last_rows",
             Arc::new(provider::LastRows::new(Arc::clone(&store))),
+        );
+        ctx.register_udwf(models::anomaly_score());
+        ctx.register_udtf(
+            "forecast",
+            Arc::new(models::ForecastFunction::new(Arc::clone(&store))),
+        );
+        ctx.register_udtf(
+            "risk",
+            Arc::new(models::RiskFunction::new(Arc::clone(&store))),
         );
         if let Some(catalog) = ctx.catalog(CATALOG) {
             // Registering replaces the empty default schema; there is nothing to keep.

@@ -408,3 +408,177 @@ async fn last_rows_is_the_latest_row_of_every_series() {
     let err = engine.sql("SELECT * FROM last_rows(1)").await.unwrap_err();
     assert!(err.to_string().contains("measurement's name"), "{err}");
 }
+
+/// Two hosts, a point a minute for `n` minutes: h0 a sine of period 60 around 50 with a spike
+/// of +40 at minute 1500; h1 a sawtooth that climbs from 20 by 1.6 a minute for 50 minutes of
+/// every 100 (crossing 90 near the top) and idles at 20 otherwise.
+fn fill_models(store: &Store, n: i64) {
+    let mut body = String::new();
+    for m in 0..n {
+        let sine = 50.0 + 10.0 * (m as f64 * std::f64::consts::TAU / 60.0).sin();
+        let h0 = if m == 1500 { sine + 40.0 } else { sine };
+        let phase = m % 100;
+        let h1 = if phase < 50 {
+            20.0 + 1.6 * phase as f64
+        } else {
+            20.0
+        };
+        body.push_str(&format!("cpu,host=h0 usage={h0} {}\n", T0 + m * MIN));
+        body.push_str(&format!("cpu,host=h1 usage={h1} {}\n", T0 + m * MIN));
+        if m % 500 == 499 {
+            write(store, &std::mem::take(&mut body));
+        }
+    }
+    write(store, &body);
+}
+
+fn floats(batches: &[RecordBatch], column: &str) -> Vec<f64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let c = arrow::compute::cast(
+                b.column_by_name(column).unwrap(),
+                &arrow::datatypes::DataType::Float64,
+            )
+            .unwrap();
+            let c = c
+                .as_any()
+                .downcast_ref::<arrow::array::Float64Array>()
+                .unwrap()
+                .clone();
+            c.iter().map(|v| v.unwrap_or(f64::NAN)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anomaly_score_is_a_window_function_that_finds_the_spike_without_look_ahead() {
+    let (_dir, store) = store();
+    fill_models(&store, 2000);
+    store.flush().unwrap();
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let sql = "SELECT anomaly_score(usage) OVER (PARTITION BY host ORDER BY time) AS s \
+               FROM cpu WHERE host = 'h0' ORDER BY time";
+    let (_, batches) = engine.sql(sql).await.unwrap();
+    let scores = floats(&batches, "s");
+    assert_eq!(scores.len(), 2000);
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    let top = scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0;
+    // The likelihood averages a few rows of surprise, so the top may trail the spike a little.
+    assert!(
+        (1500..1505).contains(&top),
+        "the spike has the highest score, not row {top}"
+    );
+    // The same rows cut before the end get the same scores.
+    let cut = "SELECT anomaly_score(usage) OVER (PARTITION BY host ORDER BY time) AS s FROM cpu \
+               WHERE host = 'h0' AND time < '2026-01-01T20:00:00Z' ORDER BY time";
+    let (_, batches) = engine.sql(cut).await.unwrap();
+    let prefix = floats(&batches, "s");
+    assert_eq!(prefix.len(), 1200);
+    assert_eq!(prefix, scores[..1200]);
+    // A string argument is a type error.
+    let err = engine
+        .sql("SELECT anomaly_score(host) OVER (ORDER BY time) FROM cpu")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Query(_)), "{err}");
+}
+
+#[tokio::test]
+async fn forecast_returns_the_next_steps_of_every_matching_series() {
+    let (_dir, store) = store();
+    fill_models(&store, 2000);
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let (_, batches) = engine
+        .sql("SELECT host, time, mean, lower, upper, model FROM forecast('cpu', 'usage', 12, 'host = ''h0''') ORDER BY time")
+        .await
+        .unwrap();
+    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let mean = floats(&batches, "mean");
+    let (lower, upper) = (floats(&batches, "lower"), floats(&batches, "upper"));
+    assert_eq!(mean.len(), 12, "{text}");
+    for k in 0..12 {
+        let m = 2000 + k as i64;
+        let truth = 50.0 + 10.0 * (m as f64 * std::f64::consts::TAU / 60.0).sin();
+        assert!(
+            (mean[k] - truth).abs() < 1.0,
+            "step {k}: {} vs {truth}\n{text}",
+            mean[k]
+        );
+        assert!(lower[k] <= mean[k] && mean[k] <= upper[k]);
+    }
+    // Steps are a minute apart after the last row (2026-01-02T09:19:00Z).
+    assert!(
+        text.contains("2026-01-02T09:20:00Z") && text.contains("2026-01-02T09:31:00Z"),
+        "{text}"
+    );
+    assert!(text.contains("| h0 "), "{text}");
+    // Without a predicate: every series.
+    assert_eq!(
+        scalar(&engine, "SELECT count(*) FROM forecast('cpu', 'usage', 5)").await,
+        "10"
+    );
+    assert_eq!(
+        scalar(
+            &engine,
+            "SELECT count(DISTINCT host) FROM forecast('cpu', 'usage', 5)"
+        )
+        .await,
+        "2"
+    );
+    for (sql, needle) in [
+        ("SELECT * FROM forecast('nope', 'usage', 5)", "not found"),
+        ("SELECT * FROM forecast('cpu', 'nope', 5)", "no field"),
+        ("SELECT * FROM forecast('cpu', 'host', 5)", "is a tag"),
+        ("SELECT * FROM forecast('cpu', 'usage', 0)", "horizon"),
+        ("SELECT * FROM forecast('cpu', 'usage', 100000)", "horizon"),
+        ("SELECT * FROM forecast('cpu')", "forecast takes"),
+        ("SELECT * FROM forecast('cpu', 'usage', 5, 'host = ')", ""),
+        (
+            "SELECT * FROM forecast('cpu', 'usage', 5, 'nope = 1')",
+            "nope",
+        ),
+    ] {
+        let err = engine.sql(sql).await.unwrap_err();
+        assert!(matches!(err, Error::Query(_)), "{sql}: {err:?}");
+        assert!(err.to_string().contains(needle), "{sql}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn risk_scores_each_component_with_reasons() {
+    let (_dir, store) = store();
+    // End mid-climb: h1 is at 20 + 1.6 × 35 = 76 and rising, 9 minutes from 90.
+    fill_models(&store, 1936);
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let (_, batches) = engine
+        .sql("SELECT component, resource, score, reasons FROM risk('cpu', 'usage > 90 AS cpu') ORDER BY component")
+        .await
+        .unwrap();
+    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let score = floats(&batches, "score");
+    assert_eq!(score.len(), 2, "{text}");
+    assert!(score[0] < 0.1, "h0 never nears 90\n{text}");
+    assert!(score[1] > 0.6, "h1 is climbing towards 90\n{text}");
+    assert!(text.contains("| h1 ") && text.contains("| cpu "), "{text}");
+    assert!(
+        text.contains("level:usage=near") || text.contains("trend:usage=rising"),
+        "{text}"
+    );
+    for (sql, needle) in [
+        ("SELECT * FROM risk('cpu', 'usage')", "field > threshold"),
+        (
+            "SELECT * FROM risk('cpu', 'usage > 90', '', 'region')",
+            "no tag 'region'",
+        ),
+        ("SELECT * FROM risk('cpu')", "risk takes"),
+    ] {
+        let err = engine.sql(sql).await.unwrap_err();
+        assert!(err.to_string().contains(needle), "{sql}: {err}");
+    }
+}

@@ -125,3 +125,16 @@ fn missing_metrics_are_unobserved_and_bad_shapes_are_refused() {
     bad[0].threshold = f64::NAN;
     assert!(RiskModel::new(bad, RiskConfig::default()).is_err());
 }
+
+#[test]
+fn assess_scores_the_last_row_from_the_history_alone() {
+    let series = history(4755);
+    let r = assess(&specs(), &series, RiskConfig::default(), 300).unwrap();
+    assert!(r[0].score > 0.6, "{r:?}");
+    assert!(r[1].score < 0.1, "{r:?}");
+    let idle: Vec<Vec<f64>> = series.iter().map(|s| s[..4701].to_vec()).collect();
+    let r = assess(&specs(), &idle, RiskConfig::default(), 300).unwrap();
+    assert!(r[0].score < 0.1, "{r:?}");
+    assert!(assess(&specs(), &[vec![], vec![]], RiskConfig::default(), 0).is_err());
+    assert!(assess(&specs(), &series[..1], RiskConfig::default(), 0).is_err());
+}
