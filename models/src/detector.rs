@@ -1,149 +1,104 @@
-//! A streaming anomaly detector: one-step forecasts, scaled errors, anomaly likelihood.
+//! A streaming anomaly detector: forecast, scaled error, anomaly likelihood, first alarm.
 //!
-//! Several cheap one-step forecasters run side by side: naive (the last value) and seasonal
-//! naive at a few candidate periods (a day and an hour of 5-minute data, a day of hourly data).
-//! Each forecaster's error, divided by its own typical error, is its surprise; by default the
-//! largest surprise counts (something a usually-right forecaster did not expect), and a
-//! refractory period damps repeats so the first alarm of an event stands out; [`Likelihood`] turns the surprise into
-//! a score in [0, 1]. Every step is O(1) in time and memory bounded by the longest period
-//! and the likelihood's history: no look-ahead, no second pass.
+//! Each value is compared with the one-step forecast an [`AutoForecaster`] made before seeing
+//! it. The error divided by the forecast's own spread (its 90% interval half-width in normal
+//! units) is the *surprise* `z`, clipped at [`DetectorParams::clip`]: beyond that, a bigger
+//! error says nothing more, and one huge outlier must not numb the likelihood for months.
+//! Two [`Likelihood`]s judge the surprise against its own history: an instant one (the
+//! surprise of this row: spikes and broken patterns) and a sustained one (its mean over the
+//! last rows: a series that keeps being a little wrong, a changed regime). The score is the
+//! larger, and a refractory period halves scores that do not exceed the recent maximum, so the
+//! first alarm of an event stands out from the rest of it.
+//!
+//! Every step costs one forecaster update (O(models × log window)); nothing looks ahead.
 
 use std::collections::VecDeque;
 
+use crate::forecast::{AutoForecaster, ForecastConfig};
 use crate::likelihood::{Likelihood, LikelihoodParams, log_scale};
 
 /// Parameters of [`Detector`]: one set for every series.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DetectorParams {
-    /// Candidate seasonal periods, in rows.
-    pub periods: Vec<usize>,
-    /// Smoothing of each forecaster's error scale.
-    pub scale_alpha: f64,
-    /// Smoothing of the error used to pick the best forecaster.
-    pub choice_alpha: f64,
-    /// How the forecasters' surprises become one.
-    pub combine: Combine,
-    /// After a score, later scores within this many rows are damped unless they exceed it:
+    /// Surprises (errors in units of the forecast's spread) are clipped here.
+    pub clip: f64,
+    /// Rows averaged by the sustained likelihood.
+    pub sustained: usize,
+    /// After a score, later scores within this many rows are halved unless they exceed it:
     /// the first alarm of an event is the one that counts.
     pub refractory: usize,
+    /// The likelihoods' history and learning period (their `short` is set by the detector).
     pub likelihood: LikelihoodParams,
 }
 
 impl Default for DetectorParams {
     fn default() -> Self {
         Self {
-            periods: vec![288, 24, 12],
-            scale_alpha: 0.005,
-            choice_alpha: 0.01,
-            combine: Combine::Max,
+            clip: 10.0,
+            sustained: 12,
             refractory: 300,
-            likelihood: LikelihoodParams {
-                short: 5,
-                ..LikelihoodParams::default()
-            },
+            likelihood: LikelihoodParams::default(),
         }
     }
-}
-
-/// How the forecasters' surprises combine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Combine {
-    /// The surprise of the forecaster with the lowest recent error.
-    Best,
-    /// The largest surprise: anything that a usually-right forecaster did not expect.
-    Max,
-}
-
-/// One forecaster's running state.
-#[derive(Debug, Clone)]
-struct Candidate {
-    /// 0 for naive, else the seasonal period.
-    lag: usize,
-    scale: Option<f64>,
-    choice: Option<f64>,
 }
 
 /// A streaming detector for one series. Create one per series.
 #[derive(Debug, Clone)]
 pub struct Detector {
     params: DetectorParams,
-    history: VecDeque<f64>,
-    capacity: usize,
-    candidates: Vec<Candidate>,
-    likelihood: Likelihood,
-    magnitude: f64,
+    forecaster: AutoForecaster,
+    instant: Likelihood,
+    sustained: Likelihood,
     /// Recent output scores, for the refractory period.
     recent: VecDeque<f64>,
 }
 
+/// The interval level whose half-width scales the surprise, and its normal quantile.
+const LEVEL: f64 = 0.9;
+const LEVEL_Z: f64 = 1.644_853_626_951_472_2;
+
 impl Detector {
     pub fn new(params: DetectorParams) -> Self {
-        let capacity = params.periods.iter().copied().max().unwrap_or(1).max(1);
-        let candidates = std::iter::once(0)
-            .chain(params.periods.iter().copied())
-            .map(|lag| Candidate {
-                lag,
-                scale: None,
-                choice: None,
-            })
-            .collect();
-        let likelihood = Likelihood::new(params.likelihood);
+        let forecaster = AutoForecaster::new(ForecastConfig {
+            horizon: 1,
+            ..ForecastConfig::default()
+        })
+        // The default forecast config with horizon 1 is valid.
+        .expect("a valid forecast config");
+        let instant = Likelihood::new(LikelihoodParams {
+            short: 1,
+            ..params.likelihood
+        });
+        let sustained = Likelihood::new(LikelihoodParams {
+            short: params.sustained.max(1),
+            ..params.likelihood
+        });
         Self {
             params,
-            history: VecDeque::with_capacity(capacity + 1),
-            capacity,
-            candidates,
-            likelihood,
-            magnitude: 0.0,
+            forecaster,
+            instant,
+            sustained,
             recent: VecDeque::new(),
         }
     }
 
     /// Takes the next value; returns its anomaly score in [0, 1].
     pub fn update(&mut self, value: f64) -> f64 {
-        let value = if value.is_finite() {
-            value
-        } else {
-            self.history.back().copied().unwrap_or(0.0)
+        let z = match self.forecaster.forecast(1, LEVEL).first() {
+            Some(p) if value.is_finite() => {
+                let spread = ((p.upper - p.lower) / 2.0 / LEVEL_Z).max(1e-9 * (1.0 + value.abs()));
+                (value - p.mean).abs() / spread
+            }
+            _ => 0.0,
         };
-        self.magnitude += 0.01 * (value.abs() - self.magnitude);
-        let floor = 1e-6 * (1.0 + self.magnitude);
-        let mut best: Option<(f64, f64)> = None; // (choice error, surprise)
-        for c in &mut self.candidates {
-            let lag = c.lag.max(1);
-            if self.history.len() < lag {
-                continue;
-            }
-            let predicted = self.history[self.history.len() - lag];
-            let err = (value - predicted).abs();
-            let surprise = match c.scale {
-                Some(s) => err / (s + floor),
-                None => 0.0,
-            };
-            if let Some(choice) = c.choice {
-                let better = match self.params.combine {
-                    Combine::Best => best.is_none_or(|(b, _)| choice < b),
-                    Combine::Max => best.is_none_or(|(_, s)| surprise > s),
-                };
-                if better {
-                    best = Some((choice, surprise));
-                }
-            }
-            c.scale = Some(
-                c.scale
-                    .map_or(err, |s| s + self.params.scale_alpha * (err - s)),
-            );
-            c.choice = Some(
-                c.choice
-                    .map_or(err, |s| s + self.params.choice_alpha * (err - s)),
-            );
-        }
-        self.history.push_back(value);
-        if self.history.len() > self.capacity {
-            self.history.pop_front();
-        }
-        let surprise = best.map_or(0.0, |(_, s)| s);
-        let score = log_scale(self.likelihood.update((1.0 + surprise.min(1e6)).ln()));
+        self.forecaster.update(value);
+        let surprise = if z.is_finite() {
+            z.min(self.params.clip)
+        } else {
+            self.params.clip
+        };
+        let score = log_scale(self.instant.update(surprise))
+            .max(log_scale(self.sustained.update(surprise)));
         if self.params.refractory == 0 {
             return score;
         }

@@ -179,6 +179,8 @@ pub fn detect_period(values: &[f64], max_lag: usize) -> Option<usize> {
     if var <= 1e-12 * nf * (1.0 + mean_y * mean_y) {
         return None;
     }
+    // The (biased) autocorrelation finds the peaks; they are ranked corrected for the
+    // shrinking overlap, so that long lags are not penalised.
     let acf: Vec<f64> = (0..=max_lag + 1)
         .map(|k| {
             if k >= n {
@@ -192,19 +194,28 @@ pub fn detect_period(values: &[f64], max_lag: usize) -> Option<usize> {
     let mut trough = acf[1];
     for k in 2..=max_lag {
         trough = trough.min(acf[k - 1]);
-        if k >= 4 && acf[k] >= acf[k - 1] && acf[k] >= acf[k + 1] && acf[k] > 0.3 {
-            // Unbiased for the shrinking overlap, so long lags are not penalised.
-            let r = acf[k] * nf / (n - k) as f64;
-            if acf[k] - trough > 0.3 {
-                peaks.push((k, r));
-            }
+        if k >= 4
+            && acf[k] >= acf[k - 1]
+            && acf[k] >= acf[k + 1]
+            && acf[k] > 0.3
+            && acf[k] - trough > 0.3
+        {
+            peaks.push((k, acf[k] * nf / (n - k) as f64));
         }
     }
     let best = peaks.iter().map(|&(_, r)| r).fold(f64::MIN, f64::max);
-    peaks
-        .into_iter()
-        .find(|&(_, r)| r >= 0.9 * best)
-        .map(|(k, _)| k)
+    let (k, _) = peaks.into_iter().find(|&(_, r)| r >= 0.9 * best)?;
+    // The biased estimate puts a broad peak a few lags early: refine it to the lag at which
+    // the series repeats itself best, which is what seasonal naive uses it for.
+    let mad = |lag: usize| {
+        values[lag..]
+            .iter()
+            .zip(values)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f64>()
+            / (n - lag) as f64
+    };
+    (k.saturating_sub(2).max(4)..=(k + 2).min(max_lag)).min_by(|&a, &b| mad(a).total_cmp(&mad(b)))
 }
 
 /// The forecasting models an [`AutoForecaster`] runs side by side.
