@@ -7,12 +7,13 @@
 //!
 //! A leaf crate: it depends on no other Forestall crate.
 //!
-//! Built so far: the [`Actuator`] trait with the [`Limits`] it applies, a recording
+//! Built so far: the allocation engine with its pool, preferences, audit and feedback
+//! controller ([`alloc`]), the [`Actuator`] trait with the [`Limits`] it applies, a recording
 //! [`DryRun`] actuator, and the cgroup v1 and v2 plugins ([`cgroup_v1`], [`cgroup_v2`]).
-//! Still to come (the allocation issue): I/O limits, traffic control, I/O priority,
-//! affinity/nice, webhook, the resource pool, the allocation engine and the feedback
-//! controller.
+//! Still to come (the allocation issue): cgroup v2 I/O, traffic control, I/O priority,
+//! affinity/nice and the webhook.
 
+pub mod alloc;
 pub mod cgroup_v1;
 pub mod cgroup_v2;
 

@@ -1,0 +1,654 @@
+//! The resource pool and the allocation engine, with its feedback controller.
+//!
+//! Each round (each time risks and forecasts are refreshed) the caller sizes one
+//! [`Request`] per component and resource with [`Engine::size`] (the forecast's upper
+//! quantile over the horizon, over the utilisation threshold, times the component's learned
+//! headroom) and hands them to [`Engine::round`], which follows the design's loop:
+//!
+//! * requests are served by priority (criticality weight, then risk);
+//! * a raise is granted from the pool; when the pool is short, a component whose weight is at
+//!   least [`AllocConfig::preempt_weight`] takes from the lowest-weight holders (down to their
+//!   floors), and anything else gets what is free while the rest waits in a visible queue of
+//!   deferred requests, retried every round;
+//! * lower requests release resources, but only when every request of the last
+//!   [`AllocConfig::cooldown`] rounds is past a hysteresis band, a cooldown after the last
+//!   change, and by at most [`AllocConfig::max_step_down`] per round, so noisy forecasts do not
+//!   flap;
+//! * a raise is judged [`AllocConfig::rollback_after`] rounds later: if usage never came near
+//!   the old allocation, it did not help and is rolled back, and the feedback controller
+//!   shrinks that component's headroom; a violation grows it;
+//! * preferences always win: a cap is never exceeded, a floor never undercut, and an opted-out
+//!   component is never touched;
+//! * in dry-run mode every decision is computed and audited, and nothing changes.
+//!
+//! Every change, preemption, deferral, grant and rollback is an audit [`Decision`] with its
+//! reason. The engine is plain data and arithmetic: deterministic, no clock, no I/O.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+/// The resources an allocation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resource {
+    Cpu,
+    Mem,
+    Net,
+    Disk,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 4] = [Resource::Cpu, Resource::Mem, Resource::Net, Resource::Disk];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Cpu => "cpu",
+            Resource::Mem => "mem",
+            Resource::Net => "net",
+            Resource::Disk => "disk",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Per resource, indexed by [`Resource::index`].
+pub type PerResource<T> = [T; 4];
+
+/// What operators set from outside: these always win over the engine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Preferences {
+    /// Never allocate more than this.
+    pub cap: PerResource<Option<f64>>,
+    /// Never allocate less than this (preemption stops here too).
+    pub floor: PerResource<Option<f64>>,
+    /// Leave this component alone entirely.
+    pub opt_out: bool,
+}
+
+/// A component that receives resources.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Component {
+    pub name: String,
+    /// Criticality: higher is served first and may preempt.
+    pub weight: f64,
+    /// Its requests may wait in the queue (batch work).
+    pub deferrable: bool,
+    pub preferences: Preferences,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AllocConfig {
+    /// The utilisation an allocation should keep usage under (θ).
+    pub threshold: f64,
+    /// The smallest allocation of each resource, whatever the preferences.
+    pub min: PerResource<f64>,
+    /// A raise happens only when the request exceeds the allocation by this fraction.
+    pub up_band: f64,
+    /// A release happens only when the request is below the allocation by this fraction.
+    pub down_band: f64,
+    /// Rounds after any change before a release.
+    pub cooldown: u64,
+    /// A release removes at most this fraction of the allocation per round.
+    pub max_step_down: f64,
+    /// A raise multiplies the allocation by at most this per round.
+    pub max_step_up: f64,
+    /// Components with at least this weight preempt lower-weight ones when the pool is short.
+    pub preempt_weight: f64,
+    /// Rounds after a raise when it is judged (and rolled back if it did not help).
+    pub rollback_after: u64,
+    /// Compute and audit decisions, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for AllocConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 0.9,
+            min: [0.0; 4],
+            up_band: 0.02,
+            down_band: 0.15,
+            cooldown: 6,
+            max_step_down: 0.2,
+            max_step_up: 8.0,
+            preempt_weight: 10.0,
+            rollback_after: 24,
+            dry_run: false,
+        }
+    }
+}
+
+/// One component's wish for one resource this round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Request {
+    pub component: usize,
+    pub resource: Resource,
+    pub amount: f64,
+    /// Risk in [0, 1]: orders requests of equal weight.
+    pub risk: f64,
+}
+
+/// What the engine did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Raise,
+    Release,
+    /// Taken from this component for a more critical one.
+    Preempted {
+        by: usize,
+    },
+    /// The rest of the request waits in the queue.
+    Deferred {
+        short: f64,
+    },
+    /// A deferred request was met after waiting this many rounds.
+    Granted {
+        waited: u64,
+    },
+    /// A raise that did not help was undone.
+    Rollback,
+}
+
+/// An audit record: every decision, with its reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub round: u64,
+    pub component: usize,
+    pub resource: Resource,
+    pub from: f64,
+    pub to: f64,
+    pub action: Action,
+    pub reason: String,
+    /// Computed in dry-run mode: nothing was changed.
+    pub dry_run: bool,
+}
+
+/// A request waiting for the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferred {
+    pub component: usize,
+    pub resource: Resource,
+    /// What is still missing.
+    pub short: f64,
+    /// The round it first waited.
+    pub since: u64,
+}
+
+/// A raise waiting to be judged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Trial {
+    round: u64,
+    before: f64,
+    /// Highest usage seen since the raise; `None` until usage is observed (a raise is never
+    /// judged blind).
+    peak: Option<f64>,
+}
+
+/// The feedback controller's state for one component and resource.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Feedback {
+    /// Multiplies the sized request: grows after violations, shrinks after raises that did
+    /// not help.
+    pub headroom: f64,
+    /// Share of judged raises that were needed (usage came near the old allocation).
+    pub effectiveness: f64,
+    /// Raises judged so far.
+    pub judged: u64,
+}
+
+impl Default for Feedback {
+    fn default() -> Self {
+        Self {
+            headroom: 1.0,
+            effectiveness: 0.5,
+            judged: 0,
+        }
+    }
+}
+
+const HEADROOM_RANGE: (f64, f64) = (0.9, 2.0);
+
+/// Errors of the allocation engine (a bad setup, not a bad round).
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("invalid allocation setup: {0}")]
+    Invalid(String),
+}
+
+/// The allocation engine for a fixed set of components sharing one pool.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    config: AllocConfig,
+    components: Vec<Component>,
+    /// Pool capacity per resource; `None` is unlimited.
+    capacity: PerResource<Option<f64>>,
+    alloc: Vec<PerResource<f64>>,
+    last_change: Vec<PerResource<Option<u64>>>,
+    trials: Vec<PerResource<Option<Trial>>>,
+    feedback: Vec<PerResource<Feedback>>,
+    /// After a rollback, raises wait until this round unless usage presses.
+    held_until: Vec<PerResource<u64>>,
+    /// Usage in the last round observed.
+    last_usage: Vec<PerResource<f64>>,
+    /// The last `cooldown` requests: a release goes only as low as their maximum (a
+    /// stabilisation window, like the Kubernetes autoscaler's for scaling down).
+    recent: Vec<PerResource<VecDeque<f64>>>,
+    deferred: Vec<Deferred>,
+    audit: Vec<Decision>,
+}
+
+impl Engine {
+    /// An engine whose components start at `initial` allocations (raised to their floors and
+    /// lowered to their caps).
+    pub fn new(
+        config: AllocConfig,
+        components: Vec<Component>,
+        capacity: PerResource<Option<f64>>,
+        initial: Vec<PerResource<f64>>,
+    ) -> Result<Self, AllocError> {
+        if initial.len() != components.len() {
+            return Err(AllocError::Invalid(format!(
+                "{} initial allocations for {} components",
+                initial.len(),
+                components.len()
+            )));
+        }
+        if !(config.threshold > 0.0 && config.threshold <= 1.0) {
+            return Err(AllocError::Invalid("threshold must be in (0, 1]".into()));
+        }
+        if !(0.0..1.0).contains(&config.max_step_down) || config.max_step_up < 1.0 {
+            return Err(AllocError::Invalid(
+                "max_step_down must be in [0, 1) and max_step_up at least 1".into(),
+            ));
+        }
+        for c in &components {
+            for r in Resource::ALL {
+                let i = r.index();
+                if let (Some(f), Some(cap)) = (c.preferences.floor[i], c.preferences.cap[i])
+                    && f > cap
+                {
+                    return Err(AllocError::Invalid(format!(
+                        "{}: {r} floor {f} is above its cap {cap}",
+                        c.name
+                    )));
+                }
+            }
+        }
+        let mut e = Self {
+            config,
+            alloc: vec![[0.0; 4]; components.len()],
+            last_change: vec![[None; 4]; components.len()],
+            trials: vec![[None; 4]; components.len()],
+            feedback: vec![[Feedback::default(); 4]; components.len()],
+            held_until: vec![[0; 4]; components.len()],
+            last_usage: vec![[0.0; 4]; components.len()],
+            recent: vec![Default::default(); components.len()],
+            components,
+            capacity,
+            deferred: Vec::new(),
+            audit: Vec::new(),
+        };
+        for (c, init) in initial.into_iter().enumerate() {
+            for r in Resource::ALL {
+                let v = e.bounded(c, r, init[r.index()]);
+                e.alloc[c][r.index()] = v;
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn config(&self) -> &AllocConfig {
+        &self.config
+    }
+
+    pub fn components(&self) -> &[Component] {
+        &self.components
+    }
+
+    pub fn allocation(&self, component: usize) -> PerResource<f64> {
+        self.alloc[component]
+    }
+
+    /// Requests waiting for the pool.
+    pub fn deferred(&self) -> &[Deferred] {
+        &self.deferred
+    }
+
+    /// Every decision so far.
+    pub fn audit(&self) -> &[Decision] {
+        &self.audit
+    }
+
+    pub fn feedback(&self, component: usize, resource: Resource) -> Feedback {
+        self.feedback[component][resource.index()]
+    }
+
+    /// Replaces a component's preferences (they take effect from the next round).
+    pub fn set_preferences(&mut self, component: usize, preferences: Preferences) {
+        if let Some(c) = self.components.get_mut(component) {
+            c.preferences = preferences;
+        }
+    }
+
+    /// Sizes a request: the forecast peak over the horizon (its upper quantile), over the
+    /// threshold, times the component's learned headroom.
+    pub fn size(&self, component: usize, resource: Resource, forecast_peak: f64) -> f64 {
+        let h = self.feedback[component][resource.index()].headroom;
+        (forecast_peak.max(0.0) / self.config.threshold) * h
+    }
+
+    /// The floor and cap that bound a component's allocation.
+    fn bounds(&self, c: usize, r: Resource) -> (f64, f64) {
+        let p = &self.components[c].preferences;
+        let floor = p.floor[r.index()]
+            .unwrap_or(0.0)
+            .max(self.config.min[r.index()]);
+        let cap = p.cap[r.index()].unwrap_or(f64::INFINITY).max(floor);
+        (floor, cap)
+    }
+
+    fn bounded(&self, c: usize, r: Resource, v: f64) -> f64 {
+        let (floor, cap) = self.bounds(c, r);
+        if v.is_finite() {
+            v.clamp(floor, cap)
+        } else {
+            floor
+        }
+    }
+
+    fn free(&self, r: Resource) -> f64 {
+        match self.capacity[r.index()] {
+            Some(cap) => cap - self.alloc.iter().map(|a| a[r.index()]).sum::<f64>(),
+            None => f64::INFINITY,
+        }
+    }
+
+    /// Feedback: the usage a component had in the round just past. Violations grow its
+    /// headroom; raises under trial record the peak they saw.
+    pub fn observe(&mut self, component: usize, usage: PerResource<f64>) {
+        if self.components[component].preferences.opt_out {
+            return;
+        }
+        for r in Resource::ALL {
+            let i = r.index();
+            let u = usage[i];
+            if !u.is_finite() {
+                continue;
+            }
+            self.last_usage[component][i] = u;
+            if let Some(t) = &mut self.trials[component][i] {
+                t.peak = Some(t.peak.map_or(u, |p| p.max(u)));
+            }
+            if u > self.config.threshold * self.alloc[component][i] {
+                let f = &mut self.feedback[component][i];
+                f.headroom = (f.headroom * 1.05).min(HEADROOM_RANGE.1);
+            }
+        }
+    }
+
+    fn record(&mut self, d: Decision) {
+        if !self.config.dry_run {
+            let (c, i) = (d.component, d.resource.index());
+            self.alloc[c][i] = d.to;
+            self.last_change[c][i] = Some(d.round);
+        }
+        self.audit.push(d);
+    }
+
+    /// One round: judges raises under trial, then serves `requests` by priority. Returns this
+    /// round's decisions (also appended to the audit).
+    pub fn round(&mut self, round: u64, requests: &[Request]) -> Vec<Decision> {
+        let first = self.audit.len();
+        self.judge(round);
+        let mut order: Vec<&Request> = requests
+            .iter()
+            .filter(|q| q.component < self.components.len())
+            .collect();
+        order.sort_by(|a, b| {
+            let (wa, wb) = (
+                self.components[a.component].weight,
+                self.components[b.component].weight,
+            );
+            wb.total_cmp(&wa)
+                .then(b.risk.total_cmp(&a.risk))
+                .then(a.component.cmp(&b.component))
+                .then(a.resource.cmp(&b.resource))
+        });
+        for q in order {
+            self.serve(round, q);
+        }
+        self.audit[first..].to_vec()
+    }
+
+    /// Rolls back raises that did not help, and feeds every judged raise to the controller.
+    fn judge(&mut self, round: u64) {
+        for c in 0..self.components.len() {
+            for r in Resource::ALL {
+                let i = r.index();
+                let Some(t) = self.trials[c][i] else { continue };
+                if round < t.round + self.config.rollback_after {
+                    continue;
+                }
+                self.trials[c][i] = None;
+                let Some(peak) = t.peak else { continue };
+                let helped = peak > self.config.threshold * t.before;
+                let f = &mut self.feedback[c][i];
+                f.judged += 1;
+                f.effectiveness += 0.1 * (f64::from(u8::from(helped)) - f.effectiveness);
+                if helped {
+                    continue;
+                }
+                f.headroom = (f.headroom * 0.95).max(HEADROOM_RANGE.0);
+                // Undo the raise, and hold off the next one for as long again unless usage
+                // really presses: the forecast that asked for it was wrong.
+                let from = self.alloc[c][i];
+                let to = self.bounded(c, r, t.before).min(from);
+                self.held_until[c][i] = round + self.config.rollback_after;
+                if to < from * (1.0 - self.config.up_band) {
+                    self.record(Decision {
+                        round,
+                        component: c,
+                        resource: r,
+                        from,
+                        to,
+                        action: Action::Rollback,
+                        reason: format!(
+                            "raised from {:.1} {} rounds ago; usage peaked at {:.1}, under {:.0}% of the old allocation",
+                            t.before,
+                            round - t.round,
+                            peak,
+                            100.0 * self.config.threshold
+                        ),
+                        dry_run: self.config.dry_run,
+                    });
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, round: u64, q: &Request) {
+        let (c, r, i) = (q.component, q.resource, q.resource.index());
+        if self.components[c].preferences.opt_out || !q.amount.is_finite() {
+            return;
+        }
+        let current = self.alloc[c][i];
+        let recent = &mut self.recent[c][i];
+        recent.push_back(q.amount);
+        if recent.len() > self.config.cooldown.max(1) as usize {
+            recent.pop_front();
+        }
+        let stable = recent.iter().copied().fold(f64::MIN, f64::max);
+        let target = self.bounded(c, r, q.amount);
+        let pressed = self.last_usage[c][i] > self.config.threshold * current;
+        let held = round < self.held_until[c][i] && !pressed;
+        if (target > current * (1.0 + self.config.up_band) && !held)
+            || current < self.bounds(c, r).0
+        {
+            let target = target
+                .min(current.max(1e-9) * self.config.max_step_up)
+                .max(self.bounds(c, r).0);
+            self.raise(round, q, current, target);
+        } else {
+            self.settle_deferred(round, c, r);
+            let cooled = self.last_change[c][i].is_none_or(|at| round >= at + self.config.cooldown);
+            let stable = self.bounded(c, r, stable);
+            if stable < current * (1.0 - self.config.down_band) && cooled {
+                let to = stable.max(current * (1.0 - self.config.max_step_down));
+                self.record(Decision {
+                    round,
+                    component: c,
+                    resource: r,
+                    from: current,
+                    to,
+                    action: Action::Release,
+                    reason: format!(
+                        "requests of the last {} rounds are at least {:.0}% below the allocation",
+                        self.config.cooldown.max(1),
+                        100.0 * (1.0 - stable / current)
+                    ),
+                    dry_run: self.config.dry_run,
+                });
+            }
+        }
+    }
+
+    fn raise(&mut self, round: u64, q: &Request, current: f64, target: f64) {
+        let (c, r, i) = (q.component, q.resource, q.resource.index());
+        let need = target - current;
+        let mut free = self.free(r).max(0.0);
+        let weight = self.components[c].weight;
+        if free < need && weight >= self.config.preempt_weight {
+            // Take from the lowest-weight holders first, down to their floors; opted-out
+            // components and equal or higher weights are never touched.
+            let mut victims: Vec<usize> = (0..self.components.len())
+                .filter(|&v| {
+                    v != c
+                        && !self.components[v].preferences.opt_out
+                        && self.components[v].weight < weight
+                })
+                .collect();
+            victims.sort_by(|&a, &b| {
+                self.components[a]
+                    .weight
+                    .total_cmp(&self.components[b].weight)
+                    .then(a.cmp(&b))
+            });
+            for v in victims {
+                if free >= need {
+                    break;
+                }
+                let have = self.alloc[v][i];
+                let spare = have - self.bounds(v, r).0;
+                if spare <= 0.0 {
+                    continue;
+                }
+                let take = spare.min(need - free);
+                self.record(Decision {
+                    round,
+                    component: v,
+                    resource: r,
+                    from: have,
+                    to: have - take,
+                    action: Action::Preempted { by: c },
+                    reason: format!(
+                        "pool short of {r} for {} (weight {weight})",
+                        self.components[c].name
+                    ),
+                    dry_run: self.config.dry_run,
+                });
+                // The pool gains what was taken (in dry-run, nothing moves; count it anyway
+                // so the decision is the one a live run would make).
+                free += take;
+            }
+        }
+        let grant = need.min(free);
+        if grant > 0.0 {
+            let to = current + grant;
+            self.trials[c][i] = Some(Trial {
+                round,
+                before: current,
+                peak: None,
+            });
+            self.record(Decision {
+                round,
+                component: c,
+                resource: r,
+                from: current,
+                to,
+                action: Action::Raise,
+                reason: format!(
+                    "request {:.1} (risk {:.2}) above the allocation",
+                    q.amount, q.risk
+                ),
+                dry_run: self.config.dry_run,
+            });
+        }
+        let short = need - grant;
+        if short > 1e-9 * (1.0 + need) {
+            match self
+                .deferred
+                .iter_mut()
+                .find(|d| d.component == c && d.resource == r)
+            {
+                Some(d) => d.short = short,
+                None => {
+                    self.deferred.push(Deferred {
+                        component: c,
+                        resource: r,
+                        short,
+                        since: round,
+                    });
+                    let to = self.alloc[c][i];
+                    self.audit.push(Decision {
+                        round,
+                        component: c,
+                        resource: r,
+                        from: to,
+                        to,
+                        action: Action::Deferred { short },
+                        reason: format!("pool short of {short:.1} {r}; queued"),
+                        dry_run: self.config.dry_run,
+                    });
+                }
+            }
+        } else {
+            self.settle_deferred(round, c, r);
+        }
+    }
+
+    /// A request that no longer waits leaves the queue, audited with its wait.
+    fn settle_deferred(&mut self, round: u64, c: usize, r: Resource) {
+        if let Some(pos) = self
+            .deferred
+            .iter()
+            .position(|d| d.component == c && d.resource == r)
+        {
+            let d = self.deferred.remove(pos);
+            let to = self.alloc[c][r.index()];
+            self.audit.push(Decision {
+                round,
+                component: c,
+                resource: r,
+                from: to,
+                to,
+                action: Action::Granted {
+                    waited: round - d.since,
+                },
+                reason: format!("met after waiting {} rounds", round - d.since),
+                dry_run: self.config.dry_run,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "alloc/tests.rs"]
+mod tests;

@@ -1,0 +1,239 @@
+use super::*;
+
+fn component(name: &str, weight: f64, deferrable: bool) -> Component {
+    Component {
+        name: name.into(),
+        weight,
+        deferrable,
+        preferences: Preferences::default(),
+    }
+}
+
+fn cpu(c: usize, amount: f64) -> Request {
+    Request {
+        component: c,
+        resource: Resource::Cpu,
+        amount,
+        risk: 0.5,
+    }
+}
+
+fn pool(cpu: f64) -> PerResource<Option<f64>> {
+    [Some(cpu), None, None, None]
+}
+
+fn at(cpu: f64) -> PerResource<f64> {
+    [cpu, 1.0, 1.0, 1.0]
+}
+
+#[test]
+fn a_short_pool_preempts_for_the_critical_and_defers_the_rest() {
+    let mut comps = vec![
+        component("db", 10.0, false),
+        component("web", 3.0, false),
+        component("batch", 1.0, true),
+    ];
+    comps[2].preferences.floor[0] = Some(5.0);
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        comps,
+        pool(100.0),
+        vec![at(30.0), at(30.0), at(30.0)],
+    )
+    .unwrap();
+    // Batch asks for 50: 10 are free, the other 10 wait in the queue.
+    let d = e.round(1, &[cpu(2, 50.0)]);
+    assert_eq!(e.allocation(2)[0], 40.0);
+    assert!(
+        d.iter()
+            .any(|d| matches!(d.action, Action::Deferred { short } if (short - 10.0).abs() < 1e-9)),
+        "{d:?}"
+    );
+    assert_eq!(e.deferred().len(), 1);
+    // The critical db asks for 70: the pool is empty, so it takes from batch (lowest weight)
+    // down to its floor, then from web.
+    let d = e.round(2, &[cpu(0, 70.0), cpu(2, 50.0)]);
+    assert_eq!(e.allocation(0)[0], 70.0, "{d:?}");
+    assert_eq!(e.allocation(2)[0], 5.0);
+    assert_eq!(e.allocation(1)[0], 25.0);
+    assert!(
+        d.iter()
+            .any(|d| d.component == 2 && d.action == Action::Preempted { by: 0 })
+    );
+    let total: f64 = (0..3).map(|c| e.allocation(c)[0]).sum();
+    assert!(total <= 100.0 + 1e-9);
+    // Web is not critical: it cannot preempt, and waits.
+    e.round(3, &[cpu(1, 40.0)]);
+    assert_eq!(e.allocation(1)[0], 25.0);
+    assert_eq!(e.deferred().len(), 2);
+    // The db's need passes; after its cooldown it releases step by step, and the queue is
+    // served: web first (higher weight), then batch.
+    for round in 4..60 {
+        e.round(round, &[cpu(0, 20.0), cpu(1, 40.0), cpu(2, 50.0)]);
+    }
+    // Within the 2% raise band of its request.
+    assert!(e.allocation(1)[0] >= 40.0 * 0.98, "{}", e.allocation(1)[0]);
+    assert!(e.allocation(2)[0] > 5.0);
+    assert!(
+        e.audit()
+            .iter()
+            .any(|d| d.component == 1 && matches!(d.action, Action::Granted { .. }))
+    );
+    let total: f64 = (0..3).map(|c| e.allocation(c)[0]).sum();
+    assert!(total <= 100.0 + 1e-9, "{total}");
+}
+
+#[test]
+fn noisy_requests_do_not_make_the_allocation_flap() {
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        vec![component("svc", 3.0, false)],
+        pool(1e9),
+        vec![at(100.0)],
+    )
+    .unwrap();
+    let mut seed = 9u64;
+    let mut changes = 0;
+    for round in 0..1000 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let noise = (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        // ±10% around 100 every round.
+        let d = e.round(round, &[cpu(0, 100.0 * (1.0 + 0.2 * noise))]);
+        changes += d.iter().filter(|d| d.from != d.to).count();
+    }
+    // The first rounds may settle near the top of the band; after that it holds.
+    assert!(changes <= 3, "{changes} changes in 1000 noisy rounds");
+    let a = e.allocation(0)[0];
+    assert!((100.0..=115.0).contains(&a), "{a}");
+}
+
+#[test]
+fn preferences_win_caps_floors_and_opt_out() {
+    let mut comps = vec![
+        component("critical", 10.0, false),
+        component("capped", 3.0, false),
+        component("opted_out", 1.0, false),
+    ];
+    comps[1].preferences.cap[0] = Some(50.0);
+    comps[1].preferences.floor[0] = Some(20.0);
+    comps[2].preferences.opt_out = true;
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        comps,
+        pool(120.0),
+        vec![at(30.0), at(30.0), at(40.0)],
+    )
+    .unwrap();
+    for round in 0..50 {
+        let d = e.round(round, &[cpu(0, 200.0), cpu(1, 500.0), cpu(2, 1.0)]);
+        assert!(
+            d.iter().all(|d| d.component != 2),
+            "opted-out touched: {d:?}"
+        );
+        assert!(e.allocation(1)[0] <= 50.0);
+        assert!(e.allocation(1)[0] >= 20.0);
+        assert_eq!(e.allocation(2)[0], 40.0);
+    }
+    // The critical component took what it could: the pool less the opted-out share and
+    // the capped one's floor.
+    assert_eq!(e.allocation(0)[0], 120.0 - 40.0 - 20.0);
+    // A floor above a cap is refused.
+    let mut bad = component("bad", 1.0, false);
+    bad.preferences.floor[0] = Some(10.0);
+    bad.preferences.cap[0] = Some(5.0);
+    assert!(Engine::new(AllocConfig::default(), vec![bad], pool(10.0), vec![at(1.0)]).is_err());
+}
+
+#[test]
+fn a_raise_that_did_not_help_is_rolled_back_and_headroom_shrinks() {
+    let config = AllocConfig::default();
+    let mut e = Engine::new(
+        config,
+        vec![component("svc", 3.0, false)],
+        pool(1e9),
+        vec![at(100.0)],
+    )
+    .unwrap();
+    // A forecast says a surge is coming; it never does.
+    e.round(0, &[cpu(0, 200.0)]);
+    assert_eq!(e.allocation(0)[0], 200.0);
+    let mut rolled = None;
+    for round in 1..=60 {
+        e.observe(0, [50.0, 0.0, 0.0, 0.0]);
+        let d = e.round(round, &[cpu(0, 200.0)]);
+        if let Some(d) = d.iter().find(|d| d.action == Action::Rollback) {
+            rolled = Some((round, d.clone()));
+        }
+        if rolled.is_some() && round < config.rollback_after * 2 {
+            // Held: the same wrong request does not raise it again.
+            assert_eq!(e.allocation(0)[0], 100.0, "round {round}");
+        }
+    }
+    let (round, d) = rolled.expect("rolled back");
+    assert_eq!(round, config.rollback_after);
+    assert_eq!((d.from, d.to), (200.0, 100.0));
+    assert!(d.reason.contains("peaked at 50.0"), "{}", d.reason);
+    let f = e.feedback(0, Resource::Cpu);
+    assert!(
+        f.headroom < 1.0 && f.effectiveness < 0.5 && f.judged >= 1,
+        "{f:?}"
+    );
+    // Real pressure overrides the hold.
+    e.observe(0, [95.0, 0.0, 0.0, 0.0]);
+    e.round(61, &[cpu(0, 200.0)]);
+    assert_eq!(e.allocation(0)[0], 200.0);
+    // A raise that was needed keeps its allocation and grows effectiveness.
+    let mut e = Engine::new(
+        config,
+        vec![component("svc", 3.0, false)],
+        pool(1e9),
+        vec![at(100.0)],
+    )
+    .unwrap();
+    e.round(0, &[cpu(0, 200.0)]);
+    for round in 1..=30 {
+        e.observe(0, [150.0, 0.0, 0.0, 0.0]);
+        e.round(round, &[cpu(0, 200.0)]);
+    }
+    assert_eq!(e.allocation(0)[0], 200.0);
+    assert!(e.feedback(0, Resource::Cpu).effectiveness > 0.5);
+}
+
+#[test]
+fn dry_run_audits_decisions_and_changes_nothing() {
+    let config = AllocConfig {
+        dry_run: true,
+        ..AllocConfig::default()
+    };
+    let mut e = Engine::new(
+        config,
+        vec![component("svc", 3.0, false)],
+        pool(1e9),
+        vec![at(100.0)],
+    )
+    .unwrap();
+    let d = e.round(0, &[cpu(0, 300.0)]);
+    assert_eq!(d.len(), 1);
+    assert!(d[0].dry_run && d[0].action == Action::Raise && d[0].to == 300.0);
+    assert_eq!(e.allocation(0)[0], 100.0);
+}
+
+#[test]
+fn requests_are_sized_from_the_forecast_and_learned_headroom() {
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        vec![component("svc", 3.0, false)],
+        pool(1e9),
+        vec![at(100.0)],
+    )
+    .unwrap();
+    assert!((e.size(0, Resource::Cpu, 90.0) - 100.0).abs() < 1e-9);
+    // Violations grow the headroom.
+    for _ in 0..5 {
+        e.observe(0, [99.0, 0.0, 0.0, 0.0]);
+    }
+    assert!(e.size(0, Resource::Cpu, 90.0) > 120.0);
+    assert!(e.size(0, Resource::Mem, 90.0) < 100.1);
+}
