@@ -41,6 +41,15 @@ enum Command {
         #[command(subcommand)]
         what: Eval,
     },
+    /// Replay a usage trace (shared/data/alloc-dev layout) through Forestall's forecasters
+    /// and allocation engine and through the baselines; print every figure and write
+    /// Forestall's allocations to FILE.
+    Replay {
+        #[arg(long, value_name = "DIR")]
+        trace: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +89,10 @@ fn main() -> anyhow::Result<()> {
             what: Eval::Forecast { data },
         } => {
             print!("{}", forestall_server::eval::forecast(&data)?);
+            Ok(())
+        }
+        Command::Replay { trace, out } => {
+            print!("{}", forestall_server::replay::replay(&trace, &out)?);
             Ok(())
         }
         Command::Serve {

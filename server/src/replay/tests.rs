@@ -1,0 +1,124 @@
+use super::*;
+
+/// A small trace: `n` steps of 5 minutes, three components (critical, standard, batch) with
+/// a daily-ish cycle of 48 steps and a surge every cycle.
+fn write_trace(dir: &Path, n: usize, visible: Option<usize>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let visible_field = visible.map_or(String::new(), |k| format!(r#""n_steps_visible": {k},"#));
+    std::fs::write(
+        dir.join("meta.json"),
+        format!(
+            r#"{{"step_seconds": 300, "n_steps": {n}, {visible_field} "warmup_steps": {}, "threshold": 0.9,
+               "resources": {{"cpu": {{"floor": 50}}, "mem": {{"floor": 64}}, "net": {{"floor": 10}}, "disk": {{"floor": 10}}}},
+               "contended": {{"capacity": {{"cpu": 3000, "mem": 3000, "net": 300, "disk": 300}}}}}}"#,
+            n / 5
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("components.csv"),
+        "component,tier,weight,deferrable,cpu_provisioned_mhz\nvm1,critical,10.0,0,1\nvm2,standard,3.0,0,1\nvm3,batch,1.0,1,1\n",
+    )
+    .unwrap();
+    let mut usage = String::from("step,timestamp,component,cpu,mem,net,disk\n");
+    for t in 0..visible.unwrap_or(n) {
+        for (c, name) in ["vm1", "vm2", "vm3"].iter().enumerate() {
+            let phase = t % 48;
+            let surge = if (30..36).contains(&phase) { 3.0 } else { 1.0 };
+            let wobble = ((t * 7919 + c * 104_729) % 17) as f64 / 17.0;
+            let cpu = (300.0 + 100.0 * c as f64) * surge + 40.0 * wobble;
+            writeln!(
+                usage,
+                "{t},{},{name},{cpu},{},{},{}",
+                1_375_660_800 + 300 * t,
+                500.0 + 10.0 * wobble,
+                20.0 * surge,
+                30.0 + wobble
+            )
+            .unwrap();
+        }
+    }
+    std::fs::write(dir.join("usage.csv"), usage).unwrap();
+}
+
+#[test]
+fn replay_is_deterministic_and_free_of_look_ahead() {
+    let root = tempfile::tempdir().unwrap();
+    let full = root.path().join("full");
+    write_trace(&full, 600, None);
+    let trace = load(&full).unwrap();
+    assert_eq!(trace.steps, 600);
+    let a = run(&mut Forestall::new(&trace, false).unwrap(), &trace);
+    let b = run(&mut Forestall::new(&trace, false).unwrap(), &trace);
+    assert_eq!(a, b, "deterministic");
+    for k in [130, 377] {
+        let cut = root.path().join(format!("cut{k}"));
+        write_trace(&cut, 600, Some(k));
+        let t = load(&cut).unwrap();
+        assert_eq!((t.usage.len(), t.steps), (k, k + 1));
+        let c = run(&mut Forestall::new(&t, false).unwrap(), &t);
+        // Decisions up to and including step k (decided from steps < k) are the same.
+        assert_eq!(c[..=k], a[..=k], "cut at {k}");
+        for (i, mut baseline) in baselines(&t).into_iter().enumerate() {
+            let cut_run = run(baseline.as_mut(), &t);
+            let full_run = run(baselines(&trace).swap_remove(i).as_mut(), &trace);
+            assert_eq!(cut_run[..=k], full_run[..=k], "{} cut at {k}", baseline.name());
+        }
+    }
+}
+
+#[test]
+fn figures_match_a_hand_computed_case() {
+    let trace = Trace {
+        components: vec![TraceComponent {
+            name: "a".into(),
+            tier: "critical".into(),
+            weight: 10.0,
+            deferrable: false,
+        }],
+        usage: [10.0, 10.0, 95.0, 100.0, 50.0, 50.0]
+            .iter()
+            .map(|&u| vec![[u, u, u, u]])
+            .collect(),
+        steps: 6,
+        warmup: 2,
+        threshold: 0.9,
+        step_seconds: 86_400.0 / 4.0,
+        floors: [1.0; 4],
+        capacity: None,
+    };
+    let alloc: Vec<Vec<PerResource<f64>>> = [100.0, 100.0, 100.0, 100.0, 100.0, 200.0]
+        .iter()
+        .map(|&a| vec![[a; 4]])
+        .collect();
+    let f = figures(&trace, &alloc);
+    // Scored steps 2..6: usage 95 (soft), 100 (soft, not hard: equal), 50, 50.
+    assert!((f.soft - 0.5).abs() < 1e-12, "{f:?}");
+    assert_eq!(f.hard, 0.0);
+    // Slack: (5 + 0 + 50 + 150) / (95 + 100 + 50 + 50).
+    assert!((f.slack - 205.0 / 295.0).abs() < 1e-12, "{f:?}");
+    // One change (step 5) on each of 4 resources over one day.
+    assert!((f.churn_per_day - 4.0).abs() < 1e-12, "{f:?}");
+    assert_eq!(f.per_tier["critical"], 0.5);
+}
+
+#[test]
+fn replay_reports_every_allocator_and_writes_the_allocations() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("trace");
+    write_trace(&dir, 480, None);
+    let out = root.path().join("out/alloc.csv");
+    let report = replay(&dir, &out).unwrap();
+    for needle in ["forestall", "static", "HPA-like", "VPA-like", "Autopilot-like", "contended pool", "deferred"] {
+        assert!(report.contains(needle), "{needle} missing:\n{report}");
+    }
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(written.starts_with("component,resource,step,allocation\n"));
+    assert!(written.lines().any(|l| l.starts_with("vm1,cpu,0,")));
+    // Bad traces are refused with the reason.
+    std::fs::write(dir.join("usage.csv"), "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n").unwrap();
+    let err = replay(&dir, &out).unwrap_err().to_string();
+    assert!(err.contains("unknown component"), "{err}");
+    std::fs::remove_file(dir.join("meta.json")).unwrap();
+    assert!(replay(&dir, &out).is_err());
+}
