@@ -101,6 +101,8 @@ pub struct AllocConfig {
     pub max_step_down: f64,
     /// A raise multiplies the allocation by at most this per round.
     pub max_step_up: f64,
+    /// A raise goes this fraction past the request.
+    pub overshoot: f64,
     /// Components with at least this weight preempt lower-weight ones when the pool is short.
     pub preempt_weight: f64,
     /// Rounds after a raise when it is judged (and rolled back if it did not help).
@@ -119,6 +121,7 @@ impl Default for AllocConfig {
             cooldown: 6,
             max_step_down: 0.2,
             max_step_up: 8.0,
+            overshoot: 0.0,
             preempt_weight: 10.0,
             rollback_after: 24,
             dry_run: false,
@@ -231,6 +234,8 @@ pub struct Engine {
     /// Pool capacity per resource; `None` is unlimited.
     capacity: PerResource<Option<f64>>,
     alloc: Vec<PerResource<f64>>,
+    /// Σ alloc per resource, kept in step with `alloc`.
+    used: PerResource<f64>,
     last_change: Vec<PerResource<Option<u64>>>,
     trials: Vec<PerResource<Option<Trial>>>,
     feedback: Vec<PerResource<Feedback>>,
@@ -242,8 +247,15 @@ pub struct Engine {
     /// stabilisation window, like the Kubernetes autoscaler's for scaling down).
     recent: Vec<PerResource<VecDeque<f64>>>,
     deferred: Vec<Deferred>,
-    audit: Vec<Decision>,
+    /// The latest [`AUDIT_KEPT`] decisions (the durable audit is the caller's: the server
+    /// stores it as a measurement).
+    audit: VecDeque<Decision>,
+    /// This round's decisions, returned by [`Engine::round`].
+    this_round: Vec<Decision>,
 }
+
+/// Decisions kept in memory.
+pub const AUDIT_KEPT: usize = 1 << 20;
 
 impl Engine {
     /// An engine whose components start at `initial` allocations (raised to their floors and
@@ -285,6 +297,7 @@ impl Engine {
         let mut e = Self {
             config,
             alloc: vec![[0.0; 4]; components.len()],
+            used: [0.0; 4],
             last_change: vec![[None; 4]; components.len()],
             trials: vec![[None; 4]; components.len()],
             feedback: vec![[Feedback::default(); 4]; components.len()],
@@ -294,12 +307,14 @@ impl Engine {
             components,
             capacity,
             deferred: Vec::new(),
-            audit: Vec::new(),
+            audit: VecDeque::new(),
+            this_round: Vec::new(),
         };
         for (c, init) in initial.into_iter().enumerate() {
             for r in Resource::ALL {
                 let v = e.bounded(c, r, init[r.index()]);
                 e.alloc[c][r.index()] = v;
+                e.used[r.index()] += v;
             }
         }
         Ok(e)
@@ -322,9 +337,9 @@ impl Engine {
         &self.deferred
     }
 
-    /// Every decision so far.
-    pub fn audit(&self) -> &[Decision] {
-        &self.audit
+    /// The latest decisions, oldest first.
+    pub fn audit(&self) -> impl Iterator<Item = &Decision> {
+        self.audit.iter()
     }
 
     pub fn feedback(&self, component: usize, resource: Resource) -> Feedback {
@@ -366,7 +381,7 @@ impl Engine {
 
     fn free(&self, r: Resource) -> f64 {
         match self.capacity[r.index()] {
-            Some(cap) => cap - self.alloc.iter().map(|a| a[r.index()]).sum::<f64>(),
+            Some(cap) => cap - self.used[r.index()],
             None => f64::INFINITY,
         }
     }
@@ -397,16 +412,25 @@ impl Engine {
     fn record(&mut self, d: Decision) {
         if !self.config.dry_run {
             let (c, i) = (d.component, d.resource.index());
+            self.used[i] += d.to - self.alloc[c][i];
             self.alloc[c][i] = d.to;
             self.last_change[c][i] = Some(d.round);
         }
-        self.audit.push(d);
+        self.push_audit(d);
+    }
+
+    fn push_audit(&mut self, d: Decision) {
+        if self.audit.len() == AUDIT_KEPT {
+            self.audit.pop_front();
+        }
+        self.this_round.push(d.clone());
+        self.audit.push_back(d);
     }
 
     /// One round: judges raises under trial, then serves `requests` by priority. Returns this
     /// round's decisions (also appended to the audit).
     pub fn round(&mut self, round: u64, requests: &[Request]) -> Vec<Decision> {
-        let first = self.audit.len();
+        self.this_round.clear();
         self.judge(round);
         let mut order: Vec<&Request> = requests
             .iter()
@@ -425,7 +449,7 @@ impl Engine {
         for q in order {
             self.serve(round, q);
         }
-        self.audit[first..].to_vec()
+        std::mem::take(&mut self.this_round)
     }
 
     /// Rolls back raises that did not help, and feeds every judged raise to the controller.
@@ -492,7 +516,10 @@ impl Engine {
         if (target > current * (1.0 + self.config.up_band) && !held)
             || current < self.bounds(c, r).0
         {
-            let target = target
+            // Overshoot a little: a request that keeps creeping up then raises once, not
+            // every round.
+            let target = self
+                .bounded(c, r, target * (1.0 + self.config.overshoot))
                 .min(current.max(1e-9) * self.config.max_step_up)
                 .max(self.bounds(c, r).0);
             self.raise(round, q, current, target);
@@ -607,7 +634,7 @@ impl Engine {
                         since: round,
                     });
                     let to = self.alloc[c][i];
-                    self.audit.push(Decision {
+                    self.push_audit(Decision {
                         round,
                         component: c,
                         resource: r,
@@ -633,7 +660,7 @@ impl Engine {
         {
             let d = self.deferred.remove(pos);
             let to = self.alloc[c][r.index()];
-            self.audit.push(Decision {
+            self.push_audit(Decision {
                 round,
                 component: c,
                 resource: r,

@@ -7,9 +7,9 @@
 pub mod config;
 pub mod error;
 pub mod eval;
-pub mod replay;
 pub mod http;
 pub mod pg;
+pub mod replay;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -17,6 +17,10 @@
 //! shares, the share of components with a hard violation, slack, churn, surge lead, and the
 //! contended-pool figures (per-tier violations, deferred work's wait).
 
+// Usage and allocations are parallel `[step][component][resource]` arrays; indexing them by
+// the same counters reads more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -24,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use forestall_actuators::alloc::{
-    Action, AllocConfig, Component, Engine, PerResource, Preferences, Request, Resource,
+    Action, AllocConfig, Component, Decision, Engine, PerResource, Preferences, Request, Resource,
 };
 use forestall_models::forecast::{AutoForecaster, ForecastConfig};
 use forestall_models::likelihood::normal_tail;
@@ -59,7 +63,8 @@ pub struct TraceComponent {
 /// Reads a trace directory.
 pub fn load(dir: &Path) -> anyhow::Result<Trace> {
     let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join("meta.json")).with_context(|| format!("read {}/meta.json", dir.display()))?,
+        &std::fs::read(dir.join("meta.json"))
+            .with_context(|| format!("read {}/meta.json", dir.display()))?,
     )
     .context("parse meta.json")?;
     let num = |v: &serde_json::Value, what: &str| {
@@ -86,38 +91,65 @@ pub fn load(dir: &Path) -> anyhow::Result<Trace> {
         None => None,
     };
 
-    let text = std::fs::read_to_string(dir.join("components.csv")).context("read components.csv")?;
+    let text =
+        std::fs::read_to_string(dir.join("components.csv")).context("read components.csv")?;
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().context("components.csv is empty")?.split(',').collect();
+    let header: Vec<&str> = lines
+        .next()
+        .context("components.csv is empty")?
+        .split(',')
+        .collect();
     let col = |name: &str| {
         header
             .iter()
             .position(|h| *h == name)
             .with_context(|| format!("components.csv has no {name} column"))
     };
-    let (ci, ti, wi, di) = (col("component")?, col("tier")?, col("weight")?, col("deferrable")?);
+    let (ci, ti, wi, di) = (
+        col("component")?,
+        col("tier")?,
+        col("weight")?,
+        col("deferrable")?,
+    );
     let mut components = Vec::new();
     for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').collect();
-        let get = |i: usize| f.get(i).copied().with_context(|| format!("components.csv line {}: too few fields", n + 2));
+        let get = |i: usize| {
+            f.get(i)
+                .copied()
+                .with_context(|| format!("components.csv line {}: too few fields", n + 2))
+        };
         components.push(TraceComponent {
             name: get(ci)?.to_owned(),
             tier: get(ti)?.to_owned(),
-            weight: get(wi)?.parse().with_context(|| format!("components.csv line {}: weight", n + 2))?,
+            weight: get(wi)?
+                .parse()
+                .with_context(|| format!("components.csv line {}: weight", n + 2))?,
             deferrable: get(di)? == "1" || get(di)?.eq_ignore_ascii_case("true"),
         });
     }
     ensure!(!components.is_empty(), "components.csv lists no component");
-    let index: BTreeMap<&str, usize> = components.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let index: BTreeMap<&str, usize> = components
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
 
     let text = std::fs::read_to_string(dir.join("usage.csv")).context("read usage.csv")?;
     let mut usage = vec![vec![[f64::NAN; 4]; components.len()]; visible];
-    for (n, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() < 7 {
             bail!("usage.csv line {}: expected 7 fields", n + 1);
         }
-        let step: usize = f[0].parse().with_context(|| format!("usage.csv line {}: step", n + 1))?;
+        let step: usize = f[0]
+            .parse()
+            .with_context(|| format!("usage.csv line {}: step", n + 1))?;
         let Some(&c) = index.get(f[2]) else {
             bail!("usage.csv line {}: unknown component {}", n + 1, f[2]);
         };
@@ -154,7 +186,10 @@ pub trait Allocator {
 pub fn run(a: &mut dyn Allocator, trace: &Trace) -> Vec<Vec<PerResource<f64>>> {
     (0..trace.steps)
         .map(|t| {
-            let last = t.checked_sub(1).and_then(|s| trace.usage.get(s)).map(Vec::as_slice);
+            let last = t
+                .checked_sub(1)
+                .and_then(|s| trace.usage.get(s))
+                .map(Vec::as_slice);
             a.decide(t, last)
         })
         .collect()
@@ -177,7 +212,11 @@ impl Histories {
             for (h, u) in self.values.iter_mut().zip(last) {
                 for r in 0..4 {
                     // A missing value repeats the last known one.
-                    let v = if u[r].is_finite() { u[r] } else { h[r].last().copied().unwrap_or(0.0) };
+                    let v = if u[r].is_finite() {
+                        u[r]
+                    } else {
+                        h[r].last().copied().unwrap_or(0.0)
+                    };
                     h[r].push(v);
                 }
             }
@@ -360,9 +399,19 @@ pub struct Forestall {
 
 impl Forestall {
     pub fn new(trace: &Trace, contended: bool) -> anyhow::Result<Self> {
+        // 5-minute rounds. Measured on the dev trace (docs/BENCHMARKS.md): a 5% raise band
+        // with a 30% overshoot, releases only when two hours of requests sit 40% below the
+        // allocation (at most 60% at a time), and raises judged after four hours; tighter
+        // settings doubled the churn for a few hundredths of a percent of violations.
         let config = AllocConfig {
             threshold: trace.threshold,
             min: trace.floors,
+            up_band: 0.05,
+            overshoot: 0.3,
+            down_band: 0.4,
+            cooldown: 24,
+            max_step_down: 0.6,
+            rollback_after: 48,
             ..AllocConfig::default()
         };
         let components: Vec<Component> = trace
@@ -396,7 +445,10 @@ impl Forestall {
                 ])
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { forecasters, engine })
+        Ok(Self {
+            forecasters,
+            engine,
+        })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -446,7 +498,9 @@ impl Allocator for Forestall {
             }
         }
         self.engine.round(t as u64, &requests);
-        (0..self.forecasters.len()).map(|c| self.engine.allocation(c)).collect()
+        (0..self.forecasters.len())
+            .map(|c| self.engine.allocation(c))
+            .collect()
     }
 }
 
@@ -504,17 +558,30 @@ pub fn figures(trace: &Trace, alloc: &[Vec<PerResource<f64>>]) -> Figures {
         }
     }
     let days = (n.saturating_sub(trace.warmup)) as f64 * trace.step_seconds / 86_400.0;
-    let slack = (0..4).map(|r| if used[r] > 0.0 { over[r] / used[r] } else { 0.0 }).sum::<f64>() / 4.0;
+    let slack = (0..4)
+        .map(|r| {
+            if used[r] > 0.0 {
+                over[r] / used[r]
+            } else {
+                0.0
+            }
+        })
+        .sum::<f64>()
+        / 4.0;
 
     // Surges: a value at least 1.5 × the previous hour's median and above its maximum, and
     // well above the resource's floor; one per hour per component and resource.
-    let (mut proactive, mut standing, mut missed, mut lag_sum, mut lagged) = (0, 0, 0, 0usize, 0usize);
+    let (mut proactive, mut standing, mut missed, mut lag_sum, mut lagged) =
+        (0, 0, 0, 0usize, 0usize);
     for c in 0..comps {
         for r in 0..4 {
             let mut last_surge: Option<usize> = None;
             for t in trace.warmup.max(HORIZON)..n {
                 let u = trace.usage[t][c][r];
-                let prev: Vec<f64> = (t - HORIZON..t).map(|s| trace.usage[s][c][r]).filter(|v| v.is_finite()).collect();
+                let prev: Vec<f64> = (t - HORIZON..t)
+                    .map(|s| trace.usage[s][c][r])
+                    .filter(|v| v.is_finite())
+                    .collect();
                 if !u.is_finite() || prev.len() < HORIZON / 2 || u < 2.0 * trace.floors[r] {
                     continue;
                 }
@@ -542,7 +609,13 @@ pub fn figures(trace: &Trace, alloc: &[Vec<PerResource<f64>>]) -> Figures {
         }
     }
     let surges = proactive + standing + missed;
-    let share = |k: usize| if surges == 0 { 0.0 } else { k as f64 / surges as f64 };
+    let share = |k: usize| {
+        if surges == 0 {
+            0.0
+        } else {
+            k as f64 / surges as f64
+        }
+    };
     Figures {
         soft: soft as f64 / cells.max(1) as f64,
         hard: hard as f64 / cells.max(1) as f64,
@@ -553,7 +626,11 @@ pub fn figures(trace: &Trace, alloc: &[Vec<PerResource<f64>>]) -> Figures {
         proactive: share(proactive),
         headroom: share(standing),
         missed: share(missed),
-        mean_lag_steps: if lagged == 0 { 0.0 } else { lag_sum as f64 / lagged as f64 },
+        mean_lag_steps: if lagged == 0 {
+            0.0
+        } else {
+            lag_sum as f64 / lagged as f64
+        },
         per_tier: tier
             .into_iter()
             .map(|(k, (v, n))| (k, v as f64 / n.max(1) as f64))
@@ -628,8 +705,26 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
     writeln!(
         report,
         "{:<46} {:>7} {:>7} {:>9} {:>6} {:>9} {:>7} {:>9} {:>8} {:>7} {:>8}",
-        "allocator", "soft%", "hard%", "hardcomp%", "slack", "chg/c/d", "surges", "proactive", "headroom", "missed", "lag(min)"
+        "allocator",
+        "soft%",
+        "hard%",
+        "hardcomp%",
+        "slack",
+        "chg/c/d",
+        "surges",
+        "proactive",
+        "headroom",
+        "missed",
+        "lag(min)"
     )?;
+    let count =
+        |f: &dyn Fn(&Action) -> bool| forestall.engine().audit().filter(|d| f(&d.action)).count();
+    let decisions = format!(
+        "forestall's decisions: {} raises, {} releases, {} rollbacks\n",
+        count(&|a| *a == Action::Raise),
+        count(&|a| *a == Action::Release),
+        count(&|a| *a == Action::Rollback)
+    );
     let mut results = vec![(forestall.name(), ours)];
     for mut b in baselines(&trace) {
         let a = run(b.as_mut(), &trace);
@@ -652,9 +747,13 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
             f.mean_lag_steps * trace.step_seconds / 60.0
         )?;
     }
+    report.push_str(&decisions);
 
     if let Some(capacity) = trace.capacity {
-        writeln!(report, "\ncontended pool (capacity {capacity:?}): soft violation share per tier")?;
+        writeln!(
+            report,
+            "\ncontended pool (capacity {capacity:?}): soft violation share per tier"
+        )?;
         let mut contended = Forestall::new(&trace, true)?;
         let ours = run(&mut contended, &trace);
         let mut rows = vec![(contended.name(), ours)];
@@ -670,10 +769,19 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
                 .iter()
                 .map(|(k, v)| format!("{k} {:.2}%", 100.0 * v))
                 .collect();
-            writeln!(report, "{name:<70} {}  (all {:.2}%, slack {:.2})", tiers.join("  "), 100.0 * f.soft, f.slack)?;
+            writeln!(
+                report,
+                "{name:<70} {}  (all {:.2}%, slack {:.2})",
+                tiers.join("  "),
+                100.0 * f.soft,
+                f.slack
+            )?;
         }
-        let audit = contended.engine().audit();
-        let deferred = audit.iter().filter(|d| matches!(d.action, Action::Deferred { .. })).count();
+        let audit: Vec<&Decision> = contended.engine().audit().collect();
+        let deferred = audit
+            .iter()
+            .filter(|d| matches!(d.action, Action::Deferred { .. }))
+            .count();
         let waits: Vec<u64> = audit
             .iter()
             .filter_map(|d| match d.action {
@@ -681,12 +789,16 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
                 _ => None,
             })
             .collect();
-        let preempted = audit.iter().filter(|d| matches!(d.action, Action::Preempted { .. })).count();
+        let preempted = audit
+            .iter()
+            .filter(|d| matches!(d.action, Action::Preempted { .. }))
+            .count();
         writeln!(
             report,
             "forestall: {deferred} requests deferred, {} met later (mean wait {:.1} min, longest {:.0} min), {} still waiting at the end; {preempted} preemptions",
             waits.len(),
-            waits.iter().sum::<u64>() as f64 / waits.len().max(1) as f64 * trace.step_seconds / 60.0,
+            waits.iter().sum::<u64>() as f64 / waits.len().max(1) as f64 * trace.step_seconds
+                / 60.0,
             waits.iter().copied().max().unwrap_or(0) as f64 * trace.step_seconds / 60.0,
             contended.engine().deferred().len()
         )?;
@@ -694,7 +806,11 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
     Ok(report)
 }
 
-fn write_allocations(trace: &Trace, alloc: &[Vec<PerResource<f64>>], out: &Path) -> anyhow::Result<()> {
+fn write_allocations(
+    trace: &Trace,
+    alloc: &[Vec<PerResource<f64>>],
+    out: &Path,
+) -> anyhow::Result<()> {
     use std::io::Write as _;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;

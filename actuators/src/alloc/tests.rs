@@ -76,7 +76,6 @@ fn a_short_pool_preempts_for_the_critical_and_defers_the_rest() {
     assert!(e.allocation(2)[0] > 5.0);
     assert!(
         e.audit()
-            .iter()
             .any(|d| d.component == 1 && matches!(d.action, Action::Granted { .. }))
     );
     let total: f64 = (0..3).map(|c| e.allocation(c)[0]).sum();

@@ -62,7 +62,12 @@ fn replay_is_deterministic_and_free_of_look_ahead() {
         for (i, mut baseline) in baselines(&t).into_iter().enumerate() {
             let cut_run = run(baseline.as_mut(), &t);
             let full_run = run(baselines(&trace).swap_remove(i).as_mut(), &trace);
-            assert_eq!(cut_run[..=k], full_run[..=k], "{} cut at {k}", baseline.name());
+            assert_eq!(
+                cut_run[..=k],
+                full_run[..=k],
+                "{} cut at {k}",
+                baseline.name()
+            );
         }
     }
 }
@@ -109,14 +114,26 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     write_trace(&dir, 480, None);
     let out = root.path().join("out/alloc.csv");
     let report = replay(&dir, &out).unwrap();
-    for needle in ["forestall", "static", "HPA-like", "VPA-like", "Autopilot-like", "contended pool", "deferred"] {
+    for needle in [
+        "forestall",
+        "static",
+        "HPA-like",
+        "VPA-like",
+        "Autopilot-like",
+        "contended pool",
+        "deferred",
+    ] {
         assert!(report.contains(needle), "{needle} missing:\n{report}");
     }
     let written = std::fs::read_to_string(&out).unwrap();
     assert!(written.starts_with("component,resource,step,allocation\n"));
     assert!(written.lines().any(|l| l.starts_with("vm1,cpu,0,")));
     // Bad traces are refused with the reason.
-    std::fs::write(dir.join("usage.csv"), "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n").unwrap();
+    std::fs::write(
+        dir.join("usage.csv"),
+        "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n",
+    )
+    .unwrap();
     let err = replay(&dir, &out).unwrap_err().to_string();
     assert!(err.contains("unknown component"), "{err}");
     std::fs::remove_file(dir.join("meta.json")).unwrap();
