@@ -157,3 +157,75 @@ fn a_result_over_the_row_limit_is_refused() {
     let (status, _) = curl(&server, "SELECT * FROM cpu LIMIT 100", "csv");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn model_functions_answer_over_http_and_bad_calls_get_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    // Two hosts, a point a minute for a day: a daily-ish cycle of 60 minutes; h1 climbs
+    // towards 90 every 100 minutes.
+    let mut body = String::new();
+    for m in 0..1440i64 {
+        let h0 = 50.0 + 10.0 * (m as f64 * std::f64::consts::TAU / 60.0).sin();
+        let phase = m % 100;
+        let h1 = if phase < 50 {
+            20.0 + 1.6 * phase as f64
+        } else {
+            20.0
+        };
+        body.push_str(&format!(
+            "cpu,host=h0 usage={h0} {}\n",
+            T0 + m * 60_000_000_000
+        ));
+        body.push_str(&format!(
+            "cpu,host=h1 usage={h1} {}\n",
+            T0 + m * 60_000_000_000
+        ));
+    }
+    let (status, text) = post(&server.url("/api/v2/write?precision=ns"), body.as_bytes());
+    assert_eq!(status, 204, "{text}");
+
+    let (status, body) = curl(
+        &server,
+        "SELECT host, time, mean, lower, upper FROM forecast('cpu', 'usage', 6, 'host = ''h0''') ORDER BY time",
+        "csv",
+    );
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 6, "{text}");
+    assert!(rows[0].starts_with("h0,2026-01-02T00:00:00"), "{text}");
+
+    let (status, body) = curl(
+        &server,
+        "SELECT component, resource, score FROM risk('cpu', 'usage > 90 AS cpu') ORDER BY component",
+        "json",
+    );
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("\"component\":\"h0\"") && text.contains("\"component\":\"h1\""),
+        "{text}"
+    );
+
+    let (status, body) = curl(
+        &server,
+        "SELECT max(s) AS top FROM (SELECT anomaly_score(usage) OVER (PARTITION BY host ORDER BY time) AS s FROM cpu)",
+        "csv",
+    );
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let top: f64 = text.lines().nth(1).unwrap().parse().unwrap();
+    assert!((0.0..=1.0).contains(&top), "{text}");
+
+    for sql in [
+        "SELECT * FROM forecast('cpu', 'usage', 0)",
+        "SELECT * FROM forecast('cpu', 'nope', 5)",
+        "SELECT * FROM forecast('cpu', 'usage', 5, 'host = ')",
+        "SELECT * FROM risk('cpu', 'usage >')",
+        "SELECT anomaly_score(host) OVER () FROM cpu",
+    ] {
+        let (status, body) = curl(&server, sql, "json");
+        assert_eq!(status, 400, "{sql}: {}", String::from_utf8_lossy(&body));
+    }
+}
