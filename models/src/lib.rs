@@ -7,16 +7,19 @@
 //!
 //! A leaf crate: it works on plain slices and depends on no other Forestall crate.
 //!
-//! Built so far: [`nab`] (the NAB benchmark's data layout and scorer), [`likelihood`] (the
-//! anomaly likelihood post-processing) and [`detector`] (a streaming detector that turns
-//! one-step forecast errors into anomaly scores). The LSTM, ETS and the Bayesian network are
-//! still to come (see the models issue).
+//! Modules: [`forecast`] (streaming forecasters with conformal intervals and the automatic
+//! choice, [`forecast::evaluation`]), [`lstm`] (the LSTM on candle, trained continuously),
+//! [`detector`] and [`likelihood`] (the anomaly score), [`bayes`] (Bayesian networks:
+//! inference, structure learning, explanations), [`risk`] (a component's risk network),
+//! [`codec`] (the checkpoint format) and [`nab`] (the NAB benchmark's layout and scorer). The
+//! LSTM is not yet one of the automatic choice's models (see the models issue).
 
 pub mod bayes;
 pub mod codec;
 pub mod detector;
 pub mod forecast;
 pub mod likelihood;
+pub mod lstm;
 pub mod nab;
 pub mod risk;
 
@@ -31,6 +34,8 @@ pub enum Error {
     Config { reason: String },
     #[error("bayesian network: {reason}")]
     Network { reason: String },
+    #[error("model: {reason}")]
+    Model { reason: String },
     #[error("read checkpoint: {reason}")]
     Checkpoint { reason: String },
 }

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Parser;
 use forestall_models::forecast::{AutoForecaster, ForecastConfig};
+use forestall_models::lstm::{LstmConfig, LstmForecaster};
 use forestall_models::nab;
 use forestall_models::risk::{
     MetricSpec, Observation, RiskConfig, RiskModel, observe_metric, training_rows,
@@ -61,6 +62,30 @@ fn main() -> Result<()> {
     let (p50, p99) = percentiles(update_ns);
     println!(
         "update (one value, 3 models × 12 steps tracked): median {p50:.1} µs, p99 {p99:.1} µs"
+    );
+
+    // The LSTM (default config: window 48, hidden 32, horizon 12, a training step every 16
+    // rows), warmed on the first 2,000 rows of the first file.
+    let values = &files[0].values;
+    let mut lstm = LstmForecaster::new(LstmConfig::default())?;
+    for &v in &values[..2000] {
+        lstm.update(&[v])?;
+    }
+    let (mut fns, mut uns) = (Vec::new(), Vec::new());
+    for &v in values[2000..].iter().cycle().take(args.calls) {
+        let t = Instant::now();
+        std::hint::black_box(lstm.forecast()?);
+        fns.push(t.elapsed().as_nanos());
+        let t = Instant::now();
+        lstm.update(&[v])?;
+        uns.push(t.elapsed().as_nanos());
+    }
+    let (p50, p99) = percentiles(fns);
+    println!("LSTM forecast, 12 steps (window 48, hidden 32): median {p50:.1} µs, p99 {p99:.1} µs");
+    let mean_update = uns.iter().sum::<u128>() as f64 / uns.len() as f64 / 1000.0;
+    let (p50, p99) = percentiles(uns);
+    println!(
+        "LSTM update incl. a training step every 16 rows (batch 16): median {p50:.1} µs, p99 {p99:.1} µs, mean {mean_update:.1} µs"
     );
 
     let specs = vec![
