@@ -617,17 +617,31 @@ impl Factor {
         }
     }
 
+    /// For variable `v`: the factor's values as `outer × card(v) × inner` blocks, and an
+    /// empty factor over the scope without `v`.
+    fn split(&self, v: usize) -> Option<(usize, usize, usize, Factor)> {
+        let k = self.vars.iter().position(|&u| u == v)?;
+        let inner: usize = self.cards[k + 1..].iter().product();
+        let card = self.cards[k];
+        let outer = self.values.len() / (inner * card);
+        let mut vars = self.vars.clone();
+        let mut cards = self.cards.clone();
+        vars.remove(k);
+        cards.remove(k);
+        let rest = Factor {
+            vars,
+            cards,
+            values: Vec::new(),
+        };
+        Some((outer, card, inner, rest))
+    }
+
     fn sum_out(&self, v: usize) -> Factor {
-        let Some(k) = self.vars.iter().position(|&u| u == v) else {
+        let Some((outer, card, inner, mut rest)) = self.split(v) else {
             return self.clone();
         };
-        let strides = self.strides();
-        let (outer, card, inner) = (
-            self.values.len() / (strides[k] * self.cards[k]),
-            self.cards[k],
-            strides[k],
-        );
-        let mut values = vec![0.0; outer * inner];
+        let values = &mut rest.values;
+        values.resize(outer * inner, 0.0);
         for o in 0..outer {
             for s in 0..card {
                 let base = (o * card + s) * inner;
@@ -636,41 +650,20 @@ impl Factor {
                 }
             }
         }
-        let mut vars = self.vars.clone();
-        let mut cards = self.cards.clone();
-        vars.remove(k);
-        cards.remove(k);
-        Factor {
-            vars,
-            cards,
-            values,
-        }
+        rest
     }
 
     fn reduce(&self, v: usize, state: usize) -> Factor {
-        let Some(k) = self.vars.iter().position(|&u| u == v) else {
+        let Some((outer, card, inner, mut rest)) = self.split(v) else {
             return self.clone();
         };
-        let strides = self.strides();
-        let (outer, card, inner) = (
-            self.values.len() / (strides[k] * self.cards[k]),
-            self.cards[k],
-            strides[k],
-        );
-        let mut values = Vec::with_capacity(outer * inner);
+        rest.values.reserve(outer * inner);
         for o in 0..outer {
             let base = (o * card + state) * inner;
-            values.extend_from_slice(&self.values[base..base + inner]);
+            rest.values
+                .extend_from_slice(&self.values[base..base + inner]);
         }
-        let mut vars = self.vars.clone();
-        let mut cards = self.cards.clone();
-        vars.remove(k);
-        cards.remove(k);
-        Factor {
-            vars,
-            cards,
-            values,
-        }
+        rest
     }
 }
 

@@ -140,7 +140,7 @@ impl RiskModel {
         let vars = model.net.vars().to_vec();
         let data: Vec<Vec<usize>> = rows
             .iter()
-            .filter_map(|(o, labels)| model.sample(o, labels).ok())
+            .filter_map(|(o, labels)| model.sample(o, labels).ok().flatten())
             .collect();
         model.net = Network::learn(vars, &data, config.max_parents, config.prior, &|_, _| true)?;
         Ok(model)
@@ -197,7 +197,8 @@ impl RiskModel {
         Ok(e)
     }
 
-    fn sample(&self, obs: &Observation, labels: &[bool]) -> Result<Vec<usize>> {
+    /// The full sample of a labelled observation; `None` when a metric is missing.
+    fn sample(&self, obs: &Observation, labels: &[bool]) -> Result<Option<Vec<usize>>> {
         let e = self.evidence(obs)?;
         let m = self.metrics.len();
         if labels.len() != self.resources.len() {
@@ -209,23 +210,24 @@ impl RiskModel {
                 ),
             });
         }
-        let mut s = Vec::with_capacity(e.len());
-        for v in e.iter().take(3 * m + 1) {
-            s.push(v.ok_or_else(|| Error::Config {
-                reason: "a training row must observe every metric".into(),
-            })?);
-        }
+        let Some(mut s) = e
+            .iter()
+            .take(3 * m + 1)
+            .copied()
+            .collect::<Option<Vec<usize>>>()
+        else {
+            return Ok(None);
+        };
         s.extend(labels.iter().map(|&b| usize::from(b)));
-        Ok(s)
+        Ok(Some(s))
     }
 
     /// Counts one labelled observation into the tables (online learning). Rows with missing
     /// metrics are skipped.
     pub fn observe(&mut self, obs: &Observation, labels: &[bool]) -> Result<()> {
-        match self.sample(obs, labels) {
-            Ok(s) => self.net.observe(&s, 1.0),
-            Err(Error::Config { reason }) if reason.contains("every metric") => Ok(()),
-            Err(e) => Err(e),
+        match self.sample(obs, labels)? {
+            Some(s) => self.net.observe(&s, 1.0),
+            None => Ok(()),
         }
     }
 

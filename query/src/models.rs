@@ -212,12 +212,7 @@ fn literal(e: &Expr) -> Option<&ScalarValue> {
 }
 
 fn string_arg(e: &Expr) -> Option<String> {
-    match literal(e)? {
-        ScalarValue::Utf8(Some(s))
-        | ScalarValue::LargeUtf8(Some(s))
-        | ScalarValue::Utf8View(Some(s)) => Some(s.clone()),
-        _ => None,
-    }
+    literal(e).and_then(crate::provider::scalar_string)
 }
 
 fn integer_arg(e: &Expr) -> Option<i64> {

@@ -497,7 +497,7 @@ fn string_literal(e: &Expr) -> Option<String> {
     scalar_string(v)
 }
 
-fn scalar_string(v: &ScalarValue) -> Option<String> {
+pub(crate) fn scalar_string(v: &ScalarValue) -> Option<String> {
     match v {
         ScalarValue::Utf8(Some(s))
         | ScalarValue::LargeUtf8(Some(s))
