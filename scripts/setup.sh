@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
-# and the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian).
+# the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
+# (ip, tc) for the traffic-control plugin's network-namespace tests.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ for pkg in librocksdb-dev libclang-dev; do
 done
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v curl >/dev/null || need+=(curl)
+{ command -v tc && command -v ip; } >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -1,7 +1,8 @@
 //! cgroup v1: `cpu.cfs_quota_us` (over `cpu.cfs_period_us`) for the CPU cap, `cpu.shares`
 //! for the weight, `memory.limit_in_bytes` and `memory.soft_limit_in_bytes` for memory, and
-//! `blkio.throttle.{read,write}_{bps,iops}_device` for I/O (read back: the first device
-//! throttled; revert: every device's throttles lifted).
+//! `blkio.throttle.{read,write}_{bps,iops}_device` for I/O caps (read back: the first device
+//! throttled; revert: every device's throttles lifted), and `blkio.bfq.weight` (BFQ, 1..=1000,
+//! default 100) or `blkio.weight` (CFQ, 10..=1000, default 500) for the I/O weight.
 //!
 //! Each controller is its own hierarchy (`/sys/fs/cgroup/cpu/<path>`,
 //! `/sys/fs/cgroup/memory/<path>`). Weights use the cgroup v2 scale everywhere in Forestall
@@ -21,6 +22,42 @@ const THROTTLES: [&str; 4] = ["read_bps", "write_bps", "read_iops", "write_iops"
 
 fn throttle_values(l: &IoLimit) -> [Option<u64>; 4] {
     [l.read_bps, l.write_bps, l.read_iops, l.write_iops]
+}
+
+/// The I/O weight file this kernel has, and how the v2 scale (1..=10000, default 100) maps to
+/// and from it.
+#[derive(Debug, Clone, Copy)]
+enum BlkioWeight {
+    Bfq,
+    Cfq,
+}
+
+impl BlkioWeight {
+    fn file(self) -> &'static str {
+        match self {
+            BlkioWeight::Bfq => "blkio.bfq.weight",
+            BlkioWeight::Cfq => "blkio.weight",
+        }
+    }
+
+    fn to_kernel(self, w: u32) -> u32 {
+        match self {
+            BlkioWeight::Bfq => w.clamp(1, 1000),
+            BlkioWeight::Cfq => (w * 5).clamp(10, 1000),
+        }
+    }
+
+    fn weight_of(self, k: i64) -> u32 {
+        let k = k.clamp(1, 1000) as u32;
+        match self {
+            BlkioWeight::Bfq => k,
+            BlkioWeight::Cfq => k.div_ceil(5),
+        }
+    }
+
+    fn default_value(self) -> u32 {
+        self.to_kernel(100)
+    }
 }
 
 /// `major:minor value` lines of a throttle file.
@@ -64,6 +101,12 @@ impl CgroupV1 {
 
     fn has(&self, controller: &str, file: &str) -> bool {
         self.root.join(controller).join(file).exists()
+    }
+
+    fn blkio_weight(&self) -> Option<BlkioWeight> {
+        [BlkioWeight::Bfq, BlkioWeight::Cfq]
+            .into_iter()
+            .find(|w| self.has("blkio", w.file()))
     }
 
     /// The controllers this plugin uses that are mounted.
@@ -141,6 +184,8 @@ impl Actuator for CgroupV1 {
             io_max: THROTTLES
                 .iter()
                 .all(|f| self.has("blkio", &format!("blkio.throttle.{f}_device"))),
+            io_weight: self.blkio_weight().is_some(),
+            ..Capabilities::default()
         }
     }
 
@@ -167,8 +212,11 @@ impl Actuator for CgroupV1 {
         if let Some(b) = limits.memory_high_bytes {
             write(&mem.join("memory.soft_limit_in_bytes"), &b.to_string())?;
         }
+        let blkio = self.dir("blkio", target);
+        if let (Some(w), Some(kind)) = (limits.io_weight, self.blkio_weight()) {
+            write(&blkio.join(kind.file()), &kind.to_kernel(w).to_string())?;
+        }
         if let Some(l) = &limits.io {
-            let blkio = self.dir("blkio", target);
             let (maj, min) = l.device;
             for (file, value) in THROTTLES.iter().zip(throttle_values(l)) {
                 if let Some(v) = value {
@@ -206,8 +254,11 @@ impl Actuator for CgroupV1 {
         if caps.memory_high {
             out.memory_high_bytes = bytes("memory.soft_limit_in_bytes")?;
         }
+        let blkio = self.dir("blkio", target);
+        if let Some(kind) = self.blkio_weight() {
+            out.io_weight = Some(kind.weight_of(read_i64(&blkio.join(kind.file()))?));
+        }
         if caps.io_max {
-            let blkio = self.dir("blkio", target);
             let mut found: Option<IoLimit> = None;
             for (i, file) in THROTTLES.iter().enumerate() {
                 for (device, value) in
@@ -249,8 +300,11 @@ impl Actuator for CgroupV1 {
         if caps.memory_max {
             write(&mem.join("memory.limit_in_bytes"), "-1")?;
         }
+        let blkio = self.dir("blkio", target);
+        if let Some(kind) = self.blkio_weight() {
+            write(&blkio.join(kind.file()), &kind.default_value().to_string())?;
+        }
         if caps.io_max {
-            let blkio = self.dir("blkio", target);
             for file in THROTTLES {
                 let path = blkio.join(format!("blkio.throttle.{file}_device"));
                 for ((maj, min), _) in throttle_lines(&path)? {
@@ -266,58 +320,15 @@ impl Actuator for CgroupV1 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Child, Command};
+    use std::process::Command;
 
-    const ROOT: &str = "/sys/fs/cgroup";
-
-    /// The component's cgroup, removed (with its process killed) even if the test fails.
-    struct Fixture {
-        cg: CgroupV1,
-        target: Target,
-        child: Child,
-    }
-
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = self.cg.remove(&self.target);
-            // The shared parent goes with the last test that used it.
-            for c in ["cpu", "memory", "blkio"] {
-                let _ = fs::remove_dir(self.cg.root.join(c).join("forestall-test"));
-            }
-        }
-    }
-
-    fn fixture(name: &str) -> Fixture {
-        fixture_running(name, Command::new("sleep").arg("60"))
-    }
-
-    fn fixture_running(name: &str, cmd: &mut Command) -> Fixture {
-        assert!(
-            Path::new(ROOT).join("cpu/cpu.cfs_quota_us").exists()
-                && Path::new(ROOT)
-                    .join("memory/memory.limit_in_bytes")
-                    .exists(),
-            "these tests need cgroup v1 cpu and memory controllers under {ROOT}, and root"
-        );
-        let cg = CgroupV1::new(ROOT);
-        let target = Target::new(
-            name,
-            format!("forestall-test/{name}-{}", std::process::id()),
-        )
-        .unwrap();
-        let child = cmd.spawn().unwrap();
-        cg.create(&target).unwrap();
-        cg.attach(&target, child.id()).unwrap();
-        Fixture { cg, target, child }
-    }
+    use crate::testing::{fixture, fixture_running};
 
     #[test]
     fn cgroup_v1_limits_read_back_from_the_kernel_as_set() {
         let f = fixture("limits");
         // The process is in the component's cgroups.
-        let own = fs::read_to_string(format!("/proc/{}/cgroup", f.child.id())).unwrap();
+        let own = fs::read_to_string(format!("/proc/{}/cgroup", f.pid())).unwrap();
         assert!(own.contains(&f.target.cgroup), "{own}");
         let limits = Limits {
             cpu_millicores: Some(200),
@@ -331,6 +342,7 @@ mod tests {
                 read_iops: None,
                 write_iops: Some(200),
             }),
+            ..Default::default()
         };
         f.cg.apply(&f.target, &limits).unwrap();
         assert_eq!(f.cg.read_back(&f.target).unwrap(), limits);
@@ -402,7 +414,7 @@ mod tests {
             "burn",
             Command::new("sh").args(["-c", "while :; do :; done"]),
         );
-        let pid = f.child.id();
+        let pid = f.pid();
         f.cg.apply(
             &f.target,
             &Limits {
@@ -433,6 +445,67 @@ mod tests {
             raised > 1.5 * held && raised > 0.3,
             "raising the quota to a core took it from {held:.2} to only {raised:.2}"
         );
+    }
+
+    #[test]
+    fn cgroup_v1_io_weight_is_refused_when_the_kernel_has_no_proportional_io_scheduler() {
+        let f = fixture("ioweight");
+        let ask = Limits {
+            io_weight: Some(300),
+            ..Default::default()
+        };
+        match f.cg.blkio_weight() {
+            // This machine: no BFQ or CFQ weight file, so the request is an error.
+            None => {
+                let err = f.cg.apply(&f.target, &ask).unwrap_err();
+                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            }
+            Some(_) => {
+                f.cg.apply(&f.target, &ask).unwrap();
+                assert_eq!(f.cg.read_back(&f.target).unwrap().io_weight, Some(300));
+            }
+        }
+    }
+
+    /// The kernel here has neither BFQ nor CFQ, so the weight files are tested on a tree that
+    /// mimics a v1 blkio hierarchy of each kind.
+    #[test]
+    fn cgroup_v1_mimic_tree_blkio_weight_maps_the_v2_scale_each_way() {
+        // (file, its default, weight asked, what the kernel file gets, what reads back)
+        for (file, default, set, kernel, back) in [
+            ("blkio.bfq.weight", "100", 300, "300", 300),
+            ("blkio.bfq.weight", "100", 5000, "1000", 1000),
+            ("blkio.weight", "500", 300, "1000", 200),
+            ("blkio.weight", "500", 40, "200", 40),
+        ] {
+            let root = tempfile::tempdir().unwrap();
+            let blkio = root.path().join("blkio");
+            fs::create_dir_all(blkio.join("c")).unwrap();
+            fs::write(blkio.join(file), default).unwrap();
+            fs::write(blkio.join("c").join(file), default).unwrap();
+            let cg = CgroupV1::new(root.path());
+            let t = Target::new("c", "c").unwrap();
+            assert!(cg.capabilities().io_weight && !cg.capabilities().cpu_weight);
+            cg.apply(
+                &t,
+                &Limits {
+                    io_weight: Some(set),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                fs::read_to_string(blkio.join("c").join(file)).unwrap(),
+                kernel
+            );
+            assert_eq!(cg.read_back(&t).unwrap().io_weight, Some(back), "{file}");
+            cg.revert(&t).unwrap();
+            assert_eq!(
+                fs::read_to_string(blkio.join("c").join(file)).unwrap(),
+                default
+            );
+            assert_eq!(cg.read_back(&t).unwrap().io_weight, Some(100));
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! cgroup v2: `cpu.max` (`"<quota> <period>"` or `"max <period>"`), `cpu.weight`,
-//! `memory.high` and `memory.max` (bytes or `"max"`), in one unified hierarchy
-//! (`/sys/fs/cgroup/<path>` on a pure v2 machine).
+//! `memory.high` and `memory.max` (bytes or `"max"`), `io.weight` (`"default <w>"`) and
+//! `io.max` (`"<maj>:<min> rbps=<n|max> wbps=… riops=… wiops=…"`, one line per throttled device;
+//! read back: the first), in one unified hierarchy (`/sys/fs/cgroup/<path>` on a pure v2
+//! machine).
 //!
 //! A controller is usable in a cgroup only when its parent lists it in
 //! `cgroup.subtree_control`; [`CgroupV2::create`] enables the controllers the parent offers
@@ -9,10 +11,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::{Actuator, Capabilities, Error, Limits, Result, Target};
+use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Result, Target};
 
 const NAME: &str = "cgroup-v2";
 const DEFAULT_PERIOD_US: u64 = 100_000;
+/// The `io.max` keys, in the order of [`IoLimit`]'s fields.
+const IO_KEYS: [&str; 4] = ["rbps", "wbps", "riops", "wiops"];
 
 /// The cgroup v2 plugin over the unified hierarchy mounted at `root`.
 #[derive(Debug, Clone)]
@@ -47,6 +51,43 @@ fn number(path: &Path, text: &str) -> Result<u64> {
     })
 }
 
+/// One `io.max` line: `maj:min key=value …`, each value a number or `max`.
+fn io_max_line(path: &Path, line: &str) -> Result<IoLimit> {
+    let bad = || Error::Parse {
+        actuator: NAME,
+        path: path.to_path_buf(),
+        value: line.to_string(),
+    };
+    let mut parts = line.split_whitespace();
+    let (maj, min) = parts
+        .next()
+        .and_then(|d| d.split_once(':'))
+        .ok_or_else(bad)?;
+    let mut out = IoLimit {
+        device: (
+            maj.parse().map_err(|_| bad())?,
+            min.parse().map_err(|_| bad())?,
+        ),
+        ..Default::default()
+    };
+    for part in parts {
+        let (key, value) = part.split_once('=').ok_or_else(bad)?;
+        let i = IO_KEYS.iter().position(|k| *k == key).ok_or_else(bad)?;
+        let value = match value {
+            "max" => None,
+            v => Some(v.parse().map_err(|_| bad())?),
+        };
+        let slot = [
+            &mut out.read_bps,
+            &mut out.write_bps,
+            &mut out.read_iops,
+            &mut out.write_iops,
+        ];
+        *slot.into_iter().nth(i).expect("four keys") = value;
+    }
+    Ok(out)
+}
+
 /// `"max"` or a number of bytes.
 fn bytes_or_max(path: &Path) -> Result<Option<u64>> {
     match read(path)?.as_str() {
@@ -71,13 +112,13 @@ impl CgroupV2 {
             .unwrap_or_default()
     }
 
-    /// Creates the component's cgroup, enabling `cpu` and `memory` in each ancestor's
+    /// Creates the component's cgroup, enabling `cpu`, `memory` and `io` in each ancestor's
     /// `cgroup.subtree_control` where the ancestor offers them.
     pub fn create(&self, target: &Target) -> Result<()> {
         let mut dir = self.root.clone();
         for part in target.cgroup.split('/') {
             let offered = read(&dir.join("cgroup.controllers")).unwrap_or_default();
-            let enable: Vec<String> = ["cpu", "memory"]
+            let enable: Vec<String> = ["cpu", "memory", "io"]
                 .iter()
                 .filter(|c| offered.split_whitespace().any(|o| o == **c))
                 .map(|c| format!("+{c}"))
@@ -110,7 +151,9 @@ impl Actuator for CgroupV2 {
             cpu_weight: has("cpu"),
             memory_high: has("memory"),
             memory_max: has("memory"),
-            io_max: false,
+            io_max: has("io"),
+            io_weight: has("io"),
+            ..Capabilities::default()
         }
     }
 
@@ -137,6 +180,21 @@ impl Actuator for CgroupV2 {
         }
         if let Some(b) = limits.memory_high_bytes {
             write(&dir.join("memory.high"), &b.to_string())?;
+        }
+        if let Some(w) = limits.io_weight {
+            write(&dir.join("io.weight"), &format!("default {w}"))?;
+        }
+        if let Some(l) = &limits.io {
+            let (maj, min) = l.device;
+            let values = [l.read_bps, l.write_bps, l.read_iops, l.write_iops];
+            let mut line = format!("{maj}:{min}");
+            for (key, v) in IO_KEYS.iter().zip(values) {
+                match v {
+                    Some(v) => line.push_str(&format!(" {key}={v}")),
+                    None => line.push_str(&format!(" {key}=max")),
+                }
+            }
+            write(&dir.join("io.max"), &line)?;
         }
         Ok(())
     }
@@ -168,6 +226,23 @@ impl Actuator for CgroupV2 {
         if caps.memory_high {
             out.memory_high_bytes = bytes_or_max(&dir.join("memory.high"))?;
         }
+        if caps.io_weight {
+            let path = dir.join("io.weight");
+            let text = read(&path)?;
+            let w = text
+                .lines()
+                .find_map(|l| l.strip_prefix("default "))
+                .unwrap_or(text.as_str());
+            out.io_weight = Some(number(&path, w.trim())? as u32);
+        }
+        if caps.io_max {
+            let path = dir.join("io.max");
+            let text = read(&path)?;
+            out.io = match text.lines().find(|l| !l.trim().is_empty()) {
+                Some(line) => Some(io_max_line(&path, line)?),
+                None => None,
+            };
+        }
         Ok(out)
     }
 
@@ -185,6 +260,19 @@ impl Actuator for CgroupV2 {
         }
         if caps.memory_max {
             write(&dir.join("memory.max"), "max")?;
+        }
+        if caps.io_weight {
+            write(&dir.join("io.weight"), "default 100")?;
+        }
+        if caps.io_max {
+            let path = dir.join("io.max");
+            for line in read(&path)?.lines().filter(|l| !l.trim().is_empty()) {
+                let (maj, min) = io_max_line(&path, line)?.device;
+                write(
+                    &path,
+                    &format!("{maj}:{min} rbps=max wbps=max riops=max wiops=max"),
+                )?;
+            }
         }
         Ok(())
     }
@@ -213,6 +301,8 @@ mod tests {
             ("cpu.weight", "100"),
             ("memory.high", "max"),
             ("memory.max", "max"),
+            ("io.weight", "default 100"),
+            ("io.max", ""),
         ] {
             fs::write(dir.join(file), value).unwrap();
         }
@@ -228,19 +318,53 @@ mod tests {
             cpu_weight: Some(400),
             memory_high_bytes: Some(256 << 20),
             memory_max_bytes: Some(512 << 20),
-            io: None,
+            io: Some(IoLimit {
+                device: (8, 0),
+                read_bps: Some(10 << 20),
+                write_bps: None,
+                read_iops: None,
+                write_iops: Some(300),
+            }),
+            io_weight: Some(250),
+            ..Default::default()
         };
         cg.apply(&target, &limits).unwrap();
         let dir = root.path().join("forestall/web");
         assert_eq!(read(&dir.join("cpu.max")).unwrap(), "25000 100000");
+        assert_eq!(
+            read(&dir.join("io.max")).unwrap(),
+            "8:0 rbps=10485760 wbps=max riops=max wiops=300"
+        );
+        assert_eq!(read(&dir.join("io.weight")).unwrap(), "default 250");
         assert_eq!(cg.read_back(&target).unwrap(), limits);
         cg.revert(&target).unwrap();
         assert_eq!(read(&dir.join("cpu.max")).unwrap(), "max 100000");
+        assert_eq!(
+            read(&dir.join("io.max")).unwrap(),
+            "8:0 rbps=max wbps=max riops=max wiops=max"
+        );
         let back = cg.read_back(&target).unwrap();
         assert_eq!(
             (back.cpu_millicores, back.memory_max_bytes, back.cpu_weight),
             (None, None, Some(100))
         );
+        assert_eq!(back.io_weight, Some(100));
+        // A kernel-written io.max with one line per device reads back as the first.
+        fs::write(
+            dir.join("io.max"),
+            "8:0 rbps=max wbps=2097152 riops=max wiops=max\n8:16 rbps=1 wbps=max riops=max wiops=max\n",
+        )
+        .unwrap();
+        let io = cg.read_back(&target).unwrap().io.unwrap();
+        assert_eq!(
+            (io.device, io.write_bps, io.read_bps),
+            ((8, 0), Some(2 << 20), None)
+        );
+        fs::write(dir.join("io.max"), "8:0 rbps=lots").unwrap();
+        assert!(matches!(
+            cg.read_back(&target).unwrap_err(),
+            Error::Parse { .. }
+        ));
     }
 
     #[test]
@@ -250,7 +374,7 @@ mod tests {
         cg.create(&target).unwrap();
         assert_eq!(
             read(&root.path().join("cgroup.subtree_control")).unwrap(),
-            "+cpu +memory"
+            "+cpu +memory +io"
         );
         assert!(root.path().join("forestall/db").is_dir());
     }

@@ -7,15 +7,17 @@
 //!
 //! A leaf crate: it depends on no other Forestall crate.
 //!
-//! Built so far: the allocation engine with its pool, preferences, audit and feedback
-//! controller ([`alloc`]), the [`Actuator`] trait with the [`Limits`] it applies, a recording
-//! [`DryRun`] actuator, and the cgroup v1 and v2 plugins ([`cgroup_v1`], [`cgroup_v2`]).
-//! Still to come (the allocation issue): cgroup v2 I/O, traffic control, I/O priority,
-//! affinity/nice and the webhook.
+//! The allocation engine with its pool, preferences, audit and feedback controller
+//! ([`alloc`]); the [`Actuator`] trait with the [`Limits`] it applies; and the plugins: a
+//! recording [`DryRun`], [`cgroup_v1`], [`cgroup_v2`], scheduling (affinity, nice, I/O
+//! priority: [`sched`]), traffic control ([`tc`]) and a [`webhook`].
 
 pub mod alloc;
 pub mod cgroup_v1;
 pub mod cgroup_v2;
+pub mod sched;
+pub mod tc;
+pub mod webhook;
 
 use std::sync::Mutex;
 
@@ -44,6 +46,21 @@ pub enum Error {
         path: std::path::PathBuf,
         value: String,
     },
+    /// A command the plugin runs (`tc`) failed; `message` is its own error output.
+    #[error("{actuator}: `{command}` failed: {message}")]
+    Command {
+        actuator: &'static str,
+        command: String,
+        message: String,
+    },
+    /// The remote end (a webhook) answered with an error.
+    #[error("{actuator}: {url} answered {status}: {body}")]
+    Remote {
+        actuator: &'static str,
+        url: String,
+        status: u16,
+        body: String,
+    },
     /// The request itself is wrong (a zero quota, a name that leaves the hierarchy).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -65,6 +82,16 @@ pub struct Limits {
     pub memory_max_bytes: Option<u64>,
     /// Bandwidth and operation caps on one block device.
     pub io: Option<IoLimit>,
+    /// Relative block I/O share on the cgroup v2 scale: 1..=10000, default 100.
+    pub io_weight: Option<u32>,
+    /// Egress bandwidth for the component's traffic.
+    pub net: Option<NetLimit>,
+    /// The CPUs the component's threads may run on.
+    pub cpus: Option<CpuSet>,
+    /// Scheduling priority of the component's threads: -20 (first) ..= 19 (last).
+    pub nice: Option<i32>,
+    /// I/O scheduling class and level of the component's threads.
+    pub io_priority: Option<IoPriority>,
 }
 
 /// Caps on one block device (`major:minor`); `None` leaves a direction unlimited on apply.
@@ -77,6 +104,67 @@ pub struct IoLimit {
     pub write_iops: Option<u64>,
 }
 
+/// Egress bandwidth in bytes per second: `rate` is guaranteed, `ceil` (at least `rate`) is
+/// what the component may borrow up to when the link has room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetLimit {
+    pub rate_bytes: u64,
+    pub ceil_bytes: u64,
+}
+
+/// A set of CPUs (0..1024, as the kernel's default `cpu_set_t`).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuSet {
+    bits: [u64; 16],
+}
+
+impl CpuSet {
+    pub const MAX: usize = 1024;
+
+    /// Fails on a CPU number of 1024 or more.
+    pub fn new(cpus: impl IntoIterator<Item = usize>) -> Result<Self> {
+        let mut set = Self::default();
+        for c in cpus {
+            if c >= Self::MAX {
+                return Err(Error::Invalid(format!(
+                    "CPU {c} is beyond the {} a CPU set holds",
+                    Self::MAX
+                )));
+            }
+            set.bits[c / 64] |= 1 << (c % 64);
+        }
+        Ok(set)
+    }
+
+    pub fn contains(&self, cpu: usize) -> bool {
+        cpu < Self::MAX && self.bits[cpu / 64] & (1 << (cpu % 64)) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|w| *w == 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..Self::MAX).filter(|c| self.contains(*c))
+    }
+}
+
+impl std::fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// An I/O scheduling class (`ioprio_set(2)`); levels run 0 (first) ..= 7 (last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoPriority {
+    /// The kernel's default: the level follows the nice value.
+    None,
+    RealTime(u8),
+    BestEffort(u8),
+    Idle,
+}
+
 /// Which parts of [`Limits`] a plugin can set here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -85,12 +173,32 @@ pub struct Capabilities {
     pub memory_high: bool,
     pub memory_max: bool,
     pub io_max: bool,
+    pub io_weight: bool,
+    pub net: bool,
+    pub cpus: bool,
+    pub nice: bool,
+    pub io_priority: bool,
+}
+
+impl Capabilities {
+    /// Everything: what a plugin that only records or forwards requests can take.
+    pub const ALL: Capabilities = Capabilities {
+        cpu_millicores: true,
+        cpu_weight: true,
+        memory_high: true,
+        memory_max: true,
+        io_max: true,
+        io_weight: true,
+        net: true,
+        cpus: true,
+        nice: true,
+        io_priority: true,
+    };
 }
 
 impl Limits {
     /// Checks a request against what a plugin can do: every asked-for resource must be
-    /// supported (`why` says why not), a CPU cap must be above zero and a weight within
-    /// 1..=10000.
+    /// supported (`why` says why not), and every value must be one the kernel takes.
     pub fn check(
         &self,
         actuator: &'static str,
@@ -114,6 +222,16 @@ impl Limits {
                 caps.memory_max,
                 "memory.max",
             ),
+            (self.io.is_some(), caps.io_max, "I/O caps"),
+            (self.io_weight.is_some(), caps.io_weight, "an I/O weight"),
+            (self.net.is_some(), caps.net, "network bandwidth"),
+            (self.cpus.is_some(), caps.cpus, "CPU affinity"),
+            (self.nice.is_some(), caps.nice, "a nice value"),
+            (
+                self.io_priority.is_some(),
+                caps.io_priority,
+                "an I/O priority",
+            ),
         ] {
             if asked && !can {
                 return Err(Error::Unsupported {
@@ -123,28 +241,65 @@ impl Limits {
                 });
             }
         }
+        let invalid = |m: String| Err(Error::Invalid(m));
         if self.cpu_millicores == Some(0) {
-            return Err(Error::Invalid(
-                "a CPU quota of 0 would stop the component".into(),
+            return invalid("a CPU quota of 0 would stop the component".into());
+        }
+        for (w, what) in [(self.cpu_weight, "CPU"), (self.io_weight, "I/O")] {
+            if let Some(w) = w
+                && !(1..=10_000).contains(&w)
+            {
+                return invalid(format!("{what} weight {w} is outside 1..=10000"));
+            }
+        }
+        if let Some(n) = self.net
+            && (n.rate_bytes == 0 || n.ceil_bytes < n.rate_bytes)
+        {
+            return invalid(format!(
+                "bandwidth rate {} ceil {} must be above 0 with ceil >= rate",
+                n.rate_bytes, n.ceil_bytes
             ));
         }
-        if let Some(w) = self.cpu_weight
-            && !(1..=10_000).contains(&w)
+        if self.cpus.is_some_and(|c| c.is_empty()) {
+            return invalid("an empty CPU set would stop the component".into());
+        }
+        if let Some(n) = self.nice
+            && !(-20..=19).contains(&n)
         {
-            return Err(Error::Invalid(format!(
-                "CPU weight {w} is outside 1..=10000"
-            )));
+            return invalid(format!("nice {n} is outside -20..=19"));
+        }
+        if let Some(IoPriority::RealTime(l) | IoPriority::BestEffort(l)) = self.io_priority
+            && l > 7
+        {
+            return invalid(format!("I/O priority level {l} is outside 0..=7"));
         }
         Ok(())
     }
+
+    /// `self` with every field `later` sets replaced: what is in force after applying `later`.
+    pub fn then(self, later: &Limits) -> Limits {
+        Limits {
+            cpu_millicores: later.cpu_millicores.or(self.cpu_millicores),
+            cpu_weight: later.cpu_weight.or(self.cpu_weight),
+            memory_high_bytes: later.memory_high_bytes.or(self.memory_high_bytes),
+            memory_max_bytes: later.memory_max_bytes.or(self.memory_max_bytes),
+            io: later.io.or(self.io),
+            io_weight: later.io_weight.or(self.io_weight),
+            net: later.net.or(self.net),
+            cpus: later.cpus.or(self.cpus),
+            nice: later.nice.or(self.nice),
+            io_priority: later.io_priority.or(self.io_priority),
+        }
+    }
 }
 
-/// The component an actuator acts on: its name and its cgroup path, relative to each
-/// controller's root (`forestall/web-1`).
+/// The component an actuator acts on: its name, its cgroup path relative to each
+/// controller's root (`forestall/web-1`), and the network flows that are its traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub component: String,
     pub cgroup: String,
+    pub flows: Vec<Flow>,
 }
 
 impl Target {
@@ -164,8 +319,26 @@ impl Target {
         Ok(Self {
             component: component.into(),
             cgroup,
+            flows: Vec::new(),
         })
     }
+
+    /// Adds a flow that counts as this component's traffic.
+    pub fn with_flow(mut self, flow: Flow) -> Self {
+        self.flows.push(flow);
+        self
+    }
+}
+
+/// IPv4 packets that belong to a component: every `Some` field must match.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Source network (address, prefix length).
+    pub src: Option<(std::net::Ipv4Addr, u8)>,
+    /// Destination network (address, prefix length).
+    pub dst: Option<(std::net::Ipv4Addr, u8)>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
 }
 
 /// A way of moving resources to a component. Every method reports what it could not do.
@@ -202,13 +375,7 @@ impl Actuator for DryRun {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            cpu_millicores: true,
-            cpu_weight: true,
-            memory_high: true,
-            memory_max: true,
-            io_max: true,
-        }
+        Capabilities::ALL
     }
 
     fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
@@ -226,13 +393,7 @@ impl Actuator for DryRun {
         for (_, l) in log.iter().filter(|(t, _)| t == target) {
             match l {
                 None => out = Limits::default(),
-                Some(l) => {
-                    out.cpu_millicores = l.cpu_millicores.or(out.cpu_millicores);
-                    out.cpu_weight = l.cpu_weight.or(out.cpu_weight);
-                    out.memory_high_bytes = l.memory_high_bytes.or(out.memory_high_bytes);
-                    out.memory_max_bytes = l.memory_max_bytes.or(out.memory_max_bytes);
-                    out.io = l.io.or(out.io);
-                }
+                Some(l) => out = out.then(l),
             }
         }
         Ok(out)
@@ -244,6 +405,86 @@ impl Actuator for DryRun {
             .unwrap_or_else(|e| e.into_inner())
             .push((target.clone(), None));
         Ok(())
+    }
+}
+
+/// A real cgroup v1 component for tests, removed (with its processes killed) even when the
+/// test fails.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+    use std::process::{Child, Command};
+
+    use crate::Target;
+    use crate::cgroup_v1::CgroupV1;
+
+    pub const ROOT: &str = "/sys/fs/cgroup";
+
+    pub struct Fixture {
+        pub cg: CgroupV1,
+        pub target: Target,
+        pub children: Vec<Child>,
+    }
+
+    impl Fixture {
+        /// The first process in the component.
+        pub fn pid(&self) -> u32 {
+            self.children[0].id()
+        }
+
+        /// Starts another process in the component.
+        pub fn spawn(&mut self, cmd: &mut Command) -> u32 {
+            let child = cmd.spawn().unwrap();
+            let pid = child.id();
+            self.children.push(child);
+            self.cg.attach(&self.target, pid).unwrap();
+            pid
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            for child in &mut self.children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = self.cg.remove(&self.target);
+            // The shared parent goes with the last test that used it.
+            for c in ["cpu", "memory", "blkio"] {
+                let _ = std::fs::remove_dir(Path::new(ROOT).join(c).join("forestall-test"));
+            }
+        }
+    }
+
+    /// A component running `sleep 60`.
+    pub fn fixture(name: &str) -> Fixture {
+        fixture_running(name, Command::new("sleep").arg("60"))
+    }
+
+    /// A component running `cmd`, in cgroup `forestall-test/<name>-<pid>` of every v1
+    /// controller Forestall uses.
+    pub fn fixture_running(name: &str, cmd: &mut Command) -> Fixture {
+        assert!(
+            Path::new(ROOT).join("cpu/cpu.cfs_quota_us").exists()
+                && Path::new(ROOT)
+                    .join("memory/memory.limit_in_bytes")
+                    .exists(),
+            "these tests need cgroup v1 cpu and memory controllers under {ROOT}, and root"
+        );
+        let cg = CgroupV1::new(ROOT);
+        let target = Target::new(
+            name,
+            format!("forestall-test/{name}-{}", std::process::id()),
+        )
+        .unwrap();
+        cg.create(&target).unwrap();
+        let mut f = Fixture {
+            cg,
+            target,
+            children: Vec::new(),
+        };
+        f.spawn(cmd);
+        f
     }
 }
 
