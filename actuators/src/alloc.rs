@@ -8,8 +8,9 @@
 //! * requests are served by priority (criticality weight, then risk);
 //! * a raise is granted from the pool; when the pool is short, a component whose weight is at
 //!   least [`AllocConfig::preempt_weight`] takes from the lowest-weight holders (down to their
-//!   floors), and anything else gets what is free while the rest waits in a visible queue of
-//!   deferred requests, retried every round;
+//!   floors), a request that cannot wait takes deferrable work (a deferrable component's CPU,
+//!   network and disk, never its memory) from lower weights, and whatever is still missing
+//!   waits in a visible queue of deferred requests, retried every round;
 //! * lower requests release resources, but only when every request of the last
 //!   [`AllocConfig::cooldown`] rounds is past a hysteresis band, a cooldown after the last
 //!   change, and by at most [`AllocConfig::max_step_down`] per round, so noisy forecasts do not
@@ -552,14 +553,18 @@ impl Engine {
         let need = target - current;
         let mut free = self.free(r).max(0.0);
         let weight = self.components[c].weight;
-        if free < need && weight >= self.config.preempt_weight {
+        let critical = weight >= self.config.preempt_weight;
+        if free < need && (critical || !self.deferrable(c, r)) {
             // Take from the lowest-weight holders first, down to their floors; opted-out
-            // components and equal or higher weights are never touched.
+            // components and equal or higher weights are never touched. Only a critical
+            // component takes what cannot wait; anyone whose request cannot wait takes
+            // deferrable work.
             let mut victims: Vec<usize> = (0..self.components.len())
                 .filter(|&v| {
                     v != c
                         && !self.components[v].preferences.opt_out
                         && self.components[v].weight < weight
+                        && (critical || self.deferrable(v, r))
                 })
                 .collect();
             victims.sort_by(|&a, &b| {
@@ -649,6 +654,12 @@ impl Engine {
         } else {
             self.settle_deferred(round, c, r);
         }
+    }
+
+    /// Whether `c`'s work on `r` may wait: a deferrable component's CPU, network and disk
+    /// work, never memory (memory that is not there is an OOM, not a delay).
+    fn deferrable(&self, c: usize, r: Resource) -> bool {
+        self.components[c].deferrable && r != Resource::Mem
     }
 
     /// A request that no longer waits leaves the queue, audited with its wait.

@@ -83,6 +83,50 @@ fn a_short_pool_preempts_for_the_critical_and_defers_the_rest() {
 }
 
 #[test]
+fn work_that_cannot_wait_takes_deferrable_work_but_never_memory() {
+    let comps = vec![component("web", 3.0, false), component("batch", 1.0, true)];
+    let full = [Some(100.0), Some(100.0), None, None];
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        comps,
+        full,
+        vec![[40.0, 40.0, 1.0, 1.0], [60.0, 60.0, 1.0, 1.0]],
+    )
+    .unwrap();
+    let ask = |c, resource, amount| Request {
+        component: c,
+        resource,
+        amount,
+        risk: 0.5,
+    };
+    // Web's CPU cannot wait: it takes from batch's CPU, which can.
+    let d = e.round(1, &[ask(0, Resource::Cpu, 60.0)]);
+    assert_eq!(e.allocation(0)[0], 60.0, "{d:?}");
+    assert_eq!(e.allocation(1)[0], 40.0);
+    assert!(
+        d.iter()
+            .any(|d| d.component == 1 && d.action == Action::Preempted { by: 0 })
+    );
+    // Batch's memory cannot wait either, so it is never taken: web's memory request waits.
+    let d = e.round(2, &[ask(0, Resource::Mem, 60.0)]);
+    assert_eq!(e.allocation(1)[1], 60.0, "{d:?}");
+    assert_eq!(e.allocation(0)[1], 40.0);
+    assert!(
+        e.deferred()
+            .iter()
+            .any(|q| q.component == 0 && q.resource == Resource::Mem)
+    );
+    // Batch cannot take from web: deferrable work waits for the pool.
+    e.round(3, &[ask(1, Resource::Cpu, 60.0)]);
+    assert_eq!(e.allocation(1)[0], 40.0);
+    assert!(
+        e.deferred()
+            .iter()
+            .any(|q| q.component == 1 && q.resource == Resource::Cpu)
+    );
+}
+
+#[test]
 fn noisy_requests_do_not_make_the_allocation_flap() {
     let mut e = Engine::new(
         AllocConfig::default(),
