@@ -6,11 +6,14 @@
 //! headroom) and hands them to [`Engine::round`], which follows the design's loop:
 //!
 //! * requests are served by priority (criticality weight, then risk);
-//! * a raise is granted from the pool; when the pool is short, a component whose weight is at
-//!   least [`AllocConfig::preempt_weight`] takes from the lowest-weight holders (down to their
-//!   floors), a request that cannot wait takes deferrable work (a deferrable component's CPU,
-//!   network and disk, never its memory) from lower weights, and whatever is still missing
-//!   waits in a visible queue of deferred requests, retried every round;
+//! * a raise is granted from the pool. When the raises asked for exceed a pool, every
+//!   component's need (its expected use, without headroom) is served by priority before
+//!   anyone's headroom. A need first reclaims what non-critical components hold above their
+//!   own need; then a component whose weight is at least [`AllocConfig::preempt_weight`] takes
+//!   from lower-weight holders down to their floors, and a need that cannot wait takes
+//!   lower weights' deferrable work (a deferrable component's CPU, network and disk, never its
+//!   memory). Whatever is still missing waits in a visible queue of deferred requests,
+//!   retried every round. Preemption for headroom never takes a holder below its need;
 //! * lower requests release resources, but only when every request of the last
 //!   [`AllocConfig::cooldown`] rounds is past a hysteresis band, a cooldown after the last
 //!   change, and by at most [`AllocConfig::max_step_down`] per round, so noisy forecasts do not
@@ -135,7 +138,12 @@ impl Default for AllocConfig {
 pub struct Request {
     pub component: usize,
     pub resource: Resource,
+    /// What the component should hold: its expected peak with headroom ([`Engine::size`]).
     pub amount: f64,
+    /// What it is expected to use, over the threshold, without headroom. When a pool is
+    /// short, every component's need is served (by priority) before anyone's headroom, and
+    /// preemption for headroom never takes a component below its need.
+    pub need: f64,
     /// Risk in [0, 1]: orders requests of equal weight.
     pub risk: f64,
 }
@@ -253,6 +261,20 @@ pub struct Engine {
     audit: VecDeque<Decision>,
     /// This round's decisions, returned by [`Engine::round`].
     this_round: Vec<Decision>,
+    /// This round's need per component and resource: what preemption for headroom leaves.
+    needs: Vec<PerResource<f64>>,
+    /// Component indices, lowest weight first: the order preemption takes in.
+    by_weight: Vec<usize>,
+}
+
+/// Which part of a request a raise serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The need, on a short pool: may preempt down to floors, and what is missing waits.
+    Need,
+    /// Everything, headroom included: preempts only above others' needs, and a shortfall in
+    /// headroom is not work waiting.
+    Whole,
 }
 
 /// Decisions kept in memory.
@@ -310,7 +332,16 @@ impl Engine {
             deferred: Vec::new(),
             audit: VecDeque::new(),
             this_round: Vec::new(),
+            needs: Vec::new(),
+            by_weight: Vec::new(),
         };
+        e.by_weight = (0..e.components.len()).collect();
+        e.by_weight.sort_by(|&a, &b| {
+            e.components[a]
+                .weight
+                .total_cmp(&e.components[b].weight)
+                .then(a.cmp(&b))
+        });
         for (c, init) in initial.into_iter().enumerate() {
             for r in Resource::ALL {
                 let v = e.bounded(c, r, init[r.index()]);
@@ -447,6 +478,34 @@ impl Engine {
                 .then(a.component.cmp(&b.component))
                 .then(a.resource.cmp(&b.resource))
         });
+        // A component without a request this round needs what it holds.
+        self.needs = self.alloc.clone();
+        for q in &order {
+            if q.need.is_finite() {
+                self.needs[q.component][q.resource.index()] =
+                    self.bounded(q.component, q.resource, q.need.min(q.amount));
+            }
+        }
+        // A pool is short this round when the raises asked for exceed what is free; then
+        // needs come first, by priority, and whole requests after.
+        let mut asked = [0.0; 4];
+        for q in &order {
+            let i = q.resource.index();
+            asked[i] += (self.bounded(q.component, q.resource, q.amount)
+                - self.alloc[q.component][i])
+                .max(0.0);
+        }
+        for q in &order {
+            let (c, r) = (q.component, q.resource);
+            let need = self.needs[c][r.index()];
+            if asked[r.index()] > self.free(r)
+                && !self.components[c].preferences.opt_out
+                && self.may_raise(round, c, r, need)
+            {
+                let current = self.alloc[c][r.index()];
+                self.raise(round, q, current, need, Part::Need);
+            }
+        }
         for q in order {
             self.serve(round, q);
         }
@@ -512,18 +571,14 @@ impl Engine {
         }
         let stable = recent.iter().copied().fold(f64::MIN, f64::max);
         let target = self.bounded(c, r, q.amount);
-        let pressed = self.last_usage[c][i] > self.config.threshold * current;
-        let held = round < self.held_until[c][i] && !pressed;
-        if (target > current * (1.0 + self.config.up_band) && !held)
-            || current < self.bounds(c, r).0
-        {
+        if self.may_raise(round, c, r, target) {
             // Overshoot a little: a request that keeps creeping up then raises once, not
             // every round.
             let target = self
                 .bounded(c, r, target * (1.0 + self.config.overshoot))
                 .min(current.max(1e-9) * self.config.max_step_up)
                 .max(self.bounds(c, r).0);
-            self.raise(round, q, current, target);
+            self.raise(round, q, current, target, Part::Whole);
         } else {
             self.settle_deferred(round, c, r);
             let cooled = self.last_change[c][i].is_none_or(|at| round >= at + self.config.cooldown);
@@ -548,65 +603,106 @@ impl Engine {
         }
     }
 
-    fn raise(&mut self, round: u64, q: &Request, current: f64, target: f64) {
+    /// Takes up to `need - free` of `r` for `c`, lowest weight first, from every component
+    /// `keep` gives a level to keep (opted-out components and `c` itself are never touched);
+    /// returns what is free after. In dry-run nothing moves, but the count goes on so the
+    /// decisions are the ones a live run would make.
+    #[allow(clippy::too_many_arguments)]
+    fn take_for(
+        &mut self,
+        round: u64,
+        c: usize,
+        r: Resource,
+        need: f64,
+        mut free: f64,
+        why: &str,
+        keep: impl Fn(&Self, usize) -> Option<f64>,
+    ) -> f64 {
+        let i = r.index();
+        for k in 0..self.by_weight.len() {
+            if free >= need {
+                break;
+            }
+            let v = self.by_weight[k];
+            if v == c || self.components[v].preferences.opt_out {
+                continue;
+            }
+            let Some(keep) = keep(self, v) else { continue };
+            let have = self.alloc[v][i];
+            if have <= keep {
+                continue;
+            }
+            let take = (have - keep).min(need - free);
+            self.record(Decision {
+                round,
+                component: v,
+                resource: r,
+                from: have,
+                to: have - take,
+                action: Action::Preempted { by: c },
+                reason: why.to_string(),
+                dry_run: self.config.dry_run,
+            });
+            free += take;
+        }
+        free
+    }
+
+    /// Whether `c`'s allocation of `r` should rise to `target`: past the raise band and not
+    /// held off after a rollback (unless usage presses), or below its floor.
+    fn may_raise(&self, round: u64, c: usize, r: Resource, target: f64) -> bool {
+        let (i, current) = (r.index(), self.alloc[c][r.index()]);
+        let pressed = self.last_usage[c][i] > self.config.threshold * current;
+        let held = round < self.held_until[c][i] && !pressed;
+        (target > current * (1.0 + self.config.up_band) && !held) || current < self.bounds(c, r).0
+    }
+
+    fn raise(&mut self, round: u64, q: &Request, current: f64, target: f64, part: Part) {
         let (c, r, i) = (q.component, q.resource, q.resource.index());
         let need = target - current;
         let mut free = self.free(r).max(0.0);
         let weight = self.components[c].weight;
         let critical = weight >= self.config.preempt_weight;
-        if free < need && (critical || !self.deferrable(c, r)) {
-            // Take from the lowest-weight holders first, down to their floors; opted-out
-            // components and equal or higher weights are never touched. Only a critical
-            // component takes what cannot wait; anyone whose request cannot wait takes
-            // deferrable work.
-            let mut victims: Vec<usize> = (0..self.components.len())
-                .filter(|&v| {
-                    v != c
-                        && !self.components[v].preferences.opt_out
-                        && self.components[v].weight < weight
-                        && (critical || self.deferrable(v, r))
-                })
-                .collect();
-            victims.sort_by(|&a, &b| {
-                self.components[a]
-                    .weight
-                    .total_cmp(&self.components[b].weight)
-                    .then(a.cmp(&b))
+        if free < need && part == Part::Need {
+            // A need comes before headroom: take what others hold above their own need. The
+            // critical tier's headroom is never taken: it is what keeps that tier clear of
+            // violations.
+            let why = format!(
+                "headroom above its need reclaimed for {}'s need on a short pool of {r}",
+                self.components[c].name
+            );
+            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+                (e.components[v].weight < e.config.preempt_weight)
+                    .then(|| e.bounds(v, r).0.max(e.needs[v][i]))
             });
-            for v in victims {
-                if free >= need {
-                    break;
-                }
-                let have = self.alloc[v][i];
-                let spare = have - self.bounds(v, r).0;
-                if spare <= 0.0 {
-                    continue;
-                }
-                let take = spare.min(need - free);
-                self.record(Decision {
-                    round,
-                    component: v,
-                    resource: r,
-                    from: have,
-                    to: have - take,
-                    action: Action::Preempted { by: c },
-                    reason: format!(
-                        "pool short of {r} for {} (weight {weight})",
-                        self.components[c].name
-                    ),
-                    dry_run: self.config.dry_run,
-                });
-                // The pool gains what was taken (in dry-run, nothing moves; count it anyway
-                // so the decision is the one a live run would make).
-                free += take;
-            }
+        }
+        if free < need && (critical || !self.deferrable(c, r)) {
+            // Only a critical component takes what cannot wait; anyone whose request cannot
+            // wait takes deferrable work; equal or higher weights are never touched. For a
+            // need, down to floors; for headroom, down to the holder's own need.
+            let why = format!(
+                "pool short of {r} for {} (weight {weight})",
+                self.components[c].name
+            );
+            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+                let takeable = e.components[v].weight < weight && (critical || e.deferrable(v, r));
+                takeable.then(|| match part {
+                    Part::Need => e.bounds(v, r).0,
+                    Part::Whole => e.bounds(v, r).0.max(e.needs[v][i]),
+                })
+            });
         }
         let grant = need.min(free);
         if grant > 0.0 {
             let to = current + grant;
+            // A need and then headroom raised in one round are one raise to judge.
+            let before = match self.trials[c][i] {
+                Some(t) if t.round == round => t.before,
+                _ => current,
+            };
             self.trials[c][i] = Some(Trial {
                 round,
-                before: current,
+                before,
                 peak: None,
             });
             self.record(Decision {
@@ -616,15 +712,26 @@ impl Engine {
                 from: current,
                 to,
                 action: Action::Raise,
-                reason: format!(
-                    "request {:.1} (risk {:.2}) above the allocation",
-                    q.amount, q.risk
-                ),
+                reason: match part {
+                    Part::Need => format!(
+                        "need {:.1} (risk {:.2}) above the allocation on a short pool; needs first",
+                        target, q.risk
+                    ),
+                    Part::Whole => format!(
+                        "request {:.1} (risk {:.2}) above the allocation",
+                        q.amount, q.risk
+                    ),
+                },
                 dry_run: self.config.dry_run,
             });
         }
         let short = need - grant;
-        if short > 1e-9 * (1.0 + need) {
+        let tolerance = 1e-9 * target.abs().max(1.0);
+        let need_met = self.alloc[c][i] >= self.needs[c][i] * (1.0 - 1e-9);
+        if part == Part::Whole && short > tolerance && need_met {
+            // Only headroom is missing: nothing waits.
+            self.settle_deferred(round, c, r);
+        } else if short > tolerance {
             match self
                 .deferred
                 .iter_mut()

@@ -479,6 +479,7 @@ impl Allocator for Forestall {
                 let Some(peak) = steps.iter().map(|s| s.upper).reduce(f64::max) else {
                     continue;
                 };
+                let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
                 // Risk: the forecast's probability that some step of the hour passes θ × the
                 // current allocation (normal approximation of the step nearest to it).
                 let limit = theta * alloc[r.index()];
@@ -493,6 +494,7 @@ impl Allocator for Forestall {
                     component: c,
                     resource: r,
                     amount: self.engine.size(c, r, peak),
+                    need: expected / theta,
                     risk,
                 });
             }

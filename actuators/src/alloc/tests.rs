@@ -14,6 +14,7 @@ fn cpu(c: usize, amount: f64) -> Request {
         component: c,
         resource: Resource::Cpu,
         amount,
+        need: amount,
         risk: 0.5,
     }
 }
@@ -24,6 +25,37 @@ fn pool(cpu: f64) -> PerResource<Option<f64>> {
 
 fn at(cpu: f64) -> PerResource<f64> {
     [cpu, 1.0, 1.0, 1.0]
+}
+
+/// A critical db, a standard web and a deferrable batch component sharing 100 CPUs, holding
+/// `cpu` each.
+fn three_tiers(cpu: [f64; 3]) -> Engine {
+    let comps = vec![
+        component("db", 10.0, false),
+        component("web", 3.0, false),
+        component("batch", 1.0, true),
+    ];
+    Engine::new(
+        AllocConfig::default(),
+        comps,
+        pool(100.0),
+        cpu.map(at).to_vec(),
+    )
+    .unwrap()
+}
+
+/// A CPU request of `amount` whose need is `need`.
+fn with_need(c: usize, amount: f64, need: f64) -> Request {
+    Request {
+        need,
+        ..cpu(c, amount)
+    }
+}
+
+fn cpus(e: &Engine) -> Vec<f64> {
+    (0..e.components().len())
+        .map(|c| e.allocation(c)[0])
+        .collect()
 }
 
 #[test]
@@ -97,6 +129,7 @@ fn work_that_cannot_wait_takes_deferrable_work_but_never_memory() {
         component: c,
         resource,
         amount,
+        need: amount,
         risk: 0.5,
     };
     // Web's CPU cannot wait: it takes from batch's CPU, which can.
@@ -124,6 +157,84 @@ fn work_that_cannot_wait_takes_deferrable_work_but_never_memory() {
             .iter()
             .any(|q| q.component == 1 && q.resource == Resource::Cpu)
     );
+}
+
+#[test]
+fn on_a_short_pool_every_need_is_served_before_anyones_headroom() {
+    let mut e = three_tiers([10.0, 10.0, 10.0]);
+    // 70 free; the db wants 90 (need 40), web 40 (need 30), batch 40 (need 20): 140 asked.
+    let d = e.round(
+        1,
+        &[
+            with_need(0, 90.0, 40.0),
+            with_need(1, 40.0, 30.0),
+            with_need(2, 40.0, 20.0),
+        ],
+    );
+    let cpu = cpus(&e);
+    // Every need is met; the db's headroom takes what is left, and preempts no one below
+    // their need.
+    assert_eq!(cpu, vec![50.0, 30.0, 20.0], "{d:?}");
+    assert!(
+        !d.iter()
+            .any(|d| matches!(d.action, Action::Preempted { .. })),
+        "{d:?}"
+    );
+    // Missing headroom is not work waiting.
+    assert!(e.deferred().is_empty(), "{:?}", e.deferred());
+    // The db's need grows: it preempts batch, which can wait, down to the floor (0 here), and
+    // batch's missing need waits in the queue.
+    let d = e.round(
+        2,
+        &[
+            with_need(0, 90.0, 75.0),
+            with_need(1, 40.0, 30.0),
+            with_need(2, 40.0, 20.0),
+        ],
+    );
+    let cpu = cpus(&e);
+    assert_eq!(cpu[0], 75.0, "{d:?}");
+    assert!((cpu.iter().sum::<f64>() - 100.0).abs() < 1e-9, "{cpu:?}");
+    assert!(
+        d.iter()
+            .any(|d| d.component == 2 && d.action == Action::Preempted { by: 0 })
+    );
+    assert!(e.deferred().iter().any(|q| q.component == 2));
+}
+
+#[test]
+fn a_need_reclaims_headroom_but_never_the_critical_tiers() {
+    let mut e = three_tiers([40.0, 50.0, 10.0]);
+    // The pool is full. The db and web each hold 20 above their need; batch needs 30.
+    let d = e.round(
+        1,
+        &[
+            with_need(0, 40.0, 20.0),
+            with_need(1, 50.0, 30.0),
+            with_need(2, 30.0, 30.0),
+        ],
+    );
+    let cpu = cpus(&e);
+    assert_eq!(cpu, vec![40.0, 30.0, 30.0], "{d:?}");
+    assert!(
+        d.iter().any(|d| d.component == 1
+            && d.action == Action::Preempted { by: 2 }
+            && d.reason.contains("reclaimed")),
+        "{d:?}"
+    );
+    assert!(e.deferred().is_empty());
+    // More need than there is headroom outside the critical tier: the rest waits.
+    e.round(
+        2,
+        &[
+            with_need(0, 40.0, 20.0),
+            with_need(1, 30.0, 30.0),
+            with_need(2, 45.0, 45.0),
+        ],
+    );
+    assert_eq!(e.allocation(0)[0], 40.0);
+    assert_eq!(e.allocation(2)[0], 30.0);
+    assert!(e.deferred().iter().any(|q| q.component == 2));
 }
 
 #[test]

@@ -38,11 +38,15 @@ fn main() -> anyhow::Result<()> {
     for round in 0..300u64 {
         let requests: Vec<Request> = (0..n)
             .flat_map(|c| Resource::ALL.map(|r| (c, r)))
-            .map(|(c, r)| Request {
-                component: c,
-                resource: r,
-                amount: 100.0 * (0.5 + rand()),
-                risk: rand(),
+            .map(|(c, r)| {
+                let amount = 100.0 * (0.5 + rand());
+                Request {
+                    component: c,
+                    resource: r,
+                    amount,
+                    need: amount * (0.6 + 0.3 * rand()),
+                    risk: rand(),
+                }
             })
             .collect();
         for c in 0..n {
