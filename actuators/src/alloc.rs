@@ -5,7 +5,8 @@
 //! quantile over the horizon, over the utilisation threshold, times the component's learned
 //! headroom) and hands them to [`Engine::round`], which follows the design's loop:
 //!
-//! * requests are served by priority (criticality weight, then risk);
+//! * requests are served by priority (criticality weight, then risk), except that a request
+//!   deferred for [`AllocConfig::age_after`] rounds goes before every non-critical one;
 //! * a raise is granted from the pool. When the raises asked for exceed a pool, every
 //!   component's need (its expected use, without headroom) is served by priority before
 //!   anyone's headroom. A need first reclaims what non-critical components hold above their
@@ -28,7 +29,7 @@
 //! Every change, preemption, deferral, grant and rollback is an audit [`Decision`] with its
 //! reason. The engine is plain data and arithmetic: deterministic, no clock, no I/O.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
 /// The resources an allocation covers.
@@ -111,6 +112,9 @@ pub struct AllocConfig {
     pub preempt_weight: f64,
     /// Rounds after a raise when it is judged (and rolled back if it did not help).
     pub rollback_after: u64,
+    /// A request deferred for this many rounds is served before every other non-critical
+    /// request, so deferred work cannot starve behind a busier tier.
+    pub age_after: u64,
     /// Compute and audit decisions, change nothing.
     pub dry_run: bool,
 }
@@ -128,6 +132,7 @@ impl Default for AllocConfig {
             overshoot: 0.0,
             preempt_weight: 10.0,
             rollback_after: 24,
+            age_after: 72,
             dry_run: false,
         }
     }
@@ -265,6 +270,8 @@ pub struct Engine {
     needs: Vec<PerResource<f64>>,
     /// Component indices, lowest weight first: the order preemption takes in.
     by_weight: Vec<usize>,
+    /// This round's requests that have waited [`AllocConfig::age_after`] rounds.
+    aged: HashSet<(usize, Resource)>,
 }
 
 /// Which part of a request a raise serves.
@@ -334,6 +341,7 @@ impl Engine {
             this_round: Vec::new(),
             needs: Vec::new(),
             by_weight: Vec::new(),
+            aged: HashSet::new(),
         };
         e.by_weight = (0..e.components.len()).collect();
         e.by_weight.sort_by(|&a, &b| {
@@ -464,20 +472,38 @@ impl Engine {
     pub fn round(&mut self, round: u64, requests: &[Request]) -> Vec<Decision> {
         self.this_round.clear();
         self.judge(round);
-        let mut order: Vec<&Request> = requests
+        // Critical first, then requests deferred for `age_after` rounds, then by weight and
+        // risk.
+        self.aged = self
+            .deferred
+            .iter()
+            .filter(|d| round >= d.since.saturating_add(self.config.age_after))
+            .map(|d| (d.component, d.resource))
+            .collect();
+        let mut ranked: Vec<(u8, &Request)> = requests
             .iter()
             .filter(|q| q.component < self.components.len())
+            .map(|q| {
+                let rank = if self.components[q.component].weight >= self.config.preempt_weight {
+                    2
+                } else {
+                    u8::from(self.aged.contains(&(q.component, q.resource)))
+                };
+                (rank, q)
+            })
             .collect();
-        order.sort_by(|a, b| {
+        ranked.sort_by(|(ra, a), (rb, b)| {
             let (wa, wb) = (
                 self.components[a.component].weight,
                 self.components[b.component].weight,
             );
-            wb.total_cmp(&wa)
+            rb.cmp(ra)
+                .then(wb.total_cmp(&wa))
                 .then(b.risk.total_cmp(&a.risk))
                 .then(a.component.cmp(&b.component))
                 .then(a.resource.cmp(&b.resource))
         });
+        let order: Vec<&Request> = ranked.into_iter().map(|(_, q)| q).collect();
         // A component without a request this round needs what it holds.
         self.needs = self.alloc.clone();
         for q in &order {
@@ -690,6 +716,20 @@ impl Engine {
                     Part::Need => e.bounds(v, r).0,
                     Part::Whole => e.bounds(v, r).0.max(e.needs[v][i]),
                 })
+            });
+        }
+        if free < need && part == Part::Need && self.aged.contains(&(c, r)) {
+            // Work that has waited its turn takes from deferrable work of no higher weight
+            // that has not: deferred work shares the pool in turns instead of starving.
+            let why = format!(
+                "{} waited {} rounds for {r}; its turn",
+                self.components[c].name, self.config.age_after
+            );
+            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+                let takeable = e.components[v].weight <= weight
+                    && e.deferrable(v, r)
+                    && !e.aged.contains(&(v, r));
+                takeable.then(|| e.bounds(v, r).0)
             });
         }
         let grant = need.min(free);

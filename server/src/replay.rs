@@ -793,18 +793,36 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
                 _ => None,
             })
             .collect();
+        // Memory is not deferrable work: it waits only for memory to come free.
+        let longest_work = audit
+            .iter()
+            .filter_map(|d| match d.action {
+                Action::Granted { waited } if d.resource != Resource::Mem => Some(waited),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         let preempted = audit
             .iter()
             .filter(|d| matches!(d.action, Action::Preempted { .. }))
             .count();
+        let minutes = |steps: u64| steps as f64 * trace.step_seconds / 60.0;
+        let waiting = contended.engine().deferred();
+        let last_round = trace.steps.saturating_sub(1) as u64;
+        let oldest = waiting
+            .iter()
+            .map(|d| last_round.saturating_sub(d.since))
+            .max()
+            .unwrap_or(0);
         writeln!(
             report,
-            "forestall: {deferred} requests deferred, {} met later (mean wait {:.1} min, longest {:.0} min), {} still waiting at the end; {preempted} preemptions",
+            "forestall: {deferred} requests deferred, {} met later (mean wait {:.1} min, longest {:.0} min; for CPU, network and disk {:.0} min), {} still waiting at the end (the oldest for {:.0} min); {preempted} preemptions",
             waits.len(),
-            waits.iter().sum::<u64>() as f64 / waits.len().max(1) as f64 * trace.step_seconds
-                / 60.0,
-            waits.iter().copied().max().unwrap_or(0) as f64 * trace.step_seconds / 60.0,
-            contended.engine().deferred().len()
+            minutes(waits.iter().sum::<u64>()) / waits.len().max(1) as f64,
+            minutes(waits.iter().copied().max().unwrap_or(0)),
+            minutes(longest_work),
+            waiting.len(),
+            minutes(oldest)
         )?;
     }
     Ok(report)

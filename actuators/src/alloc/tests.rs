@@ -238,6 +238,44 @@ fn a_need_reclaims_headroom_but_never_the_critical_tiers() {
 }
 
 #[test]
+fn deferred_work_that_waited_its_turn_takes_the_pool_in_turns() {
+    let config = AllocConfig {
+        age_after: 3,
+        ..AllocConfig::default()
+    };
+    let comps = vec![component("a", 1.0, true), component("b", 1.0, true)];
+    let mut e = Engine::new(config, comps, pool(100.0), vec![at(90.0), at(10.0)]).unwrap();
+    // Both need more than half the pool for ever: without turns, b would wait for ever
+    // behind a, which holds 90.
+    let mut longest = 0;
+    for round in 1..40 {
+        e.round(round, &[with_need(0, 90.0, 90.0), with_need(1, 60.0, 60.0)]);
+        let total: f64 = cpus(&e).iter().sum();
+        assert!(total <= 100.0 + 1e-9, "{total}");
+        for d in e.deferred() {
+            longest = longest.max(round - d.since);
+        }
+    }
+    assert!(longest <= 3, "a request waited {longest} rounds");
+    let granted = |c| {
+        e.audit()
+            .filter(|d| d.component == c && matches!(d.action, Action::Granted { .. }))
+            .count()
+    };
+    assert!(
+        granted(0) >= 3 && granted(1) >= 3,
+        "{} {}",
+        granted(0),
+        granted(1)
+    );
+    assert!(
+        e.audit()
+            .any(|d| d.component == 0 && d.reason.contains("its turn")),
+        "b took from a when its turn came"
+    );
+}
+
+#[test]
 fn noisy_requests_do_not_make_the_allocation_flap() {
     let mut e = Engine::new(
         AllocConfig::default(),
