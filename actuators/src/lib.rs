@@ -10,12 +10,15 @@
 //! The allocation engine with its pool, preferences, audit and feedback controller
 //! ([`alloc`]); the [`Actuator`] trait with the [`Limits`] it applies; and the plugins: a
 //! recording [`DryRun`], [`cgroup_v1`], [`cgroup_v2`], scheduling (affinity, nice, I/O
-//! priority: [`sched`]), traffic control ([`tc`]) and a [`webhook`].
+//! priority: [`sched`]), traffic control ([`tc`]) and a [`webhook`]; [`stack`] turns an
+//! allocation in the metrics' units into [`Limits`] and applies them through several plugins
+//! as one.
 
 pub mod alloc;
 pub mod cgroup_v1;
 pub mod cgroup_v2;
 pub mod sched;
+pub mod stack;
 pub mod tc;
 pub mod webhook;
 
