@@ -22,8 +22,9 @@
 //! * a raise is judged [`AllocConfig::rollback_after`] rounds later: if usage never came near
 //!   the old allocation, it did not help and is rolled back, and the feedback controller
 //!   shrinks that component's headroom; a violation grows it;
-//! * preferences always win: a cap is never exceeded, a floor never undercut, and an opted-out
-//!   component is never touched;
+//! * preferences always win: a cap is never exceeded, a floor never undercut, an opted-out
+//!   component or an unmanaged resource is never touched, and pinned CPUs go with every
+//!   allocation ([`Engine::limits`]);
 //! * in dry-run mode every decision is computed and audited, and nothing changes.
 //!
 //! Every change, preemption, deferral, grant and rollback is an audit [`Decision`] with its
@@ -76,6 +77,11 @@ pub struct Preferences {
     pub floor: PerResource<Option<f64>>,
     /// Leave this component alone entirely.
     pub opt_out: bool,
+    /// Resources the engine leaves alone for this component (someone else manages them): it
+    /// never raises, releases or preempts them, and [`Engine::limits`] omits them.
+    pub unmanaged: PerResource<bool>,
+    /// The CPUs the component's threads are pinned to, applied with every allocation.
+    pub pinned_cpus: Option<crate::CpuSet>,
 }
 
 /// A component that receives resources.
@@ -400,6 +406,27 @@ impl Engine {
         (forecast_peak.max(0.0) / self.config.threshold) * h
     }
 
+    /// What to apply for `component` now: its allocation in kernel terms ([`Units`]), without
+    /// the resources it leaves unmanaged, with its pinned CPUs; nothing for an opted-out one.
+    ///
+    /// [`Units`]: crate::stack::Units
+    pub fn limits(&self, component: usize, units: &crate::stack::Units) -> crate::Limits {
+        let p = &self.components[component].preferences;
+        if p.opt_out {
+            return crate::Limits::default();
+        }
+        let mut alloc = self.alloc[component];
+        for r in Resource::ALL {
+            if p.unmanaged[r.index()] {
+                alloc[r.index()] = f64::NAN; // Units leaves a non-finite amount alone
+            }
+        }
+        crate::Limits {
+            cpus: p.pinned_cpus,
+            ..units.limits(alloc)
+        }
+    }
+
     /// The floor and cap that bound a component's allocation.
     fn bounds(&self, c: usize, r: Resource) -> (f64, f64) {
         let p = &self.components[c].preferences;
@@ -525,7 +552,7 @@ impl Engine {
             let (c, r) = (q.component, q.resource);
             let need = self.needs[c][r.index()];
             if asked[r.index()] > self.free(r)
-                && !self.components[c].preferences.opt_out
+                && !self.untouchable(c, r)
                 && self.may_raise(round, c, r, need)
             {
                 let current = self.alloc[c][r.index()];
@@ -586,7 +613,7 @@ impl Engine {
 
     fn serve(&mut self, round: u64, q: &Request) {
         let (c, r, i) = (q.component, q.resource, q.resource.index());
-        if self.components[c].preferences.opt_out || !q.amount.is_finite() {
+        if self.untouchable(c, r) || !q.amount.is_finite() {
             return;
         }
         let current = self.alloc[c][i];
@@ -650,7 +677,7 @@ impl Engine {
                 break;
             }
             let v = self.by_weight[k];
-            if v == c || self.components[v].preferences.opt_out {
+            if v == c || self.untouchable(v, r) {
                 continue;
             }
             let Some(keep) = keep(self, v) else { continue };
@@ -672,6 +699,12 @@ impl Engine {
             free += take;
         }
         free
+    }
+
+    /// Whether the operator keeps the engine off `c`'s `r`.
+    fn untouchable(&self, c: usize, r: Resource) -> bool {
+        let p = &self.components[c].preferences;
+        p.opt_out || p.unmanaged[r.index()]
     }
 
     /// Whether `c`'s allocation of `r` should rise to `target`: past the raise band and not

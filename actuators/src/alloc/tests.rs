@@ -339,6 +339,45 @@ fn preferences_win_caps_floors_and_opt_out() {
 }
 
 #[test]
+fn unmanaged_resources_are_never_touched_and_pinned_cpus_come_with_the_limits() {
+    let mut comps = vec![component("db", 10.0, false), component("web", 3.0, false)];
+    comps[1].preferences.unmanaged[0] = true;
+    comps[1].preferences.pinned_cpus = Some(crate::CpuSet::new([0, 1]).unwrap());
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        comps,
+        pool(100.0),
+        vec![at(30.0), at(70.0)],
+    )
+    .unwrap();
+    for round in 0..30 {
+        // The critical db wants more than is free, web's CPU is unmanaged, and web asks for
+        // less: nothing moves web's CPU, not preemption, not a release.
+        let d = e.round(round, &[cpu(0, 90.0), cpu(1, 10.0)]);
+        assert!(
+            !d.iter()
+                .any(|d| d.component == 1 && d.resource == Resource::Cpu),
+            "{d:?}"
+        );
+    }
+    assert_eq!(cpus(&e), vec![30.0, 70.0]);
+    let units = crate::stack::Units {
+        cpu_per_core: 1.0,
+        mem_bytes: 1.0,
+        net_bytes_per_sec: 1.0,
+        disk_bytes_per_sec: 1.0,
+        disk_device: None,
+        memory_high_share: 1.0,
+    };
+    let web = e.limits(1, &units);
+    assert_eq!(web.cpu_millicores, None, "unmanaged CPU is left alone");
+    assert_eq!(web.memory_max_bytes, Some(1));
+    assert_eq!(web.cpus.unwrap().iter().collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(e.limits(0, &units).cpu_millicores, Some(30_000));
+    assert_eq!(e.limits(0, &units).cpus, None);
+}
+
+#[test]
 fn a_raise_that_did_not_help_is_rolled_back_and_headroom_shrinks() {
     let config = AllocConfig::default();
     let mut e = Engine::new(
