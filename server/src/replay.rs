@@ -30,6 +30,8 @@ use anyhow::{Context, bail, ensure};
 use forestall_actuators::alloc::{
     Action, AllocConfig, Component, Decision, Engine, PerResource, Preferences, Request, Resource,
 };
+use forestall_actuators::stack::Units;
+use forestall_actuators::{Actuator, DryRun, Target};
 use forestall_models::forecast::{AutoForecaster, ForecastConfig};
 use forestall_models::likelihood::normal_tail;
 
@@ -395,7 +397,22 @@ impl Allocator for Autopilot {
 pub struct Forestall {
     forecasters: Vec<[AutoForecaster; 4]>,
     engine: Engine,
+    /// What live would apply, recorded: every round's changed components go through
+    /// `Engine::limits` to this actuator, as they would to a plugin stack.
+    actuator: DryRun,
+    targets: Vec<Target>,
 }
+
+/// The trace's units as kernel terms: MHz counted as thousandths of a 1 GHz core, MB, KB/s
+/// (disk on device 8:0). The replay only records what it would apply.
+pub const TRACE_UNITS: Units = Units {
+    cpu_per_core: 1000.0,
+    mem_bytes: 1_048_576.0,
+    net_bytes_per_sec: 1024.0,
+    disk_bytes_per_sec: 1024.0,
+    disk_device: Some((8, 0)),
+    memory_high_share: 0.9,
+};
 
 impl Forestall {
     pub fn new(trace: &Trace, contended: bool) -> anyhow::Result<Self> {
@@ -447,10 +464,22 @@ impl Forestall {
                 ])
             })
             .collect::<anyhow::Result<_>>()?;
+        let targets = trace
+            .components
+            .iter()
+            .map(|c| Target::new(&c.name, format!("forestall/{}", c.name)))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             forecasters,
             engine,
+            actuator: DryRun::default(),
+            targets,
         })
+    }
+
+    /// The recording actuator and the target of each component.
+    pub fn recorded(&self) -> (&DryRun, &[Target]) {
+        (&self.actuator, &self.targets)
     }
 
     pub fn engine(&self) -> &Engine {
@@ -501,7 +530,20 @@ impl Allocator for Forestall {
                 });
             }
         }
-        self.engine.round(t as u64, &requests);
+        let decisions = self.engine.round(t as u64, &requests);
+        let mut changed: Vec<usize> = decisions
+            .iter()
+            .filter(|d| d.from != d.to && !d.dry_run)
+            .map(|d| d.component)
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        for c in changed {
+            let limits = self.engine.limits(c, &TRACE_UNITS);
+            self.actuator
+                .apply(&self.targets[c], &limits)
+                .expect("the recording actuator takes every request");
+        }
         (0..self.forecasters.len())
             .map(|c| self.engine.allocation(c))
             .collect()
@@ -752,6 +794,11 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
         )?;
     }
     report.push_str(&decisions);
+    writeln!(
+        report,
+        "forestall applied {} changes through the recording actuator",
+        forestall.recorded().0.requests().len()
+    )?;
 
     if let Some(capacity) = trace.capacity {
         writeln!(

@@ -73,6 +73,33 @@ fn replay_is_deterministic_and_free_of_look_ahead() {
 }
 
 #[test]
+fn replay_drives_the_recording_actuator_with_what_live_would_apply() {
+    let root = tempfile::tempdir().unwrap();
+    write_trace(root.path(), 400, None);
+    let trace = load(root.path()).unwrap();
+    let mut f = Forestall::new(&trace, true).unwrap();
+    let alloc = run(&mut f, &trace);
+    let (recorded, targets) = f.recorded();
+    assert!(!recorded.requests().is_empty());
+    for (c, target) in targets.iter().enumerate() {
+        // What the actuator holds is what the engine holds at the end, in kernel terms.
+        let back = recorded.read_back(target).unwrap();
+        let last = alloc.last().unwrap()[c];
+        assert_eq!(
+            back,
+            f.engine().limits(c, &TRACE_UNITS),
+            "{}",
+            target.component
+        );
+        assert_eq!(
+            back.cpu_millicores,
+            Some((last[0] / TRACE_UNITS.cpu_per_core * 1000.0).ceil() as u64)
+        );
+        assert_eq!(back.memory_max_bytes, Some((last[1] * 1_048_576.0) as u64));
+    }
+}
+
+#[test]
 fn figures_match_a_hand_computed_case() {
     let trace = Trace {
         components: vec![TraceComponent {
