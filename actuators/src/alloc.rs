@@ -532,7 +532,7 @@ impl Engine {
         });
         let order: Vec<&Request> = ranked.into_iter().map(|(_, q)| q).collect();
         // A component without a request this round needs what it holds.
-        self.needs = self.alloc.clone();
+        self.needs.clone_from(&self.alloc);
         for q in &order {
             if q.need.is_finite() {
                 self.needs[q.component][q.resource.index()] =
@@ -668,7 +668,7 @@ impl Engine {
         r: Resource,
         need: f64,
         mut free: f64,
-        why: &str,
+        why: impl Fn(&Self) -> String,
         keep: impl Fn(&Self, usize) -> Option<f64>,
     ) -> f64 {
         let i = r.index();
@@ -686,6 +686,7 @@ impl Engine {
                 continue;
             }
             let take = (have - keep).min(need - free);
+            let reason = why(self);
             self.record(Decision {
                 round,
                 component: v,
@@ -693,7 +694,7 @@ impl Engine {
                 from: have,
                 to: have - take,
                 action: Action::Preempted { by: c },
-                reason: why.to_string(),
+                reason,
                 dry_run: self.config.dry_run,
             });
             free += take;
@@ -726,11 +727,13 @@ impl Engine {
             // A need comes before headroom: take what others hold above their own need. The
             // critical tier's headroom is never taken: it is what keeps that tier clear of
             // violations.
-            let why = format!(
-                "headroom above its need reclaimed for {}'s need on a short pool of {r}",
-                self.components[c].name
-            );
-            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+            let why = |e: &Self| {
+                format!(
+                    "headroom above its need reclaimed for {}'s need on a short pool of {r}",
+                    e.components[c].name
+                )
+            };
+            free = self.take_for(round, c, r, need, free, why, |e, v| {
                 (e.components[v].weight < e.config.preempt_weight)
                     .then(|| e.bounds(v, r).0.max(e.needs[v][i]))
             });
@@ -739,11 +742,13 @@ impl Engine {
             // Only a critical component takes what cannot wait; anyone whose request cannot
             // wait takes deferrable work; equal or higher weights are never touched. For a
             // need, down to floors; for headroom, down to the holder's own need.
-            let why = format!(
-                "pool short of {r} for {} (weight {weight})",
-                self.components[c].name
-            );
-            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+            let why = |e: &Self| {
+                format!(
+                    "pool short of {r} for {} (weight {weight})",
+                    e.components[c].name
+                )
+            };
+            free = self.take_for(round, c, r, need, free, why, |e, v| {
                 let takeable = e.components[v].weight < weight && (critical || e.deferrable(v, r));
                 takeable.then(|| match part {
                     Part::Need => e.bounds(v, r).0,
@@ -754,11 +759,13 @@ impl Engine {
         if free < need && part == Part::Need && self.aged.contains(&(c, r)) {
             // Work that has waited its turn takes from deferrable work of no higher weight
             // that has not: deferred work shares the pool in turns instead of starving.
-            let why = format!(
-                "{} waited {} rounds for {r}; its turn",
-                self.components[c].name, self.config.age_after
-            );
-            free = self.take_for(round, c, r, need, free, &why, |e, v| {
+            let why = |e: &Self| {
+                format!(
+                    "{} waited {} rounds for {r}; its turn",
+                    e.components[c].name, e.config.age_after
+                )
+            };
+            free = self.take_for(round, c, r, need, free, why, |e, v| {
                 let takeable = e.components[v].weight <= weight
                     && e.deferrable(v, r)
                     && !e.aged.contains(&(v, r));

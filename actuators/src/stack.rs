@@ -93,25 +93,20 @@ fn part(l: &Limits, caps: Capabilities) -> Limits {
     }
 }
 
-/// `caps` without what `taken` already holds.
-fn minus(caps: Capabilities, taken: Capabilities) -> Capabilities {
+/// Field by field, `f` of `a` and `b`.
+fn zip(a: Capabilities, b: Capabilities, f: fn(bool, bool) -> bool) -> Capabilities {
     Capabilities {
-        cpu_millicores: caps.cpu_millicores && !taken.cpu_millicores,
-        cpu_weight: caps.cpu_weight && !taken.cpu_weight,
-        memory_high: caps.memory_high && !taken.memory_high,
-        memory_max: caps.memory_max && !taken.memory_max,
-        io_max: caps.io_max && !taken.io_max,
-        io_weight: caps.io_weight && !taken.io_weight,
-        net: caps.net && !taken.net,
-        cpus: caps.cpus && !taken.cpus,
-        nice: caps.nice && !taken.nice,
-        io_priority: caps.io_priority && !taken.io_priority,
+        cpu_millicores: f(a.cpu_millicores, b.cpu_millicores),
+        cpu_weight: f(a.cpu_weight, b.cpu_weight),
+        memory_high: f(a.memory_high, b.memory_high),
+        memory_max: f(a.memory_max, b.memory_max),
+        io_max: f(a.io_max, b.io_max),
+        io_weight: f(a.io_weight, b.io_weight),
+        net: f(a.net, b.net),
+        cpus: f(a.cpus, b.cpus),
+        nice: f(a.nice, b.nice),
+        io_priority: f(a.io_priority, b.io_priority),
     }
-}
-
-fn union(a: Capabilities, b: Capabilities) -> Capabilities {
-    // a ∪ b = ALL − ((ALL − a) − b)
-    minus(Capabilities::ALL, minus(minus(Capabilities::ALL, a), b))
 }
 
 impl Stack {
@@ -120,15 +115,15 @@ impl Stack {
         Self { plugins }
     }
 
-    /// Each plugin with the part of `limits` it is to set (empty parts left out).
-    fn split(&self, limits: &Limits) -> Vec<(&dyn Actuator, Limits)> {
+    /// Each plugin with the fields it owns here: those it can set and no earlier plugin
+    /// can (plugins that own nothing left out). Asks each plugin its capabilities once.
+    fn assigned(&self) -> Vec<(&dyn Actuator, Capabilities)> {
         let mut taken = Capabilities::default();
         let mut out = Vec::new();
         for p in &self.plugins {
-            let caps = minus(p.capabilities(), taken);
-            taken = union(taken, caps);
-            let mine = part(limits, caps);
-            if mine != Limits::default() {
+            let mine = zip(p.capabilities(), taken, |can, held| can && !held);
+            taken = zip(taken, mine, |a, b| a || b);
+            if mine != Capabilities::default() {
                 out.push((p.as_ref(), mine));
             }
         }
@@ -142,31 +137,37 @@ impl Actuator for Stack {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.plugins.iter().fold(Capabilities::default(), |acc, p| {
-            union(acc, p.capabilities())
-        })
+        self.assigned()
+            .into_iter()
+            .fold(Capabilities::default(), |acc, (_, caps)| {
+                zip(acc, caps, |a, b| a || b)
+            })
     }
 
     fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
+        let assigned = self.assigned();
+        let caps = assigned
+            .iter()
+            .fold(Capabilities::default(), |acc, (_, c)| {
+                zip(acc, *c, |a, b| a || b)
+            });
         let names: Vec<&str> = self.plugins.iter().map(|p| p.name()).collect();
-        limits.check("stack", self.capabilities(), || {
+        limits.check("stack", caps, || {
             format!("none of its plugins ({}) can", names.join(", "))
         })?;
-        for (plugin, mine) in self.split(limits) {
-            plugin.apply(target, &mine)?;
+        for (plugin, caps) in assigned {
+            let mine = part(limits, caps);
+            if mine != Limits::default() {
+                plugin.apply(target, &mine)?;
+            }
         }
         Ok(())
     }
 
     fn read_back(&self, target: &Target) -> Result<Limits> {
-        let mut taken = Capabilities::default();
         let mut out = Limits::default();
-        for p in &self.plugins {
-            let caps = minus(p.capabilities(), taken);
-            taken = union(taken, caps);
-            if caps != Capabilities::default() {
-                out = out.then(&part(&p.read_back(target)?, caps));
-            }
+        for (plugin, caps) in self.assigned() {
+            out = out.then(&part(&plugin.read_back(target)?, caps));
         }
         Ok(out)
     }
@@ -284,8 +285,8 @@ mod tests {
         let l = TRACE.limits([2600.0, 64.0, 10.0, 10.0]);
         stack.apply(&t, &l).unwrap();
         assert_eq!(stack.read_back(&t).unwrap(), l);
-        let split = stack.split(&l);
-        assert_eq!(split.len(), 1, "the first dry run takes everything");
+        let assigned = stack.assigned();
+        assert_eq!(assigned.len(), 1, "the first dry run takes everything");
         stack.revert(&t).unwrap();
         assert_eq!(stack.read_back(&t).unwrap(), Limits::default());
     }
