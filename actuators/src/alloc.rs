@@ -499,6 +499,7 @@ impl Engine {
     pub fn round(&mut self, round: u64, requests: &[Request]) -> Vec<Decision> {
         self.this_round.clear();
         self.judge(round);
+        self.enforce_caps(round);
         // Critical first, then requests deferred for `age_after` rounds, then by weight and
         // risk.
         self.aged = self
@@ -563,6 +564,28 @@ impl Engine {
             self.serve(round, q);
         }
         std::mem::take(&mut self.this_round)
+    }
+
+    /// Brings every allocation above its cap (a cap lowered since the last round) down to it
+    /// at once: a cap is never exceeded, whatever the cooldown.
+    fn enforce_caps(&mut self, round: u64) {
+        for c in 0..self.components.len() {
+            for r in Resource::ALL {
+                let (from, cap) = (self.alloc[c][r.index()], self.bounds(c, r).1);
+                if from > cap && !self.untouchable(c, r) {
+                    self.record(Decision {
+                        round,
+                        component: c,
+                        resource: r,
+                        from,
+                        to: cap,
+                        action: Action::Release,
+                        reason: format!("the preferences cap {r} at {cap}"),
+                        dry_run: self.config.dry_run,
+                    });
+                }
+            }
+        }
     }
 
     /// Rolls back raises that did not help, and feeds every judged raise to the controller.

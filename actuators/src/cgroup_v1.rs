@@ -13,7 +13,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Result, Target};
+use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Meter, Result, Target, Usage};
 
 const NAME: &str = "cgroup-v1";
 const NO_LIMIT: u64 = 1 << 62;
@@ -109,9 +109,9 @@ impl CgroupV1 {
             .find(|w| self.has("blkio", w.file()))
     }
 
-    /// The controllers this plugin uses that are mounted.
+    /// The controllers this plugin uses that are mounted (`cpuacct` for metering only).
     fn controllers(&self) -> Vec<&'static str> {
-        ["cpu", "memory", "blkio"]
+        ["cpu", "cpuacct", "memory", "blkio"]
             .into_iter()
             .filter(|c| self.root.join(c).is_dir())
             .collect()
@@ -317,6 +317,57 @@ impl Actuator for CgroupV1 {
     }
 }
 
+impl Meter for CgroupV1 {
+    /// `cpuacct.usage`, `memory.usage_in_bytes` less `memory.stat`'s `total_inactive_file`,
+    /// and the `Total` of `blkio.throttle.io_service_bytes`; each from its controller when it
+    /// is mounted.
+    fn usage(&self, target: &Target) -> Result<Usage> {
+        let mut out = Usage::default();
+        let mut found = false;
+        let acct = self.dir("cpuacct", target);
+        if self.root.join("cpuacct").is_dir() {
+            out.cpu_seconds = Some(read_i64(&acct.join("cpuacct.usage"))?.max(0) as f64 / 1e9);
+            found = true;
+        }
+        let mem = self.dir("memory", target);
+        if self.root.join("memory").is_dir() {
+            let used = read_i64(&mem.join("memory.usage_in_bytes"))?.max(0) as u64;
+            let path = mem.join("memory.stat");
+            let stat = fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
+            let inactive = crate::stat_lines(&stat)
+                .find(|(k, _)| *k == "total_inactive_file")
+                .map_or(0, |(_, v)| v);
+            out.memory_bytes = Some(used.saturating_sub(inactive));
+            found = true;
+        }
+        let blkio = self.dir("blkio", target);
+        if self.root.join("blkio").is_dir() {
+            let path = blkio.join("blkio.throttle.io_service_bytes");
+            let text = fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
+            // `maj:min Read N` … lines per device, then `Total N` over all of them.
+            out.io_bytes = Some(
+                text.lines()
+                    .rev()
+                    .filter_map(|l| l.strip_prefix("Total "))
+                    .find_map(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0),
+            );
+            found = true;
+        }
+        if !found {
+            return Err(Error::Unsupported {
+                actuator: NAME,
+                what: "usage",
+                why: format!(
+                    "no cpuacct, memory or blkio controller under {}",
+                    self.root.display()
+                ),
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +421,40 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(back.cpu_weight, Some(100));
+    }
+
+    #[test]
+    fn cgroup_v1_meter_counts_a_components_cpu_memory_and_disk() {
+        let mut f = fixture_running(
+            "meter",
+            Command::new("sh").args(["-c", "while :; do :; done"]),
+        );
+        let before = f.cg.usage(&f.target).unwrap();
+        // 64 MiB held, and 8 MiB written past the page cache.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        f.spawn(Command::new("python3").args([
+            "-c",
+            "import time; x = bytearray(64 << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(60)",
+        ]));
+        f.spawn(Command::new("dd").args([
+            "if=/dev/zero",
+            &format!("of={}", file.path().display()),
+            "bs=1M",
+            "count=8",
+            "oflag=direct",
+            "status=none",
+        ]));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let after = f.cg.usage(&f.target).unwrap();
+        let cpu = after.cpu_seconds.unwrap() - before.cpu_seconds.unwrap();
+        assert!(cpu > 0.5, "the burner used {cpu} s of CPU in 2 s");
+        let mem = after.memory_bytes.unwrap();
+        assert!(mem >= 60 << 20, "memory in use: {mem}");
+        let io = after.io_bytes.unwrap() - before.io_bytes.unwrap();
+        assert!(io >= 8 << 20, "disk bytes: {io}");
+        // A component whose cgroup does not exist is an error, not zero.
+        let gone = Target::new("gone", "forestall-test/no-such-cgroup").unwrap();
+        assert!(matches!(f.cg.usage(&gone), Err(Error::Io { .. })));
     }
 
     /// A real block device's `major:minor`: a disk if there is one, else any.

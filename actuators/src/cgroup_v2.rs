@@ -11,7 +11,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Result, Target};
+use crate::{Actuator, Capabilities, Error, IoLimit, Limits, Meter, Result, Target, Usage};
 
 const NAME: &str = "cgroup-v2";
 const DEFAULT_PERIOD_US: u64 = 100_000;
@@ -278,6 +278,45 @@ impl Actuator for CgroupV2 {
     }
 }
 
+impl Meter for CgroupV2 {
+    /// `cpu.stat`'s `usage_usec` (kept by every cgroup), `memory.current` less `memory.stat`'s
+    /// `inactive_file`, and the `rbytes` and `wbytes` of every device in `io.stat`; memory and
+    /// I/O only where their controllers are enabled.
+    fn usage(&self, target: &Target) -> Result<Usage> {
+        let dir = self.dir(target);
+        let cpu = read(&dir.join("cpu.stat"))?;
+        let mut out = Usage {
+            cpu_seconds: crate::stat_lines(&cpu)
+                .find(|(k, _)| *k == "usage_usec")
+                .map(|(_, v)| v as f64 / 1e6),
+            ..Usage::default()
+        };
+        let current = dir.join("memory.current");
+        if current.exists() {
+            let used = number(&current, &read(&current)?)?;
+            let stat = read(&dir.join("memory.stat"))?;
+            let inactive = crate::stat_lines(&stat)
+                .find(|(k, _)| *k == "inactive_file")
+                .map_or(0, |(_, v)| v);
+            out.memory_bytes = Some(used.saturating_sub(inactive));
+        }
+        let io_stat = dir.join("io.stat");
+        if io_stat.exists() {
+            let text = read(&io_stat)?;
+            out.io_bytes = Some(
+                text.split_whitespace()
+                    .filter_map(|kv| {
+                        kv.strip_prefix("rbytes=")
+                            .or_else(|| kv.strip_prefix("wbytes="))
+                    })
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum(),
+            );
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +346,49 @@ mod tests {
             fs::write(dir.join(file), value).unwrap();
         }
         (root, cg, target)
+    }
+
+    #[test]
+    fn cgroup_v2_mimic_tree_meter_reads_cpu_working_set_and_io() {
+        let (root, cg, target) = mimic("cpu memory io", "forestall/web");
+        let dir = root.path().join("forestall/web");
+        for (file, value) in [
+            (
+                "cpu.stat",
+                "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n",
+            ),
+            ("memory.current", "104857600\n"),
+            (
+                "memory.stat",
+                "anon 73400320\nfile 31457280\ninactive_file 20971520\n",
+            ),
+            (
+                "io.stat",
+                "8:0 rbytes=1048576 wbytes=4194304 rios=10 wios=40 dbytes=0 dios=0\n\
+                 253:0 rbytes=100 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
+            ),
+        ] {
+            fs::write(dir.join(file), value).unwrap();
+        }
+        assert_eq!(
+            cg.usage(&target).unwrap(),
+            Usage {
+                cpu_seconds: Some(2.5),
+                memory_bytes: Some(80 << 20),
+                io_bytes: Some(5 * 1048576 + 100),
+            }
+        );
+        // Without the memory and io controllers, only CPU is counted.
+        fs::remove_file(dir.join("memory.current")).unwrap();
+        fs::remove_file(dir.join("io.stat")).unwrap();
+        let u = cg.usage(&target).unwrap();
+        assert_eq!(
+            (u.cpu_seconds, u.memory_bytes, u.io_bytes),
+            (Some(2.5), None, None)
+        );
+        // A component without a cgroup is an error.
+        let gone = Target::new("gone", "forestall/gone").unwrap();
+        assert!(matches!(cg.usage(&gone), Err(Error::Io { .. })));
     }
 
     #[test]

@@ -358,17 +358,99 @@ pub trait Actuator: Send + Sync {
     fn revert(&self, target: &Target) -> Result<()>;
 }
 
+/// A shared actuator acts as the one it shares (a caller can keep a handle on a [`DryRun`]
+/// it handed over).
+impl<T: Actuator + ?Sized> Actuator for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
+        (**self).apply(target, limits)
+    }
+    fn read_back(&self, target: &Target) -> Result<Limits> {
+        (**self).read_back(target)
+    }
+    fn revert(&self, target: &Target) -> Result<()> {
+        (**self).revert(target)
+    }
+}
+
+/// What a component has used, as its cgroup counts it. Counters are cumulative since the
+/// cgroup was created; a collector turns two readings into rates.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// CPU time, seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Memory in use now, without inactive file cache (the working set, as the kubelet
+    /// counts it), bytes.
+    pub memory_bytes: Option<u64>,
+    /// Bytes read and written on block devices.
+    pub io_bytes: Option<u64>,
+}
+
+/// Reads what components use: the cgroup plugins, from the same cgroups they limit.
+pub trait Meter: Send + Sync {
+    /// The component's usage; a counter its controllers do not keep is `None`, and a cgroup
+    /// that does not exist is an error.
+    fn usage(&self, target: &Target) -> Result<Usage>;
+}
+
+/// The `key value` lines of a cgroup `*.stat` file, as numbers (other lines skipped).
+pub(crate) fn stat_lines(text: &str) -> impl Iterator<Item = (&str, u64)> {
+    text.lines().filter_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        Some((k, v.trim().parse().ok()?))
+    })
+}
+
 /// An actuator that records what it was asked and changes nothing: dry-run mode, and what
 /// the replay backtest drives.
 #[derive(Debug, Default)]
 pub struct DryRun {
-    log: Mutex<Vec<(Target, Option<Limits>)>>,
+    inner: Mutex<DryRunLog>,
 }
 
+#[derive(Debug, Default)]
+struct DryRunLog {
+    /// The latest [`DRY_RUN_KEPT`] requests.
+    requests: std::collections::VecDeque<(Target, Option<Limits>)>,
+    /// What each target would hold: every apply since its last revert, merged.
+    held: Vec<(Target, Limits)>,
+}
+
+/// Requests a [`DryRun`] remembers (it runs for as long as the server in dry-run mode).
+pub const DRY_RUN_KEPT: usize = 1 << 16;
+
 impl DryRun {
-    /// Every request so far: `Some(limits)` for an apply, `None` for a revert.
+    /// The latest requests, oldest first: `Some(limits)` for an apply, `None` for a revert.
     pub fn requests(&self) -> Vec<(Target, Option<Limits>)> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.log().requests.iter().cloned().collect()
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, DryRunLog> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, target: &Target, limits: Option<&Limits>) {
+        let mut log = self.log();
+        if log.requests.len() == DRY_RUN_KEPT {
+            log.requests.pop_front();
+        }
+        log.requests.push_back((target.clone(), limits.copied()));
+        let held = match log.held.iter().position(|(t, _)| t == target) {
+            Some(i) => &mut log.held[i].1,
+            None => {
+                log.held.push((target.clone(), Limits::default()));
+                &mut log.held.last_mut().expect("just pushed").1
+            }
+        };
+        *held = match limits {
+            Some(l) => held.then(l),
+            None => Limits::default(),
+        };
     }
 }
 
@@ -382,31 +464,22 @@ impl Actuator for DryRun {
     }
 
     fn apply(&self, target: &Target, limits: &Limits) -> Result<()> {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((target.clone(), Some(*limits)));
+        self.record(target, Some(limits));
         Ok(())
     }
 
     fn read_back(&self, target: &Target) -> Result<Limits> {
-        // What was last applied (merged field by field), since nothing was really set.
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Limits::default();
-        for (_, l) in log.iter().filter(|(t, _)| t == target) {
-            match l {
-                None => out = Limits::default(),
-                Some(l) => out = out.then(l),
-            }
-        }
-        Ok(out)
+        // What was applied since the last revert, merged field by field: nothing was set.
+        Ok(self
+            .log()
+            .held
+            .iter()
+            .find(|(t, _)| t == target)
+            .map_or_else(Limits::default, |(_, l)| *l))
     }
 
     fn revert(&self, target: &Target) -> Result<()> {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((target.clone(), None));
+        self.record(target, None);
         Ok(())
     }
 }
@@ -453,7 +526,7 @@ pub(crate) mod testing {
             }
             let _ = self.cg.remove(&self.target);
             // The shared parent goes with the last test that used it.
-            for c in ["cpu", "memory", "blkio"] {
+            for c in ["cpu", "cpuacct", "memory", "blkio"] {
                 let _ = std::fs::remove_dir(Path::new(ROOT).join(c).join("forestall-test"));
             }
         }

@@ -339,6 +339,29 @@ fn preferences_win_caps_floors_and_opt_out() {
 }
 
 #[test]
+fn a_cap_lowered_by_new_preferences_holds_from_the_next_round() {
+    let mut e = three_tiers([40.0, 30.0, 20.0]);
+    // Recently raised, so no release would be due for a cooldown.
+    e.round(0, &[cpu(1, 45.0)]);
+    assert!(e.allocation(1)[0] > 40.0);
+    let mut p = Preferences::default();
+    p.cap[0] = Some(25.0);
+    e.set_preferences(1, p);
+    let d = e.round(1, &[cpu(1, 45.0)]);
+    assert_eq!(e.allocation(1)[0], 25.0, "{d:?}");
+    assert!(
+        d.iter()
+            .any(|d| d.component == 1 && d.action == Action::Release && d.reason.contains("cap")),
+        "{d:?}"
+    );
+    // Later requests above the cap do not raise it again.
+    for round in 2..20 {
+        e.round(round, &[cpu(1, 80.0)]);
+        assert_eq!(e.allocation(1)[0], 25.0);
+    }
+}
+
+#[test]
 fn unmanaged_resources_are_never_touched_and_pinned_cpus_come_with_the_limits() {
     let mut comps = vec![component("db", 10.0, false), component("web", 3.0, false)];
     comps[1].preferences.unmanaged[0] = true;
