@@ -115,6 +115,7 @@ pub struct ServerConfig {
     pub query: QueryConfig,
     pub log: LogConfig,
     pub engine: EngineConfig,
+    pub allocation: crate::allocation::AllocationConfig,
 }
 
 /// Values given on the command line; they win over everything else.
@@ -208,7 +209,10 @@ impl ServerConfig {
         }
         self.engine
             .validate()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.allocation
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("{e:#}")))
     }
 }
 

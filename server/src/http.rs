@@ -9,6 +9,9 @@
 //! | `GET /api/v1/retention` | every measurement with its retention period |
 //! | `PUT /api/v1/retention/{measurement}` | set (`{"period": "30d"}`) or clear (`{"period": null}`) a measurement's retention |
 //! | `GET`/`POST /api/v3/query_sql?q=…&format=json\|jsonl\|csv\|parquet\|pretty` | SQL (see [`query`]) |
+//! | `GET /api/v1/allocations` | the allocation loop's state (404 when it is off) |
+//! | `GET /api/v1/preferences` | every component's preferences |
+//! | `PUT /api/v1/preferences/{component}` | replace a component's preferences (JSON, kept across restarts) |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -47,6 +50,8 @@ pub struct AppState {
     pub query: forestall_query::QueryEngine,
     pub query_limits: QueryLimits,
     pub max_body_bytes: u64,
+    /// The live allocation loop, when `[allocation] enabled`.
+    pub allocations: Option<crate::allocation::Allocations>,
 }
 
 impl AppState {
@@ -60,6 +65,7 @@ impl AppState {
                 max_result_rows: config.query.max_result_rows,
             },
             max_body_bytes: config.http.max_body_bytes,
+            allocations: None,
         }
     }
 }
@@ -81,6 +87,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/retention", get(list_retention))
         .route("/api/v1/retention/{measurement}", put(set_retention))
         .route("/api/v3/query_sql", get(query::get).post(query::post))
+        .route("/api/v1/allocations", get(allocations))
+        .route("/api/v1/preferences", get(list_preferences))
+        .route("/api/v1/preferences/{component}", put(set_preferences))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -184,6 +193,58 @@ async fn set_retention(
         )));
     }
     Ok(Json(retention_json(&state.store)))
+}
+
+fn allocation_loop(state: &AppState) -> Result<&crate::allocation::Allocations, ApiError> {
+    state.allocations.as_ref().ok_or_else(|| {
+        ApiError::NotFound(
+            "the allocation loop is not running: set [allocation] enabled = true and list components".into(),
+        )
+    })
+}
+
+async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let a = allocation_loop(&state)?.clone();
+    // Reading back from the kernel touches files: off the async workers.
+    let status = tokio::task::spawn_blocking(move || a.status())
+        .await
+        .map_err(|e| ApiError::Internal(format!("allocation status task failed: {e}")))?;
+    Ok(Json(status))
+}
+
+async fn list_preferences(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(allocation_loop(&state)?.preferences()))
+}
+
+async fn set_preferences(
+    State(state): State<AppState>,
+    Path(component): Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::allocation::{PreferencesConfig, SetError};
+    let a = allocation_loop(&state)?.clone();
+    let body = read_limited(body, 64 << 10).await?;
+    let prefs: PreferencesConfig = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Invalid(format!(
+            "expected {{\"cap\": {{\"cpu\": 2}}, \"floor\": {{…}}, \"opt_out\": false, \"unmanaged\": [\"net\"], \"pinned_cpus\": [0]}}: {e}"
+        ))
+    })?;
+    let name = component.clone();
+    let set = tokio::task::spawn_blocking(move || a.set_preferences(&name, prefs))
+        .await
+        .map_err(|e| ApiError::Internal(format!("preferences task failed: {e}")))?;
+    match set {
+        Ok(true) => Ok(Json(
+            allocation_loop(&state)?.preferences()[&component].clone(),
+        )),
+        Ok(false) => Err(ApiError::NotFound(format!(
+            "no component {component:?} in [[allocation.components]]"
+        ))),
+        Err(SetError::Invalid(e)) => Err(ApiError::Invalid(e)),
+        Err(e @ SetError::Io(_)) => Err(ApiError::Internal(e.to_string())),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -1,10 +1,14 @@
 //! # forestall-server
 //!
 //! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
-//! `forestall` binary's `serve` command ([`serve`]) and its offline evaluations ([`eval`]). This is the only crate that wires the
-//! others together; it may depend on every Forestall crate, and none depends on it.
+//! `forestall` binary's `serve` command ([`serve`]) with its allocation loop ([`allocation`],
+//! one [`control`] round per interval), and its offline evaluations ([`eval`], [`replay`]).
+//! This is the only crate that wires the others together; it may depend on every Forestall
+//! crate, and none depends on it.
 
+pub mod allocation;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod eval;
 pub mod http;
@@ -39,6 +43,26 @@ pub async fn serve(
     let mut state = http::AppState::new(Arc::clone(&store), &config);
     state.query = state.query.on_runtime(query_runtime.handle().clone());
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let allocation = if config.allocation.enabled {
+        let allocations = allocation::Allocations::new(&config.allocation, &config.engine.data_dir)
+            .context("set up the allocation loop")?;
+        state.allocations = Some(allocations.clone());
+        tracing::info!(
+            components = config.allocation.components.len(),
+            actuate = config.allocation.actuate,
+            interval = %humantime::format_duration(config.allocation.interval),
+            "allocation loop running"
+        );
+        Some(tokio::spawn(allocation::run(
+            allocations,
+            Arc::clone(&store),
+            state.query.clone(),
+            config.allocation.interval,
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
     let pg = if config.pg.enabled {
         let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)
             .await
@@ -65,6 +89,9 @@ pub async fn serve(
         .await;
     if let Some(pg) = pg {
         let _ = pg.await;
+    }
+    if let Some(allocation) = allocation {
+        let _ = allocation.await;
     }
     query_runtime.shutdown_background();
     tracing::info!("HTTP stopped; flushing the store");

@@ -24,16 +24,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use forestall_actuators::alloc::{
-    Action, AllocConfig, Component, Decision, Engine, PerResource, Preferences, Request, Resource,
+    Action, Component, Decision, Engine, PerResource, Preferences, Resource,
 };
 use forestall_actuators::stack::Units;
-use forestall_actuators::{Actuator, DryRun, Target};
-use forestall_models::forecast::{AutoForecaster, ForecastConfig};
-use forestall_models::likelihood::normal_tail;
+use forestall_actuators::{DryRun, Target};
+
+use crate::control::{self, Controller, Timing};
 
 /// Steps of forecast a request covers (an hour of 5-minute steps).
 const HORIZON: usize = 12;
@@ -392,15 +393,14 @@ impl Allocator for Autopilot {
     }
 }
 
-/// Forestall: forecasts per component and resource feeding the allocation engine.
+/// Forestall: the live allocation step ([`Controller`]) with simulated time, driving a
+/// recording actuator.
 #[derive(Debug)]
 pub struct Forestall {
-    forecasters: Vec<[AutoForecaster; 4]>,
-    engine: Engine,
+    controller: Controller,
     /// What live would apply, recorded: every round's changed components go through
     /// `Engine::limits` to this actuator, as they would to a plugin stack.
-    actuator: DryRun,
-    targets: Vec<Target>,
+    actuator: Arc<DryRun>,
 }
 
 /// The trace's units as kernel terms: MHz counted as thousandths of a 1 GHz core, MB, KB/s
@@ -416,23 +416,12 @@ pub const TRACE_UNITS: Units = Units {
 
 impl Forestall {
     pub fn new(trace: &Trace, contended: bool) -> anyhow::Result<Self> {
-        // 5-minute rounds. Measured on the dev trace (docs/BENCHMARKS.md): a 10% raise band
-        // with a 30% overshoot, releases only when four hours of requests sit 40% below the
-        // allocation (up to 90% at once, so a release is one change, not three), and raises
-        // judged after eight hours. That holds churn under 12 changes per component per day
-        // for a little more slack (12.3, from 9.8 with a 5% band, two-hour releases in 60%
-        // steps and four-hour judging, which churned 19 times a day).
-        let config = AllocConfig {
-            threshold: trace.threshold,
-            min: trace.floors,
-            up_band: 0.1,
-            overshoot: 0.3,
-            down_band: 0.4,
-            cooldown: 48,
-            max_step_down: 0.9,
-            rollback_after: 96,
-            ..AllocConfig::default()
+        // The live defaults at the trace's step: a request covers the next hour.
+        let timing = Timing {
+            horizon: Duration::from_secs_f64(HORIZON as f64 * trace.step_seconds),
+            ..Timing::measured(Duration::from_secs_f64(trace.step_seconds))
         };
+        let config = control::tuned(trace.threshold, trace.floors, &timing);
         let components: Vec<Component> = trace
             .components
             .iter()
@@ -449,41 +438,32 @@ impl Forestall {
         };
         let initial = vec![trace.floors; components.len()];
         let engine = Engine::new(config, components, capacity, initial)?;
-        let fc = ForecastConfig {
-            horizon: HORIZON,
-            max_period: 300,
-            ..ForecastConfig::default()
-        };
-        let forecasters = (0..trace.components.len())
-            .map(|_| -> anyhow::Result<[AutoForecaster; 4]> {
-                Ok([
-                    AutoForecaster::new(fc)?,
-                    AutoForecaster::new(fc)?,
-                    AutoForecaster::new(fc)?,
-                    AutoForecaster::new(fc)?,
-                ])
-            })
-            .collect::<anyhow::Result<_>>()?;
         let targets = trace
             .components
             .iter()
             .map(|c| Target::new(&c.name, format!("forestall/{}", c.name)))
             .collect::<Result<_, _>>()?;
+        let actuator = Arc::new(DryRun::default());
+        let steps = timing.rounds(timing.horizon) as usize;
         Ok(Self {
-            forecasters,
-            engine,
-            actuator: DryRun::default(),
-            targets,
+            controller: Controller::new(
+                engine,
+                targets,
+                Box::new(Arc::clone(&actuator)),
+                TRACE_UNITS,
+                steps,
+            )?,
+            actuator,
         })
     }
 
     /// The recording actuator and the target of each component.
     pub fn recorded(&self) -> (&DryRun, &[Target]) {
-        (&self.actuator, &self.targets)
+        (&self.actuator, self.controller.targets())
     }
 
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        self.controller.engine()
     }
 }
 
@@ -494,58 +474,15 @@ impl Allocator for Forestall {
 
     fn decide(&mut self, t: usize, last: Option<&[PerResource<f64>]>) -> Vec<PerResource<f64>> {
         if let Some(last) = last {
-            for (c, u) in last.iter().enumerate() {
-                for r in 0..4 {
-                    self.forecasters[c][r].update(u[r]);
-                }
-                self.engine.observe(c, *u);
-            }
+            self.controller.observe(last);
         }
-        let theta = self.engine.config().threshold;
-        let mut requests = Vec::with_capacity(self.forecasters.len() * 4);
-        for (c, fs) in self.forecasters.iter().enumerate() {
-            let alloc = self.engine.allocation(c);
-            for r in Resource::ALL {
-                let steps = fs[r.index()].forecast(HORIZON, 0.95);
-                let Some(peak) = steps.iter().map(|s| s.upper).reduce(f64::max) else {
-                    continue;
-                };
-                let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
-                // Risk: the forecast's probability that some step of the hour passes θ × the
-                // current allocation (normal approximation of the step nearest to it).
-                let limit = theta * alloc[r.index()];
-                let risk = steps
-                    .iter()
-                    .map(|s| {
-                        let sigma = ((s.upper - s.mean) / 1.96).max(1e-9);
-                        normal_tail((limit - s.mean) / sigma)
-                    })
-                    .fold(0.0, f64::max);
-                requests.push(Request {
-                    component: c,
-                    resource: r,
-                    amount: self.engine.size(c, r, peak),
-                    need: expected / theta,
-                    risk,
-                });
-            }
+        let report = self.controller.round(t as u64);
+        if let Some((c, _, Err(e))) = report.applied.iter().find(|a| a.2.is_err()) {
+            panic!("the recording actuator refused component {c}: {e}");
         }
-        let decisions = self.engine.round(t as u64, &requests);
-        let mut changed: Vec<usize> = decisions
-            .iter()
-            .filter(|d| d.from != d.to && !d.dry_run)
-            .map(|d| d.component)
-            .collect();
-        changed.sort_unstable();
-        changed.dedup();
-        for c in changed {
-            let limits = self.engine.limits(c, &TRACE_UNITS);
-            self.actuator
-                .apply(&self.targets[c], &limits)
-                .expect("the recording actuator takes every request");
-        }
-        (0..self.forecasters.len())
-            .map(|c| self.engine.allocation(c))
+        let engine = self.controller.engine();
+        (0..engine.components().len())
+            .map(|c| engine.allocation(c))
             .collect()
     }
 }

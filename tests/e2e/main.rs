@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod allocation;
 mod crash;
 mod pg;
 mod query;

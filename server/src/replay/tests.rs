@@ -1,4 +1,5 @@
 use super::*;
+use forestall_actuators::Actuator;
 
 /// A small trace: `n` steps of 5 minutes, three components (critical, standard, batch) with
 /// a daily-ish cycle of 48 steps and a surge every cycle.
@@ -85,12 +86,7 @@ fn replay_drives_the_recording_actuator_with_what_live_would_apply() {
         // What the actuator holds is what the engine holds at the end, in kernel terms.
         let back = recorded.read_back(target).unwrap();
         let last = alloc.last().unwrap()[c];
-        assert_eq!(
-            back,
-            f.engine().limits(c, &TRACE_UNITS),
-            "{}",
-            target.component
-        );
+        assert_eq!(back, f.controller.limits(c), "{}", target.component);
         assert_eq!(
             back.cpu_millicores,
             Some((last[0] / TRACE_UNITS.cpu_per_core * 1000.0).ceil() as u64)

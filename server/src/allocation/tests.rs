@@ -1,0 +1,486 @@
+use super::*;
+use forestall_actuators::alloc::Decision;
+use forestall_engine::EngineConfig;
+use forestall_engine::line_protocol::parse_lines;
+
+/// A directory tree shaped like a cgroup2 mount offering cpu, memory and io, with each named
+/// component's cgroup at the kernel's defaults. This machine's cgroup2 mount offers none of
+/// them (they are bound to v1), so the v2 path is tested here on the tree and the v1 path for
+/// real by the end-to-end test.
+fn mimic_v2(components: &[&str]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.controllers"), "cpu memory io").unwrap();
+    std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+    std::fs::create_dir_all(root.path().join("forestall")).unwrap();
+    std::fs::write(
+        root.path().join("forestall/cgroup.controllers"),
+        "cpu memory io",
+    )
+    .unwrap();
+    std::fs::write(root.path().join("forestall/cgroup.subtree_control"), "").unwrap();
+    for name in components {
+        let dir = root.path().join("forestall").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, value) in [
+            ("cgroup.controllers", "cpu memory io"),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.procs", ""),
+            ("cpu.max", "max 100000"),
+            ("cpu.weight", "100"),
+            ("cpu.stat", "usage_usec 0\n"),
+            ("memory.high", "max"),
+            ("memory.max", "max"),
+            ("memory.current", "52428800\n"),
+            ("memory.stat", "anon 41943040\ninactive_file 10485760\n"),
+            ("io.weight", "default 100"),
+            ("io.max", ""),
+            ("io.stat", ""),
+        ] {
+            std::fs::write(dir.join(file), value).unwrap();
+        }
+    }
+    root
+}
+
+fn read(root: &Path, file: &str) -> String {
+    std::fs::read_to_string(root.join(file))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn component(name: &str, weight: f64) -> ComponentConfig {
+    ComponentConfig {
+        name: name.into(),
+        cgroup: None,
+        weight,
+        deferrable: false,
+        flows: Vec::new(),
+        preferences: PreferencesConfig::default(),
+    }
+}
+
+/// A loop over `root` (a mimic v2 tree) that rounds every second and reads CPU from the
+/// `app` measurement's `cpu_pct` (percent of a core).
+fn config(root: &Path, actuate: bool, collect: bool) -> AllocationConfig {
+    AllocationConfig {
+        enabled: true,
+        actuate,
+        interval: Duration::from_secs(1),
+        horizon: Duration::from_secs(5),
+        release_after: Duration::from_secs(3600),
+        judge_after: Duration::from_secs(3600),
+        cgroup_root: root.to_path_buf(),
+        cgroup_version: CgroupVersion::V2,
+        collect,
+        pool: Amounts {
+            cpu: Some(4.0),
+            mem: Some(8.0 * 1073741824.0),
+            ..Amounts::default()
+        },
+        usage: UsageSources {
+            cpu: UsageSource {
+                measurement: "app".into(),
+                field: "cpu_pct".into(),
+                scale: 0.01,
+                aggregate: Aggregate::Max,
+            },
+            ..UsageSources::default()
+        },
+        components: vec![component("web", 10.0), component("batch", 1.0)],
+        ..AllocationConfig::default()
+    }
+}
+
+struct Fixture {
+    _data: tempfile::TempDir,
+    data_dir: PathBuf,
+    store: Arc<Store>,
+    query: QueryEngine,
+}
+
+fn store() -> Fixture {
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(EngineConfig {
+            data_dir: data.path().to_path_buf(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    Fixture {
+        data_dir: data.path().to_path_buf(),
+        _data: data,
+        query: QueryEngine::new(Arc::clone(&store)),
+        store,
+    }
+}
+
+/// Writes each component's CPU percentage at the current time.
+fn write_cpu(store: &Store, pcts: &[(&str, f64)]) {
+    let now = now_nanos();
+    let body: String = pcts
+        .iter()
+        .map(|(c, p)| format!("app,component={c} cpu_pct={p} {now}\n"))
+        .collect();
+    let o = store
+        .write(body.as_bytes(), Precision::Nanoseconds, now)
+        .unwrap();
+    assert_eq!(o.rejected_lines, 0);
+}
+
+async fn sql(f: &Fixture, q: &str) -> Vec<Vec<String>> {
+    let (_, batches) = f.query.sql(q).await.unwrap();
+    let mut rows = Vec::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            rows.push(
+                b.columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, i).unwrap())
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+#[test]
+fn configuration_mistakes_are_refused_with_the_reason() {
+    let root = mimic_v2(&["web"]);
+    let good = config(root.path(), false, false);
+    good.validate().unwrap();
+    let cases: Vec<(AllocationConfig, &str)> = vec![
+        (
+            AllocationConfig {
+                components: vec![],
+                ..good.clone()
+            },
+            "no [[allocation.components]]",
+        ),
+        (
+            AllocationConfig {
+                components: vec![component("web", 1.0), component("web", 2.0)],
+                ..good.clone()
+            },
+            "listed twice",
+        ),
+        (
+            AllocationConfig {
+                components: vec![component("web'; DROP TABLE x; --", 1.0)],
+                ..good.clone()
+            },
+            "must be 1 to 128 characters",
+        ),
+        (
+            AllocationConfig {
+                components: vec![ComponentConfig {
+                    cgroup: Some("../../etc".into()),
+                    ..component("web", 1.0)
+                }],
+                ..good.clone()
+            },
+            "must be relative",
+        ),
+        (
+            AllocationConfig {
+                components: vec![ComponentConfig {
+                    flows: vec![FlowConfig {
+                        dst: Some("10.0.0.0/33".into()),
+                        ..FlowConfig::default()
+                    }],
+                    ..component("web", 1.0)
+                }],
+                ..good.clone()
+            },
+            "prefix length",
+        ),
+        (
+            AllocationConfig {
+                components: vec![ComponentConfig {
+                    preferences: PreferencesConfig {
+                        floor: Amounts {
+                            cpu: Some(2.0),
+                            ..Amounts::default()
+                        },
+                        cap: Amounts {
+                            cpu: Some(1.0),
+                            ..Amounts::default()
+                        },
+                        ..PreferencesConfig::default()
+                    },
+                    ..component("web", 1.0)
+                }],
+                ..good.clone()
+            },
+            "floor 2 is above its cap 1",
+        ),
+        (
+            AllocationConfig {
+                components: vec![ComponentConfig {
+                    weight: f64::NAN,
+                    ..component("web", 1.0)
+                }],
+                ..good.clone()
+            },
+            "weight must be positive",
+        ),
+        (
+            AllocationConfig {
+                threshold: 1.5,
+                ..good.clone()
+            },
+            "threshold",
+        ),
+        (
+            AllocationConfig {
+                disk_device: Some("sda".into()),
+                ..good.clone()
+            },
+            "major:minor",
+        ),
+        (
+            AllocationConfig {
+                webhook: Some("ftp://example".into()),
+                ..good.clone()
+            },
+            "webhook",
+        ),
+        (
+            AllocationConfig {
+                pool: Amounts {
+                    cpu: Some(-1.0),
+                    ..Amounts::default()
+                },
+                ..good.clone()
+            },
+            "allocation.pool.cpu",
+        ),
+    ];
+    for (c, expect) in cases {
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains(expect), "{expect:?} not in {e:?}");
+    }
+    // The same checks run when the server configuration is loaded from TOML.
+    let file = root.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[allocation]\nenabled = true\n[[allocation.components]]\nname = \"a b\"\n",
+    )
+    .unwrap();
+    let e = crate::config::ServerConfig::load(
+        Some(&file),
+        Vec::<(String, String)>::new(),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"a b\""), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_read_usage_from_the_store_and_apply_only_what_the_engine_changed() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let a = Allocations::new(&config(root.path(), true, false), &f.data_dir).unwrap();
+    // Each starts at half the 4-core pool (its cgroup has no limit). web uses 3 cores, batch
+    // half a core.
+    for _ in 0..4 {
+        write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
+        a.tick(&f.store, &f.query).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = a.status();
+    assert_eq!(status["mode"], "actuate");
+    let web = &status["components"][0];
+    assert_eq!(web["usage"]["cpu"], 3.0);
+    let cores = web["allocation"]["cpu"].as_f64().unwrap();
+    assert!(
+        (3.0 / 0.8..=4.0).contains(&cores),
+        "web should hold its peak over θ, within the pool: {cores}"
+    );
+    // The kernel (here the tree) holds what the engine holds.
+    let quota = read(root.path(), "forestall/web/cpu.max");
+    assert_eq!(
+        quota,
+        format!("{} 100000", (cores * 1000.0).ceil() as u64 * 100),
+        "{status:#}"
+    );
+    assert_eq!(
+        web["applied"]["cpu"].as_f64().unwrap(),
+        (cores * 1000.0).ceil() / 1000.0
+    );
+    // Memory had no usage, so no decision: its limit is untouched, not set to a guess.
+    assert_eq!(read(root.path(), "forestall/web/memory.max"), "max");
+    // The pool is shared: web is critical (weight 10), so its need took from batch, down
+    // to batch's floor (0.1 core) at most, and batch's cgroup got the smaller quota.
+    let batch = status["components"][1]["allocation"]["cpu"]
+        .as_f64()
+        .unwrap();
+    assert!(cores + batch <= 4.0 + 1e-9, "{cores} + {batch}");
+    assert!((0.1..2.0).contains(&batch), "{batch}");
+    assert_eq!(
+        read(root.path(), "forestall/batch/cpu.max"),
+        format!("{} 100000", (batch * 1000.0).ceil() as u64 * 100)
+    );
+    // Every decision is a row of forestall_allocations.
+    let rows = sql(
+        &f,
+        "SELECT action, after, applied FROM forestall_allocations \
+         WHERE component = 'web' AND resource = 'cpu' ORDER BY time",
+    )
+    .await;
+    assert!(!rows.is_empty());
+    let last = rows.last().unwrap();
+    assert_eq!(last[0], "raise");
+    assert_eq!(last[1].parse::<f64>().unwrap(), cores);
+    assert_eq!(last[2], "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let a = Allocations::new(&config(root.path(), false, true), &f.data_dir).unwrap();
+    let before: Vec<String> = ["cpu.max", "memory.max", "memory.high", "io.max"]
+        .iter()
+        .map(|file| read(root.path(), &format!("forestall/web/{file}")))
+        .collect();
+    for i in 1..=4u64 {
+        // web's cgroup counts a second of CPU more each round.
+        std::fs::write(
+            root.path().join("forestall/web/cpu.stat"),
+            format!("usage_usec {}\n", i * 1_000_000),
+        )
+        .unwrap();
+        write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
+        a.tick(&f.store, &f.query).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after: Vec<String> = ["cpu.max", "memory.max", "memory.high", "io.max"]
+        .iter()
+        .map(|file| read(root.path(), &format!("forestall/web/{file}")))
+        .collect();
+    assert_eq!(before, after, "dry-run changed a cgroup");
+    let status = a.status();
+    assert_eq!(status["mode"], "dry-run");
+    assert_eq!(status["actuator"], "dry-run");
+    // The recorder holds what would have been applied.
+    let web = &status["components"][0];
+    assert!(web["allocation"]["cpu"].as_f64().unwrap() > 2.0);
+    assert_eq!(
+        web["applied"]["cpu"].as_f64().unwrap(),
+        (web["allocation"]["cpu"].as_f64().unwrap() * 1000.0).ceil() / 1000.0
+    );
+    let rows = sql(
+        &f,
+        "SELECT count(*), bool_or(applied) FROM forestall_allocations",
+    )
+    .await;
+    assert_ne!(rows[0][0], "0");
+    assert_eq!(rows[0][1], "false");
+    // The collector metered the cgroup: working set is memory.current less inactive file,
+    // and CPU is a rate once there are two readings.
+    let rows = sql(
+        &f,
+        "SELECT max(mem), count(cpu) FROM forestall_usage WHERE component = 'web'",
+    )
+    .await;
+    assert_eq!(rows[0][0].parse::<f64>().unwrap(), 40.0 * 1048576.0);
+    assert_eq!(rows[0][1], "3");
+}
+
+#[test]
+fn preferences_are_checked_kept_across_restarts_and_win_over_the_file() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let cfg = config(root.path(), false, false);
+    let a = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let capped = PreferencesConfig {
+        cap: Amounts {
+            cpu: Some(1.5),
+            ..Amounts::default()
+        },
+        unmanaged: vec![ResourceName::Net],
+        pinned_cpus: Some(vec![0]),
+        ..PreferencesConfig::default()
+    };
+    assert!(a.set_preferences("web", capped.clone()).unwrap());
+    assert!(!a.set_preferences("nope", capped.clone()).unwrap());
+    let bad = PreferencesConfig {
+        floor: Amounts {
+            cpu: Some(2.0),
+            ..Amounts::default()
+        },
+        ..capped.clone()
+    };
+    assert!(matches!(
+        a.set_preferences("web", bad),
+        Err(SetError::Invalid(e)) if e.contains("above its cap")
+    ));
+    let no_cpu = PreferencesConfig {
+        pinned_cpus: Some(vec![4096]),
+        ..capped.clone()
+    };
+    assert!(matches!(
+        a.set_preferences("web", no_cpu),
+        Err(SetError::Invalid(_))
+    ));
+    // A restart reads them back; the refused ones left no trace.
+    drop(a);
+    let b = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let prefs = b.preferences();
+    assert_eq!(prefs["web"]["cap"]["cpu"], 1.5);
+    assert_eq!(prefs["web"]["unmanaged"][0], "net");
+    assert_eq!(prefs["batch"], json!(PreferencesConfig::default()));
+    // A damaged file is an error at start-up, not silently empty preferences.
+    std::fs::write(f.data_dir.join("allocation/preferences.json"), "{not json").unwrap();
+    let e = Allocations::new(&cfg, &f.data_dir).unwrap_err();
+    assert!(format!("{e:#}").contains("preferences.json"), "{e:#}");
+}
+
+#[test]
+fn audit_rows_survive_hostile_reasons() {
+    let names = vec!["web".to_string()];
+    let hostile = "quote \" backslash \\ comma, equals= space\nnewline\r\nend";
+    let report = RoundReport {
+        decisions: vec![Decision {
+            round: 7,
+            component: 0,
+            resource: Resource::Cpu,
+            from: 1.0,
+            to: 2.5,
+            action: Action::Raise,
+            reason: hostile.into(),
+            dry_run: false,
+        }],
+        applied: vec![(0, Limits::default(), Err(hostile.into()))],
+    };
+    let text = audit_lines(&report, &names, true, 1_000);
+    let lines: Vec<_> = parse_lines(text.as_bytes(), Precision::Nanoseconds, 0)
+        .map(|l| l.unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let flat = "quote \" backslash \\ comma, equals= space newline  end";
+    fn reason(l: &ParsedLine<'_>) -> String {
+        match l.fields.iter().find(|(k, _)| k == "reason") {
+            Some((_, FieldValue::String(s))) => s.to_string(),
+            other => panic!("reason: {other:?}"),
+        }
+    }
+    assert_eq!(reason(&lines[0]), flat);
+    assert_eq!(reason(&lines[1]), flat);
+    assert_eq!(
+        lines[0].tags,
+        vec![
+            ("component".into(), "web".into()),
+            ("resource".into(), "cpu".into()),
+            ("action".into(), "raise".into())
+        ]
+    );
+    assert!(
+        lines[1]
+            .tags
+            .contains(&("action".into(), "apply_failed".into()))
+    );
+}

@@ -1,0 +1,267 @@
+//! One allocation round, from usage to the kernel: the step `serve` runs every interval and
+//! `replay` runs every trace step, the same code in both.
+//!
+//! A [`Controller`] keeps one [`AutoForecaster`] per component and resource. Each round it is
+//! told the usage of the round just past ([`Controller::observe`]); then
+//! [`Controller::round`] forecasts the horizon, sizes one [`Request`] per component and
+//! resource (the 95% upper bound's peak, over θ, times learned headroom; the need is the
+//! mean's peak over θ), runs the engine's round, and applies every changed component's
+//! [`Engine::limits`] through its actuator: only the resources the engine has changed, so
+//! a resource still at its starting allocation keeps whatever the kernel has. A component whose apply failed stays pending and is
+//! applied again every round until the actuator takes it, so the kernel catches up with the
+//! engine after a transient failure.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use forestall_actuators::alloc::{AllocConfig, Decision, Engine, PerResource, Request, Resource};
+use forestall_actuators::stack::Units;
+use forestall_actuators::{Actuator, Limits, Target};
+use forestall_models::forecast::{AutoForecaster, ForecastConfig};
+use forestall_models::likelihood::normal_tail;
+
+/// How long the engine waits before acting, as durations; [`tuned`] turns them into rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// A round's length (the forecast step).
+    pub interval: Duration,
+    /// The forecast horizon a request covers.
+    pub horizon: Duration,
+    /// A release waits until every request of this long is well below the allocation.
+    pub release_after: Duration,
+    /// A raise is judged (and rolled back if it did not help) this long after.
+    pub judge_after: Duration,
+    /// A request deferred this long goes before every other non-critical request.
+    pub age_after: Duration,
+}
+
+impl Timing {
+    /// The settings measured on the dev trace (docs/BENCHMARKS.md), at a round of `interval`.
+    pub fn measured(interval: Duration) -> Self {
+        Self {
+            interval,
+            horizon: Duration::from_secs(3600),
+            release_after: Duration::from_secs(4 * 3600),
+            judge_after: Duration::from_secs(8 * 3600),
+            age_after: Duration::from_secs(6 * 3600),
+        }
+    }
+
+    /// `d` in whole rounds, at least one.
+    pub fn rounds(&self, d: Duration) -> u64 {
+        (d.as_secs_f64() / self.interval.as_secs_f64().max(1e-3))
+            .round()
+            .max(1.0) as u64
+    }
+}
+
+/// The engine settings measured on the dev trace: a 10% raise band with a 30% overshoot,
+/// releases only when every request of `release_after` sits 40% below the allocation (up to
+/// 90% at once, so a release is one change, not three), raises judged after `judge_after`.
+/// That held churn under 12 changes per component per day (docs/BENCHMARKS.md).
+pub fn tuned(threshold: f64, min: PerResource<f64>, timing: &Timing) -> AllocConfig {
+    AllocConfig {
+        threshold,
+        min,
+        up_band: 0.1,
+        overshoot: 0.3,
+        down_band: 0.4,
+        cooldown: timing.rounds(timing.release_after),
+        max_step_down: 0.9,
+        rollback_after: timing.rounds(timing.judge_after),
+        age_after: timing.rounds(timing.age_after),
+        ..AllocConfig::default()
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Default)]
+pub struct RoundReport {
+    /// The engine's decisions (its audit records).
+    pub decisions: Vec<Decision>,
+    /// Every component applied this round, with the limits asked for and the actuator's
+    /// answer.
+    pub applied: Vec<(usize, Limits, Result<(), String>)>,
+}
+
+/// Forecasters, the allocation engine and an actuator, for a fixed set of components.
+pub struct Controller {
+    forecasters: Vec<[AutoForecaster; 4]>,
+    engine: Engine,
+    actuator: Box<dyn Actuator>,
+    targets: Vec<Target>,
+    units: Units,
+    /// Forecast steps a request covers.
+    horizon: usize,
+    /// Components whose last apply failed: applied again every round.
+    pending: BTreeSet<usize>,
+    /// Resources the engine has changed at least once, per component. Only these are
+    /// applied: a resource still at its starting allocation is left as the kernel has it.
+    decided: Vec<PerResource<bool>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("components", &self.targets.len())
+            .field("actuator", &self.actuator.name())
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// A controller over `engine`'s components, whose kernel-side names are `targets` (one
+    /// per component, same order), applying through `actuator` in `units`; requests cover
+    /// `horizon` forecast steps.
+    pub fn new(
+        engine: Engine,
+        targets: Vec<Target>,
+        actuator: Box<dyn Actuator>,
+        units: Units,
+        horizon: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            targets.len() == engine.components().len(),
+            "{} targets for {} components",
+            targets.len(),
+            engine.components().len()
+        );
+        anyhow::ensure!(
+            horizon > 0,
+            "the forecast horizon must be at least one step"
+        );
+        let fc = ForecastConfig {
+            horizon,
+            max_period: 300,
+            ..ForecastConfig::default()
+        };
+        let n = targets.len();
+        let forecasters = targets
+            .iter()
+            .map(|_| -> anyhow::Result<[AutoForecaster; 4]> {
+                Ok([
+                    AutoForecaster::new(fc)?,
+                    AutoForecaster::new(fc)?,
+                    AutoForecaster::new(fc)?,
+                    AutoForecaster::new(fc)?,
+                ])
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            forecasters,
+            engine,
+            actuator,
+            targets,
+            units,
+            horizon,
+            pending: BTreeSet::new(),
+            decided: vec![[false; 4]; n],
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    pub fn actuator(&self) -> &dyn Actuator {
+        self.actuator.as_ref()
+    }
+
+    /// Components whose last apply failed.
+    pub fn pending(&self) -> &BTreeSet<usize> {
+        &self.pending
+    }
+
+    /// The usage of the round just past, per component (NaN where unknown: the forecaster
+    /// repeats its last value, the engine ignores it).
+    pub fn observe(&mut self, usage: &[PerResource<f64>]) {
+        for (c, (fs, u)) in self.forecasters.iter_mut().zip(usage).enumerate() {
+            for (f, v) in fs.iter_mut().zip(u) {
+                f.update(*v);
+            }
+            self.engine.observe(c, *u);
+        }
+    }
+
+    /// Forecasts, sizes requests, runs the engine's round `round` and applies what changed.
+    pub fn round(&mut self, round: u64) -> RoundReport {
+        let requests = self.requests();
+        let decisions = self.engine.round(round, &requests);
+        let mut apply: BTreeSet<usize> = std::mem::take(&mut self.pending);
+        for d in decisions.iter().filter(|d| d.from != d.to && !d.dry_run) {
+            apply.insert(d.component);
+            self.decided[d.component][d.resource.index()] = true;
+        }
+        let mut applied = Vec::with_capacity(apply.len());
+        for c in apply {
+            let limits = self.limits(c);
+            let result = self
+                .actuator
+                .apply(&self.targets[c], &limits)
+                .map_err(|e| e.to_string());
+            if result.is_err() {
+                self.pending.insert(c);
+            }
+            applied.push((c, limits, result));
+        }
+        RoundReport { decisions, applied }
+    }
+
+    /// What is applied for component `c`: [`Engine::limits`] for the resources the engine
+    /// has changed so far, nothing for the others.
+    pub fn limits(&self, c: usize) -> Limits {
+        let l = self.engine.limits(c, &self.units);
+        let [cpu, mem, net, disk] = self.decided[c];
+        Limits {
+            cpu_millicores: l.cpu_millicores.filter(|_| cpu),
+            memory_max_bytes: l.memory_max_bytes.filter(|_| mem),
+            memory_high_bytes: l.memory_high_bytes.filter(|_| mem),
+            net: l.net.filter(|_| net),
+            io: l.io.filter(|_| disk),
+            ..l
+        }
+    }
+
+    /// One request per component and resource that has a forecast.
+    fn requests(&self) -> Vec<Request> {
+        let theta = self.engine.config().threshold;
+        let mut requests = Vec::with_capacity(self.forecasters.len() * 4);
+        for (c, fs) in self.forecasters.iter().enumerate() {
+            let alloc = self.engine.allocation(c);
+            for r in Resource::ALL {
+                let steps = fs[r.index()].forecast(self.horizon, 0.95);
+                let Some(peak) = steps.iter().map(|s| s.upper).reduce(f64::max) else {
+                    continue;
+                };
+                let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
+                // Risk: the forecast's probability that some step of the horizon passes θ ×
+                // the current allocation (normal approximation of the step nearest to it).
+                let limit = theta * alloc[r.index()];
+                let risk = steps
+                    .iter()
+                    .map(|s| {
+                        let sigma = ((s.upper - s.mean) / 1.96).max(1e-9);
+                        normal_tail((limit - s.mean) / sigma)
+                    })
+                    .fold(0.0, f64::max);
+                requests.push(Request {
+                    component: c,
+                    resource: r,
+                    amount: self.engine.size(c, r, peak),
+                    need: expected / theta,
+                    risk,
+                });
+            }
+        }
+        requests
+    }
+}

@@ -1,0 +1,282 @@
+//! The live allocation loop on a real cgroup v1 component: `forestall serve` meters a
+//! CPU-throttled busy loop, gives it more CPU round by round, obeys a cap set over the API,
+//! keeps that cap across a restart, and stores every decision as rows SQL can read.
+//! Needs root and cgroup v1 cpu, cpuacct, memory and blkio controllers (as the machines here
+//! have).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Server, post};
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "blkio"];
+
+/// A busy loop in its own cgroup under every controller; killed and removed on drop.
+struct Burner {
+    cgroup: String,
+    child: Child,
+}
+
+impl Burner {
+    fn start() -> Burner {
+        assert!(
+            Path::new(ROOT).join("cpu/cpu.cfs_quota_us").exists(),
+            "this test needs cgroup v1 controllers under {ROOT}, and root"
+        );
+        let cgroup = format!("forestall-e2e-{}/burner", std::process::id());
+        for c in CONTROLLERS {
+            std::fs::create_dir_all(Path::new(ROOT).join(c).join(&cgroup)).unwrap();
+        }
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let b = Burner { cgroup, child };
+        for c in CONTROLLERS {
+            std::fs::write(b.dir(c).join("cgroup.procs"), b.child.id().to_string()).unwrap();
+        }
+        b
+    }
+
+    fn dir(&self, controller: &str) -> PathBuf {
+        Path::new(ROOT).join(controller).join(&self.cgroup)
+    }
+
+    /// The CPU quota in cores, `None` when unlimited.
+    fn quota(&self) -> Option<f64> {
+        let read = |f: &str| -> i64 {
+            std::fs::read_to_string(self.dir("cpu").join(f))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let q = read("cpu.cfs_quota_us");
+        (q > 0).then(|| q as f64 / read("cpu.cfs_period_us") as f64)
+    }
+
+    fn set_quota(&self, cores: f64) {
+        std::fs::write(
+            self.dir("cpu").join("cpu.cfs_quota_us"),
+            ((cores * 100_000.0) as i64).to_string(),
+        )
+        .unwrap();
+    }
+
+    /// Cores used over the next `secs`, as the kernel counts them.
+    fn cores_used(&self, secs: f64) -> f64 {
+        let read = || -> f64 {
+            std::fs::read_to_string(self.dir("cpuacct").join("cpuacct.usage"))
+                .unwrap()
+                .trim()
+                .parse::<f64>()
+                .unwrap()
+                / 1e9
+        };
+        let (c0, t0) = (read(), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        (read() - c0) / t0.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for c in CONTROLLERS {
+            let dir = self.dir(c);
+            // The kernel removes a cgroup only once its last process is gone.
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(dir.parent().unwrap());
+        }
+    }
+}
+
+fn env(b: &Burner) -> Vec<(&'static str, String)> {
+    vec![
+        ("FORESTALL__ALLOCATION__ENABLED", "true".into()),
+        ("FORESTALL__ALLOCATION__ACTUATE", "true".into()),
+        ("FORESTALL__ALLOCATION__INTERVAL", "1s".into()),
+        ("FORESTALL__ALLOCATION__HORIZON", "5s".into()),
+        ("FORESTALL__ALLOCATION__RELEASE_AFTER", "1h".into()),
+        ("FORESTALL__ALLOCATION__JUDGE_AFTER", "1h".into()),
+        ("FORESTALL__ALLOCATION__CGROUP_VERSION", "v1".into()),
+        ("FORESTALL__ALLOCATION__POOL__CPU", "1.5".into()),
+        (
+            "FORESTALL__ALLOCATION__COMPONENTS",
+            format!(
+                r#"[{{ name = "burner", cgroup = "{}", weight = 10 }}]"#,
+                b.cgroup
+            ),
+        ),
+    ]
+}
+
+fn start(dir: &Path, b: &Burner) -> Server {
+    let env = env(b);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(dir, &pairs)
+}
+
+/// Waits (bounded) until `f` holds, checking every 200 ms.
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A response's status and JSON body (every answer of the API is JSON, errors too).
+fn answer(url: &str, resp: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    let (status, r) = match resp {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let text = r.into_string().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"));
+    (status, json)
+}
+
+fn get_json(url: &str) -> (u16, serde_json::Value) {
+    answer(url, ureq::get(url).timeout(Duration::from_secs(30)).call())
+}
+
+fn put(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    answer(
+        url,
+        ureq::put(url)
+            .timeout(Duration::from_secs(30))
+            .send_bytes(body),
+    )
+}
+
+fn sql(server: &Server, q: &str) -> Vec<serde_json::Value> {
+    let (status, body) = post(
+        &server.url("/api/v3/query_sql?format=json"),
+        format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
+    );
+    assert_eq!(status, 200, "{q}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_api() {
+    let burner = Burner::start();
+    // Throttled hard before Forestall starts.
+    burner.set_quota(0.3);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &burner);
+
+    // Round by round, usage presses on the allocation and the allocation rises.
+    eventually(
+        "the loop raises the burner's quota above 0.6 core",
+        Duration::from_secs(60),
+        || burner.quota().is_some_and(|q| q > 0.6),
+    );
+    let used = burner.cores_used(2.0);
+    assert!(
+        used > 0.5,
+        "the burner uses what it was given: {used} cores"
+    );
+    let quota = burner.quota().unwrap();
+    assert!(quota <= 1.5 + 1e-9, "never more than the pool: {quota}");
+
+    // The API shows what the kernel holds.
+    let (status, state) = get_json(&server.url("/api/v1/allocations"));
+    assert_eq!(status, 200);
+    assert_eq!(state["mode"], "actuate");
+    let c = &state["components"][0];
+    assert_eq!(c["component"], "burner");
+    assert_eq!(c["problem"], serde_json::Value::Null, "{state:#}");
+    let applied = c["applied"]["cpu"].as_f64().unwrap();
+    let now_quota = burner.quota().unwrap();
+    assert!(
+        (applied - now_quota).abs() < 0.011,
+        "API {applied} vs kernel {now_quota}"
+    );
+
+    // The metered usage and every decision are rows SQL can read.
+    let rows = sql(
+        &server,
+        "SELECT max(cpu) AS cpu FROM forestall_usage WHERE component = 'burner'",
+    );
+    assert!(rows[0]["cpu"].as_f64().unwrap() > 0.5, "{rows:?}");
+    let rows = sql(
+        &server,
+        "SELECT after FROM forestall_allocations \
+         WHERE component = 'burner' AND resource = 'cpu' AND action = 'raise' AND applied \
+         ORDER BY time",
+    );
+    assert!(rows.len() >= 2, "{rows:?}");
+    assert!(rows[0]["after"].as_f64().unwrap() < rows.last().unwrap()["after"].as_f64().unwrap());
+
+    // Bad preferences are refused with the reason; nothing changes.
+    let url = server.url("/api/v1/preferences/burner");
+    for (body, expect) in [
+        (&b"{not json"[..], 400),
+        (br#"{"cap": {"cpu": "lots"}}"#, 400),
+        (br#"{"cap": {"cpu": 1}, "unknown": 1}"#, 400),
+        (br#"{"cap": {"cpu": 0.5}, "floor": {"cpu": 1}}"#, 400),
+        (br#"{"cap": {"cpu": -1}}"#, 400),
+        (br#"{"pinned_cpus": [99999]}"#, 400),
+    ] {
+        let (status, json) = put(&url, body);
+        assert_eq!(status, expect, "{}: {json}", String::from_utf8_lossy(body));
+        assert_eq!(json["code"], "invalid", "{json}");
+    }
+    let (status, json) = put(&url, &vec![b' '; 1 << 20]);
+    assert_eq!(status, 413, "{json}");
+    let (status, json) = put(&server.url("/api/v1/preferences/nobody"), b"{}");
+    assert_eq!(status, 404, "{json}");
+
+    // A cap holds from the next round, whatever the cooldown.
+    let (status, json) = put(&url, br#"{"cap": {"cpu": 0.4}}"#);
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["cap"]["cpu"], 0.4);
+    eventually(
+        "the cap brings the quota down to 0.4 core",
+        Duration::from_secs(30),
+        || burner.quota().is_some_and(|q| q <= 0.4 + 1e-9),
+    );
+    let used = burner.cores_used(2.0);
+    assert!(
+        used < 0.45,
+        "the kernel holds the burner to its cap: {used}"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // The cap outlives a restart, and the loop keeps to it.
+    let server = start(dir.path(), &burner);
+    let (status, prefs) = get_json(&server.url("/api/v1/preferences"));
+    assert_eq!(status, 200);
+    assert_eq!(prefs["burner"]["cap"]["cpu"], 0.4, "{prefs}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(burner.quota().is_some_and(|q| q <= 0.4 + 1e-9));
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn without_the_loop_its_endpoints_say_how_to_turn_it_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (status, json) = get_json(&server.url("/api/v1/allocations"));
+    assert_eq!(status, 404);
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("[allocation] enabled"),
+        "{json}"
+    );
+    let (status, _) = put(&server.url("/api/v1/preferences/x"), b"{}");
+    assert_eq!(status, 404);
+}
