@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use forestall_actuators::alloc::{Action, Component, Engine, PerResource, Preferences, Resource};
 use forestall_actuators::cgroup_v1::CgroupV1;
 use forestall_actuators::cgroup_v2::CgroupV2;
@@ -514,14 +514,21 @@ impl std::fmt::Debug for Allocations {
     }
 }
 
+/// What can go wrong for a component, each cleared by its own next success.
+#[derive(Debug, Clone, Copy)]
+enum Problem {
+    Metering = 0,
+    Applying = 1,
+}
+
 struct Live {
     config: AllocationConfig,
     controller: Controller,
     meter: Option<Box<dyn Meter>>,
     /// The previous meter reading of each component, for rates.
     samples: Vec<Option<(Instant, Usage)>>,
-    /// The latest problem per component (metering or applying), cleared by success.
-    problems: Vec<Option<String>>,
+    /// The latest problem per component, of each [`Problem`] kind; cleared by success.
+    problems: Vec<[Option<String>; 2]>,
     round: u64,
     /// When the last round ran (ns since the epoch).
     last_round: Option<i64>,
@@ -529,7 +536,25 @@ struct Live {
     usage: Vec<PerResource<f64>>,
     /// Preferences set over the API, by component: persisted here.
     saved: BTreeMap<String, PreferencesConfig>,
+    reader: UsageReader,
     saved_path: PathBuf,
+}
+
+impl Live {
+    /// Records component `c`'s latest problem (`None`: it went away), logging each change
+    /// once rather than every round.
+    fn problem(&mut self, c: usize, kind: Problem, problem: Option<String>) {
+        let slot = &mut self.problems[c][kind as usize];
+        if *slot == problem {
+            return;
+        }
+        let component = &self.config.components[c].name;
+        match &problem {
+            Some(p) => tracing::warn!(%component, problem = %p, "allocation problem"),
+            None => tracing::info!(%component, ?kind, "allocation problem resolved"),
+        }
+        *slot = problem;
+    }
 }
 
 impl Allocations {
@@ -637,12 +662,17 @@ impl Allocations {
                 controller,
                 meter: config.collect.then_some(meter),
                 samples: vec![None; n],
-                problems: vec![None; n],
+                problems: vec![[None, None]; n],
                 round: 0,
                 last_round: None,
                 usage: vec![[f64::NAN; 4]; n],
                 saved,
                 saved_path,
+                reader: UsageReader {
+                    sources: config.usage.clone(),
+                    tag: config.component_tag.clone(),
+                    names: config.components.iter().map(|c| c.name.clone()).collect(),
+                },
             })),
         })
     }
@@ -651,35 +681,51 @@ impl Allocations {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One round at `now` (ns): meter, read usage, decide, apply, audit. `since` is the
-    /// previous round's time: usage is read over `(since, now]`.
+    /// Teaches the forecasters the usage stored for the rounds before now (as many as they
+    /// keep), so that a restart does not start them cold. Returns the rounds learned.
+    pub async fn warm_up(&self, store: &Store, query: &QueryEngine) -> usize {
+        let (reader, stride) = {
+            let live = self.live();
+            (live.reader.clone(), live.config.interval.as_nanos() as i64)
+        };
+        let now = now_nanos();
+        let rounds = control::HISTORY_ROUNDS;
+        let history = reader
+            .read(store, query, now - stride * rounds as i64, stride, rounds)
+            .await;
+        let known = |b: &Vec<PerResource<f64>>| b.iter().flatten().any(|v| v.is_finite());
+        let Some(first) = history.iter().position(known) else {
+            return 0;
+        };
+        let mut live = self.live();
+        for usage in &history[first..] {
+            live.controller.learn(usage);
+        }
+        live.last_round = Some(now);
+        rounds - first
+    }
+
+    /// One round at the current time: meter, read usage since the last round, decide, apply,
+    /// audit.
     pub async fn tick(&self, store: &Arc<Store>, query: &QueryEngine) -> anyhow::Result<()> {
         let now = now_nanos();
-        let (since, sources, tag, names) = {
+        let (since, reader) = {
             let live = self.live();
             let since = live
                 .last_round
                 .unwrap_or(now - live.config.interval.as_nanos() as i64);
-            let names: Vec<String> = live
-                .controller
-                .engine()
-                .components()
-                .iter()
-                .map(|c| c.name.clone())
-                .collect();
-            (
-                since,
-                live.config.usage.clone(),
-                live.config.component_tag.clone(),
-                names,
-            )
+            (since, live.reader.clone())
         };
         {
             let this = self.clone();
             let store = Arc::clone(store);
             tokio::task::spawn_blocking(move || this.collect(&store, now)).await??;
         }
-        let usage = read_usage(store, query, &sources, &tag, &names, since, now).await;
+        let usage = reader
+            .read(store, query, since, now - since, 1)
+            .await
+            .pop()
+            .unwrap_or_default();
         let this = self.clone();
         let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || this.decide(&store, usage, now)).await?
@@ -693,16 +739,23 @@ impl Allocations {
             return Ok(());
         };
         let at = Instant::now();
+        let readings: Vec<_> = live
+            .controller
+            .targets()
+            .iter()
+            .map(|t| (t.component.clone(), meter.usage(t)))
+            .collect();
         let mut lines = String::new();
-        for (c, target) in live.controller.targets().iter().enumerate() {
-            let u = match meter.usage(target) {
+        for (c, (component, reading)) in readings.into_iter().enumerate() {
+            let u = match reading {
                 Ok(u) => u,
                 Err(e) => {
-                    live.problems[c] = Some(format!("metering: {e}"));
+                    live.problem(c, Problem::Metering, Some(format!("metering: {e}")));
                     live.samples[c] = None;
                     continue;
                 }
             };
+            live.problem(c, Problem::Metering, None);
             let prev = live.samples[c].replace((at, u));
             let rate = |now: Option<f64>, before: Option<f64>| -> Option<f64> {
                 let (t0, _) = prev?;
@@ -729,7 +782,7 @@ impl Allocations {
                 measurement: USAGE_MEASUREMENT.into(),
                 tags: vec![(
                     live.config.component_tag.as_str().into(),
-                    target.component.as_str().into(),
+                    component.as_str().into(),
                 )],
                 fields: fields
                     .into_iter()
@@ -768,7 +821,8 @@ impl Allocations {
         live.last_round = Some(now);
         let actuate = live.config.actuate;
         for (c, _, result) in &report.applied {
-            live.problems[*c] = result.as_ref().err().map(|e| format!("applying: {e}"));
+            let problem = result.as_ref().err().map(|e| format!("applying: {e}"));
+            live.problem(*c, Problem::Applying, problem);
         }
         let names: Vec<String> = live
             .controller
@@ -849,7 +903,7 @@ impl Allocations {
                         Err(e) => json!({"error": e.to_string()}),
                     },
                     "pending": live.controller.pending().contains(&c),
-                    "problem": live.problems[c],
+                    "problems": live.problems[c].iter().flatten().collect::<Vec<_>>(),
                     "feedback": feedback,
                     "preferences": live.saved.get(&comp.name).cloned().unwrap_or_else(|| {
                         live.config.components[c].preferences.clone()
@@ -879,6 +933,63 @@ impl Allocations {
             "threshold": theta,
             "components": components,
             "deferred": deferred,
+        })
+    }
+
+    /// `GET /api/v1/forecasts`: per component and resource, the forecast its next request is
+    /// sized from (one step per round after the last one, 95% interval, the model that
+    /// answered) and that request (amount, need, risk).
+    pub fn forecasts(&self) -> serde_json::Value {
+        let live = self.live();
+        let c = &live.controller;
+        let models = c.model_names();
+        let stride = live.config.interval.as_nanos() as i64;
+        let start = live.last_round.unwrap_or_else(now_nanos);
+        let time = |ns: i64| {
+            humantime::format_rfc3339_nanos(
+                std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64),
+            )
+            .to_string()
+        };
+        let components: Vec<_> = c
+            .engine()
+            .components()
+            .iter()
+            .enumerate()
+            .map(|(i, comp)| {
+                let resources: serde_json::Map<String, serde_json::Value> = Resource::ALL
+                    .iter()
+                    .map(|&r| {
+                        let steps = c.forecast(i, r);
+                        let request = c
+                            .request(i, r, &steps)
+                            .map(|q| json!({"amount": q.amount, "need": q.need, "risk": q.risk}));
+                        let steps: Vec<_> = steps
+                            .iter()
+                            .enumerate()
+                            .map(|(k, s)| {
+                                json!({
+                                    "time": time(start + stride * (k as i64 + 1)),
+                                    "mean": s.mean,
+                                    "lower": s.lower,
+                                    "upper": s.upper,
+                                    "model": models.get(s.model).copied().unwrap_or("?"),
+                                })
+                            })
+                            .collect();
+                        (
+                            r.name().to_string(),
+                            json!({"request": request, "steps": steps}),
+                        )
+                    })
+                    .collect();
+                json!({"component": comp.name, "resources": resources})
+            })
+            .collect();
+        json!({
+            "interval": humantime::format_duration(live.config.interval).to_string(),
+            "level": 0.95,
+            "components": components,
         })
     }
 
@@ -956,71 +1067,89 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Usage of each component over `(since, now]`, per resource (NaN where no row).
-async fn read_usage(
-    store: &Store,
-    query: &QueryEngine,
-    sources: &UsageSources,
-    tag: &str,
-    names: &[String],
-    since: i64,
-    now: i64,
-) -> Vec<PerResource<f64>> {
-    let mut out = vec![[f64::NAN; 4]; names.len()];
-    let index: BTreeMap<&str, usize> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
-    for r in Resource::ALL {
-        let s = sources.get(r);
-        // Nothing written yet (or not this field, or not this tag): no usage, no error.
-        let Some(table) = store.table(&s.measurement) else {
-            continue;
-        };
-        if !table.columns.contains_key(&s.field) || !table.columns.contains_key(tag) {
-            continue;
-        }
-        let agg = match s.aggregate {
-            Aggregate::Avg => "avg",
-            Aggregate::Max => "max",
-        };
-        let sql = format!(
-            "SELECT CAST(\"{tag}\" AS VARCHAR) AS c, CAST({agg}(CAST(\"{f}\" AS DOUBLE)) AS DOUBLE) AS v \
-             FROM \"{m}\" WHERE time > to_timestamp_nanos({since}) AND time <= to_timestamp_nanos({now}) \
-             AND \"{tag}\" IS NOT NULL GROUP BY 1",
-            f = s.field,
-            m = s.measurement,
-        );
-        let batches = match query.sql(&sql).await {
-            Ok((_, b)) => b,
-            Err(e) => {
-                tracing::warn!(resource = %r, error = %e, "could not read usage");
+/// Where usage is read from, and for which components.
+#[derive(Debug, Clone)]
+struct UsageReader {
+    sources: UsageSources,
+    tag: String,
+    names: Vec<String>,
+}
+
+impl UsageReader {
+    /// Usage of each component over `(from, from + bins × stride]`, in `bins` rounds of
+    /// `stride` ns each: `[bin][component][resource]`, NaN where no row.
+    async fn read(
+        &self,
+        store: &Store,
+        query: &QueryEngine,
+        from: i64,
+        stride: i64,
+        bins: usize,
+    ) -> Vec<Vec<PerResource<f64>>> {
+        let mut out = vec![vec![[f64::NAN; 4]; self.names.len()]; bins];
+        let index: BTreeMap<&str, usize> = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let (tag, stride) = (&self.tag, stride.max(1));
+        let to = from + stride * bins as i64;
+        for r in Resource::ALL {
+            let s = self.sources.get(r);
+            // Nothing written yet (or not this field, or not this tag): no usage, no error.
+            let Some(table) = store.table(&s.measurement) else {
+                continue;
+            };
+            if !table.columns.contains_key(&s.field) || !table.columns.contains_key(tag) {
                 continue;
             }
-        };
-        for b in batches {
-            // VARCHAR may plan as Utf8View; one string type to read.
-            let Ok(names) = arrow::compute::cast(b.column(0), &DataType::Utf8) else {
-                continue;
+            let agg = match s.aggregate {
+                Aggregate::Avg => "avg",
+                Aggregate::Max => "max",
             };
-            let (Some(c), Some(v)) = (
-                names.as_string_opt::<i32>(),
-                b.column(1).as_primitive_opt::<Float64Type>(),
-            ) else {
-                continue;
-            };
-            for i in 0..b.num_rows() {
-                if c.is_null(i) || v.is_null(i) {
+            // Row time t falls in round (t − from − 1) / stride: rounds are (start, end].
+            let sql = format!(
+                "SELECT CAST(\"{tag}\" AS VARCHAR) AS c, \
+                 CAST((CAST(time AS BIGINT) - {from} - 1) / {stride} AS BIGINT) AS b, \
+                 CAST({agg}(CAST(\"{f}\" AS DOUBLE)) AS DOUBLE) AS v \
+                 FROM \"{m}\" WHERE time > to_timestamp_nanos({from}) AND time <= to_timestamp_nanos({to}) \
+                 AND \"{tag}\" IS NOT NULL GROUP BY 1, 2",
+                f = s.field,
+                m = s.measurement,
+            );
+            let batches = match query.sql(&sql).await {
+                Ok((_, b)) => b,
+                Err(e) => {
+                    tracing::warn!(resource = %r, error = %e, "could not read usage");
                     continue;
                 }
-                if let Some(&k) = index.get(c.value(i)) {
-                    out[k][r.index()] = v.value(i) * s.scale;
+            };
+            for b in batches {
+                // VARCHAR may plan as Utf8View; one string type to read.
+                let Ok(names) = arrow::compute::cast(b.column(0), &DataType::Utf8) else {
+                    continue;
+                };
+                let (Some(c), Some(k), Some(v)) = (
+                    names.as_string_opt::<i32>(),
+                    b.column(1).as_primitive_opt::<Int64Type>(),
+                    b.column(2).as_primitive_opt::<Float64Type>(),
+                ) else {
+                    continue;
+                };
+                for i in 0..b.num_rows() {
+                    if c.is_null(i) || k.is_null(i) || v.is_null(i) {
+                        continue;
+                    }
+                    let bin = usize::try_from(k.value(i)).ok().filter(|&k| k < bins);
+                    if let (Some(bin), Some(&comp)) = (bin, index.get(c.value(i))) {
+                        out[bin][comp][r.index()] = v.value(i) * s.scale;
+                    }
                 }
             }
         }
+        out
     }
-    out
 }
 
 /// The audit rows of one round: one per decision, and one per failed apply.
@@ -1103,6 +1232,11 @@ pub async fn run(
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let learned = allocations.warm_up(&store, &query).await;
+    tracing::info!(
+        rounds = learned,
+        "allocation forecasters warmed up from stored usage"
+    );
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);

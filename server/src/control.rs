@@ -17,8 +17,12 @@ use std::time::Duration;
 use forestall_actuators::alloc::{AllocConfig, Decision, Engine, PerResource, Request, Resource};
 use forestall_actuators::stack::Units;
 use forestall_actuators::{Actuator, Limits, Target};
-use forestall_models::forecast::{AutoForecaster, ForecastConfig};
+use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
 use forestall_models::likelihood::normal_tail;
+
+/// Rounds of usage each forecaster keeps (three of its longest seasonal period): what a warm
+/// start reads back.
+pub const HISTORY_ROUNDS: usize = 900;
 
 /// How long the engine waits before acting, as durations; [`tuned`] turns them into rounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,7 +137,7 @@ impl Controller {
         );
         let fc = ForecastConfig {
             horizon,
-            max_period: 300,
+            max_period: HISTORY_ROUNDS / 3,
             ..ForecastConfig::default()
         };
         let n = targets.len();
@@ -192,6 +196,32 @@ impl Controller {
         }
     }
 
+    /// Teaches the forecasters a past round's usage without deciding anything (a warm start
+    /// from stored history: the engine's feedback is about its own allocations, so it is not
+    /// told).
+    pub fn learn(&mut self, usage: &[PerResource<f64>]) {
+        for (fs, u) in self.forecasters.iter_mut().zip(usage) {
+            for (f, v) in fs.iter_mut().zip(u) {
+                f.update(*v);
+            }
+        }
+    }
+
+    /// The forecast of component `c`'s `r` over the horizon (95% intervals): what its next
+    /// request is sized from. Empty before any usage was seen.
+    pub fn forecast(&self, c: usize, r: Resource) -> Vec<Step> {
+        self.forecasters
+            .get(c)
+            .map_or_else(Vec::new, |fs| fs[r.index()].forecast(self.horizon, 0.95))
+    }
+
+    /// The name of each forecast model, as [`Step::model`] indexes them.
+    pub fn model_names(&self) -> Vec<&'static str> {
+        self.forecasters
+            .first()
+            .map_or_else(Vec::new, |fs| fs[0].model_names())
+    }
+
     /// Forecasts, sizes requests, runs the engine's round `round` and applies what changed.
     pub fn round(&mut self, round: u64) -> RoundReport {
         let requests = self.requests();
@@ -233,35 +263,33 @@ impl Controller {
 
     /// One request per component and resource that has a forecast.
     fn requests(&self) -> Vec<Request> {
+        (0..self.forecasters.len())
+            .flat_map(|c| Resource::ALL.map(|r| (c, r)))
+            .filter_map(|(c, r)| self.request(c, r, &self.forecast(c, r)))
+            .collect()
+    }
+
+    /// What component `c` asks of `r` given its forecast `steps` (`None` without one): the
+    /// upper bound's peak / θ × headroom, a need of the mean's peak / θ, and the risk that
+    /// some step passes θ × the current allocation (normal approximation per step).
+    pub fn request(&self, c: usize, r: Resource, steps: &[Step]) -> Option<Request> {
         let theta = self.engine.config().threshold;
-        let mut requests = Vec::with_capacity(self.forecasters.len() * 4);
-        for (c, fs) in self.forecasters.iter().enumerate() {
-            let alloc = self.engine.allocation(c);
-            for r in Resource::ALL {
-                let steps = fs[r.index()].forecast(self.horizon, 0.95);
-                let Some(peak) = steps.iter().map(|s| s.upper).reduce(f64::max) else {
-                    continue;
-                };
-                let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
-                // Risk: the forecast's probability that some step of the horizon passes θ ×
-                // the current allocation (normal approximation of the step nearest to it).
-                let limit = theta * alloc[r.index()];
-                let risk = steps
-                    .iter()
-                    .map(|s| {
-                        let sigma = ((s.upper - s.mean) / 1.96).max(1e-9);
-                        normal_tail((limit - s.mean) / sigma)
-                    })
-                    .fold(0.0, f64::max);
-                requests.push(Request {
-                    component: c,
-                    resource: r,
-                    amount: self.engine.size(c, r, peak),
-                    need: expected / theta,
-                    risk,
-                });
-            }
-        }
-        requests
+        let peak = steps.iter().map(|s| s.upper).reduce(f64::max)?;
+        let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
+        let limit = theta * self.engine.allocation(c)[r.index()];
+        let risk = steps
+            .iter()
+            .map(|s| {
+                let sigma = ((s.upper - s.mean) / 1.96).max(1e-9);
+                normal_tail((limit - s.mean) / sigma)
+            })
+            .fold(0.0, f64::max);
+        Some(Request {
+            component: c,
+            resource: r,
+            amount: self.engine.size(c, r, peak),
+            need: expected / theta,
+            risk,
+        })
     }
 }

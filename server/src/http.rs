@@ -10,6 +10,7 @@
 //! | `PUT /api/v1/retention/{measurement}` | set (`{"period": "30d"}`) or clear (`{"period": null}`) a measurement's retention |
 //! | `GET`/`POST /api/v3/query_sql?q=…&format=json\|jsonl\|csv\|parquet\|pretty` | SQL (see [`query`]) |
 //! | `GET /api/v1/allocations` | the allocation loop's state (404 when it is off) |
+//! | `GET /api/v1/forecasts` | per component and resource, the forecast and the request the loop sizes from it |
 //! | `GET /api/v1/preferences` | every component's preferences |
 //! | `PUT /api/v1/preferences/{component}` | replace a component's preferences (JSON, kept across restarts) |
 //! | `GET /health` | liveness and version |
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/retention/{measurement}", put(set_retention))
         .route("/api/v3/query_sql", get(query::get).post(query::post))
         .route("/api/v1/allocations", get(allocations))
+        .route("/api/v1/forecasts", get(forecasts))
         .route("/api/v1/preferences", get(list_preferences))
         .route("/api/v1/preferences/{component}", put(set_preferences))
         .route("/health", get(health))
@@ -210,6 +212,14 @@ async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::V
         .await
         .map_err(|e| ApiError::Internal(format!("allocation status task failed: {e}")))?;
     Ok(Json(status))
+}
+
+async fn forecasts(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let a = allocation_loop(&state)?.clone();
+    let forecasts = tokio::task::spawn_blocking(move || a.forecasts())
+        .await
+        .map_err(|e| ApiError::Internal(format!("forecasts task failed: {e}")))?;
+    Ok(Json(forecasts))
 }
 
 async fn list_preferences(

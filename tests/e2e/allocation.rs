@@ -196,13 +196,20 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
     assert_eq!(state["mode"], "actuate");
     let c = &state["components"][0];
     assert_eq!(c["component"], "burner");
-    assert_eq!(c["problem"], serde_json::Value::Null, "{state:#}");
+    assert_eq!(c["problems"], serde_json::json!([]), "{state:#}");
     let applied = c["applied"]["cpu"].as_f64().unwrap();
     let now_quota = burner.quota().unwrap();
     assert!(
         (applied - now_quota).abs() < 0.011,
         "API {applied} vs kernel {now_quota}"
     );
+
+    // So does the forecast each request is sized from.
+    let (status, fc) = get_json(&server.url("/api/v1/forecasts"));
+    assert_eq!(status, 200);
+    let cpu = &fc["components"][0]["resources"]["cpu"];
+    assert_eq!(cpu["steps"].as_array().unwrap().len(), 5, "{fc:#}");
+    assert!(cpu["request"]["amount"].as_f64().unwrap() > 0.3, "{fc:#}");
 
     // The metered usage and every decision are rows SQL can read.
     let rows = sql(

@@ -484,3 +484,61 @@ fn audit_rows_survive_hostile_reasons() {
             .contains(&("action".into(), "apply_failed".into()))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_warms_the_forecasters_from_stored_usage() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    // Two minutes of one-second rounds: web at 2.5 cores; batch never reported. One much
+    // older row lies beyond what the forecasters keep (900 rounds).
+    let now = now_nanos();
+    let mut body = String::new();
+    for k in 1..=120i64 {
+        body.push_str(&format!(
+            "app,component=web cpu_pct=250 {}\n",
+            now - k * 1_000_000_000
+        ));
+    }
+    body.push_str(&format!(
+        "app,component=web cpu_pct=9000 {}\n",
+        now - 2_000 * 1_000_000_000
+    ));
+    f.store
+        .write(body.as_bytes(), Precision::Nanoseconds, now)
+        .unwrap();
+    let a = Allocations::new(&config(root.path(), false, false), &f.data_dir).unwrap();
+    let cpu =
+        |a: &Allocations, c: usize| a.forecasts()["components"][c]["resources"]["cpu"].clone();
+    assert_eq!(
+        cpu(&a, 0)["steps"],
+        json!([]),
+        "no forecast before any usage"
+    );
+    assert_eq!(cpu(&a, 0)["request"], json!(null));
+
+    let learned = a.warm_up(&f.store, &f.query).await;
+    assert!((120..=121).contains(&learned), "{learned} rounds learned");
+    let web = cpu(&a, 0);
+    let steps = web["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 5, "one step per round of the 5 s horizon");
+    for s in steps {
+        assert!((s["mean"].as_f64().unwrap() - 2.5).abs() < 1e-6, "{s}");
+        assert!(
+            s["upper"].as_f64().unwrap() < 3.0,
+            "the old 90-core row was not read: {s}"
+        );
+    }
+    assert!(web["request"]["amount"].as_f64().unwrap() >= 2.5 / 0.8);
+    assert_eq!(cpu(&a, 1)["steps"], json!([]), "batch has no usage yet");
+    // The first round after the warm start reads from where it ended, and decides at once.
+    write_cpu(&f.store, &[("web", 250.0)]);
+    a.tick(&f.store, &f.query).await.unwrap();
+    let status = a.status();
+    assert_eq!(status["round"], 1);
+    assert!(
+        status["components"][0]["allocation"]["cpu"]
+            .as_f64()
+            .unwrap()
+            >= 2.5 / 0.8
+    );
+}
