@@ -1,6 +1,7 @@
 //! The live allocation loop on a real cgroup v1 component: `forestall serve` meters a
 //! CPU-throttled busy loop, gives it more CPU round by round, obeys a cap set over the API,
-//! keeps that cap across a restart, and stores every decision as rows SQL can read.
+//! keeps that cap and its audit across a kill -9, and stores every decision as rows SQL can
+//! read.
 //! Needs root and cgroup v1 cpu, cpuacct, memory and blkio controllers (as the machines here
 //! have).
 
@@ -259,13 +260,33 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
         used < 0.45,
         "the kernel holds the burner to its cap: {used}"
     );
-    assert_eq!(server.terminate().code(), Some(0));
+    let row = sql(
+        &server,
+        "SELECT count(*) AS n, CAST(max(time) AS BIGINT) AS last FROM forestall_allocations",
+    );
+    let (before, last) = (
+        row[0]["n"].as_u64().unwrap(),
+        row[0]["last"].as_i64().unwrap(),
+    );
+    let audited = |server: &Server| {
+        sql(
+            server,
+            &format!(
+                "SELECT count(*) AS n FROM forestall_allocations \
+                 WHERE time <= to_timestamp_nanos({last})"
+            ),
+        )[0]["n"]
+            .as_u64()
+            .unwrap()
+    };
+    server.kill();
 
-    // The cap outlives a restart, and the loop keeps to it.
+    // The cap and the audit outlive a kill -9, and the loop keeps to the cap.
     let server = start(dir.path(), &burner);
     let (status, prefs) = get_json(&server.url("/api/v1/preferences"));
     assert_eq!(status, 200);
     assert_eq!(prefs["burner"]["cap"]["cpu"], 0.4, "{prefs}");
+    assert_eq!(audited(&server), before, "audit rows lost or doubled");
     std::thread::sleep(Duration::from_secs(3));
     assert!(burner.quota().is_some_and(|q| q <= 0.4 + 1e-9));
     assert_eq!(server.terminate().code(), Some(0));
