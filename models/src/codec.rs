@@ -43,6 +43,12 @@ impl Writer {
         }
     }
 
+    /// A length-prefixed byte string (a nested checkpoint).
+    pub fn bytes(&mut self, v: &[u8]) {
+        self.usize(v.len());
+        self.buf.extend_from_slice(v);
+    }
+
     /// Seals the payload: magic, version, payload and checksum.
     pub fn finish(self, magic: [u8; 4], version: u32) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.buf.len() + 16);
@@ -121,6 +127,17 @@ impl<'a> Reader<'a> {
     pub fn f64s(&mut self, max: usize) -> Result<Vec<f64>> {
         let n = self.usize(max)?;
         (0..n).map(|_| self.f64()).collect()
+    }
+
+    /// A byte string written by [`Writer::bytes`], refused when longer than `max`.
+    pub fn bytes(&mut self, max: usize) -> Result<&'a [u8]> {
+        let n = self.usize(max)?;
+        if self.buf.len() < n {
+            return Err(corrupt("payload ends early".into()));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
     }
 
     /// Fails unless the whole payload was read.

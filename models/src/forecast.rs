@@ -34,6 +34,10 @@ pub struct ForecastConfig {
     pub error_window: usize,
     /// Smoothing of the rolling absolute error that picks the answering model.
     pub choice_alpha: f64,
+    /// Run a small LSTM ([`crate::lstm`]: a 32-row window, 16 hidden units) beside the other
+    /// models, taking one training step every this many rows: its CPU budget. 0 (the
+    /// default) runs no LSTM.
+    pub lstm_train_every: usize,
 }
 
 impl Default for ForecastConfig {
@@ -43,6 +47,7 @@ impl Default for ForecastConfig {
             max_period: 1008,
             error_window: 256,
             choice_alpha: 0.02,
+            lstm_train_every: 0,
         }
     }
 }
@@ -65,6 +70,9 @@ impl ForecastConfig {
         }
         if !(self.choice_alpha > 0.0 && self.choice_alpha <= 1.0) {
             return bad("choice_alpha must be in (0, 1]");
+        }
+        if self.lstm_train_every > 1_000_000 {
+            return bad("lstm_train_every must be at most 1000000 (0 for no LSTM)");
         }
         Ok(())
     }
@@ -225,6 +233,49 @@ pub enum Model {
     SeasonalNaive,
     /// Holt-Winters with additive error, damped additive trend and additive seasonality.
     Ets(Ets),
+    /// The LSTM, when [`ForecastConfig::lstm_train_every`] asks for it.
+    Lstm(Box<Neural>),
+}
+
+/// The LSTM as one of an [`AutoForecaster`]'s models. Cloning copies its weights (through a
+/// checkpoint), so a clone trains on alone.
+#[derive(Debug)]
+pub struct Neural(crate::lstm::LstmForecaster);
+
+impl Neural {
+    /// Window and width: small enough that a forecast every row costs tens of microseconds.
+    fn new(horizon: usize, train_every: usize) -> Result<Self> {
+        crate::lstm::LstmForecaster::new(crate::lstm::LstmConfig {
+            features: 1,
+            window: 32,
+            horizon,
+            hidden: 16,
+            batch: 8,
+            train_every,
+            memory: 2048.max(32 + horizon),
+            ..crate::lstm::LstmConfig::default()
+        })
+        .map(Self)
+    }
+}
+
+impl Clone for Neural {
+    fn clone(&self) -> Self {
+        let bytes = self
+            .0
+            .checkpoint()
+            .expect("an LSTM checkpoints its own state");
+        Self(
+            crate::lstm::LstmForecaster::restore(&bytes)
+                .expect("an LSTM restores its own checkpoint"),
+        )
+    }
+}
+
+impl PartialEq for Neural {
+    fn eq(&self, other: &Self) -> bool {
+        matches!((self.0.checkpoint(), other.0.checkpoint()), (Ok(a), Ok(b)) if a == b)
+    }
 }
 
 impl Model {
@@ -232,13 +283,21 @@ impl Model {
         match self {
             Model::SeasonalNaive => "seasonal_naive",
             Model::Ets(e) => e.name,
+            Model::Lstm(_) => "lstm",
         }
     }
 
     /// Learns the value just pushed onto `history`.
     fn update(&mut self, history: &History) {
-        if let Model::Ets(e) = self {
-            e.update(history);
+        match self {
+            Model::Ets(e) => e.update(history),
+            Model::Lstm(n) => {
+                if let Some(v) = history.last() {
+                    // One feature per row, always: the only error `update` has.
+                    let _ = n.0.update(&[v]);
+                }
+            }
+            Model::SeasonalNaive => {}
         }
     }
 
@@ -254,6 +313,19 @@ impl Model {
                 }
             }
             Model::Ets(e) => e.forecast(out),
+            // Until its window is full the LSTM has no forecast: NaN errors are not counted,
+            // so it is not chosen before it has a record.
+            Model::Lstm(n) => match n.0.forecast() {
+                Ok(Some(p)) => {
+                    for (o, p) in out
+                        .iter_mut()
+                        .zip(p.iter().map(|p| p.mean).chain(std::iter::repeat(f64::NAN)))
+                    {
+                        *o = p;
+                    }
+                }
+                _ => out.fill(f64::NAN),
+            },
         }
     }
 }
@@ -386,13 +458,20 @@ impl Ets {
     }
 }
 
-/// The models every [`AutoForecaster`] runs.
-fn default_models() -> Vec<Model> {
-    vec![
+/// The models an [`AutoForecaster`] with `config` runs.
+fn models(config: &ForecastConfig) -> Result<Vec<Model>> {
+    let mut models = vec![
         Model::SeasonalNaive,
         Model::Ets(Ets::new("ets", 0.3, 0.05, 0.1, 0.98)),
         Model::Ets(Ets::new("ets_smooth", 0.05, 0.005, 0.05, 0.98)),
-    ]
+    ];
+    if config.lstm_train_every > 0 {
+        models.push(Model::Lstm(Box::new(Neural::new(
+            config.horizon,
+            config.lstm_train_every,
+        )?)));
+    }
+    Ok(models)
 }
 
 /// Signed errors of one model at one step ahead: the last `window` of them, in arrival order
@@ -463,7 +542,7 @@ pub struct AutoForecaster {
 impl AutoForecaster {
     pub fn new(config: ForecastConfig) -> Result<Self> {
         config.validate()?;
-        let models = default_models()
+        let models = models(&config)?
             .into_iter()
             .map(|model| Tracked {
                 model,
@@ -607,16 +686,17 @@ impl AutoForecaster {
     }
 
     const MAGIC: [u8; 4] = *b"FSAF";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     /// The whole state as bytes; [`restore`](Self::restore) continues exactly from it.
-    pub fn checkpoint(&self) -> Vec<u8> {
+    pub fn checkpoint(&self) -> Result<Vec<u8>> {
         let mut w = Writer::default();
         let c = &self.config;
         w.usize(c.horizon);
         w.usize(c.max_period);
         w.usize(c.error_window);
         w.f64(c.choice_alpha);
+        w.usize(c.lstm_train_every);
         let h = &self.history;
         w.f64s(h.values.iter());
         w.u64(h.seen);
@@ -624,12 +704,16 @@ impl AutoForecaster {
         w.opt_f64(h.step);
         w.usize(self.models.len());
         for t in &self.models {
-            if let Model::Ets(e) = &t.model {
-                w.opt_f64(e.level);
-                w.f64(e.trend);
-                w.f64s(e.season.iter());
-                w.u64(e.t);
-                w.opt_f64(e.scale);
+            match &t.model {
+                Model::Ets(e) => {
+                    w.opt_f64(e.level);
+                    w.f64(e.trend);
+                    w.f64s(e.season.iter());
+                    w.u64(e.t);
+                    w.opt_f64(e.scale);
+                }
+                Model::Lstm(n) => w.bytes(&n.0.checkpoint()?),
+                Model::SeasonalNaive => {}
             }
             w.usize(t.pending.len());
             for p in &t.pending {
@@ -640,7 +724,7 @@ impl AutoForecaster {
                 w.opt_f64(e.mae);
             }
         }
-        w.finish(Self::MAGIC, Self::VERSION)
+        Ok(w.finish(Self::MAGIC, Self::VERSION))
     }
 
     /// Restores a forecaster from [`checkpoint`](Self::checkpoint) bytes.
@@ -652,6 +736,7 @@ impl AutoForecaster {
             max_period: r.usize(MAX)?,
             error_window: r.usize(MAX)?,
             choice_alpha: r.f64()?,
+            lstm_train_every: r.usize(MAX)?,
         };
         let mut f = Self::new(config)?;
         let values = r.f64s(3 * config.max_period)?;
@@ -666,12 +751,18 @@ impl AutoForecaster {
             });
         }
         for t in &mut f.models {
-            if let Model::Ets(e) = &mut t.model {
-                e.level = r.opt_f64()?;
-                e.trend = r.f64()?;
-                e.season = r.f64s(config.max_period)?;
-                e.t = r.u64()?;
-                e.scale = r.opt_f64()?;
+            match &mut t.model {
+                Model::Ets(e) => {
+                    e.level = r.opt_f64()?;
+                    e.trend = r.f64()?;
+                    e.season = r.f64s(config.max_period)?;
+                    e.t = r.u64()?;
+                    e.scale = r.opt_f64()?;
+                }
+                Model::Lstm(n) => {
+                    n.0 = crate::lstm::LstmForecaster::restore(r.bytes(1 << 30)?)?;
+                }
+                Model::SeasonalNaive => {}
             }
             let pending = r.usize(config.horizon)?;
             for _ in 0..pending {

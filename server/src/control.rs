@@ -51,6 +51,14 @@ impl Timing {
         }
     }
 
+    /// Forecasts of one step per round over the horizon (no LSTM).
+    pub fn forecast(&self) -> ForecastConfig {
+        ForecastConfig {
+            horizon: self.rounds(self.horizon) as usize,
+            ..ForecastConfig::default()
+        }
+    }
+
     /// `d` in whole rounds, at least one.
     pub fn rounds(&self, d: Duration) -> u64 {
         (d.as_secs_f64() / self.interval.as_secs_f64().max(1e-3))
@@ -117,29 +125,26 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller over `engine`'s components, whose kernel-side names are `targets` (one
     /// per component, same order), applying through `actuator` in `units`; requests cover
-    /// `horizon` forecast steps.
+    /// `forecast.horizon` steps (its `max_period` is set to a third of [`HISTORY_ROUNDS`]).
     pub fn new(
         engine: Engine,
         targets: Vec<Target>,
         actuator: Box<dyn Actuator>,
         units: Units,
-        horizon: usize,
+        forecast: ForecastConfig,
     ) -> anyhow::Result<Self> {
+        let horizon = forecast.horizon;
         anyhow::ensure!(
             targets.len() == engine.components().len(),
             "{} targets for {} components",
             targets.len(),
             engine.components().len()
         );
-        anyhow::ensure!(
-            horizon > 0,
-            "the forecast horizon must be at least one step"
-        );
         let fc = ForecastConfig {
-            horizon,
             max_period: HISTORY_ROUNDS / 3,
-            ..ForecastConfig::default()
+            ..forecast
         };
+        fc.validate()?;
         let n = targets.len();
         let forecasters = targets
             .iter()

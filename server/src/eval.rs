@@ -69,7 +69,7 @@ const FORECAST_STEPS: [usize; 2] = [1, 12];
 /// report: per file and overall, MASE and 80/90/95% interval coverage at 1 and 12 steps
 /// ahead, for every model and for the automatic choice. Rows before NAB's probationary end
 /// (`min(15% of rows, 750)`) only train.
-pub fn forecast(data: &Path) -> anyhow::Result<String> {
+pub fn forecast(data: &Path, config: ForecastConfig) -> anyhow::Result<String> {
     let files =
         nab::load_corpus(data).with_context(|| format!("load the corpus in {}", data.display()))?;
     anyhow::ensure!(
@@ -115,12 +115,7 @@ pub fn forecast(data: &Path) -> anyhow::Result<String> {
     let (mut scaled_files, mut rows, mut auto_wins) = (0usize, 0usize, 0usize);
     for f in &files {
         let warmup = (f.values.len() * 15 / 100).min(750);
-        let e = evaluate_series(
-            &f.values,
-            ForecastConfig::default(),
-            &FORECAST_STEPS,
-            warmup,
-        )?;
+        let e = evaluate_series(&f.values, config, &FORECAST_STEPS, warmup)?;
         rows += f.values.len();
         if names.is_empty() {
             names = e.forecasters.clone();
@@ -235,7 +230,7 @@ mod tests {
             }
             std::fs::write(cat.join(name), csv).unwrap();
         }
-        let report = forecast(data.path()).unwrap();
+        let report = forecast(data.path(), ForecastConfig::default()).unwrap();
         for needle in [
             "cat/a.csv",
             "cat/b.csv",
@@ -246,6 +241,13 @@ mod tests {
         ] {
             assert!(report.contains(needle), "{needle} missing from\n{report}");
         }
-        assert!(forecast(&data.path().join("missing")).is_err());
+        assert!(!report.contains("lstm"));
+        let with_lstm = ForecastConfig {
+            lstm_train_every: 64,
+            ..ForecastConfig::default()
+        };
+        let report = forecast(data.path(), with_lstm).unwrap();
+        assert!(report.contains("lstm"), "{report}");
+        assert!(forecast(&data.path().join("missing"), ForecastConfig::default()).is_err());
     }
 }

@@ -49,6 +49,10 @@ enum Command {
         trace: PathBuf,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Run the LSTM beside Forestall's other forecasters, one training step every N
+        /// rounds (0: no LSTM).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        lstm_train_every: usize,
     },
 }
 
@@ -68,6 +72,10 @@ enum Eval {
     Forecast {
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
+        /// Run the LSTM beside the other forecasters, one training step every N rows (0: no
+        /// LSTM).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        lstm_train_every: usize,
     },
 }
 
@@ -77,6 +85,7 @@ enum Eval {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    single_threaded_tensor_math();
     let cli = Cli::parse();
     match cli.command {
         Command::Eval {
@@ -86,13 +95,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Eval {
-            what: Eval::Forecast { data },
+            what:
+                Eval::Forecast {
+                    data,
+                    lstm_train_every,
+                },
         } => {
-            print!("{}", forestall_server::eval::forecast(&data)?);
+            let config = forestall_models::forecast::ForecastConfig {
+                lstm_train_every,
+                ..Default::default()
+            };
+            print!("{}", forestall_server::eval::forecast(&data, config)?);
             Ok(())
         }
-        Command::Replay { trace, out } => {
-            print!("{}", forestall_server::replay::replay(&trace, &out)?);
+        Command::Replay {
+            trace,
+            out,
+            lstm_train_every,
+        } => {
+            print!(
+                "{}",
+                forestall_server::replay::replay(&trace, &out, lstm_train_every)?
+            );
             Ok(())
         }
         Command::Serve {
@@ -121,6 +145,19 @@ fn main() -> anyhow::Result<()> {
                 forestall_server::serve(config, shutdown).await
             })
         }
+    }
+}
+
+/// The LSTM's matrices are tiny (16 hidden units): candle splitting each product across every
+/// core cost more than it saved (`eval forecast --lstm-train-every 32`: 45 s with the default,
+/// 25 s with one thread, the same results; docs/BENCHMARKS.md). Candle reads the thread count
+/// from `RAYON_NUM_THREADS`, so unless the operator set it, it is 1.
+#[allow(unsafe_code)]
+fn single_threaded_tensor_math() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in `main`, before any thread exists, so nothing can read
+        // the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
 }
 

@@ -35,6 +35,7 @@ use forestall_actuators::stack::Units;
 use forestall_actuators::{DryRun, Target};
 
 use crate::control::{self, Controller, Timing};
+use forestall_models::forecast::ForecastConfig;
 
 /// Steps of forecast a request covers (an hour of 5-minute steps).
 const HORIZON: usize = 12;
@@ -415,7 +416,9 @@ pub const TRACE_UNITS: Units = Units {
 };
 
 impl Forestall {
-    pub fn new(trace: &Trace, contended: bool) -> anyhow::Result<Self> {
+    /// Forestall on `trace`, with the contended pool or without; `lstm_train_every` > 0 runs
+    /// the LSTM beside the other forecasters (one training step every that many rounds).
+    pub fn new(trace: &Trace, contended: bool, lstm_train_every: usize) -> anyhow::Result<Self> {
         // The live defaults at the trace's step: a request covers the next hour.
         let timing = Timing {
             horizon: Duration::from_secs_f64(HORIZON as f64 * trace.step_seconds),
@@ -444,14 +447,16 @@ impl Forestall {
             .map(|c| Target::new(&c.name, format!("forestall/{}", c.name)))
             .collect::<Result<_, _>>()?;
         let actuator = Arc::new(DryRun::default());
-        let steps = timing.rounds(timing.horizon) as usize;
         Ok(Self {
             controller: Controller::new(
                 engine,
                 targets,
                 Box::new(Arc::clone(&actuator)),
                 TRACE_UNITS,
-                steps,
+                ForecastConfig {
+                    lstm_train_every,
+                    ..timing.forecast()
+                },
             )?,
             actuator,
         })
@@ -668,10 +673,10 @@ fn baselines(trace: &Trace) -> Vec<Box<dyn Allocator>> {
 /// Runs Forestall and the baselines on a trace, writes Forestall's allocations to `out`
 /// (`component,resource,step,allocation`, rows where the value changes) and returns the
 /// report.
-pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
+pub fn replay(dir: &Path, out: &Path, lstm_train_every: usize) -> anyhow::Result<String> {
     let trace = load(dir)?;
     let started = Instant::now();
-    let mut forestall = Forestall::new(&trace, false)?;
+    let mut forestall = Forestall::new(&trace, false, lstm_train_every)?;
     let ours = run(&mut forestall, &trace);
     let elapsed = started.elapsed();
     write_allocations(&trace, &ours, out)?;
@@ -742,7 +747,7 @@ pub fn replay(dir: &Path, out: &Path) -> anyhow::Result<String> {
             report,
             "\ncontended pool (capacity {capacity:?}): soft violation share per tier"
         )?;
-        let mut contended = Forestall::new(&trace, true)?;
+        let mut contended = Forestall::new(&trace, true, lstm_train_every)?;
         let ours = run(&mut contended, &trace);
         let mut rows = vec![(contended.name(), ours)];
         for mut b in baselines(&trace) {

@@ -108,7 +108,7 @@ fn live_round(n: usize) -> anyhow::Result<()> {
         targets,
         Box::new(DryRun::default()),
         units,
-        timing.rounds(timing.horizon) as usize,
+        timing.forecast(),
     )?;
     let mut seed = 7u64;
     let mut rand = move || {

@@ -123,32 +123,83 @@ fn a_new_series_gets_a_forecast_from_its_first_value() {
 
 #[test]
 fn checkpoints_round_trip_and_continue_exactly() {
-    let s = seasonal(3000, 36, 3.0, 0.01);
-    let mut a = AutoForecaster::new(ForecastConfig::default()).unwrap();
-    for &v in &s[..1700] {
-        a.update(v);
-    }
-    let bytes = a.checkpoint();
-    let mut b = AutoForecaster::restore(&bytes).unwrap();
-    assert_eq!(a, b);
-    for &v in &s[1700..] {
-        a.update(v);
-        b.update(v);
-        assert_eq!(a.forecast(12, 0.9), b.forecast(12, 0.9));
-    }
-    assert_eq!(a, b);
+    // With and without the LSTM (whose weights, optimiser and generator go in too).
+    for lstm_train_every in [0, 16] {
+        let config = ForecastConfig {
+            lstm_train_every,
+            ..ForecastConfig::default()
+        };
+        let s = seasonal(2200, 36, 3.0, 0.01);
+        let mut a = AutoForecaster::new(config).unwrap();
+        for &v in &s[..1700] {
+            a.update(v);
+        }
+        let bytes = a.checkpoint().unwrap();
+        let mut b = AutoForecaster::restore(&bytes).unwrap();
+        assert_eq!(a, b);
+        for &v in &s[1700..] {
+            a.update(v);
+            b.update(v);
+            assert_eq!(a.forecast(12, 0.9), b.forecast(12, 0.9));
+        }
+        assert_eq!(a, b);
 
-    // Damaged checkpoints are refused, never half-read.
-    for cut in [0, 3, 15, bytes.len() / 2, bytes.len() - 1] {
-        assert!(AutoForecaster::restore(&bytes[..cut]).is_err(), "cut {cut}");
+        // Damaged checkpoints are refused, never half-read.
+        for cut in [0, 3, 15, bytes.len() / 2, bytes.len() - 1] {
+            assert!(AutoForecaster::restore(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x10;
+        let err = AutoForecaster::restore(&flipped).unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        let mut foreign = bytes.clone();
+        foreign[0] = b'X';
+        assert!(AutoForecaster::restore(&foreign).is_err());
     }
-    let mut flipped = bytes.clone();
-    flipped[bytes.len() / 2] ^= 0x10;
-    let err = AutoForecaster::restore(&flipped).unwrap_err().to_string();
-    assert!(err.contains("checksum"), "{err}");
-    let mut foreign = bytes.clone();
-    foreign[0] = b'X';
-    assert!(AutoForecaster::restore(&foreign).is_err());
+}
+
+#[test]
+fn the_lstm_runs_beside_the_others_and_answers_where_it_is_best() {
+    let config = ForecastConfig {
+        lstm_train_every: 8,
+        ..ForecastConfig::default()
+    };
+    let mut f = AutoForecaster::new(config).unwrap();
+    assert_eq!(
+        f.model_names(),
+        ["seasonal_naive", "ets", "ets_smooth", "lstm"]
+    );
+    // Until its 32-row window is full it has no forecast, so no record, and is never
+    // chosen; the forecaster answers from the first value all the same.
+    for i in 0..32 {
+        f.update((i % 7) as f64);
+        assert_eq!(f.rolling_error(1)[3], None, "row {i}");
+        assert!(
+            f.forecast(12, 0.9)
+                .iter()
+                .all(|s| s.model != 3 && s.mean.is_finite())
+        );
+    }
+    // A pattern no seasonal or smoothing model captures: the value is a function of the last
+    // two (a logistic map, chaotic). A network reading a window can learn it; a season
+    // cannot.
+    let mut x = 0.3f64;
+    for _ in 0..3000 {
+        x = 3.9 * x * (1.0 - x);
+        f.update(100.0 * x);
+    }
+    let errors = f.rolling_error(1);
+    let lstm = errors[3].unwrap();
+    let best_other = errors[..3]
+        .iter()
+        .map(|e| e.unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        lstm < best_other,
+        "one step ahead the LSTM should beat the rest here: {errors:?}"
+    );
+    assert_eq!(f.choice(1), 3);
+    assert_eq!(f.forecast(1, 0.9)[0].model, 3);
 }
 
 #[test]
@@ -164,6 +215,10 @@ fn bad_configs_are_refused() {
         },
         ForecastConfig {
             error_window: 2,
+            ..Default::default()
+        },
+        ForecastConfig {
+            lstm_train_every: usize::MAX,
             ..Default::default()
         },
     ] {

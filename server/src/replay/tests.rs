@@ -49,15 +49,15 @@ fn replay_is_deterministic_and_free_of_look_ahead() {
     write_trace(&full, 600, None);
     let trace = load(&full).unwrap();
     assert_eq!(trace.steps, 600);
-    let a = run(&mut Forestall::new(&trace, false).unwrap(), &trace);
-    let b = run(&mut Forestall::new(&trace, false).unwrap(), &trace);
+    let a = run(&mut Forestall::new(&trace, false, 0).unwrap(), &trace);
+    let b = run(&mut Forestall::new(&trace, false, 0).unwrap(), &trace);
     assert_eq!(a, b, "deterministic");
     for k in [130, 377] {
         let cut = root.path().join(format!("cut{k}"));
         write_trace(&cut, 600, Some(k));
         let t = load(&cut).unwrap();
         assert_eq!((t.usage.len(), t.steps), (k, k + 1));
-        let c = run(&mut Forestall::new(&t, false).unwrap(), &t);
+        let c = run(&mut Forestall::new(&t, false, 0).unwrap(), &t);
         // Decisions up to and including step k (decided from steps < k) are the same.
         assert_eq!(c[..=k], a[..=k], "cut at {k}");
         for (i, mut baseline) in baselines(&t).into_iter().enumerate() {
@@ -78,7 +78,7 @@ fn replay_drives_the_recording_actuator_with_what_live_would_apply() {
     let root = tempfile::tempdir().unwrap();
     write_trace(root.path(), 400, None);
     let trace = load(root.path()).unwrap();
-    let mut f = Forestall::new(&trace, true).unwrap();
+    let mut f = Forestall::new(&trace, true, 0).unwrap();
     let alloc = run(&mut f, &trace);
     let (recorded, targets) = f.recorded();
     assert!(!recorded.requests().is_empty());
@@ -136,7 +136,7 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     let dir = root.path().join("trace");
     write_trace(&dir, 480, None);
     let out = root.path().join("out/alloc.csv");
-    let report = replay(&dir, &out).unwrap();
+    let report = replay(&dir, &out, 0).unwrap();
     for needle in [
         "forestall",
         "static",
@@ -157,8 +157,8 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
         "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n",
     )
     .unwrap();
-    let err = replay(&dir, &out).unwrap_err().to_string();
+    let err = replay(&dir, &out, 0).unwrap_err().to_string();
     assert!(err.contains("unknown component"), "{err}");
     std::fs::remove_file(dir.join("meta.json")).unwrap();
-    assert!(replay(&dir, &out).is_err());
+    assert!(replay(&dir, &out, 0).is_err());
 }
