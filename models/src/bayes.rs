@@ -244,7 +244,8 @@ impl Network {
     /// The posterior distribution of `target` given `evidence` (`evidence[v]` is the observed
     /// state of `v`, or `None`), by variable elimination.
     pub fn posterior(&self, target: usize, evidence: &[Option<usize>]) -> Result<Vec<f64>> {
-        self.posterior_with(&self.tables(), target, evidence)
+        // Only the factors of the relevant nodes are built.
+        self.posterior_with(&|v| self.factor(v), target, evidence)
     }
 
     /// Every node's conditional table as a factor.
@@ -252,9 +253,10 @@ impl Network {
         (0..self.vars.len()).map(|v| self.factor(v)).collect()
     }
 
+    /// Variable elimination with node `v`'s conditional table from `table(v)`.
     fn posterior_with(
         &self,
-        tables: &[Factor],
+        table: &dyn Fn(usize) -> Factor,
         target: usize,
         evidence: &[Option<usize>],
     ) -> Result<Vec<f64>> {
@@ -287,10 +289,10 @@ impl Network {
         let mut factors: Vec<Factor> = relevant
             .iter()
             .map(|&v| {
-                let mut f = tables[v].clone();
-                for (u, e) in evidence.iter().enumerate() {
-                    if let Some(s) = e {
-                        f = f.reduce(u, *s);
+                let mut f = table(v);
+                for u in f.vars.clone() {
+                    if let Some(s) = evidence[u] {
+                        f = f.reduce(u, s);
                     }
                 }
                 f
@@ -374,7 +376,8 @@ impl Network {
             .ok_or_else(|| invalid(format!("state {state} of the target is out of range")))?;
         let mut current = vec![None; self.vars.len()];
         let tables = self.tables();
-        let mut p = self.posterior_with(&tables, target, &current)?[state];
+        let table = |v: usize| tables[v].clone();
+        let mut p = self.posterior_with(&table, target, &current)?[state];
         let mut remaining: Vec<(usize, usize)> = evidence
             .iter()
             .enumerate()
@@ -386,7 +389,7 @@ impl Network {
             let mut best: Option<(usize, f64)> = None;
             for (i, &(v, s)) in remaining.iter().enumerate() {
                 current[v] = Some(s);
-                let q = self.posterior_with(&tables, target, &current)?[state];
+                let q = self.posterior_with(&table, target, &current)?[state];
                 current[v] = None;
                 if best.is_none_or(|(_, b)| (q - p).abs() > (b - p).abs()) {
                     best = Some((i, q));

@@ -231,6 +231,16 @@ impl RiskModel {
         }
     }
 
+    /// P(bottleneck within the horizon | evidence) of each resource, without the reasons (one
+    /// inference per resource instead of [`risk`](Self::risk)'s attribution).
+    pub fn scores(&self, obs: &Observation) -> Result<Vec<f64>> {
+        let evidence = self.evidence(obs)?;
+        let m = self.metrics.len();
+        (0..self.resources.len())
+            .map(|r| Ok(self.net.posterior(3 * m + 1 + r, &evidence)?[1]))
+            .collect()
+    }
+
     /// The risk of each resource given an observation, with its reasons.
     pub fn risk(&self, obs: &Observation) -> Result<Vec<Risk>> {
         let evidence = self.evidence(obs)?;

@@ -949,7 +949,8 @@ impl Allocations {
 
     /// `GET /api/v1/forecasts`: per component and resource, the forecast its next request is
     /// sized from (one step per round after the last one, 95% interval, the model that
-    /// answered) and that request (amount, need, risk).
+    /// answered) and that request (amount, need, and its Bayesian risk with the evidence that
+    /// moved it most).
     pub fn forecasts(&self) -> serde_json::Value {
         let live = self.live();
         let c = &live.controller;
@@ -968,13 +969,22 @@ impl Allocations {
             .iter()
             .enumerate()
             .map(|(i, comp)| {
+                let risks = c.risk(i).unwrap_or_default();
                 let resources: serde_json::Map<String, serde_json::Value> = Resource::ALL
                     .iter()
                     .map(|&r| {
                         let steps = c.forecast(i, r);
-                        let request = c
-                            .request(i, r, &steps)
-                            .map(|q| json!({"amount": q.amount, "need": q.need, "risk": q.risk}));
+                        let risk = risks.get(r.index());
+                        let request = c.request(i, r, &steps, risk.map_or(0.5, |k| k.score)).map(
+                            |q| {
+                                json!({
+                                    "amount": q.amount,
+                                    "need": q.need,
+                                    "risk": q.risk,
+                                    "reasons": risk.map(|k| k.reasons.clone()).unwrap_or_default(),
+                                })
+                            },
+                        );
                         let steps: Vec<_> = steps
                             .iter()
                             .enumerate()
@@ -1000,6 +1010,35 @@ impl Allocations {
         json!({
             "interval": humantime::format_duration(live.config.interval).to_string(),
             "level": 0.95,
+            "components": components,
+        })
+    }
+
+    /// `GET /api/v1/risks`: per component and resource, the Bayesian risk that utilisation
+    /// passes θ within the horizon, with the evidence that moved it most (null before any
+    /// usage).
+    pub fn risks(&self) -> serde_json::Value {
+        let live = self.live();
+        let c = &live.controller;
+        let components: Vec<_> = c
+            .engine()
+            .components()
+            .iter()
+            .enumerate()
+            .map(|(i, comp)| {
+                let resources: Option<serde_json::Map<String, serde_json::Value>> =
+                    c.risk(i).map(|risks| {
+                        risks
+                            .into_iter()
+                            .map(|r| (r.resource, json!({"score": r.score, "reasons": r.reasons})))
+                            .collect()
+                    });
+                json!({"component": comp.name, "resources": resources})
+            })
+            .collect();
+        json!({
+            "threshold": c.engine().config().threshold,
+            "horizon": humantime::format_duration(live.config.horizon).to_string(),
             "components": components,
         })
     }

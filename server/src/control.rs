@@ -1,15 +1,17 @@
 //! One allocation round, from usage to the kernel: the step `serve` runs every interval and
 //! `replay` runs every trace step, the same code in both.
 //!
-//! A [`Controller`] keeps one [`AutoForecaster`] per component and resource. Each round it is
-//! told the usage of the round just past ([`Controller::observe`]); then
-//! [`Controller::round`] forecasts the horizon, sizes one [`Request`] per component and
-//! resource (the 95% upper bound's peak, over θ, times learned headroom; the need is the
-//! mean's peak over θ), runs the engine's round, and applies every changed component's
-//! [`Engine::limits`] through its actuator: only the resources the engine has changed, so
-//! a resource still at its starting allocation keeps whatever the kernel has. A component whose apply failed stays pending and is
-//! applied again every round until the actuator takes it, so the kernel catches up with the
-//! engine after a transient failure.
+//! A [`Controller`] keeps one [`AutoForecaster`] per component and resource, and a Bayesian
+//! risk model per component. Each round it is told the usage of the round just past
+//! ([`Controller::observe`]: forecasters learn it, the risk model gets its evidence and counts
+//! the outcomes now known); then [`Controller::round`] forecasts the horizon, sizes one
+//! [`Request`] per component and resource (the 95% upper bound's peak, over θ, times learned
+//! headroom; the need is the mean's peak over θ; the risk is the Bayesian one), runs the
+//! engine's round, and applies every changed component's [`Engine::limits`] through its
+//! actuator: only the resources the engine has changed, so a resource still at its starting
+//! allocation keeps whatever the kernel has. A component whose apply failed stays pending and
+//! is applied again every round until the actuator takes it, so the kernel catches up with
+//! the engine after a transient failure.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,8 +19,12 @@ use std::time::Duration;
 use forestall_actuators::alloc::{AllocConfig, Decision, Engine, PerResource, Request, Resource};
 use forestall_actuators::stack::Units;
 use forestall_actuators::{Actuator, Limits, Target};
+use std::collections::VecDeque;
+
 use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
-use forestall_models::likelihood::normal_tail;
+use forestall_models::risk::{
+    self as bayes_risk, MetricObs, MetricSpec, Observation, RiskConfig, RiskModel,
+};
 
 /// Rounds of usage each forecaster keeps (three of its longest seasonal period): what a warm
 /// start reads back.
@@ -110,7 +116,35 @@ pub struct Controller {
     /// Resources the engine has changed at least once, per component. Only these are
     /// applied: a resource still at its starting allocation is left as the kernel has it.
     decided: Vec<PerResource<bool>>,
+    /// Each component's Bayesian risk.
+    risks: Vec<ComponentRisk>,
+    risk_config: RiskConfig,
 }
+
+/// A component's Bayesian network over its utilisation of each resource (usage over the
+/// allocation in force, against θ: deviation from the forecast, level, trend, and a health
+/// derived from the levels), with "utilisation passes θ within the horizon" per resource as
+/// the bottleneck nodes. Its tables are counted online: each round's observation waits
+/// `horizon` rounds for its outcome, then is counted.
+#[derive(Debug, Clone)]
+struct ComponentRisk {
+    model: RiskModel,
+    /// The latest observation: the evidence the current risk is scored on.
+    latest: Option<Observation>,
+    /// Observations waiting for their outcome: whether each resource passed θ so far, and
+    /// the rounds seen since.
+    waiting: VecDeque<(Observation, PerResource<bool>, usize)>,
+}
+
+/// A resource without usage: quiet (normal, ok, flat), and never a bottleneck.
+const QUIET: MetricObs = MetricObs {
+    value: 0.0,
+    expected: 0.0,
+    expected_lower: 0.0,
+    expected_upper: 0.0,
+    ahead: 0.0,
+    ahead_spread: 0.0,
+};
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,6 +180,28 @@ impl Controller {
         };
         fc.validate()?;
         let n = targets.len();
+        let risk_config = RiskConfig {
+            horizon: fc.horizon,
+            ..RiskConfig::default()
+        };
+        let theta = engine.config().threshold;
+        let specs: Vec<MetricSpec> = Resource::ALL
+            .iter()
+            .map(|r| MetricSpec {
+                name: r.name().into(),
+                resource: r.name().into(),
+                threshold: theta,
+            })
+            .collect();
+        let model = RiskModel::new(specs, risk_config)?;
+        let risks = vec![
+            ComponentRisk {
+                model,
+                latest: None,
+                waiting: VecDeque::new(),
+            };
+            n
+        ];
         let forecasters = targets
             .iter()
             .map(|_| -> anyhow::Result<[AutoForecaster; 4]> {
@@ -166,6 +222,8 @@ impl Controller {
             horizon,
             pending: BTreeSet::new(),
             decided: vec![[false; 4]; n],
+            risks,
+            risk_config,
         })
     }
 
@@ -191,14 +249,70 @@ impl Controller {
     }
 
     /// The usage of the round just past, per component (NaN where unknown: the forecaster
-    /// repeats its last value, the engine ignores it).
+    /// repeats its last value, the engine ignores it). Also the evidence of each component's
+    /// risk, and the outcome of its observations of `horizon` rounds ago.
     pub fn observe(&mut self, usage: &[PerResource<f64>]) {
+        let theta = self.engine.config().threshold;
+        let h = self.horizon;
         for (c, (fs, u)) in self.forecasters.iter_mut().zip(usage).enumerate() {
-            for (f, v) in fs.iter_mut().zip(u) {
-                f.update(*v);
+            let alloc = self.engine.allocation(c);
+            let metrics = (0..4)
+                .map(|r| {
+                    let raw = bayes_risk::observe_metric(&mut fs[r], u[r], self.risk_config);
+                    let a = alloc[r];
+                    Some(match raw {
+                        Some(m) if a > 0.0 => MetricObs {
+                            value: m.value / a,
+                            expected: m.expected / a,
+                            expected_lower: m.expected_lower / a,
+                            expected_upper: m.expected_upper / a,
+                            ahead: m.ahead / a,
+                            ahead_spread: m.ahead_spread / a,
+                        },
+                        _ => QUIET,
+                    })
+                })
+                .collect();
+            let risk = &mut self.risks[c];
+            for (_, hit, age) in risk.waiting.iter_mut() {
+                for r in 0..4 {
+                    hit[r] |= alloc[r] > 0.0 && u[r] > theta * alloc[r];
+                }
+                *age += 1;
             }
+            while risk.waiting.front().is_some_and(|w| w.2 >= h) {
+                if let Some((obs, hit, _)) = risk.waiting.pop_front() {
+                    // Every metric is present (quiet ones included), so this cannot fail.
+                    let _ = risk.model.observe(&obs, &hit);
+                }
+            }
+            let obs = Observation {
+                metrics,
+                health: None,
+            };
+            risk.waiting.push_back((obs.clone(), [false; 4], 0));
+            risk.latest = Some(obs);
             self.engine.observe(c, *u);
         }
+    }
+
+    /// Component `c`'s risk per resource (P(utilisation passes θ within the horizon | its
+    /// latest evidence)) with the evidence that moved it most; `None` before any usage.
+    pub fn risk(&self, c: usize) -> Option<Vec<bayes_risk::Risk>> {
+        let r = self.risks.get(c)?;
+        r.model.risk(r.latest.as_ref()?).ok()
+    }
+
+    /// The risk scores of component `c`, per resource (0.5 before any usage: no evidence
+    /// either way).
+    fn risk_scores(&self, c: usize) -> PerResource<f64> {
+        let r = &self.risks[c];
+        let scores = r
+            .latest
+            .as_ref()
+            .and_then(|o| r.model.scores(o).ok())
+            .unwrap_or_default();
+        std::array::from_fn(|i| scores.get(i).copied().unwrap_or(0.5))
     }
 
     /// Teaches the forecasters a past round's usage without deciding anything (a warm start
@@ -269,26 +383,20 @@ impl Controller {
     /// One request per component and resource that has a forecast.
     fn requests(&self) -> Vec<Request> {
         (0..self.forecasters.len())
-            .flat_map(|c| Resource::ALL.map(|r| (c, r)))
-            .filter_map(|(c, r)| self.request(c, r, &self.forecast(c, r)))
+            .flat_map(|c| {
+                let risk = self.risk_scores(c);
+                Resource::ALL.map(|r| (c, r, risk[r.index()]))
+            })
+            .filter_map(|(c, r, risk)| self.request(c, r, &self.forecast(c, r), risk))
             .collect()
     }
 
-    /// What component `c` asks of `r` given its forecast `steps` (`None` without one): the
-    /// upper bound's peak / θ × headroom, a need of the mean's peak / θ, and the risk that
-    /// some step passes θ × the current allocation (normal approximation per step).
-    pub fn request(&self, c: usize, r: Resource, steps: &[Step]) -> Option<Request> {
+    /// What component `c` asks of `r` given its forecast `steps` (`None` without one) and its
+    /// `risk`: the upper bound's peak / θ × headroom, and a need of the mean's peak / θ.
+    pub fn request(&self, c: usize, r: Resource, steps: &[Step], risk: f64) -> Option<Request> {
         let theta = self.engine.config().threshold;
         let peak = steps.iter().map(|s| s.upper).reduce(f64::max)?;
         let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
-        let limit = theta * self.engine.allocation(c)[r.index()];
-        let risk = steps
-            .iter()
-            .map(|s| {
-                let sigma = ((s.upper - s.mean) / 1.96).max(1e-9);
-                normal_tail((limit - s.mean) / sigma)
-            })
-            .fold(0.0, f64::max);
         Some(Request {
             component: c,
             resource: r,

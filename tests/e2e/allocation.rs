@@ -212,6 +212,11 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
     assert_eq!(cpu["steps"].as_array().unwrap().len(), 5, "{fc:#}");
     assert!(cpu["request"]["amount"].as_f64().unwrap() > 0.3, "{fc:#}");
 
+    let (status, risks) = get_json(&server.url("/api/v1/risks"));
+    assert_eq!(status, 200);
+    let score = risks["components"][0]["resources"]["cpu"]["score"].as_f64();
+    assert!(score.is_some_and(|s| (0.0..=1.0).contains(&s)), "{risks:#}");
+
     // The metered usage and every decision are rows SQL can read.
     let rows = sql(
         &server,

@@ -62,6 +62,12 @@ fn observation_at(series: &[Vec<f64>], t: usize) -> Observation {
 
 fn cpu_score(model: &RiskModel, obs: &Observation) -> (f64, Vec<String>) {
     let r = model.risk(obs).unwrap();
+    // The scores alone are the same numbers as the explained ones.
+    let scores = model.scores(obs).unwrap();
+    assert_eq!(scores.len(), r.len());
+    for (s, r) in scores.iter().zip(&r) {
+        assert!((s - r.score).abs() < 1e-9, "{s} vs {r:?}");
+    }
     assert_eq!(r[0].resource, "cpu");
     assert_eq!(r[1].resource, "memory");
     assert!(r[1].score < 0.1, "memory: {:?}", r[1]);

@@ -542,3 +542,39 @@ async fn a_restart_warms_the_forecasters_from_stored_usage() {
             >= 2.5 / 0.8
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risks_learn_which_resource_runs_hot() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let mut cfg = config(root.path(), false, false);
+    // web is capped at one core and uses three: its CPU is over θ every round. Its memory,
+    // like batch's everything, reports nothing.
+    cfg.components[0].preferences.cap.cpu = Some(1.0);
+    let a = Allocations::new(&cfg, &f.data_dir).unwrap();
+    assert_eq!(a.risks()["components"][0]["resources"], json!(null));
+    for _ in 0..30 {
+        write_cpu(&f.store, &[("web", 300.0)]);
+        a.tick(&f.store, &f.query).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let risks = a.risks();
+    let web = &risks["components"][0]["resources"];
+    let cpu = web["cpu"]["score"].as_f64().unwrap();
+    let mem = web["mem"]["score"].as_f64().unwrap();
+    assert!(cpu > 0.8, "{risks:#}");
+    assert!(mem < 0.2, "{risks:#}");
+    let reasons = web["cpu"]["reasons"].to_string();
+    assert!(reasons.contains("level:cpu=over"), "{reasons}");
+    // The request behind web's CPU carries the same risk.
+    let fc = a.forecasts();
+    let q = &fc["components"][0]["resources"]["cpu"]["request"];
+    assert!((q["risk"].as_f64().unwrap() - cpu).abs() < 1e-9, "{q}");
+    let batch = risks["components"][1]["resources"]["cpu"]["score"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        batch < 0.2,
+        "batch reports nothing and is never hot: {batch}"
+    );
+}
