@@ -207,35 +207,35 @@ fn allocation_loop(state: &AppState) -> Result<&crate::allocation::Allocations, 
     })
 }
 
-async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let a = allocation_loop(&state)?.clone();
-    // Reading back from the kernel touches files: off the async workers.
-    let status = tokio::task::spawn_blocking(move || a.status())
+/// A view of the allocation loop, built off the async workers (reading back from the kernel
+/// touches files).
+async fn loop_view(
+    state: &AppState,
+    view: fn(&crate::allocation::Allocations) -> serde_json::Value,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let a = allocation_loop(state)?.clone();
+    let json = tokio::task::spawn_blocking(move || view(&a))
         .await
-        .map_err(|e| ApiError::Internal(format!("allocation status task failed: {e}")))?;
-    Ok(Json(status))
+        .map_err(|e| ApiError::Internal(format!("allocation view task failed: {e}")))?;
+    Ok(Json(json))
+}
+
+async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    loop_view(&state, |a| a.status()).await
 }
 
 async fn forecasts(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let a = allocation_loop(&state)?.clone();
-    let forecasts = tokio::task::spawn_blocking(move || a.forecasts())
-        .await
-        .map_err(|e| ApiError::Internal(format!("forecasts task failed: {e}")))?;
-    Ok(Json(forecasts))
+    loop_view(&state, |a| a.forecasts()).await
 }
 
 async fn risks(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let a = allocation_loop(&state)?.clone();
-    let risks = tokio::task::spawn_blocking(move || a.risks())
-        .await
-        .map_err(|e| ApiError::Internal(format!("risks task failed: {e}")))?;
-    Ok(Json(risks))
+    loop_view(&state, |a| a.risks()).await
 }
 
 async fn list_preferences(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(allocation_loop(&state)?.preferences()))
+    loop_view(&state, |a| a.preferences()).await
 }
 
 async fn set_preferences(

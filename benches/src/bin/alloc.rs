@@ -16,16 +16,31 @@ use forestall_actuators::stack::Units;
 use forestall_actuators::{DryRun, Target};
 use forestall_server::control::{self, Controller, Timing};
 
-fn main() -> anyhow::Result<()> {
-    let n = 1000;
-    let components: Vec<Component> = (0..n)
+/// `n` components in four tiers: critical, two standard, deferrable batch.
+fn components(n: usize) -> Vec<Component> {
+    (0..n)
         .map(|i| Component {
             name: format!("c{i}"),
             weight: [10.0, 3.0, 3.0, 1.0][i % 4],
             deferrable: i % 4 == 3,
             preferences: Preferences::default(),
         })
-        .collect();
+        .collect()
+}
+
+/// A seeded uniform [0, 1) generator (a 64-bit LCG's high bits).
+fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+    move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let n = 1000;
+    let components = components(n);
     // The pool holds 90% of what the components ask for on average.
     let capacity = [Some(0.9 * 100.0 * n as f64); 4];
     let mut engine = Engine::new(
@@ -34,13 +49,7 @@ fn main() -> anyhow::Result<()> {
         capacity,
         vec![[50.0; 4]; n],
     )?;
-    let mut seed = 1u64;
-    let mut rand = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rand = uniform(1);
     let mut times = Vec::new();
     for round in 0..300u64 {
         let requests: Vec<Request> = (0..n)
@@ -78,17 +87,9 @@ fn main() -> anyhow::Result<()> {
 /// rounds with a one-hour horizon, after a day of history, on daily-cycle usage with noise.
 fn live_round(n: usize) -> anyhow::Result<()> {
     let timing = Timing::measured(Duration::from_secs(300));
-    let components: Vec<Component> = (0..n)
-        .map(|i| Component {
-            name: format!("c{i}"),
-            weight: [10.0, 3.0, 3.0, 1.0][i % 4],
-            deferrable: i % 4 == 3,
-            preferences: Preferences::default(),
-        })
-        .collect();
     let engine = Engine::new(
         control::tuned(0.8, [1.0; 4], &timing),
-        components,
+        components(n),
         [Some(0.9 * 100.0 * n as f64); 4],
         vec![[50.0; 4]; n],
     )?;
@@ -110,13 +111,7 @@ fn live_round(n: usize) -> anyhow::Result<()> {
         units,
         timing.forecast(),
     )?;
-    let mut seed = 7u64;
-    let mut rand = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rand = uniform(7);
     let mut times = Vec::new();
     for round in 0..2 * 288u64 {
         let phase = (round % 288) as f64 / 288.0 * std::f64::consts::TAU;
