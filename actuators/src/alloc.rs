@@ -290,6 +290,32 @@ enum Part {
     Whole,
 }
 
+/// What an engine has learned about one component, by name: enough to carry on after a
+/// restart ([`Engine::learned`], [`Engine::resume`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ComponentState {
+    pub name: String,
+    pub alloc: PerResource<f64>,
+    pub last_change: PerResource<Option<u64>>,
+    /// Headroom, effectiveness and judged raises per resource.
+    pub feedback: PerResource<(f64, f64, u64)>,
+    pub held_until: PerResource<u64>,
+    pub last_usage: PerResource<f64>,
+    /// The stabilisation window's requests per resource, oldest first.
+    pub recent: PerResource<Vec<f64>>,
+    /// Raises under trial: (round, allocation before, peak usage since).
+    pub trials: PerResource<Option<(u64, f64, Option<f64>)>>,
+}
+
+/// An engine's learned state: its components' and the deferred queue (by component name and
+/// resource name).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineState {
+    pub components: Vec<ComponentState>,
+    /// (component, resource, short, since round).
+    pub deferred: Vec<(String, String, f64, u64)>,
+}
+
 /// Decisions kept in memory.
 pub const AUDIT_KEPT: usize = 1 << 20;
 
@@ -425,6 +451,105 @@ impl Engine {
             cpus: p.pinned_cpus,
             ..units.limits(alloc)
         }
+    }
+
+    /// What the engine has learned, to carry on after a restart with [`resume`](Self::resume).
+    pub fn learned(&self) -> EngineState {
+        let components = self
+            .components
+            .iter()
+            .enumerate()
+            .map(|(c, comp)| ComponentState {
+                name: comp.name.clone(),
+                alloc: self.alloc[c],
+                last_change: self.last_change[c],
+                feedback: self.feedback[c].map(|f| (f.headroom, f.effectiveness, f.judged)),
+                held_until: self.held_until[c],
+                last_usage: self.last_usage[c],
+                recent: std::array::from_fn(|i| self.recent[c][i].iter().copied().collect()),
+                trials: self.trials[c].map(|t| t.map(|t| (t.round, t.before, t.peak))),
+            })
+            .collect();
+        let deferred = self
+            .deferred
+            .iter()
+            .map(|d| {
+                (
+                    self.components[d.component].name.clone(),
+                    d.resource.name().to_string(),
+                    d.short,
+                    d.since,
+                )
+            })
+            .collect();
+        EngineState {
+            components,
+            deferred,
+        }
+    }
+
+    /// Carries on from `state`: each component found by name takes back its allocation
+    /// (within its current floor and cap), feedback, trials, hold-offs and stabilisation
+    /// window, and its deferred requests queue again. Components the state does not name keep
+    /// their starting values; names this engine does not have are ignored. Returns how many
+    /// components were resumed.
+    pub fn resume(&mut self, state: &EngineState) -> usize {
+        let index: std::collections::HashMap<&str, usize> = self
+            .components
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
+        let mut resumed = 0;
+        for s in &state.components {
+            let Some(&c) = index.get(s.name.as_str()) else {
+                continue;
+            };
+            for r in Resource::ALL {
+                let i = r.index();
+                let v = self.bounded(c, r, s.alloc[i]);
+                self.used[i] += v - self.alloc[c][i];
+                self.alloc[c][i] = v;
+                let (headroom, effectiveness, judged) = s.feedback[i];
+                self.feedback[c][i] = Feedback {
+                    headroom: if headroom.is_finite() {
+                        headroom.clamp(HEADROOM_RANGE.0, HEADROOM_RANGE.1)
+                    } else {
+                        1.0
+                    },
+                    effectiveness: if effectiveness.is_finite() {
+                        effectiveness.clamp(0.0, 1.0)
+                    } else {
+                        0.5
+                    },
+                    judged,
+                };
+                self.last_change[c][i] = s.last_change[i];
+                self.held_until[c][i] = s.held_until[i];
+                self.last_usage[c][i] = s.last_usage[i];
+                self.recent[c][i] = s.recent[i].iter().copied().collect();
+                self.trials[c][i] = s.trials[i].map(|(round, before, peak)| Trial {
+                    round,
+                    before,
+                    peak,
+                });
+            }
+            resumed += 1;
+        }
+        self.deferred = state
+            .deferred
+            .iter()
+            .filter_map(|(name, resource, short, since)| {
+                let resource = Resource::ALL.into_iter().find(|r| r.name() == resource)?;
+                Some(Deferred {
+                    component: *index.get(name.as_str())?,
+                    resource,
+                    short: *short,
+                    since: *since,
+                })
+            })
+            .collect();
+        resumed
     }
 
     /// The floor and cap that bound a component's allocation.

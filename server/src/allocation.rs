@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
-use forestall_actuators::alloc::{Action, Component, Engine, PerResource, Preferences, Resource};
+use forestall_actuators::alloc::{
+    Action, Component, Engine, EngineState, PerResource, Preferences, Resource,
+};
 use forestall_actuators::cgroup_v1::CgroupV1;
 use forestall_actuators::cgroup_v2::CgroupV2;
 use forestall_actuators::sched::Scheduling;
@@ -545,6 +547,8 @@ struct Live {
     /// Preferences set over the API, by component: persisted here.
     saved: BTreeMap<String, PreferencesConfig>,
     reader: UsageReader,
+    /// Where the learned state is kept.
+    state_path: PathBuf,
     saved_path: PathBuf,
 }
 
@@ -657,7 +661,7 @@ impl Allocations {
             memory_high_share: config.threshold,
         };
         let n = targets.len();
-        let controller = Controller::new(
+        let mut controller = Controller::new(
             engine,
             targets,
             actuator,
@@ -667,6 +671,26 @@ impl Allocations {
                 ..timing.forecast()
             },
         )?;
+        // Carry on where the last run stopped. A damaged state only costs what was learned,
+        // so the loop starts afresh rather than refusing to start.
+        let state_path = data_dir.join("allocation").join("state.json");
+        let mut round = 0;
+        match std::fs::read(&state_path) {
+            Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
+                Ok(saved) => {
+                    let resumed = controller.resume(&saved.engine, &saved.decided);
+                    round = saved.round;
+                    tracing::info!(resumed, round, "allocation state resumed");
+                }
+                Err(e) => tracing::warn!(
+                    path = %state_path.display(),
+                    error = %e,
+                    "allocation state unreadable; starting afresh"
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", state_path.display())),
+        }
         Ok(Self {
             inner: Arc::new(Mutex::new(Live {
                 config: config.clone(),
@@ -674,7 +698,7 @@ impl Allocations {
                 meter: config.collect.then_some(meter),
                 samples: vec![None; n],
                 problems: vec![[None, None]; n],
-                round: 0,
+                round,
                 last_round: None,
                 usage: vec![[f64::NAN; 4]; n],
                 saved,
@@ -684,6 +708,7 @@ impl Allocations {
                     tag: config.component_tag.clone(),
                     names: config.components.iter().map(|c| c.name.clone()).collect(),
                 },
+                state_path,
             })),
         })
     }
@@ -842,6 +867,18 @@ impl Allocations {
             .iter()
             .map(|c| c.name.clone())
             .collect();
+        let (engine, decided) = live.controller.learned();
+        let saved = Saved {
+            round,
+            engine,
+            decided,
+        };
+        let kept = serde_json::to_vec(&saved)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| write_atomically(&live.state_path, &bytes));
+        if let Err(e) = kept {
+            tracing::warn!(error = %format!("{e:#}"), "could not keep the allocation state");
+        }
         drop(live);
         let lines = audit_lines(&report, &names, actuate, now);
         for (c, limits, result) in &report.applied {
@@ -1094,6 +1131,16 @@ impl Allocations {
     }
 }
 
+/// What the loop keeps across restarts besides preferences: the round it is at, what the
+/// engine has learned, and which resources it has changed (`<data_dir>/allocation/state.json`,
+/// rewritten atomically after every round).
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    round: u64,
+    engine: EngineState,
+    decided: BTreeMap<String, PerResource<bool>>,
+}
+
 /// Why preferences were not set.
 #[derive(Debug, thiserror::Error)]
 pub enum SetError {
@@ -1108,7 +1155,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     let dir = path.parent().context("a file in a directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;

@@ -13,10 +13,12 @@
 //! is applied again every round until the actuator takes it, so the kernel catches up with
 //! the engine after a transient failure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use forestall_actuators::alloc::{AllocConfig, Decision, Engine, PerResource, Request, Resource};
+use forestall_actuators::alloc::{
+    AllocConfig, Decision, Engine, EngineState, PerResource, Request, Resource,
+};
 use forestall_actuators::stack::Units;
 use forestall_actuators::{Actuator, Limits, Target};
 use std::collections::VecDeque;
@@ -241,6 +243,39 @@ impl Controller {
 
     pub fn actuator(&self) -> &dyn Actuator {
         self.actuator.as_ref()
+    }
+
+    /// What the engine has learned and which resources it has changed, per component name:
+    /// what [`resume`](Self::resume) carries on from after a restart.
+    pub fn learned(&self) -> (EngineState, BTreeMap<String, PerResource<bool>>) {
+        let decided = self
+            .targets
+            .iter()
+            .zip(&self.decided)
+            .map(|(t, d)| (t.component.clone(), *d))
+            .collect();
+        (self.engine.learned(), decided)
+    }
+
+    /// Carries on from what [`learned`](Self::learned) returned before a restart. Every
+    /// resumed component with a changed resource is applied again at the next round, so the
+    /// kernel holds what the engine holds even if it was changed meanwhile. Returns how many
+    /// components were resumed.
+    pub fn resume(
+        &mut self,
+        state: &EngineState,
+        decided: &BTreeMap<String, PerResource<bool>>,
+    ) -> usize {
+        let resumed = self.engine.resume(state);
+        for (c, t) in self.targets.iter().enumerate() {
+            if let Some(d) = decided.get(&t.component) {
+                self.decided[c] = *d;
+                if d.iter().any(|&x| x) {
+                    self.pending.insert(c);
+                }
+            }
+        }
+        resumed
     }
 
     /// Components whose last apply failed.

@@ -491,3 +491,47 @@ fn requests_are_sized_from_the_forecast_and_learned_headroom() {
     assert!(e.size(0, Resource::Cpu, 90.0) > 120.0);
     assert!(e.size(0, Resource::Mem, 90.0) < 100.1);
 }
+
+#[test]
+fn an_engine_resumed_from_what_another_learned_decides_as_it_would() {
+    let requests = |round: u64| -> Vec<Request> {
+        // Rising and falling demand that defers, preempts, raises, releases and rolls back.
+        let wave = 60.0 + 50.0 * ((round as f64) / 7.0).sin();
+        vec![
+            with_need(0, wave, 0.8 * wave),
+            with_need(1, 90.0 - 0.5 * wave, 40.0),
+            with_need(2, 70.0, 50.0),
+        ]
+    };
+    let mut a = three_tiers([30.0, 30.0, 30.0]);
+    for round in 0..60 {
+        a.round(round, &requests(round));
+        a.observe(0, [0.5 * a.allocation(0)[0], 1.0, 1.0, 1.0]);
+    }
+    let state = a.learned();
+    assert!(
+        state
+            .components
+            .iter()
+            .all(|c| c.last_change[0].is_some() && !c.recent[0].is_empty()),
+        "{state:?}"
+    );
+    let mut b = three_tiers([30.0, 30.0, 30.0]);
+    assert_eq!(b.resume(&state), 3);
+    assert_eq!(b.learned(), state);
+    for round in 60..200 {
+        let da = a.round(round, &requests(round));
+        let db = b.round(round, &requests(round));
+        assert_eq!(da, db, "round {round}");
+        a.observe(0, [0.5 * a.allocation(0)[0], 1.0, 1.0, 1.0]);
+        b.observe(0, [0.5 * b.allocation(0)[0], 1.0, 1.0, 1.0]);
+    }
+    // Names it does not know are skipped; a lowered cap bounds what is resumed.
+    let mut comps = vec![component("db", 10.0, false), component("other", 1.0, false)];
+    comps[0].preferences.cap[0] = Some(5.0);
+    let mut c = Engine::new(AllocConfig::default(), comps, pool(100.0), vec![at(1.0); 2]).unwrap();
+    assert_eq!(c.resume(&state), 1);
+    assert_eq!(c.allocation(0)[0], 5.0);
+    assert_eq!(c.allocation(1)[0], 1.0);
+    assert!(c.deferred().iter().all(|d| d.component == 0));
+}

@@ -578,3 +578,67 @@ async fn risks_learn_which_resource_runs_hot() {
         "batch reports nothing and is never hot: {batch}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let cfg = config(root.path(), true, false);
+    let a = Allocations::new(&cfg, &f.data_dir).unwrap();
+    for _ in 0..4 {
+        write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
+        a.tick(&f.store, &f.query).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = a.status();
+    let quota = read(root.path(), "forestall/web/cpu.max");
+    assert_ne!(quota, "max 100000");
+    drop(a);
+    // Meanwhile someone lifts web's limit.
+    std::fs::write(root.path().join("forestall/web/cpu.max"), "max 100000").unwrap();
+
+    let b = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let after = b.status();
+    assert_eq!(after["round"], before["round"]);
+    // JSON keeps floats to within a unit in the last place.
+    fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
+            }
+            (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                (x - y).abs() <= 1e-12 * x.abs().max(1.0)
+            }
+            _ => a == b,
+        }
+    }
+    for c in 0..2 {
+        for what in ["allocation", "feedback"] {
+            let (x, y) = (
+                &after["components"][c][what],
+                &before["components"][c][what],
+            );
+            assert!(
+                close(x, y),
+                "{what}: {x} vs {y}: the engine's books, not a fresh start"
+            );
+        }
+    }
+    let cores = before["components"][0]["allocation"]["cpu"]
+        .as_f64()
+        .unwrap();
+    assert!(cores > 2.0, "web was raised above its equal share: {cores}");
+    assert_eq!(after["deferred"], before["deferred"]);
+    // The next round puts back what the engine holds, though it decides nothing new.
+    write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
+    b.tick(&f.store, &f.query).await.unwrap();
+    assert_eq!(read(root.path(), "forestall/web/cpu.max"), quota);
+    assert_eq!(b.status()["round"], before["round"].as_u64().unwrap() + 1);
+    drop(b);
+
+    // A damaged state costs what was learned, not the start.
+    std::fs::write(f.data_dir.join("allocation/state.json"), "{\"round\": tru").unwrap();
+    let c = Allocations::new(&cfg, &f.data_dir).unwrap();
+    assert_eq!(c.status()["round"], 0);
+}
