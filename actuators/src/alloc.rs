@@ -265,7 +265,7 @@ pub struct Engine {
     last_usage: Vec<PerResource<f64>>,
     /// The last `cooldown` requests: a release goes only as low as their maximum (a
     /// stabilisation window, like the Kubernetes autoscaler's for scaling down).
-    recent: Vec<PerResource<VecDeque<f64>>>,
+    recent: Vec<PerResource<Window>>,
     deferred: Vec<Deferred>,
     /// The latest [`AUDIT_KEPT`] decisions (the durable audit is the caller's: the server
     /// stores it as a measurement).
@@ -278,6 +278,36 @@ pub struct Engine {
     by_weight: Vec<usize>,
     /// This round's requests that have waited [`AllocConfig::age_after`] rounds.
     aged: HashSet<(usize, Resource)>,
+}
+
+/// The largest of a component's last `n` requests for a resource, as a monotonic queue: a
+/// request followed by a larger one can never be the maximum again, so only the others are
+/// kept (a handful, where a plain window would keep all `n`).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Window {
+    /// Requests pushed so far.
+    seen: u64,
+    /// (index, amount), amounts strictly decreasing from the front.
+    entries: VecDeque<(u64, f64)>,
+}
+
+impl Window {
+    /// Adds a request and returns the largest of the last `n`.
+    fn push(&mut self, amount: f64, n: u64) -> f64 {
+        while self.entries.back().is_some_and(|&(_, v)| v <= amount) {
+            self.entries.pop_back();
+        }
+        self.entries.push_back((self.seen, amount));
+        self.seen += 1;
+        while self
+            .entries
+            .front()
+            .is_some_and(|&(k, _)| k + n < self.seen)
+        {
+            self.entries.pop_front();
+        }
+        self.entries.front().map_or(f64::MIN, |&(_, v)| v)
+    }
 }
 
 /// Which part of a request a raise serves.
@@ -301,8 +331,9 @@ pub struct ComponentState {
     pub feedback: PerResource<(f64, f64, u64)>,
     pub held_until: PerResource<u64>,
     pub last_usage: PerResource<f64>,
-    /// The stabilisation window's requests per resource, oldest first.
-    pub recent: PerResource<Vec<f64>>,
+    /// The stabilisation window per resource: requests seen, and the (index, amount) of
+    /// those that can still be its maximum, oldest first.
+    pub recent: PerResource<(u64, Vec<(u64, f64)>)>,
     /// Raises under trial: (round, allocation before, peak usage since).
     pub trials: PerResource<Option<(u64, f64, Option<f64>)>>,
 }
@@ -466,7 +497,10 @@ impl Engine {
                 feedback: self.feedback[c].map(|f| (f.headroom, f.effectiveness, f.judged)),
                 held_until: self.held_until[c],
                 last_usage: self.last_usage[c],
-                recent: std::array::from_fn(|i| self.recent[c][i].iter().copied().collect()),
+                recent: std::array::from_fn(|i| {
+                    let w = &self.recent[c][i];
+                    (w.seen, w.entries.iter().copied().collect())
+                }),
                 trials: self.trials[c].map(|t| t.map(|t| (t.round, t.before, t.peak))),
             })
             .collect();
@@ -527,7 +561,11 @@ impl Engine {
                 self.last_change[c][i] = s.last_change[i];
                 self.held_until[c][i] = s.held_until[i];
                 self.last_usage[c][i] = s.last_usage[i];
-                self.recent[c][i] = s.recent[i].iter().copied().collect();
+                let (seen, entries) = &s.recent[i];
+                self.recent[c][i] = Window {
+                    seen: *seen,
+                    entries: entries.iter().copied().collect(),
+                };
                 self.trials[c][i] = s.trials[i].map(|(round, before, peak)| Trial {
                     round,
                     before,
@@ -765,12 +803,7 @@ impl Engine {
             return;
         }
         let current = self.alloc[c][i];
-        let recent = &mut self.recent[c][i];
-        recent.push_back(q.amount);
-        if recent.len() > self.config.cooldown.max(1) as usize {
-            recent.pop_front();
-        }
-        let stable = recent.iter().copied().fold(f64::MIN, f64::max);
+        let stable = self.recent[c][i].push(q.amount, self.config.cooldown.max(1));
         let target = self.bounded(c, r, q.amount);
         if self.may_raise(round, c, r, target) {
             // Overshoot a little: a request that keeps creeping up then raises once, not

@@ -43,6 +43,10 @@ use serde_json::json;
 
 use crate::control::{self, Controller, RoundReport, Timing};
 
+/// How often the learned state is written while the loop runs: a crash loses at most this
+/// much learning (about 1.6 KB per component each time).
+pub const SAVE_EVERY: Duration = Duration::from_secs(300);
+
 /// The measurement the collector writes usage to.
 pub const USAGE_MEASUREMENT: &str = "forestall_usage";
 /// The measurement every allocation decision is stored in.
@@ -549,10 +553,31 @@ struct Live {
     reader: UsageReader,
     /// Where the learned state is kept.
     state_path: PathBuf,
+    /// When it was last written.
+    last_saved: Option<Instant>,
     saved_path: PathBuf,
 }
 
 impl Live {
+    /// Writes the learned state (see [`Saved`]); a failure is logged, and the loop goes on.
+    fn save(&mut self) {
+        let (engine, decided) = self.controller.learned();
+        let saved = Saved {
+            round: self.round,
+            engine,
+            decided,
+        };
+        let kept = serde_json::to_vec(&saved)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| write_atomically(&self.state_path, &bytes));
+        match kept {
+            Ok(()) => self.last_saved = Some(Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not keep the allocation state")
+            }
+        }
+    }
+
     /// Records component `c`'s latest problem (`None`: it went away), logging each change
     /// once rather than every round.
     fn problem(&mut self, c: usize, kind: Problem, problem: Option<String>) {
@@ -709,6 +734,7 @@ impl Allocations {
                     names: config.components.iter().map(|c| c.name.clone()).collect(),
                 },
                 state_path,
+                last_saved: None,
             })),
         })
     }
@@ -867,17 +893,8 @@ impl Allocations {
             .iter()
             .map(|c| c.name.clone())
             .collect();
-        let (engine, decided) = live.controller.learned();
-        let saved = Saved {
-            round,
-            engine,
-            decided,
-        };
-        let kept = serde_json::to_vec(&saved)
-            .map_err(anyhow::Error::from)
-            .and_then(|bytes| write_atomically(&live.state_path, &bytes));
-        if let Err(e) = kept {
-            tracing::warn!(error = %format!("{e:#}"), "could not keep the allocation state");
+        if live.last_saved.is_none_or(|at| at.elapsed() >= SAVE_EVERY) {
+            live.save();
         }
         drop(live);
         let lines = audit_lines(&report, &names, actuate, now);
@@ -897,6 +914,11 @@ impl Allocations {
                 .context("store the allocation audit")?;
         }
         Ok(())
+    }
+
+    /// Writes the learned state now (the server does when it stops).
+    pub fn save(&self) {
+        self.live().save();
     }
 
     /// `GET /api/v1/allocations`.
@@ -1133,7 +1155,8 @@ impl Allocations {
 
 /// What the loop keeps across restarts besides preferences: the round it is at, what the
 /// engine has learned, and which resources it has changed (`<data_dir>/allocation/state.json`,
-/// rewritten atomically after every round).
+/// rewritten atomically after the first round, then at most every [`SAVE_EVERY`], and when
+/// the server stops).
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
     round: u64,
@@ -1339,7 +1362,10 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => {
+                let _ = tokio::task::spawn_blocking(move || allocations.save()).await;
+                return;
+            }
             _ = ticks.tick() => {
                 if let Err(e) = allocations.tick(&store, &query).await {
                     tracing::warn!(error = %format!("{e:#}"), "allocation round failed");

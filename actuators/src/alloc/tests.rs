@@ -513,7 +513,7 @@ fn an_engine_resumed_from_what_another_learned_decides_as_it_would() {
         state
             .components
             .iter()
-            .all(|c| c.last_change[0].is_some() && !c.recent[0].is_empty()),
+            .all(|c| c.last_change[0].is_some() && !c.recent[0].1.is_empty()),
         "{state:?}"
     );
     let mut b = three_tiers([30.0, 30.0, 30.0]);
@@ -534,4 +534,27 @@ fn an_engine_resumed_from_what_another_learned_decides_as_it_would() {
     assert_eq!(c.allocation(0)[0], 5.0);
     assert_eq!(c.allocation(1)[0], 1.0);
     assert!(c.deferred().iter().all(|d| d.component == 0));
+}
+
+#[test]
+fn the_stabilisation_window_keeps_the_maximum_of_the_last_n_requests() {
+    let mut seed = 3u64;
+    for n in [1u64, 2, 5, 48] {
+        let mut w = Window::default();
+        let mut plain: VecDeque<f64> = VecDeque::new();
+        for _ in 0..2000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Ties are common: values on a coarse grid.
+            let v = ((seed >> 58) as f64) * 10.0;
+            plain.push_back(v);
+            if plain.len() > n as usize {
+                plain.pop_front();
+            }
+            let want = plain.iter().copied().fold(f64::MIN, f64::max);
+            assert_eq!(w.push(v, n), want);
+            assert!(w.entries.len() <= n as usize);
+        }
+    }
 }

@@ -593,6 +593,13 @@ async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
     let before = a.status();
     let quota = read(root.path(), "forestall/web/cpu.max");
     assert_ne!(quota, "max 100000");
+    // Only the first round was written (the next save is due in five minutes); stopping the
+    // server writes the rest.
+    let first: Saved =
+        serde_json::from_slice(&std::fs::read(f.data_dir.join("allocation/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(first.round, 1);
+    a.save();
     drop(a);
     // Meanwhile someone lifts web's limit.
     std::fs::write(root.path().join("forestall/web/cpu.max"), "max 100000").unwrap();
