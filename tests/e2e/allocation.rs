@@ -183,9 +183,11 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
         Duration::from_secs(60),
         || burner.quota().is_some_and(|q| q > 0.6),
     );
+    // More than the 0.3 core it was throttled to (the exact share depends on what else the
+    // two cores are running: CI runs every end-to-end test at once).
     let used = burner.cores_used(2.0);
     assert!(
-        used > 0.5,
+        used > 0.35,
         "the burner uses what it was given: {used} cores"
     );
     let quota = burner.quota().unwrap();
@@ -222,7 +224,7 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
         &server,
         "SELECT max(cpu) AS cpu FROM forestall_usage WHERE component = 'burner'",
     );
-    assert!(rows[0]["cpu"].as_f64().unwrap() > 0.5, "{rows:?}");
+    assert!(rows[0]["cpu"].as_f64().unwrap() > 0.35, "{rows:?}");
     let rows = sql(
         &server,
         "SELECT after FROM forestall_allocations \
@@ -246,7 +248,10 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
         assert_eq!(status, expect, "{}: {json}", String::from_utf8_lossy(body));
         assert_eq!(json["code"], "invalid", "{json}");
     }
-    let (status, json) = put(&url, &vec![b' '; 1 << 20]);
+    // Just over the 64 KiB limit: small enough that the whole body fits in the socket's
+    // buffers, so the client reads the answer instead of a reset from a server that stopped
+    // reading at the limit (as it should).
+    let (status, json) = put(&url, &vec![b' '; (64 << 10) + 4096]);
     assert_eq!(status, 413, "{json}");
     let (status, json) = put(&server.url("/api/v1/preferences/nobody"), b"{}");
     assert_eq!(status, 404, "{json}");
