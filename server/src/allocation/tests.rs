@@ -517,7 +517,9 @@ async fn a_restart_warms_the_forecasters_from_stored_usage() {
     assert_eq!(cpu(&a, 0)["request"], json!(null));
 
     let learned = a.warm_up(&f.store, &f.query).await;
-    assert!((120..=121).contains(&learned), "{learned} rounds learned");
+    // 120 rounds of rows (one or two more if the machine paused between the write and the
+    // read); the row 2,000 rounds back is beyond the 900 kept.
+    assert!((120..=125).contains(&learned), "{learned} rounds learned");
     let web = cpu(&a, 0);
     let steps = web["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 5, "one step per round of the 5 s horizon");
