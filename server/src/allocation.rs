@@ -559,6 +559,12 @@ struct Live {
 }
 
 impl Live {
+    /// Component `c`'s preferences in force: those set over the API, else the file's.
+    fn preferences_of(&self, c: usize) -> &PreferencesConfig {
+        let comp = &self.config.components[c];
+        self.saved.get(&comp.name).unwrap_or(&comp.preferences)
+    }
+
     /// Writes the learned state (see [`Saved`]); a failure is logged, and the loop goes on.
     fn save(&mut self) {
         let (engine, decided) = self.controller.learned();
@@ -975,9 +981,7 @@ impl Allocations {
                     "pending": live.controller.pending().contains(&c),
                     "problems": live.problems[c].iter().flatten().collect::<Vec<_>>(),
                     "feedback": feedback,
-                    "preferences": live.saved.get(&comp.name).cloned().unwrap_or_else(|| {
-                        live.config.components[c].preferences.clone()
-                    }),
+                    "preferences": live.preferences_of(c),
                 })
             })
             .collect();
@@ -1109,12 +1113,8 @@ impl Allocations {
             .config
             .components
             .iter()
-            .map(|c| {
-                (
-                    c.name.as_str(),
-                    live.saved.get(&c.name).unwrap_or(&c.preferences),
-                )
-            })
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), live.preferences_of(i)))
             .collect();
         json!(all)
     }

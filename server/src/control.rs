@@ -131,11 +131,16 @@ pub struct Controller {
 #[derive(Debug, Clone)]
 struct ComponentRisk {
     model: RiskModel,
-    /// The latest observation: the evidence the current risk is scored on.
-    latest: Option<Observation>,
     /// Observations waiting for their outcome: whether each resource passed θ so far, and
-    /// the rounds seen since.
+    /// the rounds seen since. The newest (always here, since it waits at least one round) is
+    /// the evidence the current risk is scored on.
     waiting: VecDeque<(Observation, PerResource<bool>, usize)>,
+}
+
+impl ComponentRisk {
+    fn latest(&self) -> Option<&Observation> {
+        self.waiting.back().map(|w| &w.0)
+    }
 }
 
 /// A resource without usage: quiet (normal, ok, flat), and never a bottleneck.
@@ -199,7 +204,6 @@ impl Controller {
         let risks = vec![
             ComponentRisk {
                 model,
-                latest: None,
                 waiting: VecDeque::new(),
             };
             n
@@ -325,8 +329,7 @@ impl Controller {
                 metrics,
                 health: None,
             };
-            risk.waiting.push_back((obs.clone(), [false; 4], 0));
-            risk.latest = Some(obs);
+            risk.waiting.push_back((obs, [false; 4], 0));
             self.engine.observe(c, *u);
         }
     }
@@ -335,7 +338,7 @@ impl Controller {
     /// latest evidence)) with the evidence that moved it most; `None` before any usage.
     pub fn risk(&self, c: usize) -> Option<Vec<bayes_risk::Risk>> {
         let r = self.risks.get(c)?;
-        r.model.risk(r.latest.as_ref()?).ok()
+        r.model.risk(r.latest()?).ok()
     }
 
     /// The risk scores of component `c`, per resource (0.5 before any usage: no evidence
@@ -343,8 +346,7 @@ impl Controller {
     fn risk_scores(&self, c: usize) -> PerResource<f64> {
         let r = &self.risks[c];
         let scores = r
-            .latest
-            .as_ref()
+            .latest()
             .and_then(|o| r.model.scores(o).ok())
             .unwrap_or_default();
         std::array::from_fn(|i| scores.get(i).copied().unwrap_or(0.5))
