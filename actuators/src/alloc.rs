@@ -30,7 +30,7 @@
 //! Every change, preemption, deferral, grant and rollback is an audit [`Decision`] with its
 //! reason. The engine is plain data and arithmetic: deterministic, no clock, no I/O.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 
 /// The resources an allocation covers.
@@ -276,8 +276,52 @@ pub struct Engine {
     needs: Vec<PerResource<f64>>,
     /// Component indices, lowest weight first: the order preemption takes in.
     by_weight: Vec<usize>,
+    /// Each component's place in `by_weight`.
+    place: Vec<usize>,
+    /// Per resource, who holds more than their floor, and more than their need, this round:
+    /// preemption visits only them instead of every component.
+    above_floor: PerResource<Holders>,
+    above_need: PerResource<Holders>,
     /// This round's requests that have waited [`AllocConfig::age_after`] rounds.
-    aged: HashSet<(usize, Resource)>,
+    aged: Vec<PerResource<bool>>,
+}
+
+/// A set of places in `by_weight`, as bits.
+#[derive(Debug, Clone, Default)]
+struct Holders(Vec<u64>);
+
+impl Holders {
+    fn new(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+
+    fn set(&mut self, k: usize, on: bool) {
+        let bit = 1 << (k % 64);
+        if on {
+            self.0[k / 64] |= bit;
+        } else {
+            self.0[k / 64] &= !bit;
+        }
+    }
+
+    /// The first place at or after `k` in the set.
+    fn next(&self, k: usize) -> Option<usize> {
+        let (mut w, mut bits) = (k / 64, self.0.get(k / 64)? & (u64::MAX << (k % 64)));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+            w += 1;
+            bits = *self.0.get(w)?;
+        }
+    }
+}
+
+/// What preemption leaves a holder: its floor, or its need this round (at least its floor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Floor,
+    Need,
 }
 
 /// The largest of a component's last `n` requests for a resource, as a monotonic queue: a
@@ -387,6 +431,7 @@ impl Engine {
                 }
             }
         }
+        let components_len = components.len();
         let mut e = Self {
             config,
             alloc: vec![[0.0; 4]; components.len()],
@@ -404,7 +449,10 @@ impl Engine {
             this_round: Vec::new(),
             needs: Vec::new(),
             by_weight: Vec::new(),
-            aged: HashSet::new(),
+            place: vec![0; components_len],
+            above_floor: std::array::from_fn(|_| Holders::new(components_len)),
+            above_need: std::array::from_fn(|_| Holders::new(components_len)),
+            aged: vec![[false; 4]; components_len],
         };
         e.by_weight = (0..e.components.len()).collect();
         e.by_weight.sort_by(|&a, &b| {
@@ -413,6 +461,9 @@ impl Engine {
                 .total_cmp(&e.components[b].weight)
                 .then(a.cmp(&b))
         });
+        for (k, &c) in e.by_weight.iter().enumerate() {
+            e.place[c] = k;
+        }
         for (c, init) in initial.into_iter().enumerate() {
             for r in Resource::ALL {
                 let v = e.bounded(c, r, init[r.index()]);
@@ -645,8 +696,20 @@ impl Engine {
             self.used[i] += d.to - self.alloc[c][i];
             self.alloc[c][i] = d.to;
             self.last_change[c][i] = Some(d.round);
+            self.mark(c, d.resource);
         }
         self.push_audit(d);
+    }
+
+    /// Files `c` among the holders of `r` that preemption may take from.
+    fn mark(&mut self, c: usize, r: Resource) {
+        let (i, k) = (r.index(), self.place[c]);
+        let touchable = !self.untouchable(c, r);
+        let floor = self.bounds(c, r).0;
+        let need = self.needs.get(c).map_or(floor, |n| n[i].max(floor));
+        let have = self.alloc[c][i];
+        self.above_floor[i].set(k, touchable && have > floor);
+        self.above_need[i].set(k, touchable && have > need);
     }
 
     fn push_audit(&mut self, d: Decision) {
@@ -665,12 +728,14 @@ impl Engine {
         self.enforce_caps(round);
         // Critical first, then requests deferred for `age_after` rounds, then by weight and
         // risk.
-        self.aged = self
-            .deferred
-            .iter()
-            .filter(|d| round >= d.since.saturating_add(self.config.age_after))
-            .map(|d| (d.component, d.resource))
-            .collect();
+        for a in &mut self.aged {
+            *a = [false; 4];
+        }
+        for d in &self.deferred {
+            if round >= d.since.saturating_add(self.config.age_after) {
+                self.aged[d.component][d.resource.index()] = true;
+            }
+        }
         let mut ranked: Vec<(u8, &Request)> = requests
             .iter()
             .filter(|q| q.component < self.components.len())
@@ -678,7 +743,7 @@ impl Engine {
                 let rank = if self.components[q.component].weight >= self.config.preempt_weight {
                     2
                 } else {
-                    u8::from(self.aged.contains(&(q.component, q.resource)))
+                    u8::from(self.aged[q.component][q.resource.index()])
                 };
                 (rank, q)
             })
@@ -701,6 +766,11 @@ impl Engine {
             if q.need.is_finite() {
                 self.needs[q.component][q.resource.index()] =
                     self.bounded(q.component, q.resource, q.need.min(q.amount));
+            }
+        }
+        for c in 0..self.components.len() {
+            for r in Resource::ALL {
+                self.mark(c, r);
             }
         }
         // A pool is short this round when the raises asked for exceed what is free; then
@@ -837,10 +907,11 @@ impl Engine {
         }
     }
 
-    /// Takes up to `need - free` of `r` for `c`, lowest weight first, from every component
-    /// `keep` gives a level to keep (opted-out components and `c` itself are never touched);
-    /// returns what is free after. In dry-run nothing moves, but the count goes on so the
-    /// decisions are the ones a live run would make.
+    /// Takes up to `need - free` of `r` for `c`, lowest weight first, from the components
+    /// whose weight passes `weight_ok` (an ascending prefix of `by_weight`) and that `takeable`
+    /// accepts, down to what `keep` leaves them (opted-out components and `c` itself are never
+    /// touched); returns what is free after. In dry-run nothing moves, but the count goes on
+    /// so the decisions are the ones a live run would make.
     #[allow(clippy::too_many_arguments)]
     fn take_for(
         &mut self,
@@ -850,18 +921,33 @@ impl Engine {
         need: f64,
         mut free: f64,
         why: impl Fn(&Self) -> String,
-        keep: impl Fn(&Self, usize) -> Option<f64>,
+        weight_ok: impl Fn(f64) -> bool,
+        keep: Keep,
+        takeable: impl Fn(&Self, usize) -> bool,
     ) -> f64 {
         let i = r.index();
-        for k in 0..self.by_weight.len() {
-            if free >= need {
+        let end = self
+            .by_weight
+            .partition_point(|&v| weight_ok(self.components[v].weight));
+        let mut k = 0;
+        while free < need {
+            let holders = match keep {
+                Keep::Floor => &self.above_floor[i],
+                Keep::Need => &self.above_need[i],
+            };
+            let Some(place) = holders.next(k).filter(|&p| p < end) else {
                 break;
-            }
-            let v = self.by_weight[k];
-            if v == c || self.untouchable(v, r) {
+            };
+            k = place + 1;
+            let v = self.by_weight[place];
+            if v == c || self.untouchable(v, r) || !takeable(self, v) {
                 continue;
             }
-            let Some(keep) = keep(self, v) else { continue };
+            let floor = self.bounds(v, r).0;
+            let keep = match keep {
+                Keep::Floor => floor,
+                Keep::Need => floor.max(self.needs[v][i]),
+            };
             let have = self.alloc[v][i];
             if have <= keep {
                 continue;
@@ -914,10 +1000,18 @@ impl Engine {
                     e.components[c].name
                 )
             };
-            free = self.take_for(round, c, r, need, free, why, |e, v| {
-                (e.components[v].weight < e.config.preempt_weight)
-                    .then(|| e.bounds(v, r).0.max(e.needs[v][i]))
-            });
+            let preempt_weight = self.config.preempt_weight;
+            free = self.take_for(
+                round,
+                c,
+                r,
+                need,
+                free,
+                why,
+                |w| w < preempt_weight,
+                Keep::Need,
+                |_, _| true,
+            );
         }
         if free < need && (critical || !self.deferrable(c, r)) {
             // Only a critical component takes what cannot wait; anyone whose request cannot
@@ -929,15 +1023,23 @@ impl Engine {
                     e.components[c].name
                 )
             };
-            free = self.take_for(round, c, r, need, free, why, |e, v| {
-                let takeable = e.components[v].weight < weight && (critical || e.deferrable(v, r));
-                takeable.then(|| match part {
-                    Part::Need => e.bounds(v, r).0,
-                    Part::Whole => e.bounds(v, r).0.max(e.needs[v][i]),
-                })
-            });
+            let keep = match part {
+                Part::Need => Keep::Floor,
+                Part::Whole => Keep::Need,
+            };
+            free = self.take_for(
+                round,
+                c,
+                r,
+                need,
+                free,
+                why,
+                |w| w < weight,
+                keep,
+                |e, v| critical || e.deferrable(v, r),
+            );
         }
-        if free < need && part == Part::Need && self.aged.contains(&(c, r)) {
+        if free < need && part == Part::Need && self.aged[c][i] {
             // Work that has waited its turn takes from deferrable work of no higher weight
             // that has not: deferred work shares the pool in turns instead of starving.
             let why = |e: &Self| {
@@ -946,12 +1048,17 @@ impl Engine {
                     e.components[c].name, e.config.age_after
                 )
             };
-            free = self.take_for(round, c, r, need, free, why, |e, v| {
-                let takeable = e.components[v].weight <= weight
-                    && e.deferrable(v, r)
-                    && !e.aged.contains(&(v, r));
-                takeable.then(|| e.bounds(v, r).0)
-            });
+            free = self.take_for(
+                round,
+                c,
+                r,
+                need,
+                free,
+                why,
+                |w| w <= weight,
+                Keep::Floor,
+                |e, v| e.deferrable(v, r) && !e.aged[v][i],
+            );
         }
         let grant = need.min(free);
         if grant > 0.0 {

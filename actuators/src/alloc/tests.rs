@@ -558,3 +558,25 @@ fn the_stabilisation_window_keeps_the_maximum_of_the_last_n_requests() {
         }
     }
 }
+
+#[test]
+fn holders_find_the_next_member_across_word_boundaries() {
+    let mut seed = 11u64;
+    for n in [1usize, 63, 64, 65, 130, 1000] {
+        let mut h = Holders::new(n);
+        let mut plain = vec![false; n];
+        for _ in 0..4 * n {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = (seed >> 33) as usize % n;
+            let on = seed >> 63 == 1;
+            h.set(k, on);
+            plain[k] = on;
+        }
+        for k in 0..=n + 1 {
+            let want = (k..n).find(|&p| plain[p]);
+            assert_eq!(h.next(k), want, "n {n}, from {k}");
+        }
+    }
+}
