@@ -475,11 +475,14 @@ fn models(config: &ForecastConfig) -> Result<Vec<Model>> {
 }
 
 /// Signed errors of one model at one step ahead: the last `window` of them, in arrival order
-/// and sorted.
+/// and sorted. Kept as `f32` in buffers of exactly `window`: a forecaster tracks one window
+/// per model and step (36 by default), so this is most of its memory (2 KiB per window
+/// instead of 8 KiB with `f64` and the growth of a queue that is pushed before it is
+/// popped). Interval quantiles need no more precision than `f32`'s 7 digits.
 #[derive(Debug, Clone, PartialEq)]
 struct ErrorWindow {
-    arrival: VecDeque<f64>,
-    sorted: Vec<f64>,
+    arrival: VecDeque<f32>,
+    sorted: Vec<f32>,
     mae: Option<f64>,
 }
 
@@ -493,18 +496,23 @@ impl ErrorWindow {
     }
 
     fn push(&mut self, err: f64, window: usize, alpha: f64) {
-        if !err.is_finite() {
+        let e = err as f32;
+        if !e.is_finite() {
             return;
         }
-        self.arrival.push_back(err);
-        let at = self.sorted.partition_point(|&x| x < err);
-        self.sorted.insert(at, err);
-        if self.arrival.len() > window
+        if self.arrival.capacity() < window {
+            self.arrival.reserve_exact(window - self.arrival.len());
+            self.sorted.reserve_exact(window - self.sorted.len());
+        }
+        if self.arrival.len() >= window
             && let Some(old) = self.arrival.pop_front()
         {
             let at = self.sorted.partition_point(|&x| x < old);
             self.sorted.remove(at);
         }
+        self.arrival.push_back(e);
+        let at = self.sorted.partition_point(|&x| x < e);
+        self.sorted.insert(at, e);
         let a = err.abs();
         self.mae = Some(self.mae.map_or(a, |m| m + alpha * (a - m)));
     }
@@ -515,7 +523,8 @@ impl ErrorWindow {
         let pos = q.clamp(0.0, 1.0) * (n - 1) as f64;
         let lo = pos.floor() as usize;
         let hi = (lo + 1).min(n - 1);
-        self.sorted[lo] + (pos - lo as f64) * (self.sorted[hi] - self.sorted[lo])
+        let (a, b) = (f64::from(self.sorted[lo]), f64::from(self.sorted[hi]));
+        a + (pos - lo as f64) * (b - a)
     }
 }
 
@@ -595,14 +604,17 @@ impl AutoForecaster {
             }
         }
         self.history.push(value);
-        let mut buf = vec![0.0; h];
         for t in &mut self.models {
             t.model.update(&self.history);
+            // The oldest forecast has been scored at every step: its buffer takes the new one.
+            let mut buf = if t.pending.len() >= h {
+                t.pending.pop_front().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            buf.resize(h, 0.0);
             t.model.forecast(&self.history, &mut buf);
-            t.pending.push_back(buf.clone());
-            if t.pending.len() > h {
-                t.pending.pop_front();
-            }
+            t.pending.push_back(buf);
         }
     }
 
@@ -720,7 +732,10 @@ impl AutoForecaster {
                 w.f64s(p.iter());
             }
             for e in &t.errors {
-                w.f64s(e.arrival.iter());
+                w.usize(e.arrival.len());
+                for &v in &e.arrival {
+                    w.f64(f64::from(v));
+                }
                 w.opt_f64(e.mae);
             }
         }
@@ -769,9 +784,12 @@ impl AutoForecaster {
                 t.pending.push_back(r.f64s(config.horizon)?);
             }
             for e in &mut t.errors {
-                e.arrival = r.f64s(config.error_window)?.into();
-                e.sorted = e.arrival.iter().copied().collect();
-                e.sorted.sort_by(f64::total_cmp);
+                let errors = r.f64s(config.error_window)?;
+                e.arrival = VecDeque::with_capacity(config.error_window);
+                e.arrival.extend(errors.iter().map(|&v| v as f32));
+                e.sorted = Vec::with_capacity(config.error_window);
+                e.sorted.extend(&e.arrival);
+                e.sorted.sort_by(f32::total_cmp);
                 e.mae = r.opt_f64()?;
             }
         }

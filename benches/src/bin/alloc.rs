@@ -80,12 +80,28 @@ fn main() -> anyhow::Result<()> {
         times[times.len() * 99 / 100],
         engine.audit().count()
     );
+    drop(engine);
     live_round(n)
+}
+
+/// This process's resident memory in MiB (`VmRSS`), if `/proc` says.
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The live loop's round (`Controller`: observe, forecast, size, engine, apply) at 5-minute
 /// rounds with a one-hour horizon, after a day of history, on daily-cycle usage with noise.
 fn live_round(n: usize) -> anyhow::Result<()> {
+    let before = rss_mib();
     let timing = Timing::measured(Duration::from_secs(300));
     let engine = Engine::new(
         control::tuned(0.8, [1.0; 4], &timing),
@@ -135,5 +151,13 @@ fn live_round(n: usize) -> anyhow::Result<()> {
         times[times.len() / 2],
         times[times.len() * 99 / 100],
     );
+    if let (Some(before), Some(after)) = (before, rss_mib()) {
+        println!(
+            "live loop memory for {n} components × 4 resources: {:.0} MiB ({:.0} KiB per forecast series)",
+            after - before,
+            (after - before) * 1024.0 / (4 * n) as f64
+        );
+    }
+    std::hint::black_box(&controller);
     Ok(())
 }

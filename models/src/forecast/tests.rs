@@ -258,3 +258,26 @@ fn evaluation_scores_every_forecaster_on_rows_after_the_warmup() {
     assert!((0.85..=0.95).contains(&c90), "{c90}");
     assert!(auto.coverage(0) < auto.coverage(2));
 }
+
+#[test]
+fn error_windows_hold_exactly_their_window_and_stay_sorted() {
+    // A forecaster keeps one window per model and step: what they hold is most of its memory.
+    let config = ForecastConfig::default();
+    let mut f = AutoForecaster::new(config).unwrap();
+    for v in seasonal(3 * config.error_window, 24, 2.0, 0.01) {
+        f.update(v);
+    }
+    let restored = AutoForecaster::restore(&f.checkpoint().unwrap()).unwrap();
+    for g in [&f, &restored] {
+        for t in &g.models {
+            for w in &t.errors {
+                assert_eq!(w.arrival.len(), config.error_window);
+                assert!(w.arrival.capacity() <= config.error_window);
+                assert!(w.sorted.capacity() <= config.error_window);
+                let mut want: Vec<f32> = w.arrival.iter().copied().collect();
+                want.sort_by(f32::total_cmp);
+                assert_eq!(w.sorted, want);
+            }
+        }
+    }
+}
