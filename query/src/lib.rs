@@ -29,7 +29,8 @@ use datafusion::execution::context::{SessionConfig, SessionContext, SessionState
 use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use forestall_engine::Store;
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 
 pub use provider::{MeasurementTable, ScanExec, StoreSchema};
 
@@ -127,35 +128,53 @@ impl QueryEngine {
     /// channel, and dropping the stream stops the query.
     pub fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = futures::stream::once(df.execute_stream()).flat_map(|r| match r {
+            Ok(s) => s.left_stream(),
+            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            self.forward(batches),
+        )))
+    }
+
+    /// Runs `work` on the query runtime (here, without one): planning and whatever a caller
+    /// does with a result run at the queries' priority, not the writes'.
+    pub async fn run<F>(&self, work: F) -> Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            None => Ok(work.await),
+            Some(runtime) => runtime
+                .spawn(work)
+                .await
+                .map_err(|e| Error::Execution(format!("query task failed: {e}"))),
+        }
+    }
+
+    /// Polls `items` on the query runtime and hands them over a small channel, so that the
+    /// work of producing each one (a scan, encoding a result for a client) is done there.
+    /// Dropping the returned stream stops the work.
+    pub fn forward<S>(&self, items: S) -> BoxStream<'static, S::Item>
+    where
+        S: Stream + Send + 'static,
+        S::Item: Send + 'static,
+    {
         let Some(runtime) = &self.runtime else {
-            let fut = df.execute_stream();
-            return Ok(Box::pin(RecordBatchStreamAdapter::new(
-                schema,
-                futures::stream::once(fut).flat_map(|r| match r {
-                    Ok(s) => s.left_stream(),
-                    Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
-                }),
-            )));
+            return items.boxed();
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         runtime.spawn(async move {
-            let mut stream = match df.execute_stream().await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            while let Some(batch) = stream.next().await {
-                if tx.send(batch).await.is_err() {
+            let mut items = std::pin::pin!(items);
+            while let Some(item) = items.next().await {
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::poll_fn(move |cx| rx.poll_recv(cx)),
-        )))
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
     }
 
     /// A session whose default schema holds every measurement of the store, with
@@ -174,10 +193,12 @@ impl QueryEngine {
         Ok((schema, batches))
     }
 
-    /// Plans `sql` and starts it; batches arrive as the scan produces them. Errors found while
-    /// planning are returned here, errors while running come through the stream.
+    /// Plans `sql` (on the query runtime) and starts it; batches arrive as the scan produces
+    /// them. Errors found while planning are returned here, errors while running come through
+    /// the stream.
     pub async fn stream(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
-        let df = self.session().sql(sql).await?;
+        let (session, sql) = (self.session(), sql.to_string());
+        let df = self.run(async move { session.sql(&sql).await }).await??;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         Ok((schema, self.execute(df)?))
     }

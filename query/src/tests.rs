@@ -582,3 +582,48 @@ async fn risk_scores_each_component_with_reasons() {
         assert!(err.to_string().contains(needle), "{sql}: {err}");
     }
 }
+
+#[tokio::test]
+async fn planning_scans_and_what_callers_forward_run_on_the_query_runtime() {
+    let (_dir, store) = store();
+    fill(&store);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("test-query")
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = QueryEngine::new(store).on_runtime(runtime.handle().clone());
+    let thread = || std::thread::current().name().map(str::to_string);
+    assert_eq!(
+        engine
+            .run(async move { thread() })
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("test-query")
+    );
+    // A caller's per-item work (encoding a result) runs there too, item by item.
+    let (_, batches) = engine
+        .stream("SELECT host, usage FROM cpu ORDER BY host")
+        .await
+        .unwrap();
+    let encoded: Vec<(usize, Option<String>)> = engine
+        .forward(batches.map(move |b| (b.map_or(0, |b| b.num_rows()), thread())))
+        .collect()
+        .await;
+    assert_eq!(encoded.iter().map(|(n, _)| n).sum::<usize>(), 180);
+    assert!(
+        encoded
+            .iter()
+            .all(|(_, name)| name.as_deref() == Some("test-query")),
+        "{encoded:?}"
+    );
+    // Errors found while planning still come back from `stream`.
+    assert!(matches!(
+        engine.stream("SELECT nope FROM cpu").await,
+        Err(Error::Query(_))
+    ));
+    drop(engine);
+    runtime.shutdown_background();
+}

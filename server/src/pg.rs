@@ -167,6 +167,19 @@ fn split(sql: &str) -> PgWireResult<Vec<DfStatement>> {
 }
 
 /// Plans one statement in the connection's session.
+/// [`plan`] on the query runtime: planning costs the queries' priority, not the writes'.
+async fn plan_on(
+    query: &QueryEngine,
+    ctx: &SessionContext,
+    statement: DfStatement,
+) -> PgWireResult<Stmt> {
+    let ctx = ctx.clone();
+    query
+        .run(async move { plan(&ctx, statement).await })
+        .await
+        .map_err(|e| user_error("XX000", e.to_string()))?
+}
+
 async fn plan(ctx: &SessionContext, statement: DfStatement) -> PgWireResult<Stmt> {
     use datafusion::sql::sqlparser::ast::Statement as Sql;
     // Session statements drivers send on their own (psycopg's `BEGIN`, a pool's `DISCARD
@@ -241,7 +254,10 @@ impl Backend {
             forestall_query::Error::Query(m) => user_error("42000", m),
             e => internal(e),
         })?;
-        let rows = row_stream(batches, Arc::clone(&fields), self.limits);
+        // Rows are encoded on the query runtime, at the queries' priority.
+        let rows = self
+            .query
+            .forward(row_stream(batches, Arc::clone(&fields), self.limits));
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 }
@@ -597,7 +613,7 @@ impl SimpleQueryHandler for Backend {
         // applies to the queries after it. An error ends the batch, as in Postgres.
         let mut out = Vec::new();
         for statement in split(query)? {
-            let stmt = plan(&ctx, statement).await?;
+            let stmt = plan_on(&self.query, &ctx, statement).await?;
             out.push(self.run(&ctx, stmt, None, &Format::UnifiedText).await?);
         }
         Ok(out)
@@ -631,7 +647,9 @@ impl QueryParser for Parser {
         }
         match statements.pop() {
             None => Ok(None),
-            Some(statement) => Ok(Some(plan(&session(client, &self.query), statement).await?)),
+            Some(statement) => Ok(Some(
+                plan_on(&self.query, &session(client, &self.query), statement).await?,
+            )),
         }
     }
 

@@ -93,59 +93,64 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
             limits.max_result_rows
         ))
     };
-    let (schema, mut stream) =
-        match tokio::time::timeout_at(deadline, state.query.stream(sql)).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => return Err(query_error(e)),
-            Ok(Ok(r)) => r,
-        };
+    let (schema, stream) = match tokio::time::timeout_at(deadline, state.query.stream(sql)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(e)) => return Err(query_error(e)),
+        Ok(Ok(r)) => r,
+    };
     let mut encoder = Encoder::new(format, &schema)?;
+    let streams = encoder.streams();
     let mut head = encoder.start();
-    let mut rows = 0;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Some(Err(e))) => return Err(query_error(e.into())),
-            Ok(Some(Ok(batch))) => {
-                rows += batch.num_rows();
-                if rows > limits.max_result_rows {
-                    return Err(too_many());
+    // Batches are encoded on the query runtime too: a large result costs the queries'
+    // priority, not the writes'.
+    let encoded =
+        futures::stream::unfold(Some((encoder, stream, 0usize)), move |state| async move {
+            let (mut encoder, mut stream, rows) = state?;
+            let (chunk, rows) = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) => (Err(timed_out()), None),
+                Ok(Some(Err(e))) => (Err(query_error(e.into())), None),
+                Ok(Some(Ok(batch))) => {
+                    let rows = rows + batch.num_rows();
+                    if rows > limits.max_result_rows {
+                        (Err(too_many()), None)
+                    } else {
+                        match encoder.batch(&batch) {
+                            Ok(bytes) => (Ok(Chunk::Rows(bytes, rows)), Some(rows)),
+                            Err(e) => (Err(e), None),
+                        }
+                    }
                 }
-                head.extend(encoder.batch(&batch)?);
-                if rows >= BUFFER_ROWS && encoder.streams() {
+                Ok(None) => (encoder.finish().map(Chunk::End), None),
+            };
+            Some((chunk, rows.map(|rows| (encoder, stream, rows))))
+        });
+    let mut chunks = state.query.forward(encoded);
+    loop {
+        match chunks.next().await {
+            None => {
+                return Err(ApiError::Internal(
+                    "the query ended without a result".into(),
+                ));
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(Chunk::Rows(bytes, rows))) => {
+                head.extend(bytes);
+                if rows >= BUFFER_ROWS && streams {
                     break;
                 }
             }
-            Ok(None) => {
-                head.extend(encoder.finish()?);
+            Some(Ok(Chunk::End(bytes))) => {
+                head.extend(bytes);
                 return Ok(([(header::CONTENT_TYPE, format.content_type())], head).into_response());
             }
         }
     }
-    // Stream the rest; the encoder and the stream move into the body.
-    let rest = futures::stream::unfold(Some((encoder, stream, rows)), move |state| async move {
-        let (mut encoder, mut stream, rows) = state?;
-        let fail = |m: String| {
-            tracing::warn!(error = %m, "query stream cut short");
-            Some((Err(std::io::Error::other(m)), None))
-        };
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => fail("query timed out while streaming".into()),
-            Ok(Some(Err(e))) => fail(e.to_string()),
-            Ok(Some(Ok(batch))) => {
-                let rows = rows + batch.num_rows();
-                if rows > limits.max_result_rows {
-                    return fail(too_many().to_string());
-                }
-                match encoder.batch(&batch) {
-                    Ok(bytes) => Some((Ok(Bytes::from(bytes)), Some((encoder, stream, rows)))),
-                    Err(e) => fail(e.to_string()),
-                }
-            }
-            Ok(None) => match encoder.finish() {
-                Ok(bytes) => Some((Ok(Bytes::from(bytes)), None)),
-                Err(e) => fail(e.to_string()),
-            },
+    // Stream the rest; an error after the first byte can only cut the response short.
+    let rest = chunks.map(|chunk| match chunk {
+        Ok(Chunk::Rows(bytes, _) | Chunk::End(bytes)) => Ok(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::warn!(error = %e, "query stream cut short");
+            Err(std::io::Error::other(e.to_string()))
         }
     });
     let body = futures::stream::once(async move { Ok(Bytes::from(head)) }).chain(rest);
@@ -154,6 +159,12 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
         axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// A piece of an encoded result: a batch's bytes with the rows so far, or the last bytes.
+enum Chunk {
+    Rows(Vec<u8>, usize),
+    End(Vec<u8>),
 }
 
 fn query_error(e: forestall_query::Error) -> ApiError {
