@@ -503,6 +503,7 @@ pub fn read_file(
     if row_groups.is_empty() {
         return Ok((Vec::new(), stats));
     }
+    let selected_rows: usize = selected.iter().map(|r| r.len()).sum();
     let selection = RowSelection::from_consecutive_ranges(selected.into_iter(), offset);
 
     // Projection: what was asked for, plus the columns the row filter needs.
@@ -527,7 +528,9 @@ pub fn read_file(
         .with_row_groups(row_groups)
         .with_row_selection(selection)
         .with_projection(mask)
-        .with_batch_size(64 * 1024)
+        // Batches of at most 64 Ki rows, and no larger than the read: the reader sizes its
+        // buffers by the batch size, zeroed, before it knows how many rows come.
+        .with_batch_size(selected_rows.clamp(1, 64 * 1024))
         .build()
         .map_err(|e| fail(e.to_string()))?;
 
