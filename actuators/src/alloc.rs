@@ -940,7 +940,8 @@ impl Engine {
             };
             k = place + 1;
             let v = self.by_weight[place];
-            if v == c || self.untouchable(v, r) || !takeable(self, v) {
+            // Holders are never opted out of `r` (see `mark`).
+            if v == c || !takeable(self, v) {
                 continue;
             }
             let floor = self.bounds(v, r).0;
