@@ -430,20 +430,45 @@ mod tests {
             Command::new("sh").args(["-c", "while :; do :; done"]),
         );
         let before = f.cg.usage(&f.target).unwrap();
-        // 64 MiB held, and 8 MiB written past the page cache.
-        let file = tempfile::NamedTempFile::new().unwrap();
-        f.spawn(Command::new("python3").args([
-            "-c",
-            "import time; x = bytearray(64 << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(60)",
-        ]));
-        f.spawn(Command::new("dd").args([
-            "if=/dev/zero",
-            &format!("of={}", file.path().display()),
-            "bs=1M",
-            "count=8",
-            "oflag=direct",
-            "status=none",
-        ]));
+        // 64 MiB held, and 8 MiB written past the page cache. Each waits until it is in the
+        // cgroup (a child runs before it is attached), and the writer says when it is done.
+        let dir = tempfile::tempdir().unwrap();
+        let (go, held, written, file) = (
+            dir.path().join("go"),
+            dir.path().join("held"),
+            dir.path().join("written"),
+            dir.path().join("data"),
+        );
+        let gated = |script: String| {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                &format!(
+                    "while [ ! -e {} ]; do sleep 0.01; done; {script}",
+                    go.display()
+                ),
+            ]);
+            c
+        };
+        f.spawn(&mut gated(format!(
+            "exec python3 -c \"import time; x = bytearray(64 << 20); x[::4096] = b'1' * len(x[::4096]); open('{}', 'w').close(); time.sleep(60)\"",
+            held.display()
+        )));
+        f.spawn(&mut gated(format!(
+            "dd if=/dev/zero of={} bs=1M count=8 oflag=direct status=none && touch {}; sleep 60",
+            file.display(),
+            written.display()
+        )));
+        fs::write(&go, "").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !(held.exists() && written.exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the memory holder or the writer did not finish"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The burner's CPU needs a moment; the memory is held and the write is complete.
         std::thread::sleep(std::time::Duration::from_secs(2));
         let after = f.cg.usage(&f.target).unwrap();
         let cpu = after.cpu_seconds.unwrap() - before.cpu_seconds.unwrap();
