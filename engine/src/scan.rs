@@ -126,7 +126,8 @@ pub struct ScanRequest {
     /// Exclusive end (ns).
     pub end: i64,
     pub predicate: Option<TagPredicate>,
-    /// Column names, in output order; `None` is every column.
+    /// Column names, in output order; `None` is every column. `__series_id` may be named too:
+    /// each row's series (the same id for the same series in every source of one scan).
     pub projection: Option<Vec<String>>,
 }
 
@@ -522,23 +523,32 @@ impl Inner {
             source,
         };
         let full = table.arrow_schema();
+        let series_id = Arc::new(Field::new(SERIES_ID_COLUMN, DataType::UInt32, false));
         let schema = match &req.projection {
             None => full.clone(),
             Some(cols) => {
-                let idx = cols
+                let fields = cols
                     .iter()
                     .map(|c| {
-                        full.index_of(c).map_err(|_| {
-                            Error::InvalidScan(format!("no column {c:?} in {:?}", req.measurement))
-                        })
+                        if c == SERIES_ID_COLUMN {
+                            return Ok(Arc::clone(&series_id));
+                        }
+                        full.field_with_name(c)
+                            .map(|f| Arc::new(f.clone()))
+                            .map_err(|_| {
+                                Error::InvalidScan(format!(
+                                    "no column {c:?} in {:?}",
+                                    req.measurement
+                                ))
+                            })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Arc::new(full.project(&idx).map_err(arrow_err)?)
+                Arc::new(Schema::new_with_metadata(fields, full.metadata().clone()))
             }
         };
         // The wide schema: series id and time, which merging needs, then the projection.
         let mut wide_fields = vec![
-            Arc::new(Field::new(SERIES_ID_COLUMN, DataType::UInt32, false)),
+            series_id,
             Arc::new(
                 full.field_with_name(TIME_COLUMN)
                     .map_err(arrow_err)?

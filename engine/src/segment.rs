@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::filter_record_batch;
+use arrow::buffer::BooleanBuffer;
+use arrow::compute::{SlicesIterator, filter_record_batch};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, UInt32Type};
 use croaring::{Bitmap, Portable};
 use parquet::arrow::arrow_reader::{
@@ -41,6 +42,10 @@ use crate::{Error, Result};
 /// time range. 4 Ki-row pages were measured on TSBS (docs/BENCHMARKS.md): segments 16 %
 /// larger and no query faster, so pages stay at 16 Ki rows.
 pub const PAGE_ROWS: usize = 16 * 1024;
+
+/// A read returns the rows it kept as slices of the decoded batch (no copy) when they come in
+/// runs this long on average, and filters (copies) them otherwise.
+const MIN_SLICE_ROWS: usize = 1024;
 
 /// A segment's entry in the manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -549,31 +554,47 @@ pub fn read_file(
             )
             .as_primitive_opt::<UInt32Type>()
             .ok_or_else(|| fail("series id column is not u32".into()))?;
-        let keep: BooleanArray = times
-            .values()
-            .iter()
-            .zip(sids.values().iter())
-            .map(|(&t, &s)| Some(t >= start && t < end && series.is_none_or(|b| b.contains(s))))
-            .collect();
-        let filtered = if keep.true_count() == batch.num_rows() {
-            batch
-        } else {
-            filter_record_batch(&batch, &keep).map_err(|e| fail(e.to_string()))?
+        let (t, s) = (times.values(), sids.values());
+        // Rows come sorted by series: ask the bitmap once per series, not once per row.
+        let mut last: Option<(u32, bool)> = None;
+        let mut wanted_series = |sid: u32| match (series, last) {
+            (None, _) => true,
+            (_, Some((l, ok))) if l == sid => ok,
+            (Some(b), _) => {
+                let ok = b.contains(sid);
+                last = Some((sid, ok));
+                ok
+            }
         };
-        if filtered.num_rows() == 0 {
+        let keep = BooleanArray::new(
+            BooleanBuffer::collect_bool(batch.num_rows(), |i| {
+                t[i] >= start && t[i] < end && wanted_series(s[i])
+            }),
+            None,
+        );
+        let kept = keep.true_count();
+        if kept == 0 {
             continue;
         }
         // Back to the caller's projection, in its order.
-        let fs = filtered.schema();
+        let bs = batch.schema();
         let indices: Vec<usize> = wanted
             .iter()
-            .filter_map(|&i| fs.index_of(schema.field(i).name()).ok())
+            .filter_map(|&i| bs.index_of(schema.field(i).name()).ok())
             .collect();
-        out.push(
-            filtered
-                .project(&indices)
-                .map_err(|e| fail(e.to_string()))?,
-        );
+        let batch = batch.project(&indices).map_err(|e| fail(e.to_string()))?;
+        if kept == batch.num_rows() {
+            out.push(batch);
+            continue;
+        }
+        // The rows kept are a series' stretch of time, so they come in a few long runs:
+        // slices of the decoded batch then cost nothing, where a filter copies every column.
+        let runs: Vec<(usize, usize)> = SlicesIterator::new(&keep).collect();
+        if runs.len() * MIN_SLICE_ROWS <= kept {
+            out.extend(runs.into_iter().map(|(a, b)| batch.slice(a, b - a)));
+        } else {
+            out.push(filter_record_batch(&batch, &keep).map_err(|e| fail(e.to_string()))?);
+        }
     }
     Ok((out, stats))
 }

@@ -339,7 +339,7 @@ fn rewrite(
     )?))
 }
 
-fn stride_nanos(v: &ScalarValue) -> Result<i64> {
+pub(crate) fn stride_nanos(v: &ScalarValue) -> Result<i64> {
     let nanos = match v {
         ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => {
             i64::from(i.days) * 86_400_000_000_000 + i.nanoseconds

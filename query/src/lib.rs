@@ -11,12 +11,14 @@
 //! `interpolate`), selectors ([`selector`]: `selector_first`, `selector_last`) and
 //! `last_rows('cpu')` (the latest row of every series, from the engine's last-row cache), and the
 //! model functions ([`models`]: `anomaly_score(value) OVER (…)`, `forecast(…)`, `risk(…)`).
-//! Results stream from the scan ([`provider::ScanExec`]) to the client. Still to come:
+//! Results stream from the scan ([`provider::ScanExec`]) to the client. Aggregates per tag
+//! and time bucket are folded in the scan as it reads ([`pushdown`]). Still to come:
 //! continuous queries.
 
 pub mod gapfill;
 pub mod models;
 pub mod provider;
+pub mod pushdown;
 pub mod selector;
 
 use std::sync::Arc;
@@ -76,16 +78,28 @@ pub struct QueryEngine {
 
 impl QueryEngine {
     pub fn new(store: Arc<Store>) -> Self {
+        Self::build(store, true)
+    }
+
+    /// An engine that leaves every aggregate to DataFusion ([`pushdown`] off), for tests
+    /// that compare the two.
+    #[cfg(test)]
+    pub(crate) fn without_pushdown(store: Arc<Store>) -> Self {
+        Self::build(store, false)
+    }
+
+    fn build(store: Arc<Store>, pushdown: bool) -> Self {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(true);
-        let state = gapfill::install(
-            SessionStateBuilder::new()
-                .with_config(config)
-                .with_default_features(),
-        )
-        .build();
+        let mut builder = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features();
+        if pushdown {
+            builder = builder.with_optimizer_rule(Arc::new(pushdown::AggregatePushdown));
+        }
+        let state = gapfill::install(builder).build();
         let mut ctx = SessionContext::new_with_state(state);
         for f in gapfill::functions() {
             ctx.register_udf(f);

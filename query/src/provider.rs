@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use datafusion::catalog::{
     SchemaProvider, Session, TableFunctionArgs, TableFunctionImpl, TableProvider,
 };
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
@@ -40,6 +40,8 @@ use datafusion::physical_plan::{
 };
 use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::{ScanRequest, ScanStream, Store, TableSchema, TagPredicate};
+
+use crate::pushdown::PartialScan;
 use futures::StreamExt;
 use regex::Regex;
 
@@ -116,6 +118,44 @@ impl TableProvider for MeasurementTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
         let full = sql_schema(&self.schema.arrow_schema());
+        let projected: SchemaRef = match projection {
+            Some(idx) => Arc::new(full.project(idx)?),
+            None => Arc::clone(&full),
+        };
+        let columns = projected.fields().iter().map(|f| f.name().clone());
+        let req = self.request(filters.iter(), columns.collect());
+        // A LIMIT reads in order on one partition.
+        let partitions = match limit {
+            Some(_) => 1,
+            None => state.config().target_partitions(),
+        };
+        Ok(ScanExec::plan(
+            Arc::clone(&self.store),
+            req,
+            projected,
+            limit,
+            partitions,
+            None,
+        ))
+    }
+}
+
+impl MeasurementTable {
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn table_schema(&self) -> &Arc<TableSchema> {
+        &self.schema
+    }
+
+    /// The engine request for `columns` under `filters`: the time range and tag predicate
+    /// of those filters it can translate (the others are left to DataFusion).
+    pub(crate) fn request<'a>(
+        &self,
+        filters: impl Iterator<Item = &'a Expr>,
+        columns: Vec<String>,
+    ) -> ScanRequest {
         let mut req = ScanRequest::all(self.schema.name.clone());
         let mut predicates = Vec::new();
         for f in filters {
@@ -131,34 +171,19 @@ impl TableProvider for MeasurementTable {
             1 => predicates.pop(),
             _ => Some(TagPredicate::And(predicates)),
         };
-        let projected: SchemaRef = match projection {
-            Some(idx) => Arc::new(full.project(idx)?),
-            None => Arc::clone(&full),
-        };
-        req.projection = Some(
-            projected
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect(),
-        );
-        if req.start >= req.end {
-            // Contradictory time filters: nothing can match.
-            return Ok(Arc::new(EmptyExec::new(projected)));
-        }
-        // Segments are read on as many threads as DataFusion plans partitions; a LIMIT reads
-        // in order on one.
-        let partitions = match limit {
-            Some(_) => 1,
-            None => state.config().target_partitions().max(1),
-        };
-        Ok(Arc::new(ScanExec::new(
-            Arc::clone(&self.store),
-            req,
-            projected,
-            limit,
-            partitions,
-        )))
+        req.projection = Some(columns);
+        req
+    }
+
+    /// Whether the engine applies `filter` exactly, row by row, so that no row it lets
+    /// through fails it: a comparison of the bare `time` column with a timestamp, or a tag
+    /// predicate on bare tag columns. (A cast in between could make the translation a
+    /// superset, which is all [`TableProvider::scan`] needs but not enough to drop the filter.)
+    pub(crate) fn applies_exactly(&self, filter: &Expr) -> bool {
+        let cast = filter
+            .exists(|e| Ok(matches!(e, Expr::Cast(_) | Expr::TryCast(_))))
+            .unwrap_or(true);
+        !cast && (time_bounds(filter).is_some() || tag_predicate(filter, &self.schema).is_some())
     }
 }
 
@@ -167,7 +192,8 @@ impl TableProvider for MeasurementTable {
 /// once, and a consumer that stops early (a `LIMIT`, a client that hung up) stops the scan.
 ///
 /// Its metrics (shown by `EXPLAIN ANALYZE`) say what pruning skipped: segments by the
-/// manifest, row groups by statistics, rows by the page index.
+/// manifest, row groups by statistics, rows by the page index; and `rows_scanned`, the rows
+/// that matched (more than `output_rows` when the scan folds an aggregate).
 #[derive(Debug)]
 pub struct ScanExec {
     store: Arc<Store>,
@@ -175,6 +201,9 @@ pub struct ScanExec {
     schema: SchemaRef,
     limit: Option<usize>,
     partitions: usize,
+    /// A partial aggregate computed in the scan (see [`crate::pushdown`]): the scan then
+    /// returns one row per series and time bucket instead of the rows it read.
+    partial: Option<PartialScan>,
     /// The engine scan, split once per execution and handed out partition by partition.
     slots: Mutex<Vec<Slot>>,
     props: Arc<PlanProperties>,
@@ -190,12 +219,36 @@ enum Slot {
 }
 
 impl ScanExec {
+    /// The plan reading `req` as `schema` on `partitions` threads, or an empty plan when the
+    /// time range is empty (contradictory filters: nothing can match).
+    pub(crate) fn plan(
+        store: Arc<Store>,
+        req: ScanRequest,
+        schema: SchemaRef,
+        limit: Option<usize>,
+        partitions: usize,
+        partial: Option<PartialScan>,
+    ) -> Arc<dyn ExecutionPlan> {
+        if req.start >= req.end {
+            return Arc::new(EmptyExec::new(schema));
+        }
+        Arc::new(Self::new(
+            store,
+            req,
+            schema,
+            limit,
+            partitions.max(1),
+            partial,
+        ))
+    }
+
     fn new(
         store: Arc<Store>,
         req: ScanRequest,
         schema: SchemaRef,
         limit: Option<usize>,
         partitions: usize,
+        partial: Option<PartialScan>,
     ) -> Self {
         let props = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
@@ -209,6 +262,7 @@ impl ScanExec {
             schema,
             limit,
             partitions,
+            partial,
             slots: Mutex::new(Vec::new()),
             props: Arc::new(props),
             metrics: ExecutionPlanMetricsSet::new(),
@@ -254,6 +308,9 @@ impl DisplayAs for ScanExec {
                 }
                 if let Some(l) = self.limit {
                     write!(f, ", limit={l}")?;
+                }
+                if let Some(p) = &self.partial {
+                    write!(f, ", partial_aggregate=[{}]", p.spec)?;
                 }
                 write!(f, ", partitions={}", self.partitions)
             }
@@ -307,6 +364,7 @@ impl ExecutionPlan for ScanExec {
             counter("row_groups_pruned"),
             counter("rows_decoded"),
             counter("rows_skipped_by_page_index"),
+            counter("rows_scanned"),
         ];
         let baseline = BaselineMetrics::new(&self.metrics, partition);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
@@ -318,13 +376,13 @@ impl ExecutionPlan for ScanExec {
             )));
         };
         let schema = Arc::clone(&self.schema);
+        let mut partial = self.partial.as_ref().map(PartialScan::start);
         tokio::task::spawn_blocking(move || {
             let external = |e: forestall_engine::Error| DataFusionError::External(Box::new(e));
             let mut rows = 0;
-            for batch in stream.by_ref() {
-                let batch = batch
-                    .map_err(external)
-                    .and_then(|b| to_sql_types(&b, &schema));
+            // Whether to go on after sending: not after an error or at the limit, and not
+            // when the channel is closed (the consumer is gone).
+            let mut send = |batch: DfResult<RecordBatch>| {
                 let stop = match &batch {
                     Ok(b) => {
                         rows += b.num_rows();
@@ -332,9 +390,35 @@ impl ExecutionPlan for ScanExec {
                     }
                     Err(_) => true,
                 };
-                // A closed channel means the consumer is gone: stop reading.
-                if tx.blocking_send(batch).is_err() || stop {
+                tx.blocking_send(batch).is_ok() && !stop
+            };
+            let mut going = true;
+            let mut scanned = 0;
+            for batch in stream.by_ref() {
+                let batch = batch.map_err(external);
+                if let Ok(b) = &batch {
+                    scanned += b.num_rows();
+                }
+                going = match &mut partial {
+                    None => send(batch.and_then(|b| to_sql_types(&b, &schema))),
+                    Some(p) => match batch.and_then(|b| p.push(&b)) {
+                        Ok(done) => done.into_iter().all(|b| send(Ok(b))),
+                        Err(e) => send(Err(e)),
+                    },
+                };
+                // A folding scan sends nothing for a while: notice a consumer that left.
+                if !going || tx.is_closed() {
                     break;
+                }
+            }
+            if going && !tx.is_closed() && let Some(p) = partial {
+                match p.finish() {
+                    Ok(done) => {
+                        let _ = done.into_iter().all(|b| send(Ok(b)));
+                    }
+                    Err(e) => {
+                        send(Err(e));
+                    }
                 }
             }
             let read = stream.read;
@@ -345,6 +429,7 @@ impl ExecutionPlan for ScanExec {
                 read.row_groups - read.row_groups_read,
                 read.rows_decoded,
                 read.rows_in_row_groups - read.rows_decoded,
+                scanned,
             ];
             for (c, v) in counters.iter().zip(values) {
                 c.add(v);
