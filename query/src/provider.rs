@@ -411,7 +411,10 @@ impl ExecutionPlan for ScanExec {
                     break;
                 }
             }
-            if going && !tx.is_closed() && let Some(p) = partial {
+            if going
+                && !tx.is_closed()
+                && let Some(p) = partial
+            {
                 match p.finish() {
                     Ok(done) => {
                         let _ = done.into_iter().all(|b| send(Ok(b)));

@@ -9,7 +9,8 @@
 //! [`AggregatePushdown`] rewrites
 //!
 //! ```text
-//! Aggregate: group by [date_bin(stride, time[, origin])], tags…; count/sum/min/max/avg(field)…
+//! Aggregate: group by [date_bin(stride, time[, origin]) or date_trunc(unit, time)], tags…;
+//!            count/sum/min/max/avg(field)…
 //!   filters the engine applies exactly (time ranges, tag predicates), pure column projections
 //!     TableScan of a measurement
 //! ```
@@ -877,11 +878,34 @@ fn stat_name(k: usize, stat: Stat) -> String {
     format!("__agg{k}_{s}")
 }
 
-/// `(stride, origin)` of `date_bin(<interval>, time[, <origin>])` with constant arguments.
+/// `(stride, origin)` of a time bucket: `date_bin(<interval>, time[, <origin>])` with
+/// constant arguments, or `date_trunc(<unit>, time)` for units of fixed length (up to a
+/// week, whose buckets start on Mondays).
 fn date_bin(e: &Expr) -> Option<(i64, i64)> {
     let Expr::ScalarFunction(ScalarFunction { func, args }) = e else {
         return None;
     };
+    if func.name() == "date_trunc" {
+        let [Expr::Literal(unit, _), Expr::Column(c)] = args.as_slice() else {
+            return None;
+        };
+        const DAY: i64 = 86_400_000_000_000;
+        let bucket = match crate::provider::scalar_string(unit)?
+            .to_lowercase()
+            .as_str()
+        {
+            "microsecond" => (1_000, 0),
+            "millisecond" => (1_000_000, 0),
+            "second" => (1_000_000_000, 0),
+            "minute" => (60_000_000_000, 0),
+            "hour" => (3_600_000_000_000, 0),
+            "day" => (DAY, 0),
+            // 1970-01-05 was a Monday.
+            "week" => (7 * DAY, 4 * DAY),
+            _ => return None,
+        };
+        return (c.name == TIME_COLUMN).then_some(bucket);
+    }
     if func.name() != "date_bin" {
         return None;
     }

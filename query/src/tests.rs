@@ -694,6 +694,11 @@ async fn aggregates_folded_in_the_scan_match_datafusions_own() {
         "SELECT host, avg(usage) AS a FROM cpu GROUP BY host HAVING avg(usage) > 10 \
          ORDER BY a DESC",
         "SELECT DISTINCT region FROM cpu ORDER BY region",
+        "SELECT date_trunc('minute', time) AS m, host, max(usage) FROM cpu \
+         WHERE host = 'h2' GROUP BY 1, 2 ORDER BY 1, 2",
+        "SELECT date_trunc('week', time) AS w, count(*), sum(usage) FROM cpu GROUP BY 1",
+        "SELECT date_trunc('HOUR', time) AS h, region, count(*) FROM cpu GROUP BY 1, 2 \
+         ORDER BY 1, 2",
         // DataFusion turns this into a GROUP BY host, which is folded.
         "SELECT count(DISTINCT host) FROM cpu",
         "SELECT date_bin(INTERVAL '1 hour', time) AS h, max(usage) FROM cpu \
@@ -708,7 +713,7 @@ async fn aggregates_folded_in_the_scan_match_datafusions_own() {
         "SELECT host, count(*) FROM cpu WHERE usage > 5 GROUP BY host ORDER BY host",
         "SELECT count(DISTINCT usage) FROM cpu",
         "SELECT host, median(usage) FROM cpu GROUP BY host ORDER BY host",
-        "SELECT date_trunc('hour', time) AS h, avg(usage) FROM cpu GROUP BY 1 ORDER BY 1",
+        "SELECT date_trunc('month', time) AS m, avg(usage) FROM cpu GROUP BY 1 ORDER BY 1",
     ];
     for (sql, expect_folded) in folded
         .iter()
