@@ -232,31 +232,14 @@ impl ScanExec {
         if req.start >= req.end {
             return Arc::new(EmptyExec::new(schema));
         }
-        Arc::new(Self::new(
-            store,
-            req,
-            schema,
-            limit,
-            partitions.max(1),
-            partial,
-        ))
-    }
-
-    fn new(
-        store: Arc<Store>,
-        req: ScanRequest,
-        schema: SchemaRef,
-        limit: Option<usize>,
-        partitions: usize,
-        partial: Option<PartialScan>,
-    ) -> Self {
+        let partitions = partitions.max(1);
         let props = PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
             Partitioning::UnknownPartitioning(partitions),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        Self {
+        Arc::new(Self {
             store,
             req,
             schema,
@@ -266,7 +249,7 @@ impl ScanExec {
             slots: Mutex::new(Vec::new()),
             props: Arc::new(props),
             metrics: ExecutionPlanMetricsSet::new(),
-        }
+        })
     }
 
     /// This partition's part of the scan; the first partition of an execution to ask (or a
