@@ -661,7 +661,9 @@ fn tag_predicate(e: &Expr, schema: &TableSchema) -> Option<TagPredicate> {
             case_insensitive,
         }) => {
             let tag = tag_column(expr, schema)?.to_string();
-            let re = like_regex(&string_literal(pattern)?, *escape_char, *case_insensitive)?;
+            // Without an ESCAPE clause, `\` escapes, as in DataFusion's (Arrow's) LIKE.
+            let escape = escape_char.or(Some('\\'));
+            let re = like_regex(&string_literal(pattern)?, escape, *case_insensitive)?;
             Some(if *negated {
                 TagPredicate::NotRegex(tag, re)
             } else {
@@ -689,5 +691,32 @@ mod tests {
         assert!(re.is_match("A.Bc") && !re.is_match("axb"));
         let re = like_regex(r"100\%", Some('\\'), false).unwrap();
         assert!(re.is_match("100%") && !re.is_match("1000"));
+    }
+
+    /// A tag filter with LIKE selects the series DataFusion's LIKE would: `\` escapes even
+    /// without an ESCAPE clause (it once matched a literal backslash, and the scan dropped
+    /// series the query asked for).
+    #[tokio::test]
+    async fn like_on_a_tag_escapes_with_backslash_as_datafusion_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            Store::open(forestall_engine::EngineConfig {
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let body = "cpu,host=a_b usage=1 1\ncpu,host=axb usage=2 1\ncpu,host=a\\\\xb usage=4 1\n";
+        let o = store
+            .write(body.as_bytes(), forestall_engine::Precision::Nanoseconds, 1)
+            .unwrap();
+        assert_eq!(o.rejected_lines, 0, "{:?}", o.errors);
+        let engine = crate::QueryEngine::new(store);
+        for (pattern, want) in [(r"a\_b", "1.0"), (r"a_b", "3.0"), (r"a\\%", "4.0")] {
+            let sql = format!("SELECT sum(usage) FROM cpu WHERE host LIKE '{pattern}'");
+            let (_, batches) = engine.sql(&sql).await.unwrap();
+            let got = arrow::util::display::array_value_to_string(batches[0].column(0), 0).unwrap();
+            assert_eq!(got, want, "{sql}");
+        }
     }
 }
