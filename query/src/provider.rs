@@ -40,10 +40,10 @@ use datafusion::physical_plan::{
 };
 use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::{ScanRequest, ScanStream, Store, TableSchema, TagPredicate};
-
-use crate::pushdown::PartialScan;
 use futures::StreamExt;
 use regex::Regex;
+
+use crate::pushdown::PartialScan;
 
 /// Every measurement of a store, as tables.
 #[derive(Debug)]
@@ -363,17 +363,17 @@ impl ExecutionPlan for ScanExec {
         tokio::task::spawn_blocking(move || {
             let external = |e: forestall_engine::Error| DataFusionError::External(Box::new(e));
             let mut rows = 0;
-            // Whether to go on after sending: not after an error or at the limit, and not
+            // Sends batches; whether to go on: not after an error or at the limit, and not
             // when the channel is closed (the consumer is gone).
-            let mut send = |batch: DfResult<RecordBatch>| {
-                let stop = match &batch {
-                    Ok(b) => {
-                        rows += b.num_rows();
-                        limit.is_some_and(|l| rows >= l)
-                    }
-                    Err(_) => true,
-                };
-                tx.blocking_send(batch).is_ok() && !stop
+            let mut send = |batches: DfResult<Vec<RecordBatch>>| match batches {
+                Ok(batches) => batches.into_iter().all(|b| {
+                    rows += b.num_rows();
+                    tx.blocking_send(Ok(b)).is_ok() && limit.is_none_or(|l| rows < l)
+                }),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    false
+                }
             };
             let mut going = true;
             let mut scanned = 0;
@@ -382,13 +382,12 @@ impl ExecutionPlan for ScanExec {
                 if let Ok(b) = &batch {
                     scanned += b.num_rows();
                 }
-                going = match &mut partial {
-                    None => send(batch.and_then(|b| to_sql_types(&b, &schema))),
-                    Some(p) => match batch.and_then(|b| p.push(&b)) {
-                        Ok(done) => done.into_iter().all(|b| send(Ok(b))),
-                        Err(e) => send(Err(e)),
-                    },
-                };
+                going = send(match &mut partial {
+                    None => batch
+                        .and_then(|b| to_sql_types(&b, &schema))
+                        .map(|b| vec![b]),
+                    Some(p) => batch.and_then(|b| p.push(&b)),
+                });
                 // A folding scan sends nothing for a while: notice a consumer that left.
                 if !going || tx.is_closed() {
                     break;
@@ -398,14 +397,7 @@ impl ExecutionPlan for ScanExec {
                 && !tx.is_closed()
                 && let Some(p) = partial
             {
-                match p.finish() {
-                    Ok(done) => {
-                        let _ = done.into_iter().all(|b| send(Ok(b)));
-                    }
-                    Err(e) => {
-                        send(Err(e));
-                    }
-                }
+                send(p.finish());
             }
             let read = stream.read;
             let values = [

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, ArrowPrimitiveType, AsArray, Float64Array, Int64Array, PrimitiveArray,
-    RecordBatch, RecordBatchOptions, StringViewArray, TimestampNanosecondArray,
+    RecordBatch, StringViewArray, TimestampNanosecondArray,
 };
 use arrow::datatypes::{
     DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, TimestampNanosecondType,
@@ -248,28 +248,35 @@ struct Run {
 struct Out {
     bucket: Vec<i64>,
     tags: Vec<Vec<Option<String>>>,
-    counts: Vec<Vec<i64>>,
-    floats: Vec<Vec<Option<f64>>>,
-    ints: Vec<Vec<Option<i64>>>,
+    /// One per `spec.stats`.
+    stats: Vec<StatColumn>,
+}
+
+/// A column of partial states: counts, or float or integer values (null where the run had
+/// no value).
+#[derive(Debug)]
+enum StatColumn {
+    Count(Vec<i64>),
+    F64(Vec<Option<f64>>),
+    I64(Vec<Option<i64>>),
 }
 
 impl Out {
     fn new(spec: &PartialSpec) -> Self {
-        let mut out = Self {
+        let stats = spec
+            .stats
+            .iter()
+            .map(|(k, stat)| match (stat, spec.aggs[*k].mode) {
+                (Stat::Count, _) => StatColumn::Count(Vec::new()),
+                (_, Mode::F64) => StatColumn::F64(Vec::new()),
+                (_, Mode::I64) => StatColumn::I64(Vec::new()),
+            })
+            .collect();
+        Self {
             bucket: Vec::new(),
             tags: vec![Vec::new(); spec.tags.len()],
-            counts: Vec::new(),
-            floats: Vec::new(),
-            ints: Vec::new(),
-        };
-        for (k, stat) in &spec.stats {
-            match (stat, spec.aggs[*k].mode) {
-                (Stat::Count, _) => out.counts.push(Vec::new()),
-                (_, Mode::F64) => out.floats.push(Vec::new()),
-                (_, Mode::I64) => out.ints.push(Vec::new()),
-            }
+            stats,
         }
-        out
     }
 
     fn len(&self) -> usize {
@@ -281,47 +288,31 @@ impl Out {
         for (col, tag) in self.tags.iter_mut().zip(run.tags) {
             col.push(tag);
         }
-        let (mut c, mut f, mut i) = (0, 0, 0);
-        for (k, stat) in &spec.stats {
+        for (col, (k, stat)) in self.stats.iter_mut().zip(&spec.stats) {
             let a = &run.accs[*k];
             let some = a.count > 0;
-            match (stat, spec.aggs[*k].mode) {
-                (Stat::Count, _) => {
-                    self.counts[c].push(a.count);
-                    c += 1;
-                }
-                (stat, Mode::F64) => {
-                    let v = match stat {
-                        Stat::Min => a.min_f,
-                        Stat::Max => a.max_f,
-                        _ => a.sum_f,
-                    };
-                    self.floats[f].push(some.then_some(v));
-                    f += 1;
-                }
-                (stat, Mode::I64) => {
-                    let v = match stat {
-                        Stat::Min => a.min_i,
-                        Stat::Max => a.max_i,
-                        _ => a.sum_i,
-                    };
-                    self.ints[i].push(some.then_some(v));
-                    i += 1;
-                }
+            match col {
+                StatColumn::Count(v) => v.push(a.count),
+                StatColumn::F64(v) => v.push(some.then_some(match stat {
+                    Stat::Min => a.min_f,
+                    Stat::Max => a.max_f,
+                    _ => a.sum_f,
+                })),
+                StatColumn::I64(v) => v.push(some.then_some(match stat {
+                    Stat::Min => a.min_i,
+                    Stat::Max => a.max_i,
+                    _ => a.sum_i,
+                })),
             }
         }
     }
 
     /// The waiting rows as a batch of `spec.schema`, projected; empties the buffers.
     fn take(&mut self, spec: &PartialSpec, projection: Option<&[usize]>) -> DfResult<RecordBatch> {
-        let rows = self.len();
+        let bucket = std::mem::take(&mut self.bucket);
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(spec.schema.fields().len());
         if spec.bucket.is_some() {
-            columns.push(Arc::new(TimestampNanosecondArray::from(std::mem::take(
-                &mut self.bucket,
-            ))));
-        } else {
-            self.bucket.clear();
+            columns.push(Arc::new(TimestampNanosecondArray::from(bucket)));
         }
         for col in &mut self.tags {
             let values = std::mem::take(col);
@@ -329,36 +320,18 @@ impl Out {
                 values.iter().map(|v| v.as_deref()),
             )));
         }
-        let (mut c, mut f, mut i) = (0, 0, 0);
-        for (k, stat) in &spec.stats {
-            let array: ArrayRef = match (stat, spec.aggs[*k].mode) {
-                (Stat::Count, _) => {
-                    c += 1;
-                    Arc::new(Int64Array::from(std::mem::take(&mut self.counts[c - 1])))
-                }
-                (_, Mode::F64) => {
-                    f += 1;
-                    Arc::new(Float64Array::from(std::mem::take(&mut self.floats[f - 1])))
-                }
-                (_, Mode::I64) => {
-                    i += 1;
-                    Arc::new(Int64Array::from(std::mem::take(&mut self.ints[i - 1])))
-                }
-            };
-            columns.push(array);
+        for col in &mut self.stats {
+            columns.push(match col {
+                StatColumn::Count(v) => Arc::new(Int64Array::from(std::mem::take(v))),
+                StatColumn::F64(v) => Arc::new(Float64Array::from(std::mem::take(v))),
+                StatColumn::I64(v) => Arc::new(Int64Array::from(std::mem::take(v))),
+            });
         }
         let batch = RecordBatch::try_new(Arc::clone(&spec.schema), columns)?;
+        // `project` keeps the row count, so an empty projection still says how many rows.
         Ok(match projection {
             None => batch,
-            Some(p) => {
-                let options = RecordBatchOptions::new().with_row_count(Some(rows));
-                let projected = batch.project(p)?;
-                RecordBatch::try_new_with_options(
-                    projected.schema(),
-                    projected.columns().to_vec(),
-                    &options,
-                )?
-            }
+            Some(p) => batch.project(p)?,
         })
     }
 }
@@ -831,19 +804,19 @@ fn rewrite(aggregate: &Aggregate) -> DfResult<Option<LogicalPlan>> {
     let merged = |k: usize, stat: Stat| {
         Expr::Column(Column::from_name(format!("__merged{}", stat_name(k, stat))))
     };
-    let mut outputs = Vec::new();
-    let (mut b, mut t) = (0, 0);
-    for is_bucket in &group_is_bucket {
-        let g = if *is_bucket {
-            b += 1;
-            state(bucket_name)
-        } else {
-            t += 1;
-            state(&spec.tags[t - 1])
-        };
-        outputs.push(g);
-    }
-    debug_assert!(b <= 1);
+    // The groups in their original order: the bucket where it was, the tags in turn.
+    let mut tag_columns = spec.tags.iter().map(|t| state(t));
+    let mut outputs: Vec<Expr> = group_is_bucket
+        .iter()
+        .map(|&is_bucket| {
+            if is_bucket {
+                Some(state(bucket_name))
+            } else {
+                tag_columns.next()
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| DataFusionError::Internal("aggregate pushdown: groups".into()))?;
     for (k, a) in spec.aggs.iter().enumerate() {
         outputs.push(match a.kind {
             Kind::Count => coalesce(vec![merged(k, Stat::Count), lit(0i64)]),
