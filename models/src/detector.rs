@@ -4,18 +4,24 @@
 //! it. The error divided by the forecast's own spread (its 90% interval half-width in normal
 //! units) is the *surprise* `z`, clipped at [`DetectorParams::clip`]: beyond that, a bigger
 //! error says nothing more, and one huge outlier must not numb the likelihood for months.
-//! Two [`Likelihood`]s judge the surprise against its own history: an instant one (the
-//! surprise of this row: spikes and broken patterns) and a sustained one (its mean over the
-//! last rows: a series that keeps being a little wrong, a changed regime). The score is the
-//! larger, and a refractory period halves scores that do not exceed the recent maximum, so the
-//! first alarm of an event stands out from the rest of it.
+//! Three [`Likelihood`]s judge the series against its own history:
+//! * an instant one, the surprise of this row: spikes and broken patterns;
+//! * a sustained one, the surprise's mean over the last rows: a series that keeps being a
+//!   little wrong, a changed regime;
+//! * a level one, the mean of the last values themselves, high or low: a slow drift to where
+//!   the series has not been, which a forecaster follows step by step without surprise (a
+//!   machine cooling over hours, a day of half the usual traffic, spikes coming denser).
+//!
+//! The score is the most significant of the three, and a refractory period halves scores that
+//! do not exceed the recent maximum, so the first alarm of an event stands out from the rest
+//! of it.
 //!
 //! Every step costs one forecaster update (O(models × log window)); nothing looks ahead.
 
 use std::collections::VecDeque;
 
 use crate::forecast::{AutoForecaster, ForecastConfig};
-use crate::likelihood::{Likelihood, LikelihoodParams, log_scale};
+use crate::likelihood::{Likelihood, LikelihoodParams, Side, significance};
 
 /// Parameters of [`Detector`]: one set for every series.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +30,8 @@ pub struct DetectorParams {
     pub clip: f64,
     /// Rows averaged by the sustained likelihood.
     pub sustained: usize,
+    /// Values averaged by the level likelihood (0: no level likelihood).
+    pub level: usize,
     /// After a score, later scores within this many rows are halved unless they exceed it:
     /// the first alarm of an event is the one that counts.
     pub refractory: usize,
@@ -36,6 +44,7 @@ impl Default for DetectorParams {
         Self {
             clip: 10.0,
             sustained: 12,
+            level: 48,
             refractory: 300,
             likelihood: LikelihoodParams::default(),
         }
@@ -49,6 +58,7 @@ pub struct Detector {
     forecaster: AutoForecaster,
     instant: Likelihood,
     sustained: Likelihood,
+    level: Option<Likelihood>,
     /// Recent output scores, for the refractory period.
     recent: VecDeque<f64>,
 }
@@ -73,11 +83,20 @@ impl Detector {
             short: params.sustained.max(1),
             ..params.likelihood
         });
+        let level = (params.level > 0).then(|| {
+            Likelihood::new(LikelihoodParams {
+                short: params.level,
+                min_std: 0.0,
+                side: Side::Both,
+                ..params.likelihood
+            })
+        });
         Self {
             params,
             forecaster,
             instant,
             sustained,
+            level,
             recent: VecDeque::new(),
         }
     }
@@ -97,8 +116,14 @@ impl Detector {
         } else {
             self.params.clip
         };
-        let score = log_scale(self.instant.update(surprise))
-            .max(log_scale(self.sustained.update(surprise)));
+        let mut tail = self
+            .instant
+            .update(surprise)
+            .min(self.sustained.update(surprise));
+        if let Some(level) = &mut self.level {
+            tail = tail.min(level.update(value));
+        }
+        let score = significance(tail);
         if self.params.refractory == 0 {
             return score;
         }
@@ -135,6 +160,38 @@ mod tests {
         assert!(s.iter().all(|x| (0.0..=1.0).contains(x)));
         let before = s[1000..2990].iter().cloned().fold(0.0, f64::max);
         assert!(s[3000] > before, "spike {} vs max before {before}", s[3000]);
+    }
+
+    #[test]
+    fn a_slow_drift_to_a_new_level_is_flagged_by_the_level_likelihood() {
+        // Noise of ±1 around 50, then a decline of 3 over 600 rows: every step's change
+        // (0.005) hides in the noise, so the forecaster follows it without surprise.
+        let mut seed = 3u64;
+        let mut v = vec![49.0; 6000];
+        for (i, x) in v.iter_mut().enumerate() {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *x += (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0;
+            if i >= 5000 {
+                *x -= 3.0 * ((i - 5000) as f64 / 600.0).min(1.0);
+            }
+        }
+        let peak = |params: &DetectorParams, rows: std::ops::Range<usize>| {
+            score_series(&v, params)[rows]
+                .iter()
+                .cloned()
+                .fold(0.0, f64::max)
+        };
+        let with = DetectorParams::default();
+        let without = DetectorParams {
+            level: 0,
+            ..DetectorParams::default()
+        };
+        let (before, drift) = (peak(&with, 1000..5000), peak(&with, 5000..6000));
+        assert!(drift > 0.9 && drift > before + 0.3, "{drift} vs {before}");
+        let blind = peak(&without, 5000..6000);
+        assert!(blind < drift - 0.3, "without the level likelihood: {blind}");
     }
 
     #[test]

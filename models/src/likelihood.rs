@@ -1,11 +1,12 @@
-//! Anomaly likelihood: how unusual the recent surprise is against its own long-run history.
+//! Anomaly likelihood: how unusual a recent signal is against its own long-run history.
 //!
 //! A forecaster's error, scaled by its expected spread, is a *surprise*. Surprise alone is a
 //! poor alarm: noisy series are always surprising, and one outlier in a quiet series is not
-//! a regime change. The likelihood compares the short-term mean of the surprise with the
+//! a regime change. The likelihood compares the short-term mean of a signal with the
 //! distribution of that mean over a long history (a normal fit to a trailing window) and
-//! reports the upper-tail probability. The final score is the log-scaled likelihood, so
-//! that 0.999 and 0.99999 are far apart: thresholds then carry across series.
+//! reports the tail probability: the upper tail for a surprise, both tails for a level. The
+//! final score is the tail's significance in decades ([`significance`]), so that 1e-3 and
+//! 1e-9 are far apart: thresholds then carry across series.
 //!
 //! After Ahmad et al., "Unsupervised real-time anomaly detection for streaming data"
 //! (Neurocomputing 2017), the post-processing of Numenta's HTM detector.
@@ -21,8 +22,20 @@ pub struct LikelihoodParams {
     pub short: usize,
     /// Rows of history the normal fit uses.
     pub history: usize,
-    /// Lower bound on the fitted standard deviation (surprise units).
+    /// Lower bound on the fitted standard deviation, in the signal's units (a relative
+    /// floor of 1e-9 × (1 + |mean|) always applies).
     pub min_std: f64,
+    /// Which tail is unusual.
+    pub side: Side,
+}
+
+/// Which tail of the fitted distribution [`Likelihood`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// High values only; the signal is clamped at 0 (a surprise is never negative).
+    Upper,
+    /// Both: a level is unusual when high or low.
+    Both,
 }
 
 impl Default for LikelihoodParams {
@@ -32,11 +45,12 @@ impl Default for LikelihoodParams {
             short: 10,
             history: 8640,
             min_std: 0.05,
+            side: Side::Upper,
         }
     }
 }
 
-/// Streaming anomaly likelihood over a surprise signal.
+/// Streaming anomaly likelihood over one signal.
 #[derive(Debug, Clone)]
 pub struct Likelihood {
     p: LikelihoodParams,
@@ -61,29 +75,38 @@ impl Likelihood {
         }
     }
 
-    /// Takes the next surprise (≥ 0) and returns the anomaly likelihood in [0, 1].
-    pub fn update(&mut self, surprise: f64) -> f64 {
-        let surprise = if surprise.is_finite() {
-            surprise.max(0.0)
-        } else {
-            0.0
+    /// Takes the next value of the signal and returns the probability, under the normal fit
+    /// to its history, of a short-term mean at least this far out: 0.5 while learning, 1 for
+    /// a non-finite value (which is not recorded).
+    pub fn update(&mut self, x: f64) -> f64 {
+        let x = match self.p.side {
+            _ if !x.is_finite() => return 1.0,
+            Side::Upper => x.max(0.0),
+            Side::Both => x,
         };
         self.seen += 1;
-        self.recent.push_back(surprise);
-        self.recent_sum += surprise;
+        self.recent.push_back(x);
+        self.recent_sum += x;
         if self.recent.len() > self.p.short {
             self.recent_sum -= self.recent.pop_front().unwrap_or(0.0);
         }
         let avg = self.recent_sum / self.recent.len() as f64;
         // Score against the history *before* adding this point.
-        let likelihood = if self.seen <= self.p.learning || self.history.len() < 2 {
+        let tail = if self.seen <= self.p.learning || self.history.len() < 2 {
             0.5
         } else {
             let n = self.history.len() as f64;
             let mean = self.sum / n;
             let var = (self.sum_sq / n - mean * mean).max(0.0);
-            let std = var.sqrt().max(self.p.min_std);
-            1.0 - normal_tail((avg - mean) / std)
+            let std = var
+                .sqrt()
+                .max(self.p.min_std)
+                .max(1e-9 * (1.0 + mean.abs()));
+            let z = (avg - mean) / std;
+            match self.p.side {
+                Side::Upper => normal_tail(z),
+                Side::Both => 2.0 * normal_tail(z.abs()),
+            }
         };
         self.history.push_back(avg);
         self.sum += avg;
@@ -93,13 +116,20 @@ impl Likelihood {
             self.sum -= old;
             self.sum_sq -= old * old;
         }
-        likelihood
+        tail
     }
 }
 
-/// Log-scales a likelihood into [0, 1]: 0.5 → ~0.03, 0.999 → 0.3, 0.9999999999 → 1.
-pub fn log_scale(likelihood: f64) -> f64 {
-    ((1.000_000_000_1 - likelihood).ln() / (1.0 - 0.999_999_999_9f64).ln()).clamp(0.0, 1.0)
+/// Decades of significance at which [`significance`] reaches 1.
+pub const FULL_SIGNIFICANCE: f64 = 10.0;
+
+/// A tail probability as a score in [0, 1]: its decades of significance over
+/// [`FULL_SIGNIFICANCE`] (0.5 → 0.03, 1e-3 → 0.3, 1e-10 and beyond → 1).
+pub fn significance(tail: f64) -> f64 {
+    if tail.is_nan() {
+        return 0.0;
+    }
+    (-tail.log10() / FULL_SIGNIFICANCE).clamp(0.0, 1.0)
 }
 
 /// Upper-tail probability of the standard normal, P(Z > z).
@@ -137,6 +167,13 @@ mod tests {
         assert!(normal_tail(10.0) < 1e-20);
     }
 
+    fn noise(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     #[test]
     fn steady_surprise_is_unremarkable_and_a_burst_is_likely_anomalous() {
         let mut l = Likelihood::new(LikelihoodParams {
@@ -144,28 +181,54 @@ mod tests {
             ..Default::default()
         });
         let mut seed = 1u64;
-        let mut noise = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
         let mut last = 0.0;
         for _ in 0..2000 {
-            last = l.update(1.0 + 0.2 * noise());
+            last = l.update(1.0 + 0.2 * noise(&mut seed));
         }
-        assert!(last < 0.99, "ordinary surprise: {last}");
+        assert!(last > 0.01, "ordinary surprise: {last}");
         let burst: Vec<f64> = (0..10).map(|_| l.update(6.0)).collect();
-        assert!(burst[5] > 0.9999, "burst: {burst:?}");
-        assert!(log_scale(burst[5]) > log_scale(last));
+        assert!(burst[5] < 1e-4, "burst: {burst:?}");
+        assert!(significance(burst[5]) > significance(last));
+    }
+
+    #[test]
+    fn a_level_is_unusual_on_both_sides_a_surprise_only_when_high() {
+        let params = LikelihoodParams {
+            learning: 50,
+            short: 5,
+            min_std: 0.0,
+            ..Default::default()
+        };
+        let mut level = Likelihood::new(LikelihoodParams {
+            side: Side::Both,
+            ..params
+        });
+        let mut surprise = Likelihood::new(params);
+        let mut seed = 7u64;
+        for _ in 0..2000 {
+            let x = 50.0 + noise(&mut seed);
+            level.update(x);
+            surprise.update(x - 50.0);
+        }
+        let (mut low, mut high) = (level.clone(), level.clone());
+        let drop: Vec<f64> = (0..5).map(|_| low.update(40.0)).collect();
+        let rise: Vec<f64> = (0..5).map(|_| high.update(60.0)).collect();
+        assert!(drop[4] < 1e-6 && rise[4] < 1e-6, "{drop:?} {rise:?}");
+        assert!((significance(drop[4]) - significance(rise[4])).abs() < 1e-9);
+        // A negative surprise counts as none: no smaller than an ordinary one.
+        let quiet: Vec<f64> = (0..5).map(|_| surprise.update(-10.0)).collect();
+        assert!(quiet[4] > 0.5, "{quiet:?}");
     }
 
     #[test]
     fn learning_period_and_bad_input_give_neutral_scores() {
         let mut l = Likelihood::new(LikelihoodParams::default());
-        assert_eq!(l.update(f64::NAN), 0.5);
-        assert_eq!(l.update(f64::INFINITY), 0.5);
+        assert_eq!(l.update(f64::NAN), 1.0);
+        assert_eq!(l.update(f64::INFINITY), 1.0);
         assert_eq!(l.update(-3.0), 0.5);
-        assert!((0.0..=1.0).contains(&log_scale(0.5)));
+        assert_eq!(significance(1.0), 0.0);
+        assert_eq!(significance(f64::NAN), 0.0);
+        assert_eq!(significance(0.0), 1.0);
+        assert!((significance(0.5) - 0.0301).abs() < 1e-3);
     }
 }
