@@ -320,7 +320,8 @@ impl Actuator for CgroupV1 {
 impl Meter for CgroupV1 {
     /// `cpuacct.usage`, `memory.usage_in_bytes` less `memory.stat`'s `total_inactive_file`,
     /// and the `Total` of `blkio.throttle.io_service_bytes`; each from its controller when it
-    /// is mounted.
+    /// is mounted. Network: the namespaces of the processes in the first of those cgroups'
+    /// `cgroup.procs` ([`Usage::net_bytes`]).
     fn usage(&self, target: &Target) -> Result<Usage> {
         let mut out = Usage::default();
         let mut found = false;
@@ -353,6 +354,14 @@ impl Meter for CgroupV1 {
                     .unwrap_or(0),
             );
             found = true;
+        }
+        if let Some(procs) = ["cpuacct", "memory", "blkio"]
+            .into_iter()
+            .filter(|c| self.root.join(c).is_dir())
+            .map(|c| self.dir(c, target).join("cgroup.procs"))
+            .next()
+        {
+            out.net_bytes = crate::namespace_net_bytes(NAME, &procs)?;
         }
         if !found {
             return Err(Error::Unsupported {
@@ -480,6 +489,51 @@ mod tests {
         // A component whose cgroup does not exist is an error, not zero.
         let gone = Target::new("gone", "forestall-test/no-such-cgroup").unwrap();
         assert!(matches!(f.cg.usage(&gone), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn cgroup_v1_meter_counts_the_network_of_a_components_own_namespace() {
+        // In Forestall's own namespace, the counters are not the component's.
+        let host = fixture("net-host");
+        assert_eq!(host.cg.usage(&host.target).unwrap().net_bytes, None);
+        drop(host);
+        // A TCP sink inside a namespace of its own, in the component: it prints its port,
+        // reads until end of stream and says so.
+        let ns = crate::testing::Netns::new(3);
+        let script = format!(
+            "import socket, time\n\
+             s = socket.socket(); s.bind(('{}', 0)); s.listen(1)\n\
+             print(s.getsockname()[1], flush=True)\n\
+             c, _ = s.accept()\n\
+             while c.recv(1 << 16): pass\n\
+             print('done', flush=True); time.sleep(60)",
+            ns.peer
+        );
+        let mut f = fixture_running(
+            "net",
+            Command::new("ip")
+                .args(["netns", "exec", &ns.name, "python3", "-c", &script])
+                .stdout(std::process::Stdio::piped()),
+        );
+        let mut out = std::io::BufReader::new(f.children[0].stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let port: u16 = line.trim().parse().unwrap();
+        let before = f.cg.usage(&f.target).unwrap().net_bytes.unwrap();
+        let sent = 4u64 << 20;
+        let mut conn = std::net::TcpStream::connect((ns.peer, port)).unwrap();
+        std::io::Write::write_all(&mut conn, &vec![7u8; sent as usize]).unwrap();
+        drop(conn);
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "done");
+        let counted = f.cg.usage(&f.target).unwrap().net_bytes.unwrap() - before;
+        // What arrived, plus headers and the acknowledgements sent back; counted once (the
+        // host's end of the pair is not the component's).
+        assert!(
+            counted >= sent && counted < sent + sent / 4,
+            "counted {counted} bytes for {sent} sent"
+        );
     }
 
     /// A real block device's `major:minor`: a disk if there is one, else any.

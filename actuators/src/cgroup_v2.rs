@@ -281,7 +281,8 @@ impl Actuator for CgroupV2 {
 impl Meter for CgroupV2 {
     /// `cpu.stat`'s `usage_usec` (kept by every cgroup), `memory.current` less `memory.stat`'s
     /// `inactive_file`, and the `rbytes` and `wbytes` of every device in `io.stat`; memory and
-    /// I/O only where their controllers are enabled.
+    /// I/O only where their controllers are enabled. Network: the namespaces of the processes
+    /// in `cgroup.procs` ([`Usage::net_bytes`]).
     fn usage(&self, target: &Target) -> Result<Usage> {
         let dir = self.dir(target);
         let cpu = read(&dir.join("cpu.stat"))?;
@@ -313,6 +314,7 @@ impl Meter for CgroupV2 {
                     .sum(),
             );
         }
+        out.net_bytes = crate::namespace_net_bytes(NAME, &dir.join("cgroup.procs"))?;
         Ok(out)
     }
 }
@@ -336,6 +338,7 @@ mod tests {
         for (file, value) in [
             ("cgroup.controllers", controllers),
             ("cgroup.subtree_control", ""),
+            ("cgroup.procs", ""),
             ("cpu.max", "max 100000"),
             ("cpu.weight", "100"),
             ("memory.high", "max"),
@@ -376,6 +379,8 @@ mod tests {
                 cpu_seconds: Some(2.5),
                 memory_bytes: Some(80 << 20),
                 io_bytes: Some(5 * 1048576 + 100),
+                // No process in a network namespace of its own.
+                net_bytes: None,
             }
         );
         // Without the memory and io controllers, only CPU is counted.

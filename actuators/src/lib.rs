@@ -389,6 +389,10 @@ pub struct Usage {
     pub memory_bytes: Option<u64>,
     /// Bytes read and written on block devices.
     pub io_bytes: Option<u64>,
+    /// Bytes received and sent on the interfaces (other than `lo`) of the network namespaces
+    /// the component's processes are in, as cAdvisor counts a container's; `None` when they
+    /// are all in Forestall's own namespace, whose counters are not theirs alone.
+    pub net_bytes: Option<u64>,
 }
 
 /// Reads what components use: the cgroup plugins, from the same cgroups they limit.
@@ -396,6 +400,53 @@ pub trait Meter: Send + Sync {
     /// The component's usage; a counter its controllers do not keep is `None`, and a cgroup
     /// that does not exist is an error.
     fn usage(&self, target: &Target) -> Result<Usage>;
+}
+
+/// [`Usage::net_bytes`] for the processes listed in `procs` (a `cgroup.procs` file): the
+/// counters of every network namespace they are in, each counted once, except Forestall's
+/// own. A process that exits while it is read is skipped.
+pub(crate) fn namespace_net_bytes(
+    actuator: &'static str,
+    procs: &std::path::Path,
+) -> Result<Option<u64>> {
+    let text = std::fs::read_to_string(procs).map_err(|source| Error::Io {
+        actuator,
+        op: "read",
+        path: procs.to_path_buf(),
+        source,
+    })?;
+    let own = std::fs::read_link("/proc/self/ns/net").ok();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = None;
+    for pid in text.split_whitespace() {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if Some(&ns) == own.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let Ok(dev) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
+            continue;
+        };
+        *total.get_or_insert(0) += net_dev_bytes(&dev);
+    }
+    Ok(total)
+}
+
+/// Received plus sent bytes over the interfaces of a `/proc/<pid>/net/dev`, except `lo`.
+fn net_dev_bytes(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .filter_map(|(_, counters)| {
+            // Receive: bytes packets errs drop fifo frame compressed multicast; then transmit.
+            let c: Vec<u64> = counters
+                .split_whitespace()
+                .map(|v| v.parse().ok())
+                .collect::<Option<_>>()?;
+            Some(c.first()?.saturating_add(*c.get(8)?))
+        })
+        .fold(0, u64::saturating_add)
 }
 
 /// The `key value` lines of a cgroup `*.stat` file, as numbers (other lines skipped).
@@ -488,6 +539,7 @@ impl Actuator for DryRun {
 /// test fails.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::net::Ipv4Addr;
     use std::path::Path;
     use std::process::{Child, Command};
 
@@ -495,6 +547,89 @@ pub(crate) mod testing {
     use crate::cgroup_v1::CgroupV1;
 
     pub const ROOT: &str = "/sys/fs/cgroup";
+
+    /// A network namespace with a veth pair into it: `host` (10.n.0.1) here, its peer
+    /// (10.n.0.2) inside. Removed, with the pair, even when the test fails.
+    pub struct Netns {
+        pub name: String,
+        pub host: String,
+        pub peer: Ipv4Addr,
+    }
+
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip(8) is installed");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Netns {
+        /// Namespace `n` (1 to 55): tests running at once use different `n`.
+        pub fn new(n: u8) -> Self {
+            let tag = format!("{}{n}", std::process::id() % 100_000);
+            let (name, host, inner) = (
+                format!("fstest{tag}"),
+                format!("fsh{tag}"),
+                format!("fsp{tag}"),
+            );
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            ip(&["netns", "add", &name]);
+            let ns = Netns {
+                name: name.clone(),
+                host: host.clone(),
+                peer: Ipv4Addr::new(10, 200 + n, 0, 2),
+            };
+            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &inner, "netns", &name]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.{}.0.1/24", 200 + n),
+                "dev",
+                &host,
+            ]);
+            ip(&["link", "set", &host, "up"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/24", ns.peer),
+                "dev",
+                &inner,
+            ]);
+            ip(&["-n", &name, "link", "set", &inner, "up"]);
+            ns
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            // Deleting the namespace deletes the peer, and with it the pair.
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.host])
+                .output();
+        }
+    }
+
+    /// Moves this thread (only) into the named network namespace.
+    #[allow(unsafe_code)]
+    pub fn enter_netns(path: &str) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on an open namespace file; it changes only the calling thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
 
     pub struct Fixture {
         pub cg: CgroupV1,
@@ -567,6 +702,18 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_dev_counts_received_and_sent_bytes_except_loopback() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+ lo: 5000      50    0    0    0     0          0         0     5000      50    0    0    0     0       0          0\n  \
+eth0: 1000      10    0    0    0     0          0         0      200       2    0    0    0     0       0          0\n\
+veth1: 30        1    0    0    0     0          0         0        4       1    0    0    0     0       0          0\n";
+        assert_eq!(net_dev_bytes(text), 1000 + 200 + 30 + 4);
+        // A truncated line is skipped, not misread.
+        assert_eq!(net_dev_bytes("eth0: 1000 10 0\n"), 0);
+    }
 
     #[test]
     fn targets_cannot_leave_the_hierarchy() {

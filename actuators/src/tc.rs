@@ -303,68 +303,12 @@ impl Actuator for TrafficControl {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 
-    /// A network namespace with a veth pair into it: `host` (10.n.0.1) here, its peer
-    /// (10.n.0.2) inside. Removed, with the pair, even when the test fails.
-    struct Netns {
-        name: String,
-        host: String,
-        peer: Ipv4Addr,
-    }
-
-    fn ip(args: &[&str]) {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip(8) is installed");
-        assert!(
-            out.status.success(),
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    use crate::testing::{Netns, enter_netns};
 
     impl Netns {
-        fn new(n: u8) -> Self {
-            let tag = format!("{}{n}", std::process::id() % 100_000);
-            let (name, host, inner) = (
-                format!("fstest{tag}"),
-                format!("fsh{tag}"),
-                format!("fsp{tag}"),
-            );
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
-            ip(&["netns", "add", &name]);
-            let ns = Netns {
-                name: name.clone(),
-                host: host.clone(),
-                peer: Ipv4Addr::new(10, 200 + n, 0, 2),
-            };
-            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
-            ip(&["link", "set", &inner, "netns", &name]);
-            ip(&[
-                "addr",
-                "add",
-                &format!("10.{}.0.1/24", 200 + n),
-                "dev",
-                &host,
-            ]);
-            ip(&["link", "set", &host, "up"]);
-            ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("{}/24", ns.peer),
-                "dev",
-                &inner,
-            ]);
-            ip(&["-n", &name, "link", "set", &inner, "up"]);
-            ns
-        }
-
         /// A TCP sink inside the namespace; it reports (seconds since its first byte, bytes
         /// so far) after every read.
         fn sink(&self) -> (SocketAddr, std::thread::JoinHandle<Vec<(f64, u64)>>) {
@@ -390,28 +334,6 @@ mod tests {
             });
             (rx.recv().unwrap(), handle)
         }
-    }
-
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            // Deleting the namespace deletes the peer, and with it the pair.
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .output();
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.host])
-                .output();
-        }
-    }
-
-    /// Moves this thread (only) into the named network namespace.
-    #[allow(unsafe_code)]
-    fn enter_netns(path: &str) {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on an open namespace file; it changes only the calling thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 
     /// Bytes per second a bulk transfer to the namespace reaches over `secs`, from the

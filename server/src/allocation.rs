@@ -7,7 +7,9 @@
 //!   and field ([`UsageSource`]), averaged (or maxed) over the round, grouped by the
 //!   component tag. By default the built-in collector provides it: it reads each component's
 //!   cgroup counters ([`Meter`]) and writes `forestall_usage,component=<name>` with fields
-//!   `cpu` (cores), `mem` (bytes of working set) and `disk` (bytes/s).
+//!   `cpu` (cores), `mem` (bytes of working set), `disk` (bytes/s) and `net` (bytes/s sent
+//!   and received in the component's own network namespaces; none for a component in
+//!   Forestall's namespace, whose traffic cannot be told apart: point `usage.net` elsewhere).
 //! * **Units**: CPU in cores, memory in bytes, network and disk in bytes per second.
 //! * **Dry-run** (`actuate = false`, the default): the engine runs and audits as it would
 //!   live, and a [`DryRun`] actuator records what would be applied; nothing is changed.
@@ -835,6 +837,13 @@ impl Allocations {
             let fields: Vec<(&str, Option<f64>)> = vec![
                 ("cpu", rate(u.cpu_seconds, prev_u.cpu_seconds)),
                 ("mem", u.memory_bytes.map(|b| b as f64)),
+                (
+                    "net",
+                    rate(
+                        u.net_bytes.map(|b| b as f64),
+                        prev_u.net_bytes.map(|b| b as f64),
+                    ),
+                ),
                 (
                     "disk",
                     rate(

@@ -342,6 +342,13 @@ async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
     let a = Allocations::new(&config(root.path(), false, true), &f.data_dir).unwrap();
+    // web runs in a network namespace of its own (batch has no process).
+    let netns = NetnsProcess::start();
+    std::fs::write(
+        root.path().join("forestall/web/cgroup.procs"),
+        netns.0.id().to_string(),
+    )
+    .unwrap();
     let before: Vec<String> = ["cpu.max", "memory.max", "memory.high", "io.max"]
         .iter()
         .map(|file| read(root.path(), &format!("forestall/web/{file}")))
@@ -380,14 +387,50 @@ async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
     assert_ne!(rows[0][0], "0");
     assert_eq!(rows[0][1], "false");
     // The collector metered the cgroup: working set is memory.current less inactive file,
-    // and CPU is a rate once there are two readings.
+    // and CPU and network are rates once there are two readings; batch, with no process in
+    // a namespace of its own, has no network usage.
     let rows = sql(
         &f,
-        "SELECT max(mem), count(cpu) FROM forestall_usage WHERE component = 'web'",
+        "SELECT component, max(mem), count(cpu), count(net) FROM forestall_usage \
+         GROUP BY component ORDER BY component",
     )
     .await;
-    assert_eq!(rows[0][0].parse::<f64>().unwrap(), 40.0 * 1048576.0);
-    assert_eq!(rows[0][1], "3");
+    assert_eq!(rows[1][0], "web");
+    assert_eq!(rows[1][1].parse::<f64>().unwrap(), 40.0 * 1048576.0);
+    assert_eq!((rows[1][2].as_str(), rows[1][3].as_str()), ("3", "3"));
+    assert_eq!((rows[0][0].as_str(), rows[0][3].as_str()), ("batch", "0"));
+    drop(netns);
+}
+
+/// A process in a network namespace of its own, killed at the end even when the test fails.
+struct NetnsProcess(std::process::Child);
+
+impl NetnsProcess {
+    fn start() -> Self {
+        let child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "60"])
+            .spawn()
+            .expect("unshare(1) is installed");
+        let p = Self(child);
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let theirs = format!("/proc/{}/ns/net", p.0.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(&theirs).ok().is_none_or(|ns| ns == own) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare --net did not"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        p
+    }
+}
+
+impl Drop for NetnsProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
