@@ -11,20 +11,27 @@
 //! Every translated filter is reported as *inexact*: DataFusion still applies it to the rows
 //! that come back, so the translation only has to be a superset, never exact. The engine
 //! uses the time range and the tag bitmap to skip whole segments and row groups.
+//!
+//! Filters on fields (any expression over fields and `time` alone, such as
+//! `usage_user > 90`) are not the engine's to prune by, but the scan applies them to each
+//! batch as it is read, before the batch's tags are turned into strings and sent on: a query
+//! that keeps one row in ten pays for one row in ten past the read. They are inexact too.
 
 use std::sync::{Arc, Mutex};
 
+use arrow::array::AsArray;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{
     SchemaProvider, Session, TableFunctionArgs, TableFunctionImpl, TableProvider,
 };
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{DataFusionError, Result as DfResult, ScalarValue};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, DataFusionError, Result as DfResult, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
     Between, BinaryExpr, Expr, Like, Operator, TableProviderFilterPushDown,
 };
@@ -101,7 +108,10 @@ impl TableProvider for MeasurementTable {
         Ok(filters
             .iter()
             .map(|f| {
-                if time_bounds(f).is_some() || tag_predicate(f, &self.schema).is_some() {
+                if time_bounds(f).is_some()
+                    || tag_predicate(f, &self.schema).is_some()
+                    || self.on_fields(f)
+                {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -124,6 +134,8 @@ impl TableProvider for MeasurementTable {
         };
         let columns = projected.fields().iter().map(|f| f.name().clone());
         let req = self.request(filters.iter(), columns.collect());
+        let on_fields = filters.iter().filter(|f| self.on_fields(f)).cloned();
+        let filter = conjunction(on_fields).and_then(|e| batch_filter(state, e, &projected));
         // A LIMIT reads in order on one partition.
         let partitions = match limit {
             Some(_) => 1,
@@ -135,9 +147,30 @@ impl TableProvider for MeasurementTable {
             projected,
             limit,
             partitions,
-            None,
+            Output::Rows(filter),
         ))
     }
+}
+
+/// `filter` as an expression over the batches of `schema` (its columns unqualified), or
+/// `None` when it cannot be one here (a placeholder not bound yet): it is then left to the
+/// filter above the scan alone.
+fn batch_filter(
+    state: &dyn Session,
+    filter: Expr,
+    schema: &SchemaRef,
+) -> Option<Arc<dyn PhysicalExpr>> {
+    let unqualified = filter
+        .transform(|e| match e {
+            Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(
+                c.name,
+            )))),
+            e => Ok(Transformed::no(e)),
+        })
+        .ok()?
+        .data;
+    let df_schema = DFSchema::try_from(schema.as_ref().clone()).ok()?;
+    state.create_physical_expr(unqualified, &df_schema).ok()
 }
 
 impl MeasurementTable {
@@ -175,6 +208,34 @@ impl MeasurementTable {
         req
     }
 
+    /// Whether `filter` is over fields (and `time`) alone, so that the scan can apply it to
+    /// the rows it reads: at least one field, no tag, nothing volatile, no subquery.
+    fn on_fields(&self, filter: &Expr) -> bool {
+        let mut field = false;
+        let columns_ok = filter.column_refs().iter().all(|c| {
+            if c.name == TIME_COLUMN {
+                return true;
+            }
+            let is_field = matches!(self.schema.columns.get(&c.name), Some(ColumnKind::Field(_)));
+            field |= is_field;
+            is_field
+        });
+        let plain = !filter
+            .exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_)
+                        | Expr::Exists(_)
+                        | Expr::InSubquery(_)
+                        | Expr::OuterReferenceColumn(..)
+                        | Expr::AggregateFunction(_)
+                        | Expr::WindowFunction(_)
+                ))
+            })
+            .unwrap_or(true);
+        field && columns_ok && plain && !filter.is_volatile()
+    }
+
     /// Whether the engine applies `filter` exactly, row by row, so that no row it lets
     /// through fails it: a comparison of the bare `time` column with a timestamp, or a tag
     /// predicate on bare tag columns. (A cast in between could make the translation a
@@ -201,13 +262,21 @@ pub struct ScanExec {
     schema: SchemaRef,
     limit: Option<usize>,
     partitions: usize,
-    /// A partial aggregate computed in the scan (see [`crate::pushdown`]): the scan then
-    /// returns one row per series and time bucket instead of the rows it read.
-    partial: Option<PartialScan>,
+    output: Output,
     /// The engine scan, split once per execution and handed out partition by partition.
     slots: Mutex<Vec<Slot>>,
     props: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
+}
+
+/// What a [`ScanExec`] returns.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// The rows it reads, less those that fail the filter on fields, if there is one.
+    Rows(Option<Arc<dyn PhysicalExpr>>),
+    /// A partial aggregate computed in the scan (see [`crate::pushdown`]): one row per series
+    /// and time bucket instead of the rows it read.
+    Folded(PartialScan),
 }
 
 #[derive(Debug)]
@@ -227,7 +296,7 @@ impl ScanExec {
         schema: SchemaRef,
         limit: Option<usize>,
         partitions: usize,
-        partial: Option<PartialScan>,
+        output: Output,
     ) -> Arc<dyn ExecutionPlan> {
         if req.start >= req.end {
             return Arc::new(EmptyExec::new(schema));
@@ -245,7 +314,7 @@ impl ScanExec {
             schema,
             limit,
             partitions,
-            partial,
+            output,
             slots: Mutex::new(Vec::new()),
             props: Arc::new(props),
             metrics: ExecutionPlanMetricsSet::new(),
@@ -292,8 +361,10 @@ impl DisplayAs for ScanExec {
                 if let Some(l) = self.limit {
                     write!(f, ", limit={l}")?;
                 }
-                if let Some(p) = &self.partial {
-                    write!(f, ", partial_aggregate=[{}]", p.spec)?;
+                match &self.output {
+                    Output::Rows(Some(filter)) => write!(f, ", filter={filter}")?,
+                    Output::Rows(None) => {}
+                    Output::Folded(p) => write!(f, ", partial_aggregate=[{}]", p.spec)?,
                 }
                 write!(f, ", partitions={}", self.partitions)
             }
@@ -359,7 +430,10 @@ impl ExecutionPlan for ScanExec {
             )));
         };
         let schema = Arc::clone(&self.schema);
-        let mut partial = self.partial.as_ref().map(PartialScan::start);
+        let (filter, mut partial) = match &self.output {
+            Output::Rows(filter) => (filter.clone(), None),
+            Output::Folded(p) => (None, Some(p.start())),
+        };
         tokio::task::spawn_blocking(move || {
             let external = |e: forestall_engine::Error| DataFusionError::External(Box::new(e));
             let mut rows = 0;
@@ -384,8 +458,9 @@ impl ExecutionPlan for ScanExec {
                 }
                 going = send(match &mut partial {
                     None => batch
+                        .and_then(|b| keep(b, filter.as_deref()))
                         .and_then(|b| to_sql_types(&b, &schema))
-                        .map(|b| vec![b]),
+                        .map(|b| if b.num_rows() == 0 { vec![] } else { vec![b] }),
                     Some(p) => batch.and_then(|b| p.push(&b)),
                 });
                 // A folding scan sends nothing for a while: notice a consumer that left.
@@ -481,6 +556,18 @@ pub fn sql_schema(stored: &SchemaRef) -> SchemaRef {
 }
 
 /// A batch of the store's types in the types of `schema` (see [`sql_schema`]).
+/// The rows of `batch` that pass `filter` (a row where it is NULL does not, as in SQL).
+fn keep(batch: RecordBatch, filter: Option<&dyn PhysicalExpr>) -> DfResult<RecordBatch> {
+    let Some(filter) = filter else {
+        return Ok(batch);
+    };
+    let mask = filter.evaluate(&batch)?.into_array(batch.num_rows())?;
+    let mask = mask.as_boolean_opt().ok_or_else(|| {
+        DataFusionError::Internal(format!("a filter on fields gave {}", mask.data_type()))
+    })?;
+    Ok(arrow::compute::filter_record_batch(&batch, mask)?)
+}
+
 fn to_sql_types(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
     let columns = batch
         .columns()

@@ -60,7 +60,7 @@ use forestall_engine::catalog::{ColumnKind, SERIES_ID_COLUMN, TIME_COLUMN};
 use forestall_engine::{FieldType, ScanRequest, Store};
 
 use crate::gapfill::stride_nanos;
-use crate::provider::{MeasurementTable, ScanExec};
+use crate::provider::{MeasurementTable, Output, ScanExec};
 
 /// Rows of partial states per batch.
 const BATCH_ROWS: usize = 8192;
@@ -586,7 +586,7 @@ impl TableProvider for PartialTable {
             schema,
             None,
             state.config().target_partitions(),
-            Some(partial),
+            Output::Folded(partial),
         ))
     }
 }

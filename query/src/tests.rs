@@ -272,6 +272,54 @@ async fn explain_analyze_shows_one_host_one_hour_opens_only_what_can_hold_it() {
 }
 
 #[tokio::test]
+async fn a_filter_on_fields_drops_rows_in_the_scan_and_never_one_that_passes() {
+    let (_dir, store) = store();
+    // Hosts a and b, 100 points each (usage = i, temp = i mod 50), and 5 points of b with
+    // no usage; over two segments and the buffer.
+    let line =
+        |h: &str, i: i64| format!("cpu,host={h} usage={i},temp={}i {}", i % 50, T0 + i * MIN);
+    for range in [0..50, 50..80] {
+        let body: Vec<String> = range.flat_map(|i| [line("a", i), line("b", i)]).collect();
+        write(&store, &body.join("\n"));
+        store.flush().unwrap();
+    }
+    let body: Vec<String> = (80..100)
+        .flat_map(|i| [line("a", i), line("b", i)])
+        .collect();
+    write(&store, &body.join("\n"));
+    let nulls: Vec<String> = (100..105)
+        .map(|i| format!("cpu,host=b temp=7i {}", T0 + i * MIN))
+        .collect();
+    write(&store, &nulls.join("\n"));
+    let engine = QueryEngine::new(Arc::clone(&store));
+    // (filter, rows that pass, whether the scan applies it)
+    for (filter, passing, in_scan) in [
+        ("usage > 89", 20, true),
+        ("usage > 49 AND temp < 10", 20, true),
+        ("usage + CAST(temp AS DOUBLE) >= 147", 2, true),
+        ("usage IS NULL", 5, true),
+        ("NOT (usage < 98)", 4, true),
+        ("time >= '2026-01-01T01:00:00Z' AND usage < 70", 20, true),
+        // A tag in the expression: the filter stays above the scan.
+        ("usage > 97 OR host = 'a'", 102, false),
+    ] {
+        let sql = format!("SELECT host, usage, temp FROM cpu WHERE {filter}");
+        let (_, batches) = engine.sql(&sql).await.unwrap();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, passing, "{filter}");
+        let m = scan_metrics(&engine, &sql).await;
+        if in_scan {
+            assert_eq!(m["output_rows"], passing, "{filter}: {m:?}");
+            assert!(m["rows_scanned"] > passing, "{filter}: {m:?}");
+        } else {
+            assert_eq!(m["output_rows"], m["rows_scanned"], "{filter}: {m:?}");
+        }
+        let plan = table(&engine, &format!("EXPLAIN {sql}")).await;
+        assert_eq!(plan.contains(", filter="), in_scan, "{filter}: {plan}");
+    }
+}
+
+#[tokio::test]
 async fn a_limit_stops_the_scan_early() {
     let (_dir, store) = store();
     fill(&store);
