@@ -287,8 +287,9 @@ async fn a_filter_on_fields_drops_rows_in_the_scan_and_never_one_that_passes() {
         .flat_map(|i| [line("a", i), line("b", i)])
         .collect();
     write(&store, &body.join("\n"));
+    // b's last points have no usage, and a field no segment has (read there as NULL).
     let nulls: Vec<String> = (100..105)
-        .map(|i| format!("cpu,host=b temp=7i {}", T0 + i * MIN))
+        .map(|i| format!("cpu,host=b temp=7i,extra=1 {}", T0 + i * MIN))
         .collect();
     write(&store, &nulls.join("\n"));
     let engine = QueryEngine::new(Arc::clone(&store));
@@ -300,6 +301,8 @@ async fn a_filter_on_fields_drops_rows_in_the_scan_and_never_one_that_passes() {
         ("usage IS NULL", 5, true),
         ("NOT (usage < 98)", 4, true),
         ("time >= '2026-01-01T01:00:00Z' AND usage < 70", 20, true),
+        ("extra IS NULL", 200, true),
+        ("extra > 0", 5, true),
         // A tag in the expression: the filter stays above the scan.
         ("usage > 97 OR host = 'a'", 102, false),
     ] {
