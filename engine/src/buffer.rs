@@ -275,15 +275,26 @@ impl PartitionBuffer {
         self.times.len()
     }
 
-    /// An immutable copy of the rows, as Arrow.
-    pub fn snapshot(&self) -> Result<PartitionSnapshot> {
-        let fields = self.fields.iter().map(|(_, b)| b.finish_cloned()).collect();
+    /// An immutable copy of the rows, as Arrow, with the fields `wanted` says yes to (and
+    /// time and every tag). A copy is made under the buffer's lock, which writers wait for:
+    /// a query copies only what it reads.
+    pub fn snapshot(&self, wanted: &dyn Fn(&str) -> bool) -> Result<PartitionSnapshot> {
+        let fields = self
+            .fields
+            .iter()
+            .filter(|(name, _)| wanted(name))
+            .map(|(name, b)| (name.clone(), b.field_type(), b.finish_cloned()))
+            .collect();
         self.make_snapshot(self.times.clone(), self.row_series.clone(), fields)
     }
 
     /// The rows as Arrow, moving the buffers instead of copying them.
     pub fn into_snapshot(mut self) -> Result<PartitionSnapshot> {
-        let fields = self.fields.iter_mut().map(|(_, b)| b.finish()).collect();
+        let fields = self
+            .fields
+            .iter_mut()
+            .map(|(name, b)| (name.clone(), b.field_type(), b.finish()))
+            .collect();
         let times = std::mem::take(&mut self.times);
         let row_series = std::mem::take(&mut self.row_series);
         self.make_snapshot(times, row_series, fields)
@@ -293,7 +304,7 @@ impl PartitionBuffer {
         &self,
         times: Vec<i64>,
         row_series: Vec<u32>,
-        field_columns: Vec<ArrayRef>,
+        mut field_columns: Vec<(String, FieldType, ArrayRef)>,
     ) -> Result<PartitionSnapshot> {
         let rows = times.len();
         let series = Arc::new(self.series.clone());
@@ -326,13 +337,7 @@ impl PartitionBuffer {
             fields.push(tag_field(tag));
             columns.push(Arc::new(dict));
         }
-        let mut field_columns: Vec<(&str, FieldType, ArrayRef)> = self
-            .fields
-            .iter()
-            .zip(field_columns)
-            .map(|((name, b), column)| (name.as_str(), b.field_type(), column))
-            .collect();
-        field_columns.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        field_columns.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (name, field_type, column) in field_columns {
             fields.push(Field::new(name, field_data_type(field_type), true));
             columns.push(column);
@@ -440,13 +445,15 @@ impl Buffer {
         self.rows == 0
     }
 
-    /// Snapshots of the partitions of `measurement` that overlap `[start, end)`.
+    /// Snapshots of the partitions of `measurement` that overlap `[start, end)`, with the
+    /// fields `wanted` says yes to (see [`PartitionBuffer::snapshot`]).
     pub fn snapshot(
         &self,
         measurement: &str,
         start: i64,
         end: i64,
         partition_nanos: i64,
+        wanted: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<PartitionSnapshot>> {
         let Some(table) = self.tables.get(measurement) else {
             return Ok(Vec::new());
@@ -459,7 +466,7 @@ impl Buffer {
             .range(first..end.max(first))
             .map(|(_, p)| p)
             .filter(|p| p.rows() > 0 && p.max_time >= start && p.min_time < end)
-            .map(PartitionBuffer::snapshot)
+            .map(|p| p.snapshot(wanted))
             .collect()
     }
 
@@ -523,7 +530,7 @@ mod tests {
         );
         insert(&mut b, &format!("cpu,host=a u=4 {}", DAY + 5));
         assert_eq!(b.rows(), 4);
-        let snaps = b.snapshot("cpu", 0, 2 * DAY, DAY).unwrap();
+        let snaps = b.snapshot("cpu", 0, 2 * DAY, DAY, &|_| true).unwrap();
         assert_eq!(snaps.len(), 2);
         let s = &snaps[0];
         assert_eq!(s.partition, 0);
@@ -551,16 +558,30 @@ mod tests {
         );
         assert_eq!(snaps[1].partition, DAY);
         // Only the partitions overlapping the range are copied.
-        assert_eq!(b.snapshot("cpu", DAY, DAY + 1, DAY).unwrap().len(), 0);
-        assert_eq!(b.snapshot("cpu", DAY + 5, DAY + 6, DAY).unwrap().len(), 1);
-        assert!(b.snapshot("mem", 0, DAY, DAY).unwrap().is_empty());
+        assert_eq!(
+            b.snapshot("cpu", DAY, DAY + 1, DAY, &|_| true)
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            b.snapshot("cpu", DAY + 5, DAY + 6, DAY, &|_| true)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            b.snapshot("mem", 0, DAY, DAY, &|_| true)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn tag_order_as_written_does_not_split_series_and_missing_tags_are_null() {
         let mut b = Buffer::default();
         insert(&mut b, "m,a=1,b=2 v=1 1\nm,b=2,a=1 v=2 2\nm,a=1 v=3 3");
-        let s = &b.snapshot("m", 0, DAY, DAY).unwrap()[0];
+        let s = &b.snapshot("m", 0, DAY, DAY, &|_| true).unwrap()[0];
         assert_eq!(s.series.len(), 2);
         assert_eq!(s.row_series, vec![0, 0, 1]);
         let bcol = s.batch.column_by_name("b").unwrap();
@@ -572,13 +593,36 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_copies_only_the_fields_wanted_with_time_and_tags() {
+        let mut b = Buffer::default();
+        insert(&mut b, "m,host=a x=1,y=2,z=3i 1\nm,host=b y=5 2");
+        let s = &b.snapshot("m", 0, DAY, DAY, &|f| f == "y").unwrap()[0];
+        let names: Vec<&str> = s
+            .batch
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names, ["time", "host", "y"]);
+        let y = s.batch.column_by_name("y").unwrap();
+        assert_eq!(
+            y.as_primitive::<Float64Type>().values().to_vec(),
+            [2.0, 5.0]
+        );
+        // The buffer itself keeps every field.
+        let all = &b.snapshot("m", 0, DAY, DAY, &|_| true).unwrap()[0];
+        assert_eq!(all.batch.num_columns(), 5);
+    }
+
+    #[test]
     fn fields_in_any_order_or_subset_land_in_their_own_columns() {
         let mut b = Buffer::default();
         insert(
             &mut b,
             "m a=1,b=10 1\nm b=20,a=2 2\nm b=30 3\nm a=4,b=40 4\nm c=5i 5\nm a=6,b=60 6",
         );
-        let s = &b.snapshot("m", 0, DAY, DAY).unwrap()[0];
+        let s = &b.snapshot("m", 0, DAY, DAY, &|_| true).unwrap()[0];
         let col = |n: &str| s.batch.column_by_name(n).unwrap().clone();
         let a = col("a");
         let a = a.as_primitive::<Float64Type>();
@@ -628,7 +672,7 @@ mod tests {
         assert_eq!(b.drop_before("m", 2 * DAY, DAY), 2);
         assert_eq!(b.rows(), 1);
         assert_eq!(
-            b.snapshot("m", 0, 3 * DAY, DAY).unwrap()[0].partition,
+            b.snapshot("m", 0, 3 * DAY, DAY, &|_| true).unwrap()[0].partition,
             2 * DAY
         );
     }

@@ -120,11 +120,13 @@ impl crate::store::Inner {
             };
             (state.last.get(measurement).cloned(), snaps, segments)
         };
-        snaps.extend(
-            self.buffer
-                .lock()
-                .snapshot(measurement, i64::MIN, i64::MAX, pnanos)?,
-        );
+        snaps.extend(self.buffer.lock().snapshot(
+            measurement,
+            i64::MIN,
+            i64::MAX,
+            pnanos,
+            &|_| true,
+        )?);
         let mut acc = flushed;
         if acc.is_none() && !segments.is_empty() {
             // Written before last rows were kept: rebuild from the segments, once.

@@ -586,10 +586,14 @@ impl Inner {
                     }
                 }
             }
-            let live = self
-                .buffer
-                .lock()
-                .snapshot(&req.measurement, req.start, req.end, pnanos)?;
+            let wanted = |field: &str| columns.iter().any(|c| c == field);
+            let live = self.buffer.lock().snapshot(
+                &req.measurement,
+                req.start,
+                req.end,
+                pnanos,
+                &wanted,
+            )?;
             snaps.extend(live.into_iter().map(|p| (buffer_age(None), p)));
             let segments: Vec<SegmentRef> = state
                 .segments
