@@ -2,7 +2,7 @@
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
 # the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
-# (ip, tc) for the traffic-control plugin's network-namespace tests.
+# (ip, tc) and util-linux (unshare) for the network-namespace tests.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v curl >/dev/null || need+=(curl)
 { command -v tc && command -v ip; } >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
+command -v unshare >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

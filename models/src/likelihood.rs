@@ -79,8 +79,10 @@ impl Likelihood {
     /// to its history, of a short-term mean at least this far out: 0.5 while learning, 1 for
     /// a non-finite value (which is not recorded).
     pub fn update(&mut self, x: f64) -> f64 {
+        if !x.is_finite() {
+            return 1.0;
+        }
         let x = match self.p.side {
-            _ if !x.is_finite() => return 1.0,
             Side::Upper => x.max(0.0),
             Side::Both => x,
         };
