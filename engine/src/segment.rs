@@ -4,8 +4,9 @@
 //! then time, with a hidden `__series_id` column in front. Encodings are chosen for metrics:
 //! `time`, `__series_id` and integer fields are delta-encoded (regular intervals and slowly
 //! moving counters shrink to a few bits), floats use byte-stream-split (exponent bytes line
-//! up and compress), tags are dictionary-encoded, and everything is ZSTD-compressed. Page
-//! statistics and the page index are written so readers can skip pages.
+//! up and compress), tags are dictionary-encoded, and everything but the tags is
+//! ZSTD-compressed (see [`SegmentWriter::create`]). Page statistics and the
+//! page index are written so readers can skip pages.
 //!
 //! A file is written to a temporary name, fsynced and renamed; it exists for readers only once
 //! its [`SegmentMeta`] is committed to the index.
@@ -42,10 +43,6 @@ use crate::{Error, Result};
 /// time range. 4 Ki-row pages were measured on TSBS (docs/BENCHMARKS.md): segments 16 %
 /// larger and no query faster, so pages stay at 16 Ki rows.
 pub const PAGE_ROWS: usize = 16 * 1024;
-
-/// A read returns the rows it kept as slices of the decoded batch (no copy) when they come in
-/// runs this long on average, and filters (copies) them otherwise.
-const MIN_SLICE_ROWS: usize = 1024;
 
 /// A segment's entry in the manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +231,15 @@ impl SegmentWriter {
             .set_data_page_row_count_limit(PAGE_ROWS);
         for field in schema.fields() {
             let col = ColumnPath::from(field.name().as_str());
+            // Tags are left uncompressed. Sorted by series, a tag column is a small dictionary
+            // and long runs of one index, which ZSTD does not shrink (on TSBS's data it made
+            // them larger), and a reader would otherwise create a ZSTD context for each tag
+            // column chunk it opens. On this machine creating one executes `CPUID`, a VM
+            // exit: with ten tags that was a tenth of a one-host query's time. (`time` and
+            // `__series_id` do shrink: 24 and 10 times on TSBS's data.)
+            if matches!(field.data_type(), DataType::Dictionary(..)) {
+                props = props.set_column_compression(col.clone(), Compression::UNCOMPRESSED);
+            }
             props = match field.data_type() {
                 DataType::Timestamp(..) | DataType::Int64 | DataType::UInt64 | DataType::UInt32 => {
                     props
@@ -448,17 +454,20 @@ pub fn read_file(
     let mut row_groups = Vec::new();
     let mut selected: Vec<Range<usize>> = Vec::new();
     let mut offset = 0;
+    // Whether every row of the row groups read is in the window (no series filter, and
+    // their time statistics inside it): the rows to return are then known without reading.
+    let mut all_match = series.is_none();
     for rg in 0..meta.num_row_groups() {
         if share.is_some_and(|(k, n)| rg % n != k) {
             continue;
         }
         let rgm = meta.row_group(rg);
-        let time_ok = match time_leaf.and_then(|l| rgm.column(l).statistics()) {
+        let (time_ok, time_inside) = match time_leaf.and_then(|l| rgm.column(l).statistics()) {
             Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
-                (Some(&lo), Some(&hi)) => hi >= start && lo < end,
-                _ => true,
+                (Some(&lo), Some(&hi)) => (hi >= start && lo < end, lo >= start && hi < end),
+                _ => (true, false),
             },
-            _ => true,
+            _ => (true, false),
         };
         let sid_ok = match sid_leaf.and_then(|l| rgm.column(l).statistics()) {
             Some(Statistics::Int32(s)) => match (s.min_opt(), s.max_opt()) {
@@ -498,20 +507,19 @@ pub fn read_file(
         if ranges.is_empty() {
             continue;
         }
+        all_match &= time_inside;
         stats.row_groups_read += 1;
         stats.rows_in_row_groups += rows;
         stats.rows_decoded += ranges.iter().map(|r| r.len()).sum::<usize>();
         selected.extend(ranges.into_iter().map(|r| r.start + offset..r.end + offset));
+        row_groups.push((rg, offset..offset + rows));
         offset += rows;
-        row_groups.push(rg);
     }
     if row_groups.is_empty() {
         return Ok((Vec::new(), stats));
     }
-    let selected_rows: usize = selected.iter().map(|r| r.len()).sum();
-    let selection = RowSelection::from_consecutive_ranges(selected.into_iter(), offset);
 
-    // Projection: what was asked for, plus the columns the row filter needs.
+    // The columns asked for, in the caller's order.
     let wanted: Vec<usize> = match columns {
         Some(cols) => cols
             .iter()
@@ -521,82 +529,237 @@ pub fn read_file(
             .filter(|&i| i != sid_idx)
             .collect(),
     };
-    let mut read_roots = wanted.clone();
-    for extra in [time_idx, sid_idx] {
-        if !read_roots.contains(&extra) {
-            read_roots.push(extra);
-        }
-    }
-    read_roots.sort_unstable();
-    let mask = ProjectionMask::roots(parquet_schema, read_roots.iter().copied());
-    let reader = builder
-        .with_row_groups(row_groups)
-        .with_row_selection(selection)
-        .with_projection(mask)
-        // Batches of at most 64 Ki rows, and no larger than the read: the reader sizes its
-        // buffers by the batch size, zeroed, before it knows how many rows come.
-        .with_batch_size(selected_rows.clamp(1, 64 * 1024))
-        .build()
-        .map_err(|e| fail(e.to_string()))?;
-
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| fail(e.to_string()))?;
-        let bs = batch.schema();
-        let times = batch
-            .column(bs.index_of(TIME_COLUMN).map_err(|e| fail(e.to_string()))?)
-            .as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>()
-            .ok_or_else(|| fail("time column is not a nanosecond timestamp".into()))?;
-        let sids = batch
-            .column(
-                bs.index_of(SERIES_ID_COLUMN)
-                    .map_err(|e| fail(e.to_string()))?,
-            )
-            .as_primitive_opt::<UInt32Type>()
-            .ok_or_else(|| fail("series id column is not u32".into()))?;
-        let (t, s) = (times.values(), sids.values());
-        // Rows come sorted by series: ask the bitmap once per series, not once per row.
-        let mut last: Option<(u32, bool)> = None;
-        let mut wanted_series = |sid: u32| match (series, last) {
-            (None, _) => true,
-            (_, Some((l, ok))) if l == sid => ok,
-            (Some(b), _) => {
-                let ok = b.contains(sid);
-                last = Some((sid, ok));
-                ok
-            }
-        };
-        let keep = BooleanArray::new(
-            BooleanBuffer::collect_bool(batch.num_rows(), |i| {
-                t[i] >= start && t[i] < end && wanted_series(s[i])
-            }),
-            None,
-        );
-        let kept = keep.true_count();
-        if kept == 0 {
-            continue;
-        }
-        // Back to the caller's projection, in its order.
+    let segment = Rows {
+        path,
+        footer,
+        row_groups: &row_groups,
+    };
+    let keys = [time_idx.min(sid_idx), time_idx.max(sid_idx)];
+    let project = |batch: RecordBatch| {
+        // Readers return the file's column order; back to the caller's.
         let bs = batch.schema();
         let indices: Vec<usize> = wanted
             .iter()
             .filter_map(|&i| bs.index_of(schema.field(i).name()).ok())
             .collect();
-        let batch = batch.project(&indices).map_err(|e| fail(e.to_string()))?;
-        if kept == batch.num_rows() {
-            out.push(batch);
-            continue;
+        batch.project(&indices).map_err(|e| fail(e.to_string()))
+    };
+    let mut out = Vec::new();
+
+    if series.is_none() && !all_match && !wanted.is_empty() {
+        // A time window alone cuts every series' stretch once, so most rows of the pages
+        // read match: the keys are read with the columns, and the rows outside dropped.
+        let mut roots = wanted.clone();
+        roots.extend(keys.iter().filter(|k| !wanted.contains(k)));
+        roots.sort_unstable();
+        segment.read(
+            ProjectionMask::roots(parquet_schema, roots),
+            &selected,
+            |batch| {
+                let keep = window_mask(&batch, start, end, None).map_err(fail)?;
+                let kept = keep.true_count();
+                if kept == 0 {
+                    return Ok(());
+                }
+                let batch = project(batch)?;
+                if kept == batch.num_rows() {
+                    out.push(batch);
+                    return Ok(());
+                }
+                // The rows kept are a series' stretch of time, so they come in long runs:
+                // slices of the decoded batch cost nothing, where a filter copies every
+                // column.
+                let runs: Vec<(usize, usize)> = SlicesIterator::new(&keep).collect();
+                if runs.len() * MIN_SLICE_ROWS <= kept {
+                    out.extend(runs.into_iter().map(|(a, b)| batch.slice(a, b - a)));
+                } else {
+                    out.push(filter_record_batch(&batch, &keep).map_err(|e| fail(e.to_string()))?);
+                }
+                Ok(())
+            },
+        )?;
+        return Ok((out, stats));
+    }
+
+    // Late materialisation: the rows that match are found from `time` and `__series_id`
+    // alone, and only those rows of the other columns are decoded. One host's hours are a
+    // few thousand rows of a page or two of 16 Ki: decoding every column of those pages and
+    // dropping most rows cost more than decoding the two keys twice.
+    let matching = if all_match {
+        selected
+    } else {
+        let mut runs = Vec::new();
+        let mut seen = 0;
+        segment.read(
+            ProjectionMask::roots(parquet_schema, keys),
+            &selected,
+            |batch| {
+                let keep = window_mask(&batch, start, end, series).map_err(fail)?;
+                runs.extend(SlicesIterator::new(&keep).map(|(a, b)| seen + a..seen + b));
+                seen += batch.num_rows();
+                Ok(())
+            },
+        )?;
+        within(&selected, runs)
+    };
+    let rows: usize = matching.iter().map(|r| r.len()).sum();
+    if wanted.is_empty() {
+        // Only the count of rows is asked for (`count(*)`).
+        let empty = Arc::new(arrow::datatypes::Schema::empty());
+        let options = |n| arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+        for n in chunks(rows, MAX_BATCH_ROWS) {
+            out.push(
+                RecordBatch::try_new_with_options(Arc::clone(&empty), Vec::new(), &options(n))
+                    .map_err(|e| fail(e.to_string()))?,
+            );
         }
-        // The rows kept are a series' stretch of time, so they come in a few long runs:
-        // slices of the decoded batch then cost nothing, where a filter copies every column.
-        let runs: Vec<(usize, usize)> = SlicesIterator::new(&keep).collect();
-        if runs.len() * MIN_SLICE_ROWS <= kept {
-            out.extend(runs.into_iter().map(|(a, b)| batch.slice(a, b - a)));
-        } else {
-            out.push(filter_record_batch(&batch, &keep).map_err(|e| fail(e.to_string()))?);
+        return Ok((out, stats));
+    }
+    segment.read(
+        ProjectionMask::roots(parquet_schema, wanted.iter().copied()),
+        &matching,
+        |batch| {
+            out.push(project(batch)?);
+            Ok(())
+        },
+    )?;
+    Ok((out, stats))
+}
+
+/// The row groups a read keeps, each with its rows' place among them all (the positions a
+/// read's ranges of rows count).
+struct Rows<'a> {
+    path: &'a Path,
+    footer: Option<&'a OnceLock<ArrowReaderMetadata>>,
+    row_groups: &'a [(usize, Range<usize>)],
+}
+
+impl Rows<'_> {
+    /// Decodes `mask`'s columns at `rows` (sorted, disjoint), handing each batch to `each`.
+    /// One reader per row group: a batch that spans two row groups spans two tag
+    /// dictionaries, and the reader then turns the tags into strings and encodes them again
+    /// (a third of an all-host read when batches came unaligned).
+    fn read(
+        &self,
+        mask: ProjectionMask,
+        rows: &[Range<usize>],
+        mut each: impl FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let fail = |e: &dyn std::fmt::Display| Error::ReadSegment {
+            path: self.path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        for (rg, span) in self.row_groups {
+            let local: Vec<Range<usize>> = intersect_ranges(rows, std::slice::from_ref(span))
+                .into_iter()
+                .map(|r| r.start - span.start..r.end - span.start)
+                .collect();
+            if local.is_empty() {
+                continue;
+            }
+            let reader = open_file(self.path, true, self.footer)?
+                .with_row_groups(vec![*rg])
+                .with_batch_size(batch_rows(&local))
+                .with_row_selection(RowSelection::from_consecutive_ranges(
+                    local.into_iter(),
+                    span.len(),
+                ))
+                .with_projection(mask.clone())
+                .build()
+                .map_err(|e| fail(&e))?;
+            for batch in reader {
+                each(batch.map_err(|e| fail(&e))?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A read returns the rows it kept as slices of the decoded batch (no copy) when they come in
+/// runs this long on average, and filters (copies) them otherwise.
+const MIN_SLICE_ROWS: usize = 1024;
+
+/// Rows per batch a segment read decodes at most. The reader sizes (and zeroes) its buffers
+/// by the batch size before it knows how many rows come, so a read asks for no more than it
+/// will get.
+const MAX_BATCH_ROWS: usize = 64 * 1024;
+
+fn batch_rows(ranges: &[Range<usize>]) -> usize {
+    ranges
+        .iter()
+        .map(|r| r.len())
+        .sum::<usize>()
+        .clamp(1, MAX_BATCH_ROWS)
+}
+
+/// `total` split into pieces of at most `size`.
+fn chunks(total: usize, size: usize) -> impl Iterator<Item = usize> {
+    (0..total.div_ceil(size)).map(move |i| size.min(total - i * size))
+}
+
+/// Which rows of a batch of `time` and `__series_id` are in the window.
+fn window_mask(
+    batch: &RecordBatch,
+    start: i64,
+    end: i64,
+    series: Option<&Bitmap>,
+) -> std::result::Result<BooleanArray, String> {
+    let times = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>())
+        .ok_or("the time column is not a nanosecond timestamp")?;
+    let sids = batch
+        .column_by_name(SERIES_ID_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<UInt32Type>())
+        .ok_or("the series id column is not u32")?;
+    let (t, s) = (times.values(), sids.values());
+    // Rows come sorted by series: ask the bitmap once per series, not once per row.
+    let mut last: Option<(u32, bool)> = None;
+    let mut wanted_series = |sid: u32| match (series, last) {
+        (None, _) => true,
+        (_, Some((l, ok))) if l == sid => ok,
+        (Some(b), _) => {
+            let ok = b.contains(sid);
+            last = Some((sid, ok));
+            ok
+        }
+    };
+    Ok(BooleanArray::new(
+        BooleanBuffer::collect_bool(batch.num_rows(), |i| {
+            t[i] >= start && t[i] < end && wanted_series(s[i])
+        }),
+        None,
+    ))
+}
+
+/// The rows `runs` (sorted, disjoint ranges of positions among the rows of `selected`,
+/// counted in order) as ranges of the rows `selected` counts from.
+fn within(
+    selected: &[Range<usize>],
+    runs: impl IntoIterator<Item = Range<usize>>,
+) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut ranges = selected.iter();
+    let (mut current, mut base) = (ranges.next(), 0);
+    for run in runs {
+        let mut a = run.start;
+        while a < run.end {
+            let Some(r) = current else { return out };
+            if a >= base + r.len() {
+                base += r.len();
+                current = ranges.next();
+                continue;
+            }
+            let b = run.end.min(base + r.len());
+            let rows = r.start + (a - base)..r.start + (b - base);
+            match out.last_mut() {
+                Some(last) if last.end == rows.start => last.end = rows.end,
+                _ => out.push(rows),
+            }
+            a = b;
         }
     }
-    Ok((out, stats))
+    out
 }
 
 /// The intersection of two sorted lists of disjoint ranges.
@@ -632,6 +795,20 @@ pub fn time_values(batch: &RecordBatch) -> Option<&[i64]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Positions among the rows a page index kept become ranges of file rows, split where
+    /// the kept ranges are and merged where they touch.
+    #[test]
+    fn positions_among_selected_rows_map_to_file_rows() {
+        let selected = [10..20, 30..35, 40..50];
+        assert_eq!(
+            within(&selected, [0..3, 8..12, 14..16, 20..25]),
+            vec![10..13, 18..20, 30..32, 34..35, 40..41, 45..50]
+        );
+        assert_eq!(within(&[0..5, 5..10], std::iter::once(3..7)), vec![3..7]);
+        assert_eq!(within(&selected, []), Vec::<Range<usize>>::new());
+        assert_eq!(within(&selected, std::iter::once(0..25)), selected.to_vec());
+    }
 
     #[test]
     fn meta_round_trips() {
