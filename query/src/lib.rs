@@ -138,18 +138,16 @@ impl QueryEngine {
         self
     }
 
-    /// Executes a planned query on the query runtime; batches come back through a small
-    /// channel, and dropping the stream stops the query.
-    pub fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+    /// Runs a planned query: the physical plan is made and the scans run as the returned
+    /// stream is polled, so callers poll it inside [`QueryEngine::forward`], together with
+    /// whatever they do with each batch (one task on the query runtime, not one per stage).
+    pub fn execute(df: DataFrame) -> SendableRecordBatchStream {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = futures::stream::once(df.execute_stream()).flat_map(|r| match r {
             Ok(s) => s.left_stream(),
             Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
         });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            self.forward(batches),
-        )))
+        Box::pin(RecordBatchStreamAdapter::new(schema, batches))
     }
 
     /// Runs `work` on the query runtime (here, without one): planning and whatever a caller
@@ -207,14 +205,14 @@ impl QueryEngine {
         Ok((schema, batches))
     }
 
-    /// Plans `sql` (on the query runtime) and starts it; batches arrive as the scan produces
-    /// them. Errors found while planning are returned here, errors while running come through
-    /// the stream.
-    pub async fn stream(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
-        let (session, sql) = (self.session(), sql.to_string());
-        let df = self.run(async move { session.sql(&sql).await }).await??;
+    /// Plans `sql` on the calling task and returns its batches as [`QueryEngine::execute`]
+    /// does. Errors found while planning are returned here, errors while running come through
+    /// the stream. Call it inside [`QueryEngine::forward`] or [`QueryEngine::run`], so that
+    /// planning runs on the query runtime.
+    pub async fn start(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
+        let df = self.session().sql(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        Ok((schema, self.execute(df)?))
+        Ok((schema, Self::execute(df)))
     }
 }
 

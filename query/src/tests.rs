@@ -331,7 +331,7 @@ async fn a_limit_stops_the_scan_early() {
     let (_, batches) = engine.sql("SELECT * FROM cpu LIMIT 5").await.unwrap();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 5);
     // Streaming: the first batch arrives without collecting the rest.
-    let (schema, mut stream) = engine.stream("SELECT host, usage FROM cpu").await.unwrap();
+    let (schema, mut stream) = engine.start("SELECT host, usage FROM cpu").await.unwrap();
     assert_eq!(schema.fields().len(), 2);
     use futures::StreamExt;
     let first = stream.next().await.unwrap().unwrap();
@@ -656,13 +656,18 @@ async fn planning_scans_and_what_callers_forward_run_on_the_query_runtime() {
             .as_deref(),
         Some("test-query")
     );
-    // A caller's per-item work (encoding a result) runs there too, item by item.
-    let (_, batches) = engine
-        .stream("SELECT host, usage FROM cpu ORDER BY host")
-        .await
-        .unwrap();
+    // Planning, the scan and a caller's per-item work (encoding a result) run there when
+    // the caller forwards them, item by item.
+    let (planner, sql) = (engine.clone(), "SELECT host, usage FROM cpu ORDER BY host");
+    let planned = futures::stream::once(async move {
+        let on = thread();
+        (planner.start(sql).await.unwrap().1, on)
+    });
     let encoded: Vec<(usize, Option<String>)> = engine
-        .forward(batches.map(move |b| (b.map_or(0, |b| b.num_rows()), thread())))
+        .forward(planned.flat_map(move |(batches, planned_on)| {
+            futures::stream::once(async move { (0, planned_on) })
+                .chain(batches.map(move |b| (b.map_or(0, |b| b.num_rows()), thread())))
+        }))
         .collect()
         .await;
     assert_eq!(encoded.iter().map(|(n, _)| n).sum::<usize>(), 180);
@@ -672,9 +677,9 @@ async fn planning_scans_and_what_callers_forward_run_on_the_query_runtime() {
             .all(|(_, name)| name.as_deref() == Some("test-query")),
         "{encoded:?}"
     );
-    // Errors found while planning still come back from `stream`.
+    // Errors found while planning come back from `start`.
     assert!(matches!(
-        engine.stream("SELECT nope FROM cpu").await,
+        engine.start("SELECT nope FROM cpu").await,
         Err(Error::Query(_))
     ));
     drop(engine);

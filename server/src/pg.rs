@@ -250,11 +250,8 @@ impl Backend {
         }
         let df = ctx.execute_logical_plan(plan).await.map_err(df_error)?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
-        let batches = self.query.execute(df).map_err(|e| match e {
-            forestall_query::Error::Query(m) => user_error("42000", m),
-            e => internal(e),
-        })?;
-        // Rows are encoded on the query runtime, at the queries' priority.
+        let batches = QueryEngine::execute(df);
+        // The scans run and rows are encoded on the query runtime, at the queries' priority.
         let rows = self
             .query
             .forward(row_stream(batches, Arc::clone(&fields), self.limits));

@@ -93,38 +93,58 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
             limits.max_result_rows
         ))
     };
-    let (schema, stream) = match tokio::time::timeout_at(deadline, state.query.stream(sql)).await {
-        Err(_) => return Err(timed_out()),
-        Ok(Err(e)) => return Err(query_error(e)),
-        Ok(Ok(r)) => r,
-    };
-    let mut encoder = Encoder::new(format, &schema)?;
-    let streams = encoder.streams();
-    let mut head = encoder.start();
-    // Batches are encoded on the query runtime too: a large result costs the queries'
-    // priority, not the writes'.
-    let encoded =
-        futures::stream::unfold(Some((encoder, stream, 0usize)), move |state| async move {
-            let (mut encoder, mut stream, rows) = state?;
-            let (chunk, rows) = match tokio::time::timeout_at(deadline, stream.next()).await {
-                Err(_) => (Err(timed_out()), None),
-                Ok(Some(Err(e))) => (Err(query_error(e.into())), None),
-                Ok(Some(Ok(batch))) => {
-                    let rows = rows + batch.num_rows();
-                    if rows > limits.max_result_rows {
-                        (Err(too_many()), None)
-                    } else {
-                        match encoder.batch(&batch) {
-                            Ok(bytes) => (Ok(Chunk::Rows(bytes, rows)), Some(rows)),
-                            Err(e) => (Err(e), None),
+    // Planning, the scans and encoding all run in one task on the query runtime (a result
+    // costs the queries' priority, not the writes'), which hands the encoded bytes over.
+    let steps = futures::stream::unfold(
+        Step::Plan(Box::new(state.query.clone()), sql.to_owned()),
+        move |step| async move {
+            match step {
+                Step::Plan(query, sql) => {
+                    let started = match tokio::time::timeout_at(deadline, query.start(&sql)).await {
+                        Err(_) => Err(timed_out()),
+                        Ok(Err(e)) => Err(query_error(e)),
+                        Ok(Ok((schema, stream))) => {
+                            Encoder::new(format, &schema).map(|encoder| (encoder, stream))
                         }
-                    }
+                    };
+                    Some(match started {
+                        Err(e) => (Err(e), Step::Done),
+                        Ok((mut encoder, stream)) => (
+                            Ok(Chunk::Rows(encoder.start(), 0)),
+                            Step::Run(encoder, stream, 0),
+                        ),
+                    })
                 }
-                Ok(None) => (encoder.finish().map(Chunk::End), None),
-            };
-            Some((chunk, rows.map(|rows| (encoder, stream, rows))))
-        });
-    let mut chunks = state.query.forward(encoded);
+                Step::Run(mut encoder, mut stream, rows) => {
+                    let (chunk, next) = match tokio::time::timeout_at(deadline, stream.next()).await
+                    {
+                        Err(_) => (Err(timed_out()), Step::Done),
+                        Ok(Some(Err(e))) => (Err(query_error(e.into())), Step::Done),
+                        Ok(Some(Ok(batch))) => {
+                            let rows = rows + batch.num_rows();
+                            if rows > limits.max_result_rows {
+                                (Err(too_many()), Step::Done)
+                            } else {
+                                match encoder.batch(&batch) {
+                                    Ok(bytes) => (
+                                        Ok(Chunk::Rows(bytes, rows)),
+                                        Step::Run(encoder, stream, rows),
+                                    ),
+                                    Err(e) => (Err(e), Step::Done),
+                                }
+                            }
+                        }
+                        Ok(None) => (encoder.finish().map(Chunk::End), Step::Done),
+                    };
+                    Some((chunk, next))
+                }
+                Step::Done => None,
+            }
+        },
+    );
+    let streams = format.streams();
+    let mut head = Vec::new();
+    let mut chunks = state.query.forward(steps);
     loop {
         match chunks.next().await {
             None => {
@@ -161,6 +181,17 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
         .into_response())
 }
 
+/// Where a query is: to be planned, running, or over.
+enum Step {
+    Plan(Box<forestall_query::QueryEngine>, String),
+    Run(
+        Encoder,
+        datafusion::execution::SendableRecordBatchStream,
+        usize,
+    ),
+    Done,
+}
+
 /// A piece of an encoded result: a batch's bytes with the rows so far, or the last bytes.
 enum Chunk {
     Rows(Vec<u8>, usize),
@@ -175,6 +206,14 @@ fn query_error(e: forestall_query::Error) -> ApiError {
 }
 
 impl Format {
+    /// Whether bytes can go out before the last batch.
+    fn streams(self) -> bool {
+        matches!(
+            self,
+            Format::Json | Format::Jsonl | Format::Csv | Format::Arrow
+        )
+    }
+
     fn content_type(self) -> &'static str {
         match self {
             Format::Json => "application/json",
@@ -226,14 +265,6 @@ impl Encoder {
                     .map_err(|e| internal(&e))?,
             )),
         })
-    }
-
-    /// Whether bytes can go out before the last batch.
-    fn streams(&self) -> bool {
-        matches!(
-            self,
-            Encoder::Json { .. } | Encoder::Jsonl | Encoder::Csv { .. } | Encoder::Arrow(_)
-        )
     }
 
     fn start(&mut self) -> Vec<u8> {
