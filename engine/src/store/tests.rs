@@ -29,6 +29,13 @@ fn open(dir: &std::path::Path) -> Store {
     Store::open(config(dir)).unwrap()
 }
 
+/// A store whose flushes write row groups of `rows` rows.
+fn open_with_row_groups(dir: &std::path::Path, rows: usize) -> Store {
+    let mut cfg = config(dir);
+    cfg.flush.row_group_rows = rows;
+    Store::open(cfg).unwrap()
+}
+
 fn write(store: &Store, body: &str) -> WriteOutcome {
     store
         .write(body.as_bytes(), Precision::Nanoseconds, T0)
@@ -398,9 +405,7 @@ fn one_series_for_one_hour_decodes_only_its_pages() {
 #[test]
 fn reads_return_exactly_the_matching_rows_across_row_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.flush.row_group_rows = 4096;
-    let store = Store::open(cfg).unwrap();
+    let store = open_with_row_groups(dir.path(), 4096);
     // 8 hosts x 2,000 points: four row groups, each host crossing a row-group boundary.
     let step = 10_000_000_000;
     let mut body = String::new();
@@ -757,9 +762,7 @@ fn segment_files_are_small_for_regular_metrics() {
 #[test]
 fn flush_writes_many_row_groups_without_losing_or_reordering_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.flush.row_group_rows = 1024;
-    let store = Store::open(cfg).unwrap();
+    let store = open_with_row_groups(dir.path(), 1024);
     write(&store, &body(7, 700, T0));
     // Duplicates of some points, to take the merging path too.
     write(&store, &body(2, 100, T0));
@@ -993,9 +996,7 @@ fn a_scan_splits_across_segments_unless_it_must_merge() {
 #[test]
 fn one_segment_splits_by_row_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.flush.row_group_rows = 1024;
-    let store = Store::open(cfg).unwrap();
+    let store = open_with_row_groups(dir.path(), 1024);
     let body: String = (0..5000)
         .map(|i| format!("cpu,host=h{} usage={i} {}\n", i % 7, T0 + i * 1_000_000_000))
         .collect();
