@@ -154,7 +154,7 @@ fn merge_range(
     let mut parts = Vec::new();
     for seg in inputs {
         for b in seg
-            .read(i64::MIN, i64::MAX, Some(range), Some(columns), None)?
+            .read(i64::MIN, i64::MAX, Some(range), Some(columns), None, None)?
             .0
         {
             parts.push(conform(&b, schema)?);

@@ -139,7 +139,8 @@ impl crate::store::Inner {
                     .map(|f| f.name().clone()),
             );
             for seg in &segments {
-                let (batches, _) = seg.read(i64::MIN, i64::MAX, None, Some(&columns), None)?;
+                let (batches, _) =
+                    seg.read(i64::MIN, i64::MAX, None, Some(&columns), None, None)?;
                 for b in batches {
                     acc = Some(merge(acc.as_ref(), &last_per_series(&b)?)?);
                 }

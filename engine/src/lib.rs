@@ -43,7 +43,7 @@ pub use config::{EngineConfig, SyncPolicy};
 pub use line_protocol::{FieldType, Precision};
 pub use metrics::Metrics;
 pub use scan::{ScanRequest, ScanStream, TagPredicate};
-pub use segment::ReadStats;
+pub use segment::{ReadStats, RowFilter};
 pub use store::{Store, WriteOutcome};
 
 /// Identifies a series (a measurement plus its sorted tag set) for the life of the store.

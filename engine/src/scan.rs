@@ -26,7 +26,7 @@ use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
 use crate::flush::{SortPlan, conform};
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::segment::{ReadStats, SegmentRef, time_values};
+use crate::segment::{Filter, ReadStats, RowFilter, SegmentRef, time_values};
 use crate::store::{Inner, SeriesRegistry};
 use crate::{Error, Result, SeriesId};
 
@@ -129,6 +129,10 @@ pub struct ScanRequest {
     /// Column names, in output order; `None` is every column. `__series_id` may be named too:
     /// each row's series (the same id for the same series in every source of one scan).
     pub projection: Option<Vec<String>>,
+    /// Rows the caller drops anyway, which segment reads may drop before they decode the
+    /// other columns. Rows that may have a duplicate in another source are kept (the filter
+    /// must see them merged), so the caller still applies its filter to what comes back.
+    pub filter: Option<RowFilter>,
 }
 
 impl ScanRequest {
@@ -140,6 +144,7 @@ impl ScanRequest {
             end: i64::MAX,
             predicate: None,
             projection: None,
+            filter: None,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct ScanStream {
     columns: Vec<String>,
     metrics: Arc<Metrics>,
     overlaps: Overlaps,
+    /// See [`ScanRequest::filter`].
+    filter: Option<RowFilter>,
     /// Rows held back for merging, with the age of their source (newer is larger).
     pending: Vec<(u64, RecordBatch)>,
     /// Segments of the measurement in the manifest.
@@ -283,6 +290,7 @@ impl ScanStream {
                 columns: self.columns.clone(),
                 metrics: Arc::clone(&self.metrics),
                 overlaps: Overlaps::default(),
+                filter: self.filter.clone(),
                 pending: Vec::new(),
                 segments_total: if i == 0 { self.segments_total } else { 0 },
                 segments_pruned: if i == 0 { self.segments_pruned } else { 0 },
@@ -393,12 +401,19 @@ impl Iterator for ScanStream {
                 }
                 continue;
             };
+            let overlaps = &self.overlaps;
+            let keep_at = |t: i64| overlaps.contains(t);
+            let filter = self.filter.as_ref().map(|rows| Filter {
+                rows,
+                keep_at: &keep_at,
+            });
             match seg.read(
                 self.start,
                 self.end,
                 self.series.as_ref(),
                 Some(&self.columns),
                 share,
+                filter,
             ) {
                 Ok((batches, stats)) => {
                     self.read += stats;
@@ -676,6 +691,7 @@ impl Inner {
             columns,
             metrics: Arc::clone(&self.metrics),
             overlaps,
+            filter: req.filter.clone(),
             pending: Vec::new(),
             duplicates_merged: 0,
         };

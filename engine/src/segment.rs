@@ -172,6 +172,7 @@ impl Segment {
         series: Option<&Bitmap>,
         columns: Option<&[String]>,
         share: Option<(usize, usize)>,
+        filter: Option<Filter<'_>>,
     ) -> Result<(Vec<RecordBatch>, ReadStats)> {
         read_file(
             &self.path,
@@ -181,6 +182,7 @@ impl Segment {
                 end,
                 series,
                 share,
+                filter,
             },
             columns,
         )
@@ -410,6 +412,48 @@ pub struct Window<'a> {
     pub end: i64,
     pub series: Option<&'a Bitmap>,
     pub share: Option<(usize, usize)>,
+    /// Rows to drop while reading, before the other columns are decoded.
+    pub filter: Option<Filter<'a>>,
+}
+
+/// A caller's filter on rows, for a read to apply early.
+#[derive(Clone, Copy)]
+pub struct Filter<'a> {
+    pub rows: &'a RowFilter,
+    /// Times at which a row passes whatever the filter says (a scan keeps rows that may
+    /// have a duplicate in another source: the filter applies to them once merged).
+    pub keep_at: &'a dyn Fn(i64) -> bool,
+}
+
+impl std::fmt::Debug for Filter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("rows", self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which rows a caller will drop, for reads to drop early. See
+/// [`crate::ScanRequest::filter`].
+#[derive(Clone)]
+pub struct RowFilter {
+    /// The columns it reads, in the order `keep` takes them. A segment that lacks one of
+    /// them is read without the filter.
+    pub columns: Vec<String>,
+    /// Which rows of a batch of `columns` pass (NULL does not). It must not reject a row
+    /// the caller keeps; an error fails the read.
+    pub keep: Arc<KeepRows>,
+}
+
+/// Which rows of a batch pass, or why that could not be worked out.
+pub type KeepRows = dyn Fn(&RecordBatch) -> std::result::Result<BooleanArray, String> + Send + Sync;
+
+impl std::fmt::Debug for RowFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowFilter")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
 }
 
 /// See [`Segment::read`].
@@ -424,6 +468,7 @@ pub fn read_file(
         end,
         series,
         share,
+        filter,
     } = window;
     let fail = |reason: String| Error::ReadSegment {
         path: path.to_path_buf(),
@@ -545,8 +590,18 @@ pub fn read_file(
         batch.project(&indices).map_err(|e| fail(e.to_string()))
     };
     let mut out = Vec::new();
+    // The caller's filter, if this segment has every column it reads.
+    let filter = filter.and_then(|f| {
+        let roots: Option<Vec<usize>> = f
+            .rows
+            .columns
+            .iter()
+            .map(|c| schema.index_of(c).ok())
+            .collect();
+        Some((f, roots?))
+    });
 
-    if series.is_none() && !all_match && !wanted.is_empty() {
+    if filter.is_none() && series.is_none() && !all_match && !wanted.is_empty() {
         // A time window alone cuts every series' stretch once, so most rows of the pages
         // read match: the keys are read with the columns, and the rows outside dropped.
         let mut roots = wanted.clone();
@@ -585,16 +640,26 @@ pub fn read_file(
     // alone, and only those rows of the other columns are decoded. One host's hours are a
     // few thousand rows of a page or two of 16 Ki: decoding every column of those pages and
     // dropping most rows cost more than decoding the two keys twice.
-    let matching = if all_match {
+    // A filter on fields is applied here too: high-cpu keeps one row in seven of its host's.
+    let matching = if all_match && filter.is_none() {
         selected
     } else {
+        let mut roots = keys.to_vec();
+        if let Some((_, columns)) = &filter {
+            roots.extend(columns.iter().filter(|c| !keys.contains(c)));
+        }
+        roots.sort_unstable();
+        roots.dedup();
         let mut runs = Vec::new();
         let mut seen = 0;
         segment.read(
-            ProjectionMask::roots(parquet_schema, keys),
+            ProjectionMask::roots(parquet_schema, roots),
             &selected,
             |batch| {
-                let keep = window_mask(&batch, start, end, series).map_err(fail)?;
+                let mut keep = window_mask(&batch, start, end, series).map_err(fail)?;
+                if let Some((f, _)) = &filter {
+                    keep = and_filter(&batch, keep, f).map_err(fail)?;
+                }
                 runs.extend(SlicesIterator::new(&keep).map(|(a, b)| seen + a..seen + b));
                 seen += batch.num_rows();
                 Ok(())
@@ -727,6 +792,44 @@ fn window_mask(
     Ok(BooleanArray::new(
         BooleanBuffer::collect_bool(batch.num_rows(), |i| {
             t[i] >= start && t[i] < end && wanted_series(s[i])
+        }),
+        None,
+    ))
+}
+
+/// `keep`, less the rows of `batch` that `filter` rejects (unless their time is one it
+/// must keep).
+fn and_filter(
+    batch: &RecordBatch,
+    keep: BooleanArray,
+    filter: &Filter<'_>,
+) -> std::result::Result<BooleanArray, String> {
+    let schema = batch.schema();
+    let columns: Option<Vec<usize>> = filter
+        .rows
+        .columns
+        .iter()
+        .map(|c| schema.index_of(c).ok())
+        .collect();
+    let input = batch
+        .project(&columns.ok_or("a filter column was not read")?)
+        .map_err(|e| e.to_string())?;
+    let pass = (filter.rows.keep)(&input)?;
+    if pass.len() != batch.num_rows() {
+        return Err(format!(
+            "a row filter answered {} rows for {}",
+            pass.len(),
+            batch.num_rows()
+        ));
+    }
+    let times = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>())
+        .ok_or("the time column is not a nanosecond timestamp")?
+        .values();
+    Ok(BooleanArray::new(
+        BooleanBuffer::collect_bool(batch.num_rows(), |i| {
+            keep.value(i) && ((pass.is_valid(i) && pass.value(i)) || (filter.keep_at)(times[i]))
         }),
         None,
     ))

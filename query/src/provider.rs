@@ -19,7 +19,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use arrow::array::AsArray;
+use arrow::array::{AsArray, BooleanArray};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
@@ -46,7 +46,7 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
 use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
-use forestall_engine::{ScanRequest, ScanStream, Store, TableSchema, TagPredicate};
+use forestall_engine::{RowFilter, ScanRequest, ScanStream, Store, TableSchema, TagPredicate};
 use futures::StreamExt;
 use regex::Regex;
 
@@ -133,9 +133,13 @@ impl TableProvider for MeasurementTable {
             None => Arc::clone(&full),
         };
         let columns = projected.fields().iter().map(|f| f.name().clone());
-        let req = self.request(filters.iter(), columns.collect());
-        let on_fields = filters.iter().filter(|f| self.on_fields(f)).cloned();
-        let filter = conjunction(on_fields).and_then(|e| batch_filter(state, e, &projected));
+        let mut req = self.request(filters.iter(), columns.collect());
+        let on_fields = conjunction(filters.iter().filter(|f| self.on_fields(f)).cloned());
+        let filter = on_fields
+            .clone()
+            .and_then(|e| batch_filter(state, e, &projected));
+        // Segment reads apply it too, before they decode the columns it does not read.
+        req.filter = on_fields.and_then(|e| row_filter(state, e, &full));
         // A LIMIT reads in order on one partition.
         let partitions = match limit {
             Some(_) => 1,
@@ -171,6 +175,45 @@ fn batch_filter(
         .data;
     let df_schema = DFSchema::try_from(schema.as_ref().clone()).ok()?;
     state.create_physical_expr(unqualified, &df_schema).ok()
+}
+
+/// `filter` as an engine [`RowFilter`] over the columns it reads (of `schema`), or `None`
+/// when it cannot be one.
+fn row_filter(state: &dyn Session, filter: Expr, schema: &SchemaRef) -> Option<RowFilter> {
+    let mut columns: Vec<String> = filter
+        .column_refs()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    columns.sort_unstable();
+    columns.dedup();
+    let indices: Option<Vec<usize>> = columns.iter().map(|c| schema.index_of(c).ok()).collect();
+    let schema = Arc::new(schema.project(&indices?).ok()?);
+    let expr = batch_filter(state, filter, &schema)?;
+    let keep = move |batch: &RecordBatch| -> Result<BooleanArray, String> {
+        // A segment whose column has another type than the table's is not filtered here
+        // (every row passes; the filter above the read still applies).
+        let types_match = batch.num_columns() == schema.fields().len()
+            && (batch.schema().fields().iter())
+                .zip(schema.fields())
+                .all(|(a, b)| a.data_type() == b.data_type());
+        if !types_match {
+            return Ok(BooleanArray::from(vec![true; batch.num_rows()]));
+        }
+        let batch = RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec())
+            .map_err(|e| e.to_string())?;
+        let mask = expr
+            .evaluate(&batch)
+            .and_then(|v| v.into_array(batch.num_rows()))
+            .map_err(|e| e.to_string())?;
+        mask.as_boolean_opt()
+            .cloned()
+            .ok_or_else(|| format!("a filter on fields gave {}", mask.data_type()))
+    };
+    Some(RowFilter {
+        columns,
+        keep: Arc::new(keep),
+    })
 }
 
 impl MeasurementTable {

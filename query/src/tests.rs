@@ -322,6 +322,45 @@ async fn a_filter_on_fields_drops_rows_in_the_scan_and_never_one_that_passes() {
     }
 }
 
+/// Segment reads drop the rows a filter on fields rejects before they decode the other
+/// columns, but never a row whose duplicate in a newer source decides whether it passes.
+#[tokio::test]
+async fn segment_reads_drop_filtered_rows_early_but_not_rows_with_duplicates() {
+    let (_dir, store) = store();
+    let point = |i: i64, usage: i64| format!("cpu,host=a usage={usage},temp=1i {}", T0 + i * MIN);
+    let others = |i: i64| format!("cpu,host=b usage=99,temp=1i {}", T0 + i * MIN);
+    let body: Vec<String> = (0..60).flat_map(|i| [point(i, i), others(i)]).collect();
+    write(&store, &body.join("\n"));
+    store.flush().unwrap();
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let sql = "SELECT time, usage, temp FROM cpu WHERE host = 'a' AND usage >= 50";
+    let (_, batches) = engine.sql(sql).await.unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 10);
+    // Only the rows that pass came out of the segment read.
+    assert_eq!(scan_metrics(&engine, sql).await["rows_scanned"], 10);
+
+    // Newer points: minute 55 falls to 1 and minute 10 rises to 99 (a second segment), and
+    // minute 20 rises to 80 (the buffer).
+    write(&store, &[point(55, 1), point(10, 99)].join("\n"));
+    store.flush().unwrap();
+    write(&store, &point(20, 80));
+    let (_, batches) = engine.sql(&format!("{sql} ORDER BY time")).await.unwrap();
+    let got: Vec<f64> = batches
+        .iter()
+        .flat_map(|b| {
+            b.column(1)
+                .as_any()
+                .downcast_ref::<arrow::array::Float64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    let mut want = vec![99.0, 80.0];
+    want.extend((50..60).filter(|&i| i != 55).map(|i| i as f64));
+    assert_eq!(got, want);
+}
+
 #[tokio::test]
 async fn a_limit_stops_the_scan_early() {
     let (_dir, store) = store();

@@ -272,6 +272,7 @@ fn time_range_predicate_and_projection() {
         end: T0 + 150_000_000_000,
         predicate: Some(TagPredicate::Eq("host".into(), "h1".into())),
         projection: Some(vec!["usage".into(), "host".into(), "time".into()]),
+        filter: None,
     };
     let b = collect(&store, &req);
     let names: Vec<_> = b
