@@ -448,6 +448,16 @@ pub struct RowFilter {
 /// Which rows of a batch pass, or why that could not be worked out.
 pub type KeepRows = dyn Fn(&RecordBatch) -> std::result::Result<BooleanArray, String> + Send + Sync;
 
+impl RowFilter {
+    /// Where its columns are in `schema`, if they all are.
+    fn indices(&self, schema: &arrow::datatypes::Schema) -> Option<Vec<usize>> {
+        self.columns
+            .iter()
+            .map(|c| schema.index_of(c).ok())
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for RowFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RowFilter")
@@ -591,15 +601,7 @@ pub fn read_file(
     };
     let mut out = Vec::new();
     // The caller's filter, if this segment has every column it reads.
-    let filter = filter.and_then(|f| {
-        let roots: Option<Vec<usize>> = f
-            .rows
-            .columns
-            .iter()
-            .map(|c| schema.index_of(c).ok())
-            .collect();
-        Some((f, roots?))
-    });
+    let filter = filter.and_then(|f| Some((f, f.rows.indices(&schema)?)));
 
     if filter.is_none() && series.is_none() && !all_match && !wanted.is_empty() {
         // A time window alone cuts every series' stretch once, so most rows of the pages
@@ -804,13 +806,7 @@ fn and_filter(
     keep: BooleanArray,
     filter: &Filter<'_>,
 ) -> std::result::Result<BooleanArray, String> {
-    let schema = batch.schema();
-    let columns: Option<Vec<usize>> = filter
-        .rows
-        .columns
-        .iter()
-        .map(|c| schema.index_of(c).ok())
-        .collect();
+    let columns = filter.rows.indices(&batch.schema());
     let input = batch
         .project(&columns.ok_or("a filter column was not read")?)
         .map_err(|e| e.to_string())?;
