@@ -200,10 +200,8 @@ fn row_filter(state: &dyn Session, filter: Expr, schema: &SchemaRef) -> Option<R
         if !types_match {
             return Ok(BooleanArray::from(vec![true; batch.num_rows()]));
         }
-        let batch = RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec())
-            .map_err(|e| e.to_string())?;
         let mask = expr
-            .evaluate(&batch)
+            .evaluate(batch)
             .and_then(|v| v.into_array(batch.num_rows()))
             .map_err(|e| e.to_string())?;
         mask.as_boolean_opt()
