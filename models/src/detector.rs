@@ -8,6 +8,9 @@
 //! * an instant one, the surprise of this row: spikes and broken patterns;
 //! * a sustained one, the surprise's mean over the last rows: a series that keeps being a
 //!   little wrong, a changed regime;
+//!
+//!   both with a recurrence floor: a surprise as high as 30 or more of the history's is given
+//!   their frequency (a spike the series has every few hours is not one in a billion);
 //! * a level one, the mean of the last values themselves, high or low: a slow drift to where
 //!   the series has not been, which a forecaster follows step by step without surprise (a
 //!   machine cooling over hours, a day of half the usual traffic, spikes coming denser).
@@ -16,7 +19,13 @@
 //! do not exceed the recent maximum, so the first alarm of an event stands out from the rest
 //! of it.
 //!
-//! Every step costs one forecaster update (O(models × log window)); nothing looks ahead.
+//! A value beyond the range the series has ever had (by more than a share of that range) is
+//! an anomaly outright, as in Numenta's HTM detector: its score is 1 whatever the likelihoods
+//! and the refractory period say. A forecaster that adapts quickly can make a rise to a new
+//! high look ordinary; the range cannot.
+//!
+//! Every step costs one forecaster update (O(models × log window)) and two ordered inserts
+//! into the likelihoods' histories (O(history) moves); nothing looks ahead.
 
 use std::collections::VecDeque;
 
@@ -35,7 +44,11 @@ pub struct DetectorParams {
     /// After a score, later scores within this many rows are halved unless they exceed it:
     /// the first alarm of an event is the one that counts.
     pub refractory: usize,
-    /// The likelihoods' history and learning period (their `short` is set by the detector).
+    /// A value beyond the lowest or highest seen so far by more than this share of their
+    /// distance scores 1 (after the likelihoods' learning period; `None`: never).
+    pub spatial: Option<f64>,
+    /// The likelihoods' history, learning period and recurrence floor (their `short` is set
+    /// by the detector; the level likelihood has no recurrence floor).
     pub likelihood: LikelihoodParams,
 }
 
@@ -46,7 +59,11 @@ impl Default for DetectorParams {
             sustained: 12,
             level: 48,
             refractory: 300,
-            likelihood: LikelihoodParams::default(),
+            spatial: Some(0.05),
+            likelihood: LikelihoodParams {
+                recurring: 30,
+                ..LikelihoodParams::default()
+            },
         }
     }
 }
@@ -61,6 +78,9 @@ pub struct Detector {
     level: Option<Likelihood>,
     /// Recent output scores, for the refractory period.
     recent: VecDeque<f64>,
+    /// Finite values seen, and the lowest and highest of them.
+    seen: usize,
+    range: Option<(f64, f64)>,
 }
 
 /// The interval level whose half-width scales the surprise, and its normal quantile.
@@ -88,6 +108,7 @@ impl Detector {
                 short: params.level,
                 min_std: 0.0,
                 side: Side::Both,
+                recurring: 0,
                 ..params.likelihood
             })
         });
@@ -98,6 +119,8 @@ impl Detector {
             sustained,
             level,
             recent: VecDeque::new(),
+            seen: 0,
+            range: None,
         }
     }
 
@@ -124,15 +147,38 @@ impl Detector {
             tail = tail.min(level.update(value));
         }
         let score = significance(tail);
-        if self.params.refractory == 0 {
-            return score;
+        let beyond = self.beyond_range(value);
+        let score = if self.params.refractory == 0 {
+            score
+        } else {
+            let before = self.recent.iter().copied().fold(0.0, f64::max);
+            self.recent.push_back(score);
+            if self.recent.len() > self.params.refractory {
+                self.recent.pop_front();
+            }
+            if score > before { score } else { score * 0.5 }
+        };
+        if beyond { 1.0 } else { score }
+    }
+
+    /// Whether `value` lies beyond the range seen so far by the spatial tolerance; records it.
+    fn beyond_range(&mut self, value: f64) -> bool {
+        if !value.is_finite() {
+            return false;
         }
-        let before = self.recent.iter().copied().fold(0.0, f64::max);
-        self.recent.push_back(score);
-        if self.recent.len() > self.params.refractory {
-            self.recent.pop_front();
-        }
-        if score > before { score } else { score * 0.5 }
+        self.seen += 1;
+        let Some((low, high)) = self.range else {
+            self.range = Some((value, value));
+            return false;
+        };
+        self.range = Some((low.min(value), high.max(value)));
+        let Some(share) = self.params.spatial else {
+            return false;
+        };
+        let margin = (high - low) * share;
+        self.seen > self.params.likelihood.learning
+            && high > low
+            && (value > high + margin || value < low - margin)
     }
 }
 
@@ -183,15 +229,41 @@ mod tests {
                 .cloned()
                 .fold(0.0, f64::max)
         };
-        let with = DetectorParams::default();
+        // The drift ends below the lowest value seen: judge the likelihood alone.
+        let with = DetectorParams {
+            spatial: None,
+            ..DetectorParams::default()
+        };
         let without = DetectorParams {
             level: 0,
-            ..DetectorParams::default()
+            ..with.clone()
         };
         let (before, drift) = (peak(&with, 1000..5000), peak(&with, 5000..6000));
         assert!(drift > 0.9 && drift > before + 0.3, "{drift} vs {before}");
         let blind = peak(&without, 5000..6000);
         assert!(blind < drift - 0.3, "without the level likelihood: {blind}");
+    }
+
+    #[test]
+    fn a_value_beyond_the_range_seen_is_reported_even_inside_the_refractory_period() {
+        let mut v = sine(4000);
+        v[3000] = 90.0; // far beyond the range 40..60
+        v[3050] = 100.0; // beyond 90 by more than 5% of 40..90
+        v[3100] = 95.0; // within the range now
+        let s = score_series(&v, &DetectorParams::default());
+        assert_eq!(s[3000], 1.0);
+        assert_eq!(s[3050], 1.0);
+        assert!(s[3100] <= 0.5, "a repeat is damped: {}", s[3100]);
+        let without = score_series(
+            &v,
+            &DetectorParams {
+                spatial: None,
+                ..DetectorParams::default()
+            },
+        );
+        assert!(without[3050] <= 0.5, "damped without it: {}", without[3050]);
+        // Not during the learning period, when every new value may widen the range.
+        assert!(s[1..300].iter().all(|&x| x < 0.5));
     }
 
     #[test]

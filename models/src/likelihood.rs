@@ -8,6 +8,12 @@
 //! final score is the tail's significance in decades ([`significance`]), so that 1e-3 and
 //! 1e-9 are far apart: thresholds then carry across series.
 //!
+//! Surprises are heavy-tailed: a series whose forecaster misses a recurring spike every few
+//! hours has a history full of surprises that the normal fit calls one in a billion. With
+//! [`LikelihoodParams::recurring`], a signal at least as high as `recurring` or more of the
+//! history's values gets their frequency as its tail if that is larger: what keeps happening
+//! is part of the series.
+//!
 //! After Ahmad et al., "Unsupervised real-time anomaly detection for streaming data"
 //! (Neurocomputing 2017), the post-processing of Numenta's HTM detector.
 
@@ -27,6 +33,9 @@ pub struct LikelihoodParams {
     pub min_std: f64,
     /// Which tail is unusual.
     pub side: Side,
+    /// With [`Side::Upper`]: when at least this many values of the history are as high as the
+    /// short-term mean, their share of the history is a floor under its tail (0: never).
+    pub recurring: usize,
 }
 
 /// Which tail of the fitted distribution [`Likelihood`] reports.
@@ -46,6 +55,7 @@ impl Default for LikelihoodParams {
             history: 8640,
             min_std: 0.05,
             side: Side::Upper,
+            recurring: 0,
         }
     }
 }
@@ -57,6 +67,8 @@ pub struct Likelihood {
     recent: VecDeque<f64>,
     recent_sum: f64,
     history: VecDeque<f64>,
+    /// The history in ascending order, when `recurring` needs ranks.
+    sorted: Vec<f64>,
     sum: f64,
     sum_sq: f64,
     seen: usize,
@@ -69,6 +81,7 @@ impl Likelihood {
             recent: VecDeque::with_capacity(p.short + 1),
             recent_sum: 0.0,
             history: VecDeque::with_capacity(p.history + 1),
+            sorted: Vec::new(),
             sum: 0.0,
             sum_sq: 0.0,
             seen: 0,
@@ -106,19 +119,46 @@ impl Likelihood {
                 .max(1e-9 * (1.0 + mean.abs()));
             let z = (avg - mean) / std;
             match self.p.side {
-                Side::Upper => normal_tail(z),
+                Side::Upper => normal_tail(z).max(self.recurrence(avg)),
                 Side::Both => 2.0 * normal_tail(z.abs()),
             }
         };
         self.history.push_back(avg);
         self.sum += avg;
         self.sum_sq += avg * avg;
+        if self.ranks() {
+            let at = self.sorted.partition_point(|&h| h < avg);
+            self.sorted.insert(at, avg);
+        }
         if self.history.len() > self.p.history {
             let old = self.history.pop_front().unwrap_or(0.0);
             self.sum -= old;
             self.sum_sq -= old * old;
+            if self.ranks() {
+                let at = self.sorted.partition_point(|&h| h < old);
+                self.sorted.remove(at);
+            }
         }
         tail
+    }
+
+    fn ranks(&self) -> bool {
+        self.p.recurring > 0 && self.p.side == Side::Upper
+    }
+
+    /// The share of the history at least `avg` (less a rounding margin, since running sums
+    /// drift), when that is at least `recurring` values; 0 otherwise.
+    fn recurrence(&self, avg: f64) -> f64 {
+        if !self.ranks() {
+            return 0.0;
+        }
+        let floor = avg - 1e-9 * (1.0 + avg.abs());
+        let count = self.sorted.len() - self.sorted.partition_point(|&h| h < floor);
+        if count >= self.p.recurring {
+            count as f64 / self.sorted.len() as f64
+        } else {
+            0.0
+        }
     }
 }
 
@@ -220,6 +260,44 @@ mod tests {
         // A negative surprise counts as none: no smaller than an ordinary one.
         let quiet: Vec<f64> = (0..5).map(|_| surprise.update(-10.0)).collect();
         assert!(quiet[4] > 0.5, "{quiet:?}");
+    }
+
+    #[test]
+    fn a_surprise_that_keeps_recurring_is_as_likely_as_its_frequency() {
+        // Quiet surprises with a spike of 10 every 50 rows: the normal fit calls a spike one
+        // in a million; it is 2% of the history.
+        let params = LikelihoodParams {
+            learning: 50,
+            short: 1,
+            history: 1000,
+            ..Default::default()
+        };
+        let mut plain = Likelihood::new(params);
+        let mut recurring = Likelihood::new(LikelihoodParams {
+            recurring: 10,
+            ..params
+        });
+        let mut seed = 5u64;
+        for i in 0..2000 {
+            let x = if i % 50 == 49 { 10.0 } else { noise(&mut seed) };
+            plain.update(x);
+            recurring.update(x);
+        }
+        let (p, r) = (plain.clone().update(10.0), recurring.clone().update(10.0));
+        assert!(p < 1e-6, "normal fit: {p}");
+        assert!((r - 20.0 / 1000.0).abs() < 1e-12, "frequency: {r}");
+        // Higher than anything in the history: the normal fit decides, as without.
+        assert_eq!(recurring.clone().update(12.0), plain.clone().update(12.0));
+        // Rare in the history (fewer than `recurring` as high): the normal fit decides.
+        let mut rare = Likelihood::new(LikelihoodParams {
+            recurring: 30,
+            ..params
+        });
+        let mut seed = 5u64;
+        for i in 0..2000 {
+            rare.update(if i % 50 == 49 { 10.0 } else { noise(&mut seed) });
+        }
+        assert_eq!(rare.update(10.0), p);
     }
 
     #[test]
