@@ -61,7 +61,7 @@ pub struct FlushConfig {
     pub max_buffer_bytes: u64,
     /// Rows per Parquet row group. Default 262144.
     pub row_group_rows: usize,
-    /// ZSTD level of segment files. Default 3.
+    /// ZSTD level of segment files' field columns. Default 3.
     pub zstd_level: i32,
     /// When the buffer reaches twice `max_buffer_bytes` (flushing cannot keep up), writes wait
     /// for a flush; after this long they fail with "overloaded" (HTTP 503) instead of growing

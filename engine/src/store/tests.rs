@@ -758,6 +758,25 @@ fn segment_files_are_small_for_regular_metrics() {
     let per_value = bytes as f64 / values as f64;
     // Raw values are 8 bytes; the encodings must do far better (the footer is included).
     assert!(per_value < 1.0, "{per_value:.3} bytes per value");
+    // Only field chunks need a ZSTD context (whose creation is costly) to be read: the keys
+    // every read decodes are LZ4, the tags uncompressed.
+    use parquet::basic::Compression;
+    use parquet::file::reader::FileReader;
+    let file = std::fs::File::open(&store.segments()[0].path).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    for column in reader.metadata().row_group(0).columns() {
+        let name = column.column_path().string();
+        let expected = match name.as_str() {
+            "time" | "__series_id" => "LZ4_RAW",
+            "hostname" | "region" | "rack" => "UNCOMPRESSED",
+            _ => "ZSTD",
+        };
+        let codec = match column.compression() {
+            Compression::ZSTD(_) => "ZSTD".to_string(),
+            other => other.to_string(),
+        };
+        assert_eq!(codec, expected, "{name}");
+    }
 }
 
 #[test]
