@@ -265,39 +265,30 @@ mod tests {
     #[test]
     fn a_surprise_that_keeps_recurring_is_as_likely_as_its_frequency() {
         // Quiet surprises with a spike of 10 every 50 rows: the normal fit calls a spike one
-        // in a million; it is 2% of the history.
-        let params = LikelihoodParams {
-            learning: 50,
-            short: 1,
-            history: 1000,
-            ..Default::default()
+        // in a million; it is 2% of the history (20 of its 1,000 values).
+        let fed = |recurring: usize| {
+            let mut l = Likelihood::new(LikelihoodParams {
+                learning: 50,
+                short: 1,
+                history: 1000,
+                recurring,
+                ..Default::default()
+            });
+            let mut seed = 5u64;
+            for i in 0..2000 {
+                l.update(if i % 50 == 49 { 10.0 } else { noise(&mut seed) });
+            }
+            l
         };
-        let mut plain = Likelihood::new(params);
-        let mut recurring = Likelihood::new(LikelihoodParams {
-            recurring: 10,
-            ..params
-        });
-        let mut seed = 5u64;
-        for i in 0..2000 {
-            let x = if i % 50 == 49 { 10.0 } else { noise(&mut seed) };
-            plain.update(x);
-            recurring.update(x);
-        }
-        let (p, r) = (plain.clone().update(10.0), recurring.clone().update(10.0));
-        assert!(p < 1e-6, "normal fit: {p}");
-        assert!((r - 20.0 / 1000.0).abs() < 1e-12, "frequency: {r}");
+        let normal = fed(0).update(10.0);
+        assert!(normal < 1e-6, "normal fit: {normal}");
+        let mut recurring = fed(10);
         // Higher than anything in the history: the normal fit decides, as without.
-        assert_eq!(recurring.clone().update(12.0), plain.clone().update(12.0));
-        // Rare in the history (fewer than `recurring` as high): the normal fit decides.
-        let mut rare = Likelihood::new(LikelihoodParams {
-            recurring: 30,
-            ..params
-        });
-        let mut seed = 5u64;
-        for i in 0..2000 {
-            rare.update(if i % 50 == 49 { 10.0 } else { noise(&mut seed) });
-        }
-        assert_eq!(rare.update(10.0), p);
+        assert_eq!(recurring.clone().update(12.0), fed(0).update(12.0));
+        let frequency = recurring.update(10.0);
+        assert!((frequency - 20.0 / 1000.0).abs() < 1e-12, "{frequency}");
+        // Rarer in the history than `recurring` asks (20 < 30): the normal fit decides.
+        assert_eq!(fed(30).update(10.0), normal);
     }
 
     #[test]
