@@ -11,7 +11,15 @@
 //! Everything a flush or a compaction changes (new series, postings, segments added and
 //! removed, the WAL checkpoint) goes into one [`IndexBatch`] written with `sync`, so a
 //! segment becomes visible, with its series, atomically or not at all.
+//!
+//! A read of a posting list merges every operand RocksDB holds for it in the memtable, so
+//! operands are kept few: a batch writes one union per posting list, not one per new series,
+//! and a commit that changed postings flushes their memtable, whose operands the flush folds
+//! together. (Before, a server that had registered TSBS's 1,000 hosts merged 1,000 one-series
+//! bitmaps for `cpu` on every query that asked for a measurement's series, until restarted:
+//! a fifth of a one-host query's time.)
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use croaring::{Bitmap, Portable};
@@ -50,12 +58,15 @@ pub struct Index {
 #[derive(Default)]
 pub struct IndexBatch {
     batch: WriteBatch,
+    /// Series added to each posting list (by key), written as one merge each at commit.
+    postings: BTreeMap<Vec<u8>, Bitmap>,
 }
 
 impl std::fmt::Debug for IndexBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IndexBatch")
             .field("ops", &self.batch.len())
+            .field("postings", &self.postings.len())
             .finish()
     }
 }
@@ -155,7 +166,23 @@ impl Index {
 
     /// Writes a batch durably.
     pub fn commit(&self, batch: IndexBatch) -> Result<()> {
-        self.sync_write(batch.batch, "commit")
+        let IndexBatch {
+            mut batch,
+            postings,
+        } = batch;
+        let cf = self.cf(CF_POSTINGS);
+        for (key, series) in &postings {
+            batch.merge_cf(cf, key, series.serialize::<Portable>());
+        }
+        self.sync_write(batch, "commit")?;
+        // The batch is durable; folding the operands only keeps reads fast, so a failure here
+        // is not the commit's.
+        if !postings.is_empty()
+            && let Err(e) = self.db.flush_cf(cf)
+        {
+            tracing::warn!(error = %e, "could not flush the posting lists' memtable");
+        }
+        Ok(())
     }
 
     /// Stores a schema durably.
@@ -319,13 +346,12 @@ impl Index {
     ) {
         b.batch
             .put_cf(self.cf(CF_SERIES), id.to_be_bytes(), key.as_bytes());
-        let one = Bitmap::of(&[id]).serialize::<Portable>();
-        let postings = self.cf(CF_POSTINGS);
-        b.batch
-            .merge_cf(postings, posting_key(measurement, None), &one);
-        for (k, v) in tags {
-            b.batch
-                .merge_cf(postings, posting_key(measurement, Some((k, v))), &one);
+        let keys = std::iter::once(posting_key(measurement, None)).chain(
+            tags.iter()
+                .map(|(k, v)| posting_key(measurement, Some((k, v)))),
+        );
+        for key in keys {
+            b.postings.entry(key).or_default().add(id);
         }
     }
 
@@ -450,5 +476,38 @@ mod tests {
         let series = index.load_series().unwrap();
         assert_eq!(series.len(), 3);
         assert_eq!(series[2], (7, "cpu,host=a,x=y".to_string()));
+    }
+
+    /// Reads merge every operand a posting list has in the memtable: a batch of many new
+    /// series writes one per list, and the commit leaves none in the memtable.
+    #[test]
+    fn new_series_leave_few_posting_operands_to_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        for round in 0..3u32 {
+            let mut b = index.batch();
+            for i in 0..1000 {
+                let id = round * 1000 + i;
+                let host = format!("h{id}");
+                let tags = [("host".to_string(), host), ("dc".to_string(), "x".into())];
+                index.add_series(&mut b, id, &format!("cpu,id={id}"), "cpu", &tags);
+            }
+            assert_eq!(b.postings.len(), 1002, "cpu, dc=x and 1,000 hosts");
+            index.commit(b).unwrap();
+            let in_memtable = index
+                .db
+                .property_int_value_cf(
+                    index.cf(CF_POSTINGS),
+                    "rocksdb.num-entries-active-mem-table",
+                )
+                .unwrap();
+            assert_eq!(in_memtable, Some(0));
+        }
+        assert_eq!(index.measurement_series("cpu").unwrap().cardinality(), 3000);
+        assert_eq!(index.posting("cpu", "dc", "x").unwrap().cardinality(), 3000);
+        assert_eq!(
+            index.posting("cpu", "host", "h2999").unwrap().to_vec(),
+            vec![2999]
+        );
     }
 }
