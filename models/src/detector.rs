@@ -16,13 +16,16 @@
 //!   machine cooling over hours, a day of half the usual traffic, spikes coming denser).
 //!
 //! The score is the most significant of the three, and a refractory period halves scores that
-//! do not exceed the recent maximum, so the first alarm of an event stands out from the rest
-//! of it.
+//! do not exceed the recent maximum by a margin, so the first alarm of an event stands out
+//! from the rest of it (a score creeping towards saturation is the same event).
 //!
-//! A value beyond the range the series has ever had (by more than a share of that range) is
-//! an anomaly outright, as in Numenta's HTM detector: its score is 1 whatever the likelihoods
+//! A value beyond the range the series has had (by more than a share of that range) is an
+//! anomaly outright, as in Numenta's HTM detector: its score is 1 whatever the likelihoods
 //! and the refractory period say. A forecaster that adapts quickly can make a rise to a new
-//! high look ordinary; the range cannot.
+//! high look ordinary; the range cannot. The range must have held, though: a side counts once
+//! no value has broken through it for the likelihoods' learning period. The first value is
+//! such a break, so a new series learns its range first, and a series still climbing to new
+//! highs (a trend, or one event rising in steps) reports that once, not at every step.
 //!
 //! Every step costs one forecaster update (O(models × log window)) and two ordered inserts
 //! into the likelihoods' histories (O(history) moves); nothing looks ahead.
@@ -41,11 +44,15 @@ pub struct DetectorParams {
     pub sustained: usize,
     /// Values averaged by the level likelihood (0: no level likelihood).
     pub level: usize,
-    /// After a score, later scores within this many rows are halved unless they exceed it:
-    /// the first alarm of an event is the one that counts.
+    /// After a score, later scores within this many rows are halved unless they exceed it by
+    /// [`DetectorParams::margin`]: the first alarm of an event is the one that counts.
     pub refractory: usize,
+    /// How much a score within the refractory period must exceed the recent maximum to stand
+    /// (0.01 is a tenth of a decade of tail probability).
+    pub margin: f64,
     /// A value beyond the lowest or highest seen so far by more than this share of their
-    /// distance scores 1 (after the likelihoods' learning period; `None`: never).
+    /// distance scores 1, if that side of the range has held for the likelihoods' learning
+    /// period (`None`: never).
     pub spatial: Option<f64>,
     /// The likelihoods' history, learning period and recurrence floor (their `short` is set
     /// by the detector; the level likelihood has no recurrence floor).
@@ -59,6 +66,7 @@ impl Default for DetectorParams {
             sustained: 12,
             level: 48,
             refractory: 300,
+            margin: 0.01,
             spatial: Some(0.05),
             likelihood: LikelihoodParams {
                 recurring: 30,
@@ -78,9 +86,19 @@ pub struct Detector {
     level: Option<Likelihood>,
     /// Recent output scores, for the refractory period.
     recent: VecDeque<f64>,
-    /// Finite values seen, and the lowest and highest of them.
+    /// Finite values seen, and the range they span.
     seen: usize,
-    range: Option<(f64, f64)>,
+    range: Option<Range>,
+}
+
+/// The lowest and highest finite values seen, and the last row (counted from 1) at which a
+/// value broke through each side by more than the spatial tolerance.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    low: f64,
+    high: f64,
+    low_broken: usize,
+    high_broken: usize,
 }
 
 /// The interval level whose half-width scales the surprise, and its normal quantile.
@@ -156,29 +174,50 @@ impl Detector {
             if self.recent.len() > self.params.refractory {
                 self.recent.pop_front();
             }
-            if score > before { score } else { score * 0.5 }
+            if score > before + self.params.margin {
+                score
+            } else {
+                score * 0.5
+            }
         };
         if beyond { 1.0 } else { score }
     }
 
-    /// Whether `value` lies beyond the range seen so far by the spatial tolerance; records it.
+    /// Whether `value` breaks through a side of the range that has held for the learning
+    /// period, by more than the spatial tolerance; records it.
     fn beyond_range(&mut self, value: f64) -> bool {
+        let Some(share) = self.params.spatial else {
+            return false;
+        };
         if !value.is_finite() {
             return false;
         }
         self.seen += 1;
-        let Some((low, high)) = self.range else {
-            self.range = Some((value, value));
+        let row = self.seen;
+        let Some(range) = &mut self.range else {
+            // The first value breaks through both sides of an empty range.
+            self.range = Some(Range {
+                low: value,
+                high: value,
+                low_broken: row,
+                high_broken: row,
+            });
             return false;
         };
-        self.range = Some((low.min(value), high.max(value)));
-        let Some(share) = self.params.spatial else {
-            return false;
-        };
-        let margin = (high - low) * share;
-        self.seen > self.params.likelihood.learning
-            && high > low
-            && (value > high + margin || value < low - margin)
+        let margin = (range.high - range.low) * share;
+        let held = |broken: usize| row - broken > self.params.likelihood.learning;
+        let mut beyond = false;
+        if range.high > range.low && value > range.high + margin {
+            beyond = held(range.high_broken);
+            range.high_broken = row;
+        }
+        if range.high > range.low && value < range.low - margin {
+            beyond = held(range.low_broken);
+            range.low_broken = row;
+        }
+        range.low = range.low.min(value);
+        range.high = range.high.max(value);
+        beyond
     }
 }
 
@@ -245,15 +284,14 @@ mod tests {
     }
 
     #[test]
-    fn a_value_beyond_the_range_seen_is_reported_even_inside_the_refractory_period() {
+    fn a_value_beyond_a_range_that_held_is_reported_even_inside_the_refractory_period() {
         let mut v = sine(4000);
-        v[3000] = 90.0; // far beyond the range 40..60
-        v[3050] = 100.0; // beyond 90 by more than 5% of 40..90
+        v[2950] = 40.0; // at the sine's crest (60): a surprise inside the range 40..60
+        v[3000] = 90.0; // far beyond the range, which has held since row 300 or so
+        v[3050] = 100.0; // beyond 90 by more than 5% of 40..90, but the same excursion
         v[3100] = 95.0; // within the range now
+        v[3400] = 110.0; // beyond 100 after the range held for the learning period again
         let s = score_series(&v, &DetectorParams::default());
-        assert_eq!(s[3000], 1.0);
-        assert_eq!(s[3050], 1.0);
-        assert!(s[3100] <= 0.5, "a repeat is damped: {}", s[3100]);
         let without = score_series(
             &v,
             &DetectorParams {
@@ -261,9 +299,63 @@ mod tests {
                 ..DetectorParams::default()
             },
         );
-        assert!(without[3050] <= 0.5, "damped without it: {}", without[3050]);
+        assert!(s[2950] > 0.5, "the surprise is an alarm: {}", s[2950]);
+        assert!(
+            without[3000] < 1.0,
+            "damped without the range: {}",
+            without[3000]
+        );
+        assert_eq!(s[3000], 1.0);
+        assert_eq!(
+            s[3050], without[3050],
+            "a second break 50 rows later is not"
+        );
+        assert!(s[3050] < 1.0);
+        assert!(s[3100] <= 0.5, "a repeat is damped: {}", s[3100]);
+        assert_eq!(s[3400], 1.0);
         // Not during the learning period, when every new value may widen the range.
         assert!(s[1..300].iter().all(|&x| x < 0.5));
+    }
+
+    #[test]
+    fn a_score_creeping_up_inside_the_refractory_period_is_damped() {
+        // Noise of ±1 on the sine, a spike, and a slightly larger one 20 rows later.
+        let mut seed = 3u64;
+        let mut v = sine(4000);
+        for x in &mut v {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *x += (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0;
+        }
+        let spikes = |second: f64| {
+            let mut v = v.clone();
+            v[3000] += 2.7;
+            v[3020] += second;
+            let params = DetectorParams {
+                spatial: None,
+                ..DetectorParams::default()
+            };
+            let undamped = DetectorParams {
+                margin: -1.0,
+                ..params.clone()
+            };
+            (score_series(&v, &params), score_series(&v, &undamped))
+        };
+        // Just more significant than the first (by less than the margin): the same event.
+        let (s, raw) = spikes(3.55);
+        assert!(s[3000] > 0.7, "the first spike: {}", s[3000]);
+        assert!(
+            raw[3020] > raw[3000] && raw[3020] < raw[3000] + 0.01,
+            "{} then {}",
+            raw[3000],
+            raw[3020]
+        );
+        assert_eq!(s[3020], raw[3020] * 0.5);
+        // Clearly more significant: it stands.
+        let (s, raw) = spikes(3.8);
+        assert!(raw[3020] > raw[3000] + 0.05, "{}", raw[3020]);
+        assert_eq!(s[3020], raw[3020]);
     }
 
     #[test]

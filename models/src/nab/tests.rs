@@ -153,3 +153,29 @@ fn the_dev_corpus_loads_with_all_its_windows() {
             .all(|(l, r)| l <= r)
     );
 }
+
+#[test]
+fn the_detector_meets_its_targets_on_the_dev_corpus() {
+    // The targets (standard ≥ 70, reward-low-FP ≥ 60, reward-low-FN ≥ 75) for the
+    // default detector, one fresh detector per file: a change that loses detection quality
+    // fails here, not only in `docs/BENCHMARKS.md`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab-dev");
+    if !root.exists() {
+        eprintln!("skipping: {} is not here", root.display());
+        return;
+    }
+    let files = load_corpus(&root).unwrap();
+    let params = crate::detector::DetectorParams::default();
+    let scores: Vec<Vec<f64>> = files
+        .iter()
+        .map(|f| crate::detector::score_series(&f.values, &params))
+        .collect();
+    let labels: Vec<Labels> = files.iter().map(Labels::from).collect();
+    let got: Vec<(&str, f64)> = PROFILES
+        .iter()
+        .map(|p| (p.name, score_corpus(&labels, &scores, p).normalized))
+        .collect();
+    for ((name, score), target) in got.iter().zip([70.0, 60.0, 75.0]) {
+        assert!(*score >= target, "{name}: {score:.2} < {target} ({got:?})");
+    }
+}
