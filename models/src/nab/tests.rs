@@ -131,14 +131,19 @@ fn timestamps_and_windows_map_to_rows() {
     assert_eq!(w, vec![(1, 3)]);
 }
 
-#[test]
-fn the_dev_corpus_loads_with_all_its_windows() {
+/// The NAB development corpus beside the repository, or `None` (with a message) without it.
+fn dev_corpus() -> Option<Vec<NabFile>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab-dev");
     if !root.exists() {
         eprintln!("skipping: {} is not here", root.display());
-        return;
+        return None;
     }
-    let files = load_corpus(&root).unwrap();
+    Some(load_corpus(&root).unwrap())
+}
+
+#[test]
+fn the_dev_corpus_loads_with_all_its_windows() {
+    let Some(files) = dev_corpus() else { return };
     assert_eq!(files.len(), 18);
     assert_eq!(files.iter().map(|f| f.windows.len()).sum::<usize>(), 25);
     assert!(
@@ -159,12 +164,7 @@ fn the_detector_meets_its_targets_on_the_dev_corpus() {
     // The targets (standard ≥ 70, reward-low-FP ≥ 60, reward-low-FN ≥ 75) for the
     // default detector, one fresh detector per file: a change that loses detection quality
     // fails here, not only in `docs/BENCHMARKS.md`.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab-dev");
-    if !root.exists() {
-        eprintln!("skipping: {} is not here", root.display());
-        return;
-    }
-    let files = load_corpus(&root).unwrap();
+    let Some(files) = dev_corpus() else { return };
     let params = crate::detector::DetectorParams::default();
     let scores: Vec<Vec<f64>> = files
         .iter()
