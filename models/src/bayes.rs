@@ -187,6 +187,36 @@ impl Network {
         Ok(())
     }
 
+    /// The conditional tables' counts, one list per node (see [`Network::restore_counts`]).
+    pub fn counts(&self) -> &[Vec<f64>] {
+        &self.counts
+    }
+
+    /// Replaces the tables' counts with `counts` from [`Network::counts`] of a network of the
+    /// same structure (a checkpoint): refused, leaving the tables as they were, if their shape
+    /// differs or a count is negative or not finite.
+    pub fn restore_counts(&mut self, counts: Vec<Vec<f64>>) -> Result<()> {
+        if counts.len() != self.counts.len()
+            || counts
+                .iter()
+                .zip(&self.counts)
+                .any(|(a, b)| a.len() != b.len())
+        {
+            return Err(invalid(
+                "the saved tables do not fit this network's structure",
+            ));
+        }
+        if counts
+            .iter()
+            .flatten()
+            .any(|c| !(c.is_finite() && *c >= 0.0))
+        {
+            return Err(invalid("a saved count is negative or not finite"));
+        }
+        self.counts = counts;
+        Ok(())
+    }
+
     /// Multiplies every count by `factor` in (0, 1]: older evidence fades, so the tables follow
     /// a component whose behaviour changes.
     pub fn decay(&mut self, factor: f64) {

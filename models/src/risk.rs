@@ -17,6 +17,8 @@
 //! declares the default one: every evidence node of a resource's metrics and `health` are
 //! parents of its bottleneck node), and [`RiskModel::observe`] keeps counting online.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bayes::{Network, Variable};
 use crate::forecast::{AutoForecaster, ForecastConfig};
 use crate::{Error, Result};
@@ -59,7 +61,7 @@ impl Default for RiskConfig {
 }
 
 /// A component's health signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
     Pass = 0,
     Warn = 1,
@@ -67,7 +69,7 @@ pub enum Health {
 }
 
 /// One metric at one time, with what its forecaster expected.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MetricObs {
     pub value: f64,
     /// The one-step forecast for this value and its interval.
@@ -80,7 +82,7 @@ pub struct MetricObs {
 }
 
 /// A component at one time: one entry per metric (`None` when missing) and its health.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Observation {
     pub metrics: Vec<Option<MetricObs>>,
     pub health: Option<Health>,
@@ -144,6 +146,17 @@ impl RiskModel {
             .collect();
         model.net = Network::learn(vars, &data, config.max_parents, config.prior, &|_, _| true)?;
         Ok(model)
+    }
+
+    /// The learned tables (Dirichlet counts), to keep across restarts.
+    pub fn tables(&self) -> &[Vec<f64>] {
+        self.net.counts()
+    }
+
+    /// Carries on from [`RiskModel::tables`] of a model with the same metrics and structure;
+    /// refused (the model unchanged) if they do not fit.
+    pub fn restore_tables(&mut self, tables: Vec<Vec<f64>>) -> Result<()> {
+        self.net.restore_counts(tables)
     }
 
     pub fn network(&self) -> &Network {

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
-use forestall_actuators::alloc::{
-    Action, Component, Engine, EngineState, PerResource, Preferences, Resource,
-};
+use forestall_actuators::alloc::{Action, Component, Engine, PerResource, Preferences, Resource};
 use forestall_actuators::cgroup_v1::CgroupV1;
 use forestall_actuators::cgroup_v2::CgroupV2;
 use forestall_actuators::sched::Scheduling;
@@ -43,10 +41,11 @@ use forestall_query::QueryEngine;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::control::{self, Controller, RoundReport, Timing};
+use crate::control::{self, Controller, Learned, RoundReport, Timing};
 
 /// How often the learned state is written while the loop runs: a crash loses at most this
-/// much learning (about 1.6 KB per component each time).
+/// much learning (about 5.5 KB per component each time with a five-round horizon, most of it
+/// the risk tables and the evidence waiting for its outcome).
 pub const SAVE_EVERY: Duration = Duration::from_secs(300);
 
 /// The measurement the collector writes usage to.
@@ -569,11 +568,9 @@ impl Live {
 
     /// Writes the learned state (see [`Saved`]); a failure is logged, and the loop goes on.
     fn save(&mut self) {
-        let (engine, decided) = self.controller.learned();
         let saved = Saved {
             round: self.round,
-            engine,
-            decided,
+            learned: self.controller.learned(),
         };
         let kept = serde_json::to_vec(&saved)
             .map_err(anyhow::Error::from)
@@ -711,7 +708,7 @@ impl Allocations {
         match std::fs::read(&state_path) {
             Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
                 Ok(saved) => {
-                    let resumed = controller.resume(&saved.engine, &saved.decided);
+                    let resumed = controller.resume(&saved.learned);
                     round = saved.round;
                     tracing::info!(resumed, round, "allocation state resumed");
                 }
@@ -1163,14 +1160,14 @@ impl Allocations {
 }
 
 /// What the loop keeps across restarts besides preferences: the round it is at, what the
-/// engine has learned, and which resources it has changed (`<data_dir>/allocation/state.json`,
-/// rewritten atomically after the first round, then at most every [`SAVE_EVERY`], and when
-/// the server stops).
+/// engine and the risk models have learned, and which resources it has changed
+/// (`<data_dir>/allocation/state.json`, rewritten atomically after the first round, then at
+/// most every [`SAVE_EVERY`], and when the server stops).
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
     round: u64,
-    engine: EngineState,
-    decided: BTreeMap<String, PerResource<bool>>,
+    #[serde(flatten)]
+    learned: Learned,
 }
 
 /// Why preferences were not set.

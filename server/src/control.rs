@@ -16,6 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use forestall_actuators::alloc::{
     AllocConfig, Decision, Engine, EngineState, PerResource, Request, Resource,
 };
@@ -143,6 +145,41 @@ impl ComponentRisk {
     }
 }
 
+/// What a [`Controller`] carries across a restart (see [`Controller::learned`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Learned {
+    pub engine: EngineState,
+    pub decided: BTreeMap<String, PerResource<bool>>,
+    /// Absent from state saved before the risk models were kept: they start afresh.
+    #[serde(default)]
+    pub risks: BTreeMap<String, RiskState>,
+}
+
+/// A component's Bayesian risk as learned: its tables (Dirichlet counts), and the
+/// observations still waiting for their outcome (whether each resource passed θ so far, and
+/// the rounds seen since), the newest being the evidence its current risk is scored on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RiskState {
+    pub tables: Vec<Vec<f64>>,
+    pub waiting: Vec<(Observation, PerResource<bool>, usize)>,
+}
+
+/// Whether every number in `o` is finite (JSON can hold it).
+fn finite(o: &Observation) -> bool {
+    o.metrics.iter().flatten().all(|m| {
+        [
+            m.value,
+            m.expected,
+            m.expected_lower,
+            m.expected_upper,
+            m.ahead,
+            m.ahead_spread,
+        ]
+        .iter()
+        .all(|x| x.is_finite())
+    })
+}
+
 /// A resource without usage: quiet (normal, ok, flat), and never a bottleneck.
 const QUIET: MetricObs = MetricObs {
     value: 0.0,
@@ -249,33 +286,55 @@ impl Controller {
         self.actuator.as_ref()
     }
 
-    /// What the engine has learned and which resources it has changed, per component name:
-    /// what [`resume`](Self::resume) carries on from after a restart.
-    pub fn learned(&self) -> (EngineState, BTreeMap<String, PerResource<bool>>) {
-        let decided = self
-            .targets
-            .iter()
-            .zip(&self.decided)
-            .map(|(t, d)| (t.component.clone(), *d))
-            .collect();
-        (self.engine.learned(), decided)
+    /// What the engine and the risk models have learned and which resources the engine has
+    /// changed, by component name: what [`resume`](Self::resume) carries on from after a
+    /// restart. (The forecasters are not in it: they warm up from the usage the store keeps.)
+    pub fn learned(&self) -> Learned {
+        let by_name = |c: usize| self.targets[c].component.clone();
+        Learned {
+            engine: self.engine.learned(),
+            decided: (0..self.targets.len())
+                .map(|c| (by_name(c), self.decided[c]))
+                .collect(),
+            risks: (0..self.targets.len())
+                .map(|c| {
+                    let r = &self.risks[c];
+                    // JSON has no NaN: an observation that holds one (none should) is left
+                    // out rather than make the whole state unreadable.
+                    let state = RiskState {
+                        tables: r.model.tables().to_vec(),
+                        waiting: r.waiting.iter().filter(|w| finite(&w.0)).cloned().collect(),
+                    };
+                    (by_name(c), state)
+                })
+                .collect(),
+        }
     }
 
     /// Carries on from what [`learned`](Self::learned) returned before a restart. Every
     /// resumed component with a changed resource is applied again at the next round, so the
-    /// kernel holds what the engine holds even if it was changed meanwhile. Returns how many
-    /// components were resumed.
-    pub fn resume(
-        &mut self,
-        state: &EngineState,
-        decided: &BTreeMap<String, PerResource<bool>>,
-    ) -> usize {
-        let resumed = self.engine.resume(state);
+    /// kernel holds what the engine holds even if it was changed meanwhile. A component's risk
+    /// tables that no longer fit its model (another horizon or threshold changes none of
+    /// their shapes, so only a new model would) are logged and learned afresh. Returns how
+    /// many components the engine resumed.
+    pub fn resume(&mut self, learned: &Learned) -> usize {
+        let resumed = self.engine.resume(&learned.engine);
         for (c, t) in self.targets.iter().enumerate() {
-            if let Some(d) = decided.get(&t.component) {
+            if let Some(d) = learned.decided.get(&t.component) {
                 self.decided[c] = *d;
                 if d.iter().any(|&x| x) {
                     self.pending.insert(c);
+                }
+            }
+            if let Some(state) = learned.risks.get(&t.component) {
+                let risk = &mut self.risks[c];
+                match risk.model.restore_tables(state.tables.clone()) {
+                    Ok(()) => risk.waiting = state.waiting.iter().cloned().collect(),
+                    Err(e) => tracing::warn!(
+                        component = %t.component,
+                        error = %e,
+                        "saved risk tables do not fit; learning them afresh"
+                    ),
                 }
             }
         }

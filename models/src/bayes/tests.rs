@@ -289,3 +289,34 @@ fn bad_structures_and_queries_are_refused() {
     assert_eq!(net.posterior(0, &[Some(1), None]).unwrap(), vec![0.0, 1.0]);
     assert!(Network::learn(two(), &[vec![0, 3]], 2, 1.0, &|_, _| true).is_err());
 }
+
+#[test]
+fn restored_counts_give_the_same_posteriors_and_misfits_are_refused() {
+    let vars = vec![
+        binary("a"),
+        binary("b"),
+        Variable::new("c", &["x", "y", "z"]),
+    ];
+    let parents = vec![vec![], vec![0], vec![0, 1]];
+    let mut learned = Network::new(vars.clone(), parents.clone(), 0.5).unwrap();
+    randomise(&mut learned, &mut Rng(7));
+    let mut fresh = Network::new(vars.clone(), parents.clone(), 0.5).unwrap();
+    fresh.restore_counts(learned.counts().to_vec()).unwrap();
+    let evidence = [None, Some(1), Some(2)];
+    assert_eq!(
+        fresh.posterior(0, &evidence).unwrap(),
+        learned.posterior(0, &evidence).unwrap()
+    );
+    // Tables of another structure, or with a count no data can give, are refused and change
+    // nothing.
+    let mut other = Network::new(vars, vec![vec![], vec![0], vec![1]], 0.5).unwrap();
+    let before = other.counts().to_vec();
+    assert!(other.restore_counts(learned.counts().to_vec()).is_err());
+    let mut bad = learned.counts().to_vec();
+    bad[1][0] = f64::NAN;
+    assert!(fresh.restore_counts(bad.clone()).is_err());
+    bad[1][0] = -1.0;
+    assert!(fresh.restore_counts(bad).is_err());
+    assert_eq!(other.counts(), &before[..]);
+    assert_eq!(fresh.counts(), learned.counts());
+}

@@ -589,7 +589,7 @@ async fn a_restart_warms_the_forecasters_from_stored_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn risks_learn_which_resource_runs_hot() {
+async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
     let mut cfg = config(root.path(), false, false);
@@ -622,6 +622,24 @@ async fn risks_learn_which_resource_runs_hot() {
         batch < 0.2,
         "batch reports nothing and is never hot: {batch}"
     );
+    a.save();
+    drop(a);
+
+    // The tables and the evidence they score come back as they were: the same risks and
+    // reasons at once, not the prior's 0.5 until a horizon of new outcomes is counted.
+    let b = Allocations::new(&cfg, &f.data_dir).unwrap();
+    assert_eq!(b.risks(), risks);
+    drop(b);
+
+    // State saved before risks were kept still resumes the engine; the risks start afresh.
+    let path = f.data_dir.join("allocation/state.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(saved.as_object_mut().unwrap().remove("risks").is_some());
+    std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let c = Allocations::new(&cfg, &f.data_dir).unwrap();
+    assert_eq!(c.status()["round"], 30);
+    assert_eq!(c.risks()["components"][0]["resources"], json!(null));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
