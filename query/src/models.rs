@@ -18,8 +18,10 @@
 //! The table functions read their input with an ordinary query of the same session (so the
 //! predicate prunes segments like any `WHERE`), when the query runs, not when it is planned.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Float64Builder, RecordBatch, StringBuilder,
@@ -32,7 +34,6 @@ use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TablePr
 use datafusion::common::{Column, DataFusionError, Result as DfResult, ScalarValue, plan_err};
 use datafusion::datasource::{MemTable, TableType};
 use datafusion::execution::context::{SessionContext, SessionState};
-use datafusion::functions_aggregate::expr_fn::avg;
 use datafusion::logical_expr::function::{PartitionEvaluatorArgs, WindowUDFFieldArgs};
 use datafusion::logical_expr::{
     Expr, PartitionEvaluator, Signature, Volatility, WindowUDF, WindowUDFImpl,
@@ -45,6 +46,7 @@ use forestall_engine::line_protocol::FieldType;
 use forestall_models::detector::{Detector, DetectorParams};
 use forestall_models::forecast::{AutoForecaster, ForecastConfig};
 use forestall_models::risk::{MetricSpec, RiskConfig, assess};
+use futures::StreamExt;
 
 /// Longest forecast a query may ask for, in steps.
 pub const MAX_HORIZON: usize = 10_000;
@@ -107,7 +109,7 @@ impl PartitionEvaluator for ScoreEvaluator {
 struct Group {
     /// The group's tag values.
     tags: Vec<Option<String>>,
-    /// Row times, ascending.
+    /// Row times, ascending (as read: in any order).
     times: Vec<i64>,
     /// `values[field][row]`, NaN where the field is missing.
     values: Vec<Vec<f64>>,
@@ -135,57 +137,165 @@ async fn read_history(
         let e = ctx.parse_sql_expr(p, df.schema())?;
         df = df.filter(e)?;
     }
+    // The rows are grouped here rather than with GROUP BY and ORDER BY: those hash and sort
+    // every row by every tag (strings), which for all series of a measurement took most of
+    // the time and gigabytes of memory, while a group's rows need only a sort by time.
     let column = |name: &str| Expr::Column(Column::from_name(name));
-    let mut keys: Vec<Expr> = tags.iter().map(|t| column(t)).collect();
-    keys.push(column(TIME_COLUMN));
-    let aggregates: Vec<Expr> = fields
+    let mut columns: Vec<Expr> = tags
         .iter()
-        .map(|f| avg(cast_expr(column(f), DataType::Float64)).alias(f.as_str()))
+        .map(|t| cast_expr(column(t), DataType::Utf8).alias(t.as_str()))
         .collect();
-    let sort = keys.iter().map(|k| k.clone().sort(true, true)).collect();
-    let batches = df
-        .aggregate(keys, aggregates)?
-        .sort(sort)?
-        .collect()
-        .await?;
-    let mut groups: Vec<Group> = Vec::new();
-    for batch in &batches {
-        let tag_columns = (0..tags.len())
-            .map(|i| cast(batch.column(i), &DataType::Utf8))
-            .collect::<Result<Vec<_>, _>>()?;
-        let time = cast(batch.column(tags.len()), &DataType::Int64)?;
-        let time = time.as_primitive::<Int64Type>();
+    columns.push(cast_expr(column(TIME_COLUMN), DataType::Int64).alias(TIME_COLUMN));
+    columns.extend(
+        fields
+            .iter()
+            .map(|f| cast_expr(column(f), DataType::Float64).alias(f.as_str())),
+    );
+    let mut stream = df.select(columns)?.execute_stream().await?;
+    // Rows of each group as they come, `(time, values)`; a group's tags keyed by an
+    // unambiguous encoding (each tag as `length:value`, `-` for none).
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut found: Vec<Group> = Vec::new();
+    let mut key = String::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let tag_columns: Vec<&arrow::array::StringArray> = (0..tags.len())
+            .map(|i| batch.column(i).as_string::<i32>())
+            .collect();
+        let time = batch.column(tags.len()).as_primitive::<Int64Type>();
         let values: Vec<&Float64Array> = (0..fields.len())
             .map(|i| batch.column(tags.len() + 1 + i).as_primitive())
             .collect();
         for row in 0..batch.num_rows() {
-            let key: Vec<Option<String>> = tag_columns
-                .iter()
-                .map(|c| {
-                    let c = c.as_string::<i32>();
-                    c.is_valid(row).then(|| c.value(row).to_owned())
-                })
-                .collect();
-            if groups.last().is_none_or(|g| g.tags != key) {
-                groups.push(Group {
-                    tags: key,
-                    times: Vec::new(),
-                    values: vec![Vec::new(); fields.len()],
-                });
+            if !time.is_valid(row) {
+                continue;
             }
-            if let Some(g) = groups.last_mut() {
-                g.times.push(time.value(row));
-                for (s, v) in g.values.iter_mut().zip(&values) {
-                    s.push(if v.is_valid(row) {
-                        v.value(row)
-                    } else {
-                        f64::NAN
-                    });
+            key.clear();
+            for c in &tag_columns {
+                if c.is_valid(row) {
+                    let v = c.value(row);
+                    key.push_str(&v.len().to_string());
+                    key.push(':');
+                    key.push_str(v);
+                } else {
+                    key.push('-');
                 }
+            }
+            let g = match index.get(key.as_str()) {
+                Some(&g) => g,
+                None => {
+                    let tags = tag_columns
+                        .iter()
+                        .map(|c| c.is_valid(row).then(|| c.value(row).to_owned()))
+                        .collect();
+                    found.push(Group {
+                        tags,
+                        times: Vec::new(),
+                        values: vec![Vec::new(); fields.len()],
+                    });
+                    index.insert(key.clone(), found.len() - 1);
+                    found.len() - 1
+                }
+            };
+            let group = &mut found[g];
+            group.times.push(time.value(row));
+            for (s, v) in group.values.iter_mut().zip(&values) {
+                s.push(if v.is_valid(row) {
+                    v.value(row)
+                } else {
+                    f64::NAN
+                });
             }
         }
     }
-    Ok(groups)
+    found.sort_by(|a, b| a.tags.cmp(&b.tags));
+    Ok(found.into_iter().map(in_time_order).collect())
+}
+
+/// A group's rows (as read) in time order, one per time: rows that share a time are averaged
+/// per field (ignoring missing values, NaN if all are missing), as `avg` would.
+fn in_time_order(read: Group) -> Group {
+    let Group {
+        tags,
+        times,
+        values,
+    } = read;
+    let mut order: Vec<usize> = (0..times.len()).collect();
+    if !times.is_sorted() {
+        order.sort_by_key(|&i| times[i]);
+    }
+    let mut group = Group {
+        tags,
+        times: Vec::with_capacity(times.len()),
+        values: vec![Vec::with_capacity(times.len()); values.len()],
+    };
+    let mut start = 0;
+    while start < order.len() {
+        let t = times[order[start]];
+        let end = start + order[start..].partition_point(|&i| times[i] == t);
+        group.times.push(t);
+        for (out, field) in group.values.iter_mut().zip(&values) {
+            let (sum, n) = order[start..end]
+                .iter()
+                .map(|&i| field[i])
+                .filter(|v| !v.is_nan())
+                .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+            out.push(if n == 0 { f64::NAN } else { sum / n as f64 });
+        }
+        start = end;
+    }
+    group
+}
+
+/// Runs `work` on every group, in order, on the blocking threads of the runtime the query
+/// runs on (a model replays a series' whole history: seconds for thousands of series, which
+/// must not hold up the async workers), one share of the groups per core. A query that is
+/// dropped (cancelled, timed out) stops the work at the next group.
+async fn per_group<R: Send + 'static>(
+    groups: Arc<Vec<Group>>,
+    work: impl Fn(&Group) -> DfResult<R> + Send + Sync + 'static,
+) -> DfResult<Vec<R>> {
+    struct CancelOnDrop(Arc<AtomicBool>);
+    impl Drop for CancelOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(Arc::clone(&cancelled));
+    let work = Arc::new(work);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = groups.len().div_ceil(threads).max(1);
+    let tasks: Vec<_> = (0..groups.len())
+        .step_by(share)
+        .map(|start| {
+            let (groups, work, cancelled) = (
+                Arc::clone(&groups),
+                Arc::clone(&work),
+                Arc::clone(&cancelled),
+            );
+            tokio::task::spawn_blocking(move || {
+                let end = (start + share).min(groups.len());
+                groups[start..end]
+                    .iter()
+                    .map(|g| {
+                        if cancelled.load(Ordering::Relaxed) {
+                            return Err(DataFusionError::Execution("query cancelled".into()));
+                        }
+                        work(g)
+                    })
+                    .collect::<DfResult<Vec<R>>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(groups.len());
+    for task in tasks {
+        let part = task
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        out.extend(part);
+    }
+    Ok(out)
 }
 
 /// The typical spacing of the last rows: the median of their gaps (1 s if unknown).
@@ -475,16 +585,25 @@ impl ModelTable {
                     horizon: (*horizon).min(96),
                     ..ForecastConfig::default()
                 };
-                for g in &history {
+                let steps = *horizon;
+                let history = Arc::new(history);
+                let forecasts = per_group(Arc::clone(&history), move |g| {
                     let mut f = AutoForecaster::new(config).map_err(external)?;
                     for &v in &g.values[0] {
                         f.update(v);
                     }
                     let names = f.model_names();
+                    Ok(f.forecast(steps, FORECAST_LEVEL)
+                        .into_iter()
+                        .map(|p| (p, names[p.model]))
+                        .collect::<Vec<_>>())
+                })
+                .await?;
+                for (g, forecast) in history.iter().zip(forecasts) {
                     let (Some(&last), step) = (g.times.last(), step_of(&g.times)) else {
                         continue;
                     };
-                    for (i, p) in f.forecast(*horizon, FORECAST_LEVEL).iter().enumerate() {
+                    for (i, (p, name)) in forecast.iter().enumerate() {
                         for (b, k) in tag_builders.iter_mut().zip(&g.tags) {
                             b.append_option(k.as_deref());
                         }
@@ -492,7 +611,7 @@ impl ModelTable {
                         mean.append_value(p.mean);
                         lower.append_value(p.lower);
                         upper.append_value(p.upper);
-                        model.append_value(names[p.model]);
+                        model.append_value(*name);
                     }
                 }
                 let mut columns: Vec<ArrayRef> = tag_builders
@@ -528,9 +647,15 @@ impl ModelTable {
                     Float64Builder::new(),
                     StringBuilder::new(),
                 );
-                for g in &history {
+                let history = Arc::new(history);
+                let specs = metrics.clone();
+                let risks = per_group(Arc::clone(&history), move |g| {
                     let warmup = (g.times.len() / 5).min(300);
-                    for r in assess(metrics, &g.values, config, warmup).map_err(external)? {
+                    assess(&specs, &g.values, config, warmup).map_err(external)
+                })
+                .await?;
+                for (g, risks) in history.iter().zip(risks) {
+                    for r in risks {
                         comp.append_option(g.tags[0].as_deref());
                         resource.append_value(&r.resource);
                         score.append_value(r.score);
@@ -578,6 +703,62 @@ impl TableProvider for ModelTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_groups_rows_come_in_time_order_with_shared_times_averaged() {
+        // Two series of one component, read in no particular order: at time 20 both have a
+        // value, at 30 one of them has none.
+        let times = [30, 10, 20, 20, 30];
+        let values = vec![vec![f64::NAN, 1.0, 2.0, 4.0, 5.0], vec![f64::NAN; 5]];
+        let g = in_time_order(Group {
+            tags: vec![Some("web".into())],
+            times: times.to_vec(),
+            values,
+        });
+        assert_eq!(g.times, vec![10, 20, 30]);
+        assert_eq!(g.values[0], vec![1.0, 3.0, 5.0]);
+        assert!(g.values[1].iter().all(|v| v.is_nan()), "no value: NaN");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_group_keeps_order_and_a_dropped_query_stops_its_work() {
+        let groups = |n: usize| {
+            Arc::new(
+                (0..n)
+                    .map(|i| Group {
+                        tags: vec![Some(i.to_string())],
+                        times: vec![],
+                        values: vec![],
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let tags = per_group(groups(25), |g| Ok(g.tags[0].clone().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(tags, (0..25).map(|i| i.to_string()).collect::<Vec<_>>());
+
+        // 1,000 groups of 2 ms each; the query is dropped after 20 ms.
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&done);
+        let work = per_group(groups(1000), move |_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            counter.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), work)
+                .await
+                .is_err()
+        );
+        // Left alone, the shares would take a second or more to finish all 1,000.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let n = done.load(Ordering::Relaxed);
+        assert!(
+            n < 500,
+            "{n} groups were worked on after the query was dropped"
+        );
+    }
 
     #[test]
     fn risk_metric_specs_parse_and_bad_ones_are_refused() {

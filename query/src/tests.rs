@@ -642,6 +642,45 @@ async fn forecast_returns_the_next_steps_of_every_matching_series() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forecasts_of_many_series_each_follow_their_own_series() {
+    // More series than cores: the series are forecast in shares on several threads, and
+    // each forecast must come back beside its own series' tags.
+    let (_dir, store) = store();
+    let mut body = String::new();
+    for m in 0..300i64 {
+        for k in 0..9 {
+            let v = 100.0 * k as f64 + (m as f64 * std::f64::consts::TAU / 30.0).sin();
+            body.push_str(&format!("cpu,host=h{k} usage={v} {}\n", T0 + m * MIN));
+        }
+    }
+    write(&store, &body);
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let (_, batches) = engine
+        .sql("SELECT host, mean FROM forecast('cpu', 'usage', 2)")
+        .await
+        .unwrap();
+    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let mean = floats(&batches, "mean");
+    assert_eq!(mean.len(), 18, "{text}");
+    let hosts: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = arrow::compute::cast(
+                b.column_by_name("host").unwrap(),
+                &arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            let c = arrow::array::AsArray::as_string::<i32>(&c);
+            c.iter().map(|v| v.unwrap().to_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    for (host, m) in hosts.iter().zip(&mean) {
+        let k: f64 = host[1..].parse().unwrap();
+        assert!((m - 100.0 * k).abs() < 2.0, "{host}: {m}\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn risk_scores_each_component_with_reasons() {
     let (_dir, store) = store();
