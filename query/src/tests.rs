@@ -524,22 +524,35 @@ fn fill_models(store: &Store, n: i64) {
     write(store, &body);
 }
 
-fn floats(batches: &[RecordBatch], column: &str) -> Vec<f64> {
+/// `column` of every batch, cast to `to`.
+fn column_as(
+    batches: &[RecordBatch],
+    column: &str,
+    to: &arrow::datatypes::DataType,
+) -> Vec<arrow::array::ArrayRef> {
     batches
         .iter()
-        .flat_map(|b| {
-            let c = arrow::compute::cast(
-                b.column_by_name(column).unwrap(),
-                &arrow::datatypes::DataType::Float64,
-            )
-            .unwrap();
-            let c = c
-                .as_any()
-                .downcast_ref::<arrow::array::Float64Array>()
-                .unwrap()
-                .clone();
-            c.iter().map(|v| v.unwrap_or(f64::NAN)).collect::<Vec<_>>()
+        .map(|b| arrow::compute::cast(b.column_by_name(column).unwrap(), to).unwrap())
+        .collect()
+}
+
+fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
+    let arrays = column_as(batches, column, &arrow::datatypes::DataType::Utf8);
+    arrays
+        .iter()
+        .flat_map(|c| arrow::array::AsArray::as_string::<i32>(c).iter())
+        .map(|v| v.unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn floats(batches: &[RecordBatch], column: &str) -> Vec<f64> {
+    let arrays = column_as(batches, column, &arrow::datatypes::DataType::Float64);
+    arrays
+        .iter()
+        .flat_map(|c| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Float64Type>(c).iter()
         })
+        .map(|v| v.unwrap_or(f64::NAN))
         .collect()
 }
 
@@ -663,19 +676,7 @@ async fn forecasts_of_many_series_each_follow_their_own_series() {
     let text = pretty_format_batches(&batches).unwrap().to_string();
     let mean = floats(&batches, "mean");
     assert_eq!(mean.len(), 18, "{text}");
-    let hosts: Vec<String> = batches
-        .iter()
-        .flat_map(|b| {
-            let c = arrow::compute::cast(
-                b.column_by_name("host").unwrap(),
-                &arrow::datatypes::DataType::Utf8,
-            )
-            .unwrap();
-            let c = arrow::array::AsArray::as_string::<i32>(&c);
-            c.iter().map(|v| v.unwrap().to_owned()).collect::<Vec<_>>()
-        })
-        .collect();
-    for (host, m) in hosts.iter().zip(&mean) {
+    for (host, m) in strings(&batches, "host").iter().zip(&mean) {
         let k: f64 = host[1..].parse().unwrap();
         assert!((m - 100.0 * k).abs() < 2.0, "{host}: {m}\n{text}");
     }
