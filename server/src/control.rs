@@ -314,9 +314,10 @@ impl Controller {
     /// Carries on from what [`learned`](Self::learned) returned before a restart. Every
     /// resumed component with a changed resource is applied again at the next round, so the
     /// kernel holds what the engine holds even if it was changed meanwhile. A component's risk
-    /// tables that no longer fit its model (another horizon or threshold changes none of
-    /// their shapes, so only a new model would) are logged and learned afresh. Returns how
-    /// many components the engine resumed.
+    /// tables that no longer fit its model's shape are logged and learned afresh; tables
+    /// counted under another horizon or θ fit (the shape is the same) and are kept: the
+    /// outcomes counted from now on outweigh them only gradually (the tables do not decay).
+    /// Returns how many components the engine resumed.
     pub fn resume(&mut self, learned: &Learned) -> usize {
         let resumed = self.engine.resume(&learned.engine);
         for (c, t) in self.targets.iter().enumerate() {
