@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -109,7 +110,8 @@ impl PartitionEvaluator for ScoreEvaluator {
 struct Group {
     /// The group's tag values.
     tags: Vec<Option<String>>,
-    /// Row times, ascending (as read: in any order).
+    /// Row times: ascending, one row each, once [`in_time_order`] has run (as read, in any
+    /// order).
     times: Vec<i64>,
     /// `values[field][row]`, NaN where the field is missing.
     values: Vec<Vec<f64>>,
@@ -174,9 +176,8 @@ async fn read_history(
             for c in &tag_columns {
                 if c.is_valid(row) {
                     let v = c.value(row);
-                    key.push_str(&v.len().to_string());
-                    key.push(':');
-                    key.push_str(v);
+                    // Writing to a String cannot fail.
+                    let _ = write!(key, "{}:{v}", v.len());
                 } else {
                     key.push('-');
                 }
@@ -215,15 +216,17 @@ async fn read_history(
 /// A group's rows (as read) in time order, one per time: rows that share a time are averaged
 /// per field (ignoring missing values, NaN if all are missing), as `avg` would.
 fn in_time_order(read: Group) -> Group {
+    // As the engine returns a series: already in order, one row per time.
+    if read.times.is_sorted_by(|a, b| a < b) {
+        return read;
+    }
     let Group {
         tags,
         times,
         values,
     } = read;
     let mut order: Vec<usize> = (0..times.len()).collect();
-    if !times.is_sorted() {
-        order.sort_by_key(|&i| times[i]);
-    }
+    order.sort_by_key(|&i| times[i]);
     let mut group = Group {
         tags,
         times: Vec::with_capacity(times.len()),

@@ -39,11 +39,17 @@ fn fill(store: &Store) {
 }
 
 async fn table(engine: &QueryEngine, sql: &str) -> String {
+    batches_and_table(engine, sql).await.1
+}
+
+/// The result of `sql`, and the same as a printed table (for assertion messages).
+async fn batches_and_table(engine: &QueryEngine, sql: &str) -> (Vec<RecordBatch>, String) {
     let (_, batches) = engine
         .sql(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    pretty_format_batches(&batches).unwrap().to_string()
+    let text = pretty_format_batches(&batches).unwrap().to_string();
+    (batches, text)
 }
 
 async fn scalar(engine: &QueryEngine, sql: &str) -> String {
@@ -599,11 +605,7 @@ async fn forecast_returns_the_next_steps_of_every_matching_series() {
     let (_dir, store) = store();
     fill_models(&store, 2000);
     let engine = QueryEngine::new(Arc::clone(&store));
-    let (_, batches) = engine
-        .sql("SELECT host, time, mean, lower, upper, model FROM forecast('cpu', 'usage', 12, 'host = ''h0''') ORDER BY time")
-        .await
-        .unwrap();
-    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let (batches, text) = batches_and_table(&engine, "SELECT host, time, mean, lower, upper, model FROM forecast('cpu', 'usage', 12, 'host = ''h0''') ORDER BY time").await;
     let mean = floats(&batches, "mean");
     let (lower, upper) = (floats(&batches, "lower"), floats(&batches, "upper"));
     assert_eq!(mean.len(), 12, "{text}");
@@ -669,11 +671,11 @@ async fn forecasts_of_many_series_each_follow_their_own_series() {
     }
     write(&store, &body);
     let engine = QueryEngine::new(Arc::clone(&store));
-    let (_, batches) = engine
-        .sql("SELECT host, mean FROM forecast('cpu', 'usage', 2)")
-        .await
-        .unwrap();
-    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let (batches, text) = batches_and_table(
+        &engine,
+        "SELECT host, mean FROM forecast('cpu', 'usage', 2)",
+    )
+    .await;
     let mean = floats(&batches, "mean");
     assert_eq!(mean.len(), 18, "{text}");
     for (host, m) in strings(&batches, "host").iter().zip(&mean) {
@@ -688,11 +690,7 @@ async fn risk_scores_each_component_with_reasons() {
     // End mid-climb: h1 is at 20 + 1.6 × 35 = 76 and rising, 9 minutes from 90.
     fill_models(&store, 1936);
     let engine = QueryEngine::new(Arc::clone(&store));
-    let (_, batches) = engine
-        .sql("SELECT component, resource, score, reasons FROM risk('cpu', 'usage > 90 AS cpu') ORDER BY component")
-        .await
-        .unwrap();
-    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let (batches, text) = batches_and_table(&engine, "SELECT component, resource, score, reasons FROM risk('cpu', 'usage > 90 AS cpu') ORDER BY component").await;
     let score = floats(&batches, "score");
     assert_eq!(score.len(), 2, "{text}");
     assert!(score[0] < 0.1, "h0 never nears 90\n{text}");
