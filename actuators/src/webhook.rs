@@ -167,8 +167,8 @@ impl Webhook {
         }
     }
 
-    /// POSTs `body`; Ok on a 2xx answer.
-    fn post(&self, body: &str) -> Result<()> {
+    /// POSTs `body` (JSON); Ok on a 2xx answer.
+    pub fn post(&self, body: &str) -> Result<()> {
         let addrs = (self.host.as_str(), self.port)
             .to_socket_addrs()
             .map_err(|e| self.net_err("resolve", e))?;

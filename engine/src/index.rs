@@ -7,6 +7,7 @@
 //! | `segments` | segment id (u64 BE) | [`SegmentMeta`] |
 //! | `catalog` | measurement | [`TableSchema`] as JSON |
 //! | `meta` | name | u64 BE (`next_series_id`, `next_segment_id`, `wal_checkpoint`) |
+//! | `entries` | a caller's key (`cq/…`) | a caller's bytes: run-time catalog entries of the layers above (continuous queries and their watermarks), which the engine stores and never reads |
 //!
 //! Everything a flush or a compaction changes (new series, postings, segments added and
 //! removed, the WAL checkpoint) goes into one [`IndexBatch`] written with `sync`, so a
@@ -34,6 +35,7 @@ const CF_POSTINGS: &str = "postings";
 const CF_SEGMENTS: &str = "segments";
 const CF_CATALOG: &str = "catalog";
 const CF_META: &str = "meta";
+const CF_ENTRIES: &str = "entries";
 
 const META_NEXT_SERIES: &[u8] = b"next_series_id";
 const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
@@ -133,6 +135,7 @@ impl Index {
             ColumnFamilyDescriptor::new(CF_SEGMENTS, Options::default()),
             ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_ENTRIES, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::OpenIndex {
             path: path.to_path_buf(),
@@ -194,6 +197,44 @@ impl Index {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_CATALOG), schema.name.as_bytes(), json);
         self.sync_write(batch, "put schema")
+    }
+
+    /// Applies `changes` (a value to put, or `None` to delete) to the entries atomically and
+    /// durably: they are all on disk, or none is, when this returns.
+    pub fn put_entries(&self, changes: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+        let cf = self.cf(CF_ENTRIES);
+        let mut batch = WriteBatch::default();
+        for (key, value) in changes {
+            match value {
+                Some(v) => batch.put_cf(cf, key.as_bytes(), v),
+                None => batch.delete_cf(cf, key.as_bytes()),
+            }
+        }
+        self.sync_write(batch, "put entries")
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn entries(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_ENTRIES),
+            rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|source| Error::Index {
+                op: "read entries",
+                source,
+            })?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8(k.to_vec()).map_err(|e| Error::DecodeIndex {
+                what: "entry key",
+                reason: e.to_string(),
+            })?;
+            out.push((key, v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every stored schema.

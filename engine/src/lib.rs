@@ -44,7 +44,7 @@ pub use line_protocol::{FieldType, Precision};
 pub use metrics::Metrics;
 pub use scan::{ScanRequest, ScanStream, TagPredicate};
 pub use segment::{ReadStats, RowFilter};
-pub use store::{Store, WriteOutcome};
+pub use store::{Entries, Store, WriteObserver, WriteOutcome};
 
 /// Identifies a series (a measurement plus its sorted tag set) for the life of the store.
 pub type SeriesId = u32;
@@ -112,6 +112,9 @@ pub enum Error {
     #[error("invalid scan: {0}")]
     InvalidScan(String),
 
+    #[error("a write observer refused the write: {0}")]
+    Observer(String),
+
     #[error("the store is shutting down")]
     ShuttingDown,
 
@@ -126,7 +129,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// `pause point <point> reached` to stderr and blocks for a minute, so that a test can kill
 /// the process at a known moment (between writing segment files and committing them, say).
 /// The variable is read once; with it unset this is one atomic load.
-pub(crate) fn pause_point(point: &str) {
+#[doc(hidden)]
+pub fn pause_point(point: &str) {
     static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let target = TARGET.get_or_init(|| std::env::var("FORESTALL_PAUSE_AT").ok());
     if target.as_deref() == Some(point) {

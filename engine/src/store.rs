@@ -52,6 +52,41 @@ pub struct WriteOutcome {
     pub errors: Vec<LineError>,
 }
 
+/// Hears about every write, inside the write path. The layers above use it to invalidate
+/// what they derived from data that has just changed (continuous queries' materialised time
+/// buckets) and to react to new data (queries that run on write).
+///
+/// Both calls run on the writing thread, so an observer must be quick in the common case.
+pub trait WriteObserver: Send + Sync + std::fmt::Debug {
+    /// The admitted lines of a write, before they are appended to the WAL: nothing of them is
+    /// durable or visible yet, so a durable note made here is in place before any reader can
+    /// see the data and before the write is acknowledged. An error fails the write with
+    /// [`Error::Observer`] and nothing of it is stored.
+    fn admitted(&self, lines: &[ParsedLine<'_>]) -> std::result::Result<(), String>;
+
+    /// The same lines once they are durable and visible to scans, before the write is
+    /// acknowledged.
+    fn committed(&self, lines: &[ParsedLine<'_>]);
+}
+
+/// The store's run-time catalog entries (the index's `entries` column family): a durable,
+/// ordered key-value map that layers above keep their own objects in (continuous queries and
+/// their watermarks). A handle is cheap to clone and does not keep the rest of the store open.
+#[derive(Debug, Clone)]
+pub struct Entries(Arc<Index>);
+
+impl Entries {
+    /// Applies every change (a value to put, `None` to delete) atomically and durably.
+    pub fn put(&self, changes: &[(String, Option<Vec<u8>>)]) -> Result<()> {
+        self.0.put_entries(changes)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.0.entries(prefix)
+    }
+}
+
 /// Nanoseconds since the Unix epoch, now.
 pub fn now_nanos() -> i64 {
     SystemTime::now()
@@ -105,6 +140,7 @@ pub(crate) struct Inner {
     /// Signalled when a flush has emptied the buffer (see `wait_for_buffer_room`).
     flushed_cv: Condvar,
     closed: AtomicBool,
+    observers: RwLock<Vec<Arc<dyn WriteObserver>>>,
 }
 
 /// A Forestall storage engine instance.
@@ -246,6 +282,7 @@ impl Store {
             wake_cv: Condvar::new(),
             flushed_cv: Condvar::new(),
             closed: AtomicBool::new(false),
+            observers: RwLock::new(Vec::new()),
         });
         inner.update_gauges();
         let bg = Arc::clone(&inner);
@@ -300,6 +337,10 @@ impl Store {
         if accepted.is_empty() {
             return Ok(outcome);
         }
+        let observers = inner.observers.read().clone();
+        for o in &observers {
+            o.admitted(&accepted).map_err(Error::Observer)?;
+        }
         let payload = if outcome.rejected_lines == 0 {
             encode_record(precision, now, body)
         } else {
@@ -332,10 +373,23 @@ impl Store {
             outcome.accepted_values as u64,
         );
         Metrics::add(&inner.metrics.bytes_written_total, bytes as u64);
+        for o in &observers {
+            o.committed(&accepted);
+        }
         if buffered >= inner.config.flush.max_buffer_bytes {
             inner.request_flush();
         }
         Ok(outcome)
+    }
+
+    /// Adds an observer that hears about every later write (see [`WriteObserver`]).
+    pub fn observe(&self, observer: Arc<dyn WriteObserver>) {
+        self.inner.observers.write().push(observer);
+    }
+
+    /// The run-time catalog entries (see [`Entries`]).
+    pub fn entries(&self) -> Entries {
+        Entries(Arc::clone(&self.inner.index))
     }
 
     /// Reads rows; see [`crate::scan`].

@@ -12,9 +12,12 @@
 //! `last_rows('cpu')` (the latest row of every series, from the engine's last-row cache), and the
 //! model functions ([`models`]: `anomaly_score(value) OVER (…)`, `forecast(…)`, `risk(…)`).
 //! Results stream from the scan ([`provider::ScanExec`]) to the client. Aggregates per tag
-//! and time bucket are folded in the scan as it reads ([`pushdown`]). Still to come:
-//! continuous queries.
+//! and time bucket are folded in the scan as it reads ([`pushdown`]). Continuous queries
+//! ([`continuous`]) run SQL on a schedule or on write, incrementally, into measurements,
+//! health checks and notifications; their statements (`CREATE CONTINUOUS QUERY …`) are
+//! answered by the same [`QueryEngine`] as every other query.
 
+pub mod continuous;
 pub mod gapfill;
 pub mod models;
 pub mod provider;
@@ -49,6 +52,12 @@ pub enum Error {
     /// The query could not run for a reason the user cannot fix.
     #[error("query failed: {0}")]
     Execution(String),
+    /// What the statement creates exists already.
+    #[error("{0}")]
+    Exists(String),
+    /// What the statement names does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl From<DataFusionError> for Error {
@@ -74,6 +83,8 @@ pub struct QueryEngine {
     base: SessionState,
     /// Where queries run, if not on the caller's runtime (see [`QueryEngine::on_runtime`]).
     runtime: Option<tokio::runtime::Handle>,
+    /// Answers continuous-query statements (see [`QueryEngine::with_continuous`]).
+    continuous: Option<continuous::ContinuousQueries>,
 }
 
 impl QueryEngine {
@@ -127,7 +138,39 @@ impl QueryEngine {
         Self {
             base: ctx.state(),
             runtime: None,
+            continuous: None,
         }
+    }
+
+    /// An engine that also answers `CREATE`, `DROP` and `SHOW CONTINUOUS QUERIES` with
+    /// `queries`, and has their status as the table `system.continuous_queries`.
+    pub fn with_continuous(mut self, queries: continuous::ContinuousQueries) -> Self {
+        let ctx = SessionContext::new_with_state(self.base.clone());
+        if let Some(catalog) = ctx.catalog(CATALOG) {
+            let system = datafusion::catalog::MemorySchemaProvider::new();
+            // A new schema holds no table of that name.
+            let _ = datafusion::catalog::SchemaProvider::register_table(
+                &system,
+                "continuous_queries".into(),
+                Arc::new(continuous::system::StatusTable(queries.downgrade())),
+            );
+            let _ = catalog.register_schema("system", Arc::new(system));
+        }
+        self.base = ctx.state();
+        self.continuous = Some(queries);
+        self
+    }
+
+    /// Runs `sql` if it is a continuous-query statement: `None` when it is not one.
+    pub async fn continuous_statement(&self, sql: &str) -> Option<Result<continuous::Outcome>> {
+        let statement = continuous::statement::parse(sql)?;
+        Some(match (statement, &self.continuous) {
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err(Error::Execution(
+                "continuous queries are not running in this process".into(),
+            )),
+            (Ok(s), Some(cq)) => cq.execute(s).await,
+        })
     }
 
     /// Runs queries (planning, scans, operators) on `runtime` instead of the caller's. The
@@ -199,6 +242,10 @@ impl QueryEngine {
 
     /// Plans and runs `sql`, collecting the result.
     pub async fn sql(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        if let Some(outcome) = self.continuous_statement(sql).await {
+            let batch = outcome?.into_batch();
+            return Ok((batch.schema(), vec![batch]));
+        }
         let df = self.session().sql(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
@@ -210,6 +257,15 @@ impl QueryEngine {
     /// the stream. Call it inside [`QueryEngine::forward`] or [`QueryEngine::run`], so that
     /// planning runs on the query runtime.
     pub async fn start(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
+        if let Some(outcome) = self.continuous_statement(sql).await {
+            let batch = outcome?.into_batch();
+            let schema = batch.schema();
+            let stream = futures::stream::once(async move { Ok(batch) });
+            return Ok((
+                Arc::clone(&schema),
+                Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
+            ));
+        }
         let df = self.session().sql(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         Ok((schema, Self::execute(df)))

@@ -116,6 +116,9 @@ pub struct ServerConfig {
     pub log: LogConfig,
     pub engine: EngineConfig,
     pub allocation: crate::allocation::AllocationConfig,
+    /// `[[continuous_queries]]`: queries declared here are created at start, replaced when
+    /// changed, and dropped when no longer declared (those made over the API are kept).
+    pub continuous_queries: Vec<forestall_query::continuous::DefinitionSpec>,
 }
 
 /// Values given on the command line; they win over everything else.

@@ -12,6 +12,8 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
     #[error("request body is larger than the limit of {0} bytes")]
@@ -44,6 +46,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request too large"),
             ApiError::UnsupportedEncoding(_) => {

@@ -14,6 +14,8 @@
 //! | `GET /api/v1/risks` | per component and resource, the Bayesian risk of passing θ within the horizon, with its reasons |
 //! | `GET /api/v1/preferences` | every component's preferences |
 //! | `PUT /api/v1/preferences/{component}` | replace a component's preferences (JSON, kept across restarts) |
+//! | `GET`, `PUT`, `DELETE /api/v1/continuous_queries[/{name}]` | continuous queries (see [`crate::continuous`]) |
+//! | `GET /api/v1/health` | each component's health from the health-check queries |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -54,6 +56,8 @@ pub struct AppState {
     pub max_body_bytes: u64,
     /// The live allocation loop, when `[allocation] enabled`.
     pub allocations: Option<crate::allocation::Allocations>,
+    /// The continuous queries, when running.
+    pub continuous: Option<forestall_query::continuous::ContinuousQueries>,
 }
 
 impl AppState {
@@ -68,6 +72,7 @@ impl AppState {
             },
             max_body_bytes: config.http.max_body_bytes,
             allocations: None,
+            continuous: None,
         }
     }
 }
@@ -94,6 +99,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/risks", get(risks))
         .route("/api/v1/preferences", get(list_preferences))
         .route("/api/v1/preferences/{component}", put(set_preferences))
+        .route("/api/v1/continuous_queries", get(crate::continuous::list))
+        .route(
+            "/api/v1/continuous_queries/{name}",
+            get(crate::continuous::get)
+                .put(crate::continuous::put)
+                .delete(crate::continuous::delete),
+        )
+        .route("/api/v1/health", get(crate::continuous::health))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -273,6 +286,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
+    }
+    if let Some(cqs) = &state.continuous {
+        cqs.prometheus(&mut out);
     }
     (
         [(

@@ -8,6 +8,7 @@
 
 pub mod allocation;
 pub mod config;
+pub mod continuous;
 pub mod control;
 pub mod error;
 pub mod eval;
@@ -42,6 +43,18 @@ pub async fn serve(
     let query_runtime = query_runtime(config.query.nice)?;
     let mut state = http::AppState::new(Arc::clone(&store), &config);
     state.query = state.query.on_runtime(query_runtime.handle().clone());
+    let continuous = forestall_query::continuous::ContinuousQueries::start(
+        Arc::clone(&store),
+        state.query.clone(),
+        Some(Arc::new(continuous::Notifier)),
+    )
+    .context("start the continuous queries")?;
+    continuous
+        .reconcile(config.continuous_queries.clone())
+        .await
+        .context("the [[continuous_queries]] of the config")?;
+    state.query = state.query.with_continuous(continuous.clone());
+    state.continuous = Some(continuous.clone());
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let allocation = if config.allocation.enabled {
         let allocations = allocation::Allocations::new(&config.allocation, &config.engine.data_dir)
@@ -93,6 +106,7 @@ pub async fn serve(
     if let Some(allocation) = allocation {
         let _ = allocation.await;
     }
+    continuous.stop().await;
     query_runtime.shutdown_background();
     tracing::info!("HTTP stopped; flushing the store");
     let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await?;

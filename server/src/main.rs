@@ -24,7 +24,7 @@ enum Command {
     /// Run the server (HTTP API, storage engine) until SIGTERM or Ctrl-C.
     Serve {
         /// TOML configuration file (see docs/forestall.example.toml).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "FORESTALL_CONFIG")]
         config: Option<PathBuf>,
         /// Data directory [default: ./forestall-data].
         #[arg(long, value_name = "DIR")]

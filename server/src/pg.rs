@@ -131,6 +131,22 @@ enum Stmt {
     Rollback,
     /// A `SET` of something other than DataFusion's options: accepted, ignored.
     Set,
+    /// `CREATE`, `DROP` or `SHOW CONTINUOUS QUERIES`, answered by the continuous queries.
+    Continuous(String),
+}
+
+/// A continuous-query statement's error, with its SQLSTATE.
+fn continuous_error(e: forestall_query::Error) -> PgWireError {
+    use forestall_query::Error as E;
+    match e {
+        E::Query(m) => user_error("42601", m),
+        E::Exists(m) => user_error("42710", m),
+        E::NotFound(m) => user_error("42704", m),
+        E::Execution(m) => {
+            tracing::error!(error = %m, "continuous-query statement failed");
+            user_error("XX000", "internal error; see the server log")
+        }
+    }
 }
 
 fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
@@ -227,6 +243,7 @@ impl Backend {
             Stmt::Commit => return Ok(Response::TransactionEnd(Tag::new("COMMIT"))),
             Stmt::Rollback => return Ok(Response::TransactionEnd(Tag::new("ROLLBACK"))),
             Stmt::Set => return Ok(Response::Execution(Tag::new("SET"))),
+            Stmt::Continuous(sql) => return self.continuous(&sql, format).await,
             Stmt::Plan(plan) => *plan,
         };
         let plan = match params {
@@ -256,6 +273,34 @@ impl Backend {
             .query
             .forward(row_stream(batches, Arc::clone(&fields), self.limits));
         Ok(Response::Query(QueryResponse::new(fields, rows)))
+    }
+}
+
+impl Backend {
+    /// Runs a continuous-query statement: `SHOW` as rows, the others as a command tag.
+    async fn continuous(&self, sql: &str, format: &Format) -> PgWireResult<Response> {
+        let outcome = match self.query.continuous_statement(sql).await {
+            Some(Ok(o)) => o,
+            Some(Err(e)) => return Err(continuous_error(e)),
+            None => return Err(user_error("XX000", "not a continuous-query statement")),
+        };
+        match outcome {
+            forestall_query::continuous::Outcome::Done { tag, .. } => {
+                Ok(Response::Execution(Tag::new(tag)))
+            }
+            forestall_query::continuous::Outcome::Rows(batch) => {
+                let fields = Arc::new(fields(batch.schema_ref(), format));
+                let schema = batch.schema();
+                let batches: SendableRecordBatchStream = Box::pin(
+                    datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                        schema,
+                        stream::once(async move { Ok(batch) }),
+                    ),
+                );
+                let rows = row_stream(batches, Arc::clone(&fields), self.limits);
+                Ok(Response::Query(QueryResponse::new(fields, rows)))
+            }
+        }
     }
 }
 
@@ -605,6 +650,18 @@ impl SimpleQueryHandler for Backend {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if forestall_query::continuous::statement::parse(query).is_some() {
+            let stmt = Stmt::Continuous(query.to_owned());
+            return Ok(vec![
+                self.run(
+                    &session(client, &self.query),
+                    stmt,
+                    None,
+                    &Format::UnifiedText,
+                )
+                .await?,
+            ]);
+        }
         let ctx = session(client, &self.query);
         // Statements are planned one at a time, after the previous one ran, so that a `SET`
         // applies to the queries after it. An error ends the batch, as in Postgres.
@@ -635,6 +692,9 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
+        if forestall_query::continuous::statement::parse(sql).is_some() {
+            return Ok(Some(Stmt::Continuous(sql.to_owned())));
+        }
         let mut statements = split(sql)?;
         if statements.len() > 1 {
             return Err(user_error(
@@ -678,6 +738,17 @@ impl QueryParser for Parser {
                 plan.schema().as_arrow(),
                 format.unwrap_or(&Format::UnifiedText),
             )),
+            Stmt::Continuous(sql)
+                if matches!(
+                    forestall_query::continuous::statement::parse(sql),
+                    Some(Ok(forestall_query::continuous::Statement::Show))
+                ) =>
+            {
+                Ok(fields(
+                    &forestall_query::continuous::runtime::status_schema(),
+                    format.unwrap_or(&Format::UnifiedText),
+                ))
+            }
             _ => Ok(Vec::new()),
         }
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Server, post};
+use crate::harness::{Server, eventually, get_json, put, sql};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "blkio"];
@@ -124,49 +124,6 @@ fn start(dir: &Path, b: &Burner) -> Server {
     let env = env(b);
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Server::start(dir, &pairs)
-}
-
-/// Waits (bounded) until `f` holds, checking every 200 ms.
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A response's status and JSON body (every answer of the API is JSON, errors too).
-fn answer(url: &str, resp: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
-    let (status, r) = match resp {
-        Ok(r) => (r.status(), r),
-        Err(ureq::Error::Status(code, r)) => (code, r),
-        Err(e) => panic!("{url}: {e}"),
-    };
-    let text = r.into_string().unwrap();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"));
-    (status, json)
-}
-
-fn get_json(url: &str) -> (u16, serde_json::Value) {
-    answer(url, ureq::get(url).timeout(Duration::from_secs(30)).call())
-}
-
-fn put(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
-    answer(
-        url,
-        ureq::put(url)
-            .timeout(Duration::from_secs(30))
-            .send_bytes(body),
-    )
-}
-
-fn sql(server: &Server, q: &str) -> Vec<serde_json::Value> {
-    let (status, body) = post(
-        &server.url("/api/v3/query_sql?format=json"),
-        format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
-    );
-    assert_eq!(status, 200, "{q}: {body}");
-    serde_json::from_str(&body).unwrap()
 }
 
 #[test]

@@ -208,3 +208,90 @@ pub fn read_back(
     }
     out
 }
+
+/// Waits (bounded) until `f` holds, checking every 200 ms.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A response's status and JSON body (every answer of the API is JSON, errors too).
+pub fn answer(url: &str, resp: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    let (status, r) = match resp {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let text = r.into_string().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"));
+    (status, json)
+}
+
+pub fn get_json(url: &str) -> (u16, serde_json::Value) {
+    answer(url, ureq::get(url).timeout(Duration::from_secs(30)).call())
+}
+
+pub fn put(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    answer(
+        url,
+        ureq::put(url)
+            .timeout(Duration::from_secs(30))
+            .send_bytes(body),
+    )
+}
+
+pub fn sql(server: &Server, q: &str) -> Vec<serde_json::Value> {
+    let (status, body) = post(
+        &server.url("/api/v3/query_sql?format=json"),
+        format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
+    );
+    assert_eq!(status, 200, "{q}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// GETs a text body; returns the status and the text.
+pub fn get_text(url: &str) -> (u16, String) {
+    match ureq::get(url).timeout(Duration::from_secs(30)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// DELETE; returns the status.
+pub fn delete(url: &str) -> u16 {
+    match ureq::delete(url).timeout(Duration::from_secs(30)).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// Runs `psql -c sql`; returns (success, stdout, stderr).
+pub fn psql(server: &Server, sql: &str) -> (bool, String, String) {
+    let (host, port) = server.pg_addr.rsplit_once(':').unwrap();
+    let out = Command::new("psql")
+        .args(["-h", host, "-p", port, "-U", "grafana", "-d", "forestall"])
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-F",
+            ",",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("run psql (scripts/setup.sh installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

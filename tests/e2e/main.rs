@@ -4,6 +4,7 @@
 mod harness;
 
 mod allocation;
+mod continuous;
 mod crash;
 mod pg;
 mod query;

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{Server, post};
+use crate::harness::{Server, post, psql};
 
 /// 2026-01-01T00:00:00Z
 const T0: i64 = 1_767_225_600_000_000_000;
@@ -22,32 +22,6 @@ fn write_sample(server: &Server) {
     }
     let (status, text) = post(&server.url("/api/v2/write?precision=ns"), body.as_bytes());
     assert_eq!(status, 204, "{text}");
-}
-
-/// Runs `psql -c sql`; returns (success, stdout, stderr).
-fn psql(server: &Server, sql: &str) -> (bool, String, String) {
-    let (host, port) = server.pg_addr.rsplit_once(':').unwrap();
-    let out = Command::new("psql")
-        .args(["-h", host, "-p", port, "-U", "grafana", "-d", "forestall"])
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-F",
-            ",",
-            "-v",
-            "VERBOSITY=verbose",
-            "-c",
-            sql,
-        ])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .expect("run psql (scripts/setup.sh installs it)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

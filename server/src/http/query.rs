@@ -199,10 +199,7 @@ enum Chunk {
 }
 
 fn query_error(e: forestall_query::Error) -> ApiError {
-    match e {
-        forestall_query::Error::Query(m) => ApiError::Invalid(m),
-        e => ApiError::Internal(e.to_string()),
-    }
+    crate::continuous::query_error(e)
 }
 
 impl Format {
