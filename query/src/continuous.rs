@@ -10,6 +10,9 @@
 //!   transitions, and kept as the components' current health ([`health`]).
 //! * `NOTIFY '<url>'`: a webhook when a condition starts or stops holding, with a `FOR`
 //!   duration, told once per transition.
+//! * `ALLOCATE`: rows of `component`, `resource` and a demand (`demand`, an amount; or
+//!   `forecast`, a predicted peak, with an optional `risk`; or `usage`, what it uses) for the
+//!   allocation loop, which the server runs: a user drives allocation from any signal.
 //!
 //! Definitions come from SQL ([`statement`]), from the HTTP API and from the TOML config, as
 //! one model ([`Definition`]), and are kept in the store's run-time catalog
@@ -28,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 pub use health::{CheckState, HealthStatus};
 pub use runtime::{
-    ActionSink, ActionSinkRef, ContinuousQueries, HEALTH_MEASUREMENT, Notification, Outcome,
-    QueryStatus,
+    ActionSink, ActionSinkRef, AllocationRequest, ContinuousQueries, HEALTH_MEASUREMENT,
+    Notification, Outcome, QueryStatus,
 };
 pub use statement::Statement;
 
@@ -79,6 +82,8 @@ pub enum Sink {
         when: Option<String>,
         hold: Duration,
     },
+    /// Allocation requests for the allocation loop (see [`AllocationRequest`]).
+    Allocate,
 }
 
 impl Sink {
@@ -88,6 +93,7 @@ impl Sink {
             Sink::Into { measurement } => format!("INTO {measurement}"),
             Sink::Health { .. } => "HEALTH".into(),
             Sink::Notify { url, .. } => format!("NOTIFY {url}"),
+            Sink::Allocate => "ALLOCATE".into(),
         }
     }
 }
@@ -128,13 +134,15 @@ pub struct DefinitionSpec {
     pub lateness: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<String>,
-    /// The sink: exactly one of `into`, `health`, `notify`.
+    /// The sink: exactly one of `into`, `health`, `notify`, `allocate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub into: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allocate: bool,
     /// The `SELECT`.
     pub query: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -197,6 +205,12 @@ impl Definition {
             (None, false) => Schedule::default(),
         };
         let sink = match (spec.into, spec.health, spec.notify) {
+            (None, None, None) if spec.allocate => Sink::Allocate,
+            _ if spec.allocate => {
+                return Err(Error::Query(
+                    "a continuous query has one sink: into, health, notify or allocate".into(),
+                ));
+            }
             (Some(measurement), None, None) => {
                 check_name(&measurement, "the measurement to write into")?;
                 Sink::Into { measurement }
@@ -213,12 +227,12 @@ impl Definition {
             },
             (None, None, None) => {
                 return Err(Error::Query(
-                    "a continuous query needs a sink: into, health or notify".into(),
+                    "a continuous query needs a sink: into, health, notify or allocate".into(),
                 ));
             }
             _ => {
                 return Err(Error::Query(
-                    "a continuous query has one sink: into, health or notify".into(),
+                    "a continuous query has one sink: into, health, notify or allocate".into(),
                 ));
             }
         };
@@ -272,6 +286,7 @@ impl Definition {
                     hold: hold(*h),
                 })
             }
+            Sink::Allocate => spec.allocate = true,
         }
         spec
     }
@@ -321,6 +336,7 @@ impl Definition {
                 }
                 out.push_str(&hold(*h));
             }
+            Sink::Allocate => out.push_str(" ALLOCATE"),
         }
         out.push_str(" AS ");
         out.push_str(&self.query);
@@ -363,6 +379,7 @@ impl Definition {
                     )));
                 }
             }
+            Sink::Allocate => {}
         }
         if !matches!(self.sink, Sink::Into { .. }) && self.backfill.is_some() {
             return Err(Error::Query(

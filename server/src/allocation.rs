@@ -17,7 +17,7 @@
 //!   `<data_dir>/allocation/preferences.json` (written atomically) and win over the
 //!   configuration file's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,9 @@ use forestall_actuators::{Actuator, CpuSet, DryRun, Flow, Limits, Meter, Target,
 use forestall_engine::Store;
 use forestall_engine::line_protocol::{FieldValue, ParsedLine, Precision};
 use forestall_engine::store::now_nanos;
+use forestall_models::risk::Health;
 use forestall_query::QueryEngine;
+use forestall_query::continuous::HealthStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -557,6 +559,25 @@ struct Live {
     /// When it was last written.
     last_saved: Option<Instant>,
     saved_path: PathBuf,
+    /// What each allocation query (`ALLOCATE` sink) asked for at its last run, by query.
+    signals: BTreeMap<String, Vec<Signal>>,
+    /// Where the components' health comes from (the health-check queries).
+    health: Option<forestall_query::continuous::ContinuousQueries>,
+}
+
+/// One row of an allocation query, for a known component and resource.
+#[derive(Debug, Clone)]
+struct Signal {
+    component: usize,
+    resource: Resource,
+    request: forestall_query::continuous::AllocationRequest,
+    at: Instant,
+}
+
+/// An allocation query's rows count for this long after its last run, whichever is longer:
+/// a query that stopped running (failing, say) stops holding resources.
+fn signal_ttl(interval: Duration) -> Duration {
+    (interval * 5).max(Duration::from_secs(300))
 }
 
 impl Live {
@@ -581,6 +602,31 @@ impl Live {
                 tracing::warn!(error = %format!("{e:#}"), "could not keep the allocation state")
             }
         }
+    }
+
+    /// The allocation queries' rows still in force (stale ones are dropped): their usage
+    /// replaces what was read for the round, and their demands go with the round's requests.
+    fn signals_in_force(&mut self, usage: &mut [PerResource<f64>]) -> Vec<control::Demand> {
+        let ttl = signal_ttl(self.config.interval);
+        self.signals
+            .retain(|_, rows| rows.iter().any(|s| s.at.elapsed() < ttl));
+        let mut demands = Vec::new();
+        for s in self.signals.values().flatten() {
+            if let (Some(u), Some(row)) = (s.request.usage, usage.get_mut(s.component)) {
+                row[s.resource.index()] = u;
+            }
+            let r = &s.request;
+            if r.demand.is_some() || r.forecast.is_some() {
+                demands.push(control::Demand {
+                    component: s.component,
+                    resource: s.resource,
+                    demand: r.demand,
+                    forecast: r.forecast,
+                    risk: r.risk,
+                });
+            }
+        }
+        demands
     }
 
     /// Records component `c`'s latest problem (`None`: it went away), logging each change
@@ -740,8 +786,70 @@ impl Allocations {
                 },
                 state_path,
                 last_saved: None,
+                signals: BTreeMap::new(),
+                health: None,
             })),
         })
+    }
+
+    /// Takes the components' health from `queries`' health checks, as the risk models'
+    /// health evidence.
+    pub fn health_from(&self, queries: forestall_query::continuous::ContinuousQueries) {
+        self.live().health = Some(queries);
+    }
+
+    /// An allocation query's rows of its latest run, replacing those of its run before (none:
+    /// it withdraws them). Rows naming a component or resource the loop does not know are
+    /// refused, with their names; the others are kept.
+    pub fn offer(
+        &self,
+        query: &str,
+        requests: Vec<forestall_query::continuous::AllocationRequest>,
+    ) -> Result<(), String> {
+        let mut live = self.live();
+        let names: BTreeMap<String, usize> = live
+            .config
+            .components
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        let at = Instant::now();
+        let mut unknown = BTreeSet::new();
+        let mut kept = Vec::with_capacity(requests.len());
+        for request in requests {
+            let resource = Resource::ALL
+                .into_iter()
+                .find(|r| r.name() == request.resource);
+            match (names.get(&request.component), resource) {
+                (Some(&component), Some(resource)) => kept.push(Signal {
+                    component,
+                    resource,
+                    request,
+                    at,
+                }),
+                (None, _) => {
+                    unknown.insert(format!("component {:?}", request.component));
+                }
+                (_, None) => {
+                    unknown.insert(format!(
+                        "resource {:?} (cpu, mem, net or disk)",
+                        request.resource
+                    ));
+                }
+            }
+        }
+        if kept.is_empty() {
+            live.signals.remove(query);
+        } else {
+            live.signals.insert(query.to_owned(), kept);
+        }
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            let list: Vec<String> = unknown.into_iter().collect();
+            Err(format!("the allocation loop has no {}", list.join(", no ")))
+        }
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -879,8 +987,29 @@ impl Allocations {
     }
 
     /// Observes `usage`, runs the round, stores its audit rows.
-    fn decide(&self, store: &Store, usage: Vec<PerResource<f64>>, now: i64) -> anyhow::Result<()> {
+    fn decide(
+        &self,
+        store: &Store,
+        mut usage: Vec<PerResource<f64>>,
+        now: i64,
+    ) -> anyhow::Result<()> {
         let mut live = self.live();
+        let demands = live.signals_in_force(&mut usage);
+        if let Some(queries) = &live.health {
+            let health = live
+                .config
+                .components
+                .iter()
+                .map(|c| {
+                    queries.component_health(&c.name).map(|h| match h {
+                        HealthStatus::Pass => Health::Pass,
+                        HealthStatus::Warn => Health::Warn,
+                        HealthStatus::Fail => Health::Fail,
+                    })
+                })
+                .collect();
+            live.controller.set_health(health);
+        }
         live.controller.observe(&usage);
         for (seen, u) in live.usage.iter_mut().zip(&usage) {
             for (s, v) in seen.iter_mut().zip(u) {
@@ -891,7 +1020,7 @@ impl Allocations {
         }
         live.round += 1;
         let round = live.round;
-        let report = live.controller.round(round);
+        let report = live.controller.round_with(round, &demands);
         live.last_round = Some(now);
         let actuate = live.config.actuate;
         for (c, _, result) in &report.applied {
@@ -988,6 +1117,21 @@ impl Allocations {
                     "problems": live.problems[c].iter().flatten().collect::<Vec<_>>(),
                     "feedback": feedback,
                     "preferences": live.preferences_of(c),
+                    "requested_by_queries": live
+                        .signals
+                        .iter()
+                        .flat_map(|(q, rows)| rows.iter().map(move |s| (q, s)))
+                        .filter(|(_, s)| s.component == c)
+                        .map(|(q, s)| json!({
+                            "query": q,
+                            "resource": s.resource.name(),
+                            "usage": s.request.usage,
+                            "demand": s.request.demand,
+                            "forecast": s.request.forecast,
+                            "risk": s.request.risk,
+                            "age_seconds": s.at.elapsed().as_secs_f64(),
+                        }))
+                        .collect::<Vec<_>>(),
                 })
             })
             .collect();

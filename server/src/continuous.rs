@@ -17,7 +17,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use forestall_query::continuous::{
-    ActionSink, ContinuousQueries, Definition, DefinitionSpec, HealthStatus, Notification,
+    ActionSink, AllocationRequest, ContinuousQueries, Definition, DefinitionSpec, HealthStatus,
+    Notification,
 };
 use serde_json::json;
 
@@ -27,12 +28,25 @@ use crate::http::AppState;
 /// Largest definition accepted over HTTP.
 pub const MAX_DEFINITION_BYTES: usize = 64 * 1024;
 
-/// Carries out `NOTIFY` sinks: a JSON POST to the query's URL (see [`Notification`]).
+/// Carries out what continuous queries ask for: `NOTIFY` as a JSON POST to the query's URL
+/// (see [`Notification`]), `ALLOCATE` as requests to the allocation loop, when it runs.
 #[derive(Debug, Default)]
-pub struct Notifier;
+pub struct Actions {
+    pub allocations: Option<crate::allocation::Allocations>,
+}
 
 #[async_trait::async_trait]
-impl ActionSink for Notifier {
+impl ActionSink for Actions {
+    async fn allocate(&self, query: &str, requests: Vec<AllocationRequest>) -> Result<(), String> {
+        match &self.allocations {
+            Some(a) => a.offer(query, requests),
+            None if requests.is_empty() => Ok(()),
+            None => Err(
+                "the allocation loop is off: turn it on with [allocation] enabled = true".into(),
+            ),
+        }
+    }
+
     async fn notify(&self, url: &str, event: &Notification) -> Result<(), String> {
         let body = serde_json::to_string(event).map_err(|e| e.to_string())?;
         let url = url.to_owned();

@@ -96,6 +96,20 @@ pub fn tuned(threshold: f64, min: PerResource<f64>, timing: &Timing) -> AllocCon
     }
 }
 
+/// What an allocation query (a continuous query with an `ALLOCATE` sink) asks for a
+/// component's resource this round, beyond what the loop's own forecast asks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Demand {
+    pub component: usize,
+    pub resource: Resource,
+    /// An amount needed now: the request is at least this, and so is its need.
+    pub demand: Option<f64>,
+    /// A predicted peak: the request is at least what the engine sizes for it.
+    pub forecast: Option<f64>,
+    /// The probability of a bottleneck: the request's risk is at least this.
+    pub risk: Option<f64>,
+}
+
 /// What one round did.
 #[derive(Debug, Default)]
 pub struct RoundReport {
@@ -123,6 +137,9 @@ pub struct Controller {
     /// Each component's Bayesian risk.
     risks: Vec<ComponentRisk>,
     risk_config: RiskConfig,
+    /// Each component's health from its health checks, the risk model's health evidence
+    /// (`None`: no check judges it, and the model derives it from the levels).
+    health: Vec<Option<bayes_risk::Health>>,
 }
 
 /// A component's Bayesian network over its utilisation of each resource (usage over the
@@ -267,6 +284,7 @@ impl Controller {
             decided: vec![[false; 4]; n],
             risks,
             risk_config,
+            health: vec![None; n],
         })
     }
 
@@ -387,11 +405,18 @@ impl Controller {
             }
             let obs = Observation {
                 metrics,
-                health: None,
+                health: self.health.get(c).copied().flatten(),
             };
             risk.waiting.push_back((obs, [false; 4], 0));
             self.engine.observe(c, *u);
         }
+    }
+
+    /// Each component's health as its health checks judge it, the evidence of the next
+    /// [`observe`](Self::observe) (`None` for a component no check judges).
+    pub fn set_health(&mut self, health: Vec<Option<bayes_risk::Health>>) {
+        self.health = health;
+        self.health.resize(self.targets.len(), None);
     }
 
     /// Component `c`'s risk per resource (P(utilisation passes θ within the horizon | its
@@ -440,7 +465,12 @@ impl Controller {
 
     /// Forecasts, sizes requests, runs the engine's round `round` and applies what changed.
     pub fn round(&mut self, round: u64) -> RoundReport {
-        let requests = self.requests();
+        self.round_with(round, &[])
+    }
+
+    /// [`round`](Self::round), with what allocation queries ask for on top of the forecasts.
+    pub fn round_with(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
+        let requests = self.requests(demands);
         let decisions = self.engine.round(round, &requests);
         let mut apply: BTreeSet<usize> = std::mem::take(&mut self.pending);
         for d in decisions.iter().filter(|d| d.from != d.to && !d.dry_run) {
@@ -477,15 +507,42 @@ impl Controller {
         }
     }
 
-    /// One request per component and resource that has a forecast.
-    fn requests(&self) -> Vec<Request> {
-        (0..self.forecasters.len())
-            .flat_map(|c| {
-                let risk = self.risk_scores(c);
-                Resource::ALL.map(|r| (c, r, risk[r.index()]))
-            })
-            .filter_map(|(c, r, risk)| self.request(c, r, &self.forecast(c, r), risk))
-            .collect()
+    /// One request per component and resource that has a forecast or a demand: the larger
+    /// of what each asks.
+    fn requests(&self, demands: &[Demand]) -> Vec<Request> {
+        let theta = self.engine.config().threshold;
+        let mut out = Vec::new();
+        for c in 0..self.forecasters.len() {
+            let risk = self.risk_scores(c);
+            for r in Resource::ALL {
+                let mut request = self.request(c, r, &self.forecast(c, r), risk[r.index()]);
+                for d in demands
+                    .iter()
+                    .filter(|d| d.component == c && d.resource == r)
+                {
+                    let q = request.get_or_insert(Request {
+                        component: c,
+                        resource: r,
+                        amount: 0.0,
+                        need: 0.0,
+                        risk: risk[r.index()],
+                    });
+                    if let Some(amount) = d.demand {
+                        q.amount = q.amount.max(amount);
+                        q.need = q.need.max(amount);
+                    }
+                    if let Some(peak) = d.forecast {
+                        q.amount = q.amount.max(self.engine.size(c, r, peak));
+                        q.need = q.need.max(peak / theta);
+                    }
+                    if let Some(k) = d.risk {
+                        q.risk = q.risk.max(k);
+                    }
+                }
+                out.extend(request);
+            }
+        }
+        out
     }
 
     /// What component `c` asks of `r` given its forecast `steps` (`None` without one) and its

@@ -43,10 +43,23 @@ pub async fn serve(
     let query_runtime = query_runtime(config.query.nice)?;
     let mut state = http::AppState::new(Arc::clone(&store), &config);
     state.query = state.query.on_runtime(query_runtime.handle().clone());
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let allocations = if config.allocation.enabled {
+        let allocations = allocation::Allocations::new(&config.allocation, &config.engine.data_dir)
+            .context("set up the allocation loop")?;
+        state.allocations = Some(allocations.clone());
+        Some(allocations)
+    } else {
+        None
+    };
+    // Continuous queries act through the server: notifications, and allocation requests
+    // for the loop.
     let continuous = forestall_query::continuous::ContinuousQueries::start(
         Arc::clone(&store),
         state.query.clone(),
-        Some(Arc::new(continuous::Notifier)),
+        Some(Arc::new(continuous::Actions {
+            allocations: allocations.clone(),
+        })),
     )
     .context("start the continuous queries")?;
     continuous
@@ -55,26 +68,24 @@ pub async fn serve(
         .context("the [[continuous_queries]] of the config")?;
     state.query = state.query.with_continuous(continuous.clone());
     state.continuous = Some(continuous.clone());
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let allocation = if config.allocation.enabled {
-        let allocations = allocation::Allocations::new(&config.allocation, &config.engine.data_dir)
-            .context("set up the allocation loop")?;
-        state.allocations = Some(allocations.clone());
-        tracing::info!(
-            components = config.allocation.components.len(),
-            actuate = config.allocation.actuate,
-            interval = %humantime::format_duration(config.allocation.interval),
-            "allocation loop running"
-        );
-        Some(tokio::spawn(allocation::run(
-            allocations,
-            Arc::clone(&store),
-            state.query.clone(),
-            config.allocation.interval,
-            shutdown.clone(),
-        )))
-    } else {
-        None
+    let allocation = match allocations {
+        Some(allocations) => {
+            allocations.health_from(continuous.clone());
+            tracing::info!(
+                components = config.allocation.components.len(),
+                actuate = config.allocation.actuate,
+                interval = %humantime::format_duration(config.allocation.interval),
+                "allocation loop running"
+            );
+            Some(tokio::spawn(allocation::run(
+                allocations,
+                Arc::clone(&store),
+                state.query.clone(),
+                config.allocation.interval,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
     };
     let pg = if config.pg.enabled {
         let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)

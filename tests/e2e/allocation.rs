@@ -22,18 +22,21 @@ struct Burner {
 
 impl Burner {
     fn start() -> Burner {
+        Burner::running("burner", "while :; do :; done")
+    }
+
+    /// `script` (run by `sh -c`) in its own cgroup `name` under every controller (one name
+    /// per test: tests of one process run side by side).
+    fn running(name: &str, script: &str) -> Burner {
         assert!(
             Path::new(ROOT).join("cpu/cpu.cfs_quota_us").exists(),
             "this test needs cgroup v1 controllers under {ROOT}, and root"
         );
-        let cgroup = format!("forestall-e2e-{}/burner", std::process::id());
+        let cgroup = format!("forestall-e2e-{}/{name}", std::process::id());
         for c in CONTROLLERS {
             std::fs::create_dir_all(Path::new(ROOT).join(c).join(&cgroup)).unwrap();
         }
-        let child = Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .unwrap();
+        let child = Command::new("sh").args(["-c", script]).spawn().unwrap();
         let b = Burner { cgroup, child };
         for c in CONTROLLERS {
             std::fs::write(b.dir(c).join("cgroup.procs"), b.child.id().to_string()).unwrap();
@@ -274,4 +277,67 @@ fn without_the_loop_its_endpoints_say_how_to_turn_it_on() {
     );
     let (status, _) = put(&server.url("/api/v1/preferences/x"), b"{}");
     assert_eq!(status, 404);
+}
+
+#[test]
+fn an_allocation_query_over_latency_sets_a_real_cpu_quota_until_it_is_dropped() {
+    // An idle service: its own usage would never ask for more CPU. Its latency does.
+    let web = Burner::running("web", "exec sleep 600");
+    web.set_quota(0.2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env(&web);
+    env.retain(|(k, _)| *k != "FORESTALL__ALLOCATION__COMPONENTS");
+    env.push((
+        "FORESTALL__ALLOCATION__COMPONENTS",
+        format!(r#"[{{ name = "web", cgroup = "{}" }}]"#, web.cgroup),
+    ));
+    env.push(("FORESTALL__ALLOCATION__POOL__CPU", "2".into()));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(dir.path(), &pairs);
+    let latency = |p99: f64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let (status, text) = crate::harness::post(
+            &server.url("/api/v2/write"),
+            format!("latency,service=web p99={p99} {now}").as_bytes(),
+        );
+        assert_eq!(status, 204, "{text}");
+    };
+    sql(
+        &server,
+        "CREATE CONTINUOUS QUERY web_latency EVERY '1s' ALLOCATE AS \
+         SELECT 'web' AS component, 'cpu' AS resource, max(p99) * 2 AS demand \
+         FROM latency WHERE service = 'web' AND time > now() - INTERVAL '1 hour'",
+    );
+    latency(0.6);
+    // p99 of 0.6 s asks for 1.2 cores: the kernel's quota follows.
+    eventually(
+        "the quota to follow the latency query's demand",
+        Duration::from_secs(30),
+        || web.quota().is_some_and(|q| q >= 1.19),
+    );
+    let (_, status) = get_json(&server.url("/api/v1/allocations"));
+    let asked = &status["components"][0]["requested_by_queries"][0];
+    assert_eq!(asked["query"], "web_latency", "{status}");
+    assert_eq!(asked["demand"], 1.2, "{status}");
+    let raised = web.quota();
+
+    // Dropped: what it asked for is withdrawn, and a worse latency changes nothing.
+    let (ok, _, err) = crate::harness::psql(&server, "DROP CONTINUOUS QUERY web_latency");
+    assert!(ok, "{err}");
+    latency(0.95);
+    std::thread::sleep(Duration::from_secs(4));
+    let audit = sql(
+        &server,
+        "SELECT round, resource, action, before, after, reason FROM forestall_allocations ORDER BY time",
+    );
+    assert_eq!(web.quota(), raised, "{audit:#?}");
+    let (_, status) = get_json(&server.url("/api/v1/allocations"));
+    assert_eq!(
+        status["components"][0]["requested_by_queries"],
+        serde_json::json!([]),
+        "{status}"
+    );
 }

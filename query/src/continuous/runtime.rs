@@ -68,7 +68,36 @@ pub trait ActionSink: Send + Sync + std::fmt::Debug {
     /// Tells `url` that a `NOTIFY` query's condition started (`firing`) or stopped
     /// (`resolved`) holding for one key. An error is retried at the next run.
     async fn notify(&self, url: &str, event: &Notification) -> std::result::Result<(), String>;
+
+    /// An `ALLOCATE` query's rows of one run: they replace what the same query delivered
+    /// before (an empty delivery withdraws them: the query found nothing, or was dropped).
+    async fn allocate(
+        &self,
+        query: &str,
+        requests: Vec<AllocationRequest>,
+    ) -> std::result::Result<(), String>;
 }
+
+/// One row of an `ALLOCATE` query: what a component needs of a resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllocationRequest {
+    pub component: String,
+    /// `cpu` (cores), `mem` (bytes), `net` or `disk` (bytes/s).
+    pub resource: String,
+    /// What it uses now, in the resource's unit: the usage its forecaster learns from.
+    pub usage: Option<f64>,
+    /// An amount it needs now: the allocation is raised to at least this.
+    pub demand: Option<f64>,
+    /// A predicted peak over the horizon: the request is sized from it as from the loop's
+    /// own forecasts (peak over θ, times learned headroom).
+    pub forecast: Option<f64>,
+    /// The probability of a bottleneck within the horizon, in [0, 1]: orders requests when
+    /// the pool is short.
+    pub risk: Option<f64>,
+}
+
+/// The columns an `ALLOCATE` query gives its rows' amounts in.
+const ALLOCATION_AMOUNTS: [&str; 3] = ["usage", "demand", "forecast"];
 
 /// An [`ActionSink`] to share.
 pub type ActionSinkRef = Arc<dyn ActionSink>;
@@ -432,6 +461,11 @@ impl ContinuousQueries {
                 (format!("{STATE_PREFIX}{name}"), None),
             ])
             .map_err(engine_error)?;
+        if cq.def.sink == Sink::Allocate
+            && let Err(e) = self.inner.deliver(name, Vec::new()).await
+        {
+            tracing::warn!(query = %name, error = %e, "could not withdraw a dropped query's allocation requests");
+        }
         self.inner
             .queries
             .write()
@@ -864,6 +898,35 @@ impl Inner {
                     }
                 }
             }
+            Sink::Allocate => {
+                for c in ["component", "resource"] {
+                    if !schema
+                        .field_with_name(c)
+                        .is_ok_and(|f| sink::is_string(f.data_type()))
+                    {
+                        return Err(Error::Query(format!(
+                            "an ALLOCATE query gives each row's {c} as a string: SELECT host AS component, 'cpu' AS resource, …"
+                        )));
+                    }
+                }
+                let numeric = |c: &str| {
+                    schema.field_with_name(c).is_ok_and(|f| {
+                        f.data_type().is_numeric() || f.data_type() == &DataType::Null
+                    })
+                };
+                if !ALLOCATION_AMOUNTS.iter().any(|c| numeric(c)) {
+                    return Err(Error::Query(
+                        "an ALLOCATE query gives each row an amount as a number: usage, demand or forecast (with risk)".into(),
+                    ));
+                }
+                for c in ALLOCATION_AMOUNTS.iter().chain(&["risk"]) {
+                    if schema.field_with_name(c).is_ok() && !numeric(c) {
+                        return Err(Error::Query(format!(
+                            "the column {c} of an ALLOCATE query is a number"
+                        )));
+                    }
+                }
+            }
             Sink::Notify { .. } => {
                 let t = schema
                     .field_with_name("__forestall_when")
@@ -899,6 +962,7 @@ impl Inner {
                 when.clone().unwrap_or_else(|| "true".into()),
                 cq.def.query
             ),
+            Sink::Allocate => cq.def.query.clone(),
         }
     }
 
@@ -1009,6 +1073,7 @@ impl Inner {
             Sink::Notify { url, hold, .. } => {
                 self.run_notify(cq, url, *hold).await.map(|n| (n, false))
             }
+            Sink::Allocate => self.run_allocate(cq).await.map(|n| (n, false)),
         }
     }
 
@@ -1212,6 +1277,61 @@ impl Inner {
             .put(&[(format!("{STATE_PREFIX}{}", cq.def.name), Some(st.encode()))])
             .map_err(engine_error)?;
         Ok(rows)
+    }
+
+    async fn run_allocate(&self, cq: &Cq) -> Result<usize> {
+        let (schema, batches) = self.query(self.run_sql(cq, 0, 0)).await?;
+        let at = |c: &str| schema.index_of(c).ok();
+        let (Some(component_at), Some(resource_at)) = (at("component"), at("resource")) else {
+            return Err(Error::Query(
+                "an ALLOCATE query gives each row's component and resource".into(),
+            ));
+        };
+        let [usage_at, demand_at, forecast_at, risk_at] =
+            ["usage", "demand", "forecast", "risk"].map(at);
+        let mut requests = Vec::new();
+        for batch in &batches {
+            let columns = read_columns(batch)?;
+            let number = |i: Option<usize>, row: usize| {
+                i.and_then(|i| columns[i].as_ref())
+                    .and_then(|(c, _)| c.number(row))
+                    .filter(|v| v.is_finite())
+            };
+            for row in 0..batch.num_rows() {
+                let text = |i: usize| columns[i].as_ref().and_then(|(c, _)| text_at(c, row));
+                let (Some(component), Some(resource)) = (text(component_at), text(resource_at))
+                else {
+                    continue;
+                };
+                let request = AllocationRequest {
+                    component,
+                    resource,
+                    usage: number(usage_at, row),
+                    demand: number(demand_at, row),
+                    forecast: number(forecast_at, row),
+                    risk: number(risk_at, row).map(|r| r.clamp(0.0, 1.0)),
+                };
+                if request.usage.is_some() || request.demand.is_some() || request.forecast.is_some()
+                {
+                    requests.push(request);
+                }
+            }
+        }
+        let n = requests.len();
+        self.deliver(&cq.def.name, requests).await?;
+        Ok(n)
+    }
+
+    async fn deliver(&self, query: &str, requests: Vec<AllocationRequest>) -> Result<()> {
+        match &self.actions {
+            Some(a) => a
+                .allocate(query, requests)
+                .await
+                .map_err(|e| Error::Execution(format!("allocation requests refused: {e}"))),
+            None => Err(Error::Execution(
+                "no allocation loop takes requests here".into(),
+            )),
+        }
     }
 
     async fn run_notify(&self, cq: &Cq, url: &str, hold: Duration) -> Result<usize> {

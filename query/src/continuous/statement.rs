@@ -12,6 +12,7 @@
 //! <sink> ::= INTO <measurement>
 //!          | HEALTH [WARN WHEN <condition>] [FAIL WHEN <condition>] [FOR <duration>]
 //!          | NOTIFY '<http url>' [WHEN <condition>] [FOR <duration>]
+//!          | ALLOCATE
 //!
 //! DROP CONTINUOUS QUERY [IF EXISTS] <name>
 //! SHOW CONTINUOUS QUERIES
@@ -147,17 +148,20 @@ fn create(p: &mut Cursor<'_>, or_replace: bool) -> Result<Statement> {
             };
             let hold = p.hold()?;
             sink = Some(Sink::Notify { url, when, hold });
+        } else if p.word("ALLOCATE") {
+            once(&sink, clause_at, "a sink")?;
+            sink = Some(Sink::Allocate);
         } else if p.done() {
             return Err(p.error("expected AS SELECT …: the query is missing"));
         } else {
             return Err(p.error(
-                "expected EVERY, ON WRITE, LATENESS, BACKFILL, a sink (INTO, HEALTH or NOTIFY) or AS",
+                "expected EVERY, ON WRITE, LATENESS, BACKFILL, a sink (INTO, HEALTH, NOTIFY or ALLOCATE) or AS",
             ));
         }
     }
     let Some(sink) = sink else {
         return Err(Error::Query(format!(
-            "continuous query {name:?} has no sink: say INTO <measurement>, HEALTH … or NOTIFY …"
+            "continuous query {name:?} has no sink: say INTO <measurement>, HEALTH …, NOTIFY … or ALLOCATE"
         )));
     };
     let select_at = p.location();
@@ -397,8 +401,8 @@ impl Cursor<'_> {
 /// Words that start a clause of ours: a condition or an identifier stops before them.
 fn is_clause(w: &str) -> bool {
     [
-        "AS", "EVERY", "ON", "LATENESS", "BACKFILL", "INTO", "HEALTH", "NOTIFY", "WARN", "FAIL",
-        "FOR", "WHEN",
+        "AS", "EVERY", "ON", "LATENESS", "BACKFILL", "INTO", "HEALTH", "NOTIFY", "ALLOCATE",
+        "WARN", "FAIL", "FOR", "WHEN",
     ]
     .iter()
     .any(|k| k.eq_ignore_ascii_case(w))

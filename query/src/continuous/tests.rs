@@ -539,8 +539,12 @@ async fn an_on_write_query_fires_after_the_write_that_brought_its_rows() {
     );
 }
 
+/// Records what queries ask for (the server's side of the seam is tested end to end).
 #[derive(Debug, Default)]
-struct Recorder(std::sync::Mutex<Vec<(String, Notification)>>);
+struct Recorder(
+    std::sync::Mutex<Vec<(String, Notification)>>,
+    std::sync::Mutex<Vec<(String, Vec<AllocationRequest>)>>,
+);
 
 #[async_trait::async_trait]
 impl ActionSink for Recorder {
@@ -548,6 +552,80 @@ impl ActionSink for Recorder {
         self.0.lock().unwrap().push((url.to_owned(), event.clone()));
         Ok(())
     }
+
+    async fn allocate(
+        &self,
+        query: &str,
+        requests: Vec<AllocationRequest>,
+    ) -> std::result::Result<(), String> {
+        self.1.lock().unwrap().push((query.to_owned(), requests));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let recorder = Arc::new(Recorder::default());
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let cqs = ContinuousQueries::start(
+        Arc::clone(&store),
+        engine.clone(),
+        Some(recorder.clone() as ActionSinkRef),
+    )
+    .unwrap();
+    let engine = engine.with_continuous(cqs.clone());
+    write(
+        &store,
+        &format!("latency,service=web p99=0.1 {}", now_nanos()),
+    );
+    for (sql, expected) in [
+        (
+            "CREATE CONTINUOUS QUERY a ALLOCATE AS SELECT service AS component, max(p99) AS demand FROM latency GROUP BY service",
+            "resource",
+        ),
+        (
+            "CREATE CONTINUOUS QUERY a ALLOCATE AS SELECT service AS component, 'cpu' AS resource FROM latency GROUP BY service",
+            "amount",
+        ),
+        (
+            "CREATE CONTINUOUS QUERY a ALLOCATE AS SELECT service AS component, 'cpu' AS resource, 'x' AS demand FROM latency GROUP BY service",
+            "a number",
+        ),
+    ] {
+        let e = engine.sql(sql).await.unwrap_err().to_string();
+        assert!(e.contains(expected), "{sql}: {e}");
+    }
+    engine
+        .sql(
+            "CREATE CONTINUOUS QUERY web_cpu ON WRITE ALLOCATE AS \
+              SELECT service AS component, 'cpu' AS resource, \
+                     CASE WHEN max(p99) > 0.2 THEN max(p99) * 4 END AS demand, 0.9 AS risk \
+              FROM latency WHERE time > now() - INTERVAL '1 minute' GROUP BY service",
+        )
+        .await
+        .unwrap();
+    write(
+        &store,
+        &format!("latency,service=web p99=0.5 {}", now_nanos()),
+    );
+    let delivered = |want: Option<f64>| {
+        let r = recorder.clone();
+        async move {
+            r.1.lock().unwrap().last().is_some_and(|(q, rows)| {
+                q == "web_cpu"
+                    && rows.len() == usize::from(want.is_some())
+                    && rows
+                        .iter()
+                        .all(|x| x.demand == want && x.risk == Some(0.9) && x.resource == "cpu")
+            })
+        }
+    };
+    eventually("a demand of 2 cores", || delivered(Some(2.0))).await;
+    assert!(engine.sql("DROP CONTINUOUS QUERY web_cpu").await.is_ok());
+    // Dropping it withdraws what it asked for.
+    assert!(delivered(None).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
