@@ -325,43 +325,67 @@ impl Meter for CgroupV1 {
     fn usage(&self, target: &Target) -> Result<Usage> {
         let mut out = Usage::default();
         let mut found = false;
+        let mut failed: Option<Error> = None;
+        let mut keep = |out: &mut Usage, r: Result<()>| {
+            if let Err(e) = r {
+                out.problems.push(e.to_string());
+                failed.get_or_insert(e);
+            }
+        };
         let acct = self.dir("cpuacct", target);
         if self.root.join("cpuacct").is_dir() {
-            out.cpu_seconds = Some(read_i64(&acct.join("cpuacct.usage"))?.max(0) as f64 / 1e9);
+            let read = read_i64(&acct.join("cpuacct.usage"))
+                .map(|v| out.cpu_seconds = Some(v.max(0) as f64 / 1e9));
+            keep(&mut out, read);
             found = true;
         }
         let mem = self.dir("memory", target);
         if self.root.join("memory").is_dir() {
-            let used = read_i64(&mem.join("memory.usage_in_bytes"))?.max(0) as u64;
-            let path = mem.join("memory.stat");
-            let stat = fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
-            let inactive = crate::stat_lines(&stat)
-                .find(|(k, _)| *k == "total_inactive_file")
-                .map_or(0, |(_, v)| v);
-            out.memory_bytes = Some(used.saturating_sub(inactive));
+            let read = (|| {
+                let used = read_i64(&mem.join("memory.usage_in_bytes"))?.max(0) as u64;
+                let path = mem.join("memory.stat");
+                let stat = fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
+                let inactive = crate::stat_lines(&stat)
+                    .find(|(k, _)| *k == "total_inactive_file")
+                    .map_or(0, |(_, v)| v);
+                Ok(used.saturating_sub(inactive))
+            })()
+            .map(|b| out.memory_bytes = Some(b));
+            keep(&mut out, read);
             found = true;
         }
         let blkio = self.dir("blkio", target);
         if self.root.join("blkio").is_dir() {
             let path = blkio.join("blkio.throttle.io_service_bytes");
-            let text = fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
-            // `maj:min Read N` … lines per device, then `Total N` over all of them.
-            out.io_bytes = Some(
-                text.lines()
-                    .rev()
-                    .filter_map(|l| l.strip_prefix("Total "))
-                    .find_map(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0),
-            );
+            let read = fs::read_to_string(&path)
+                .map_err(|e| io("read", &path, e))
+                .map(|text| {
+                    // `maj:min Read N` … lines per device, then `Total N` over all of them.
+                    out.io_bytes = Some(
+                        text.lines()
+                            .rev()
+                            .filter_map(|l| l.strip_prefix("Total "))
+                            .find_map(|v| v.trim().parse::<u64>().ok())
+                            .unwrap_or(0),
+                    );
+                });
+            keep(&mut out, read);
             found = true;
         }
         if let Some(procs) = ["cpuacct", "memory", "blkio"]
             .into_iter()
             .filter(|c| self.root.join(c).is_dir())
             .map(|c| self.dir(c, target).join("cgroup.procs"))
-            .next()
+            .find(|p| p.exists())
         {
-            out.net_bytes = crate::namespace_net_bytes(NAME, &procs)?;
+            let read = crate::namespace_net_bytes(NAME, &procs).map(|n| out.net_bytes = n);
+            keep(&mut out, read);
+        }
+        // Nothing read at all: the component's cgroup is not there.
+        let read_any =
+            out.cpu_seconds.is_some() || out.memory_bytes.is_some() || out.io_bytes.is_some();
+        if let (false, Some(e)) = (read_any, failed) {
+            return Err(e);
         }
         if !found {
             return Err(Error::Unsupported {
@@ -382,7 +406,7 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    use crate::testing::{fixture, fixture_running};
+    use crate::testing::{ROOT, fixture, fixture_running};
 
     #[test]
     fn cgroup_v1_limits_read_back_from_the_kernel_as_set() {
@@ -489,6 +513,28 @@ mod tests {
         // A component whose cgroup does not exist is an error, not zero.
         let gone = Target::new("gone", "forestall-test/no-such-cgroup").unwrap();
         assert!(matches!(f.cg.usage(&gone), Err(Error::Io { .. })));
+        // A group missing under one controller costs that resource only, and says so.
+        let partial = format!("forestall-test/partial-{}", std::process::id());
+        let made: Vec<PathBuf> = ["cpuacct", "memory"]
+            .iter()
+            .map(|c| Path::new(ROOT).join(c).join(&partial))
+            .collect();
+        for d in &made {
+            fs::create_dir_all(d).unwrap();
+        }
+        let target = Target::new("partial", &partial).unwrap();
+        let u = f.cg.usage(&target);
+        for d in &made {
+            let _ = fs::remove_dir(d);
+        }
+        let u = u.unwrap();
+        assert_eq!((u.cpu_seconds, u.io_bytes), (Some(0.0), None));
+        assert!(u.memory_bytes.is_some());
+        assert!(
+            u.problems.len() == 1 && u.problems[0].contains("blkio"),
+            "{:?}",
+            u.problems
+        );
     }
 
     #[test]

@@ -381,6 +381,7 @@ mod tests {
                 io_bytes: Some(5 * 1048576 + 100),
                 // No process in a network namespace of its own.
                 net_bytes: None,
+                problems: vec![],
             }
         );
         // Without the memory and io controllers, only CPU is counted.

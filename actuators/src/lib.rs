@@ -379,9 +379,14 @@ impl<T: Actuator + ?Sized> Actuator for std::sync::Arc<T> {
 }
 
 /// What a component has used, as its cgroup counts it. Counters are cumulative since the
-/// cgroup was created; a collector turns two readings into rates.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// cgroup was created; a collector turns two readings into rates. Each resource is read on
+/// its own: one that cannot be read is `None` and says why in `problems`, and the others
+/// are still read.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
+    /// Why a resource could not be read (a controller's group missing, say), one per
+    /// resource that failed.
+    pub problems: Vec<String>,
     /// CPU time, seconds.
     pub cpu_seconds: Option<f64>,
     /// Memory in use now, without inactive file cache (the working set, as the kubelet

@@ -930,15 +930,19 @@ impl Allocations {
                     continue;
                 }
             };
-            live.problem(c, Problem::Metering, None);
-            let prev = live.samples[c].replace((at, u));
+            // Each resource is metered on its own: what could not be read is reported, the
+            // rest is used.
+            let problem =
+                (!u.problems.is_empty()).then(|| format!("metering: {}", u.problems.join("; ")));
+            live.problem(c, Problem::Metering, problem);
+            let prev = live.samples[c].replace((at, u.clone()));
             let rate = |now: Option<f64>, before: Option<f64>| -> Option<f64> {
-                let (t0, _) = prev?;
-                let dt = at.duration_since(t0).as_secs_f64();
+                let (t0, _) = prev.as_ref()?;
+                let dt = at.duration_since(*t0).as_secs_f64();
                 let d = now? - before?;
                 (dt > 0.0 && d >= 0.0).then(|| d / dt)
             };
-            let prev_u = prev.map(|p| p.1).unwrap_or_default();
+            let prev_u = prev.as_ref().map(|p| p.1.clone()).unwrap_or_default();
             let fields: Vec<(&str, Option<f64>)> = vec![
                 ("cpu", rate(u.cpu_seconds, prev_u.cpu_seconds)),
                 ("mem", u.memory_bytes.map(|b| b as f64)),

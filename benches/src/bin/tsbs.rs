@@ -33,6 +33,8 @@ use clap::{Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[path = "tsbs/cq.rs"]
+mod cq;
 #[path = "tsbs/query.rs"]
 mod query;
 
@@ -102,6 +104,24 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         reps: usize,
     },
+    /// Ingest with and without continuous rollups, their lag and run cost, and an on-write
+    /// query's write-to-sink latency (see `tsbs/cq.rs`).
+    Cq {
+        #[command(flatten)]
+        run: Run,
+        /// Rollups on the server that has them.
+        #[arg(long, default_value_t = 100)]
+        queries: usize,
+        /// Servers with and without, in turn.
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
+        /// Seconds of live writes on each server.
+        #[arg(long, default_value_t = 180)]
+        live_secs: u64,
+        /// Writes timed through the on-write query.
+        #[arg(long, default_value_t = 200)]
+        on_write: usize,
+    },
 }
 
 /// What a run against the servers needs.
@@ -148,7 +168,7 @@ fn data_file(work: &Path, hosts: usize, hours: usize, seed: u64) -> Result<PathB
     let data = work.join(format!("tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}.lp"));
     if !data.exists() {
         eprintln!("generating {}", data.display());
-        generate(hosts, hours, seed, &data)?;
+        generate(hosts, hours, seed, &data, START_SECS)?;
     }
     Ok(data)
 }
@@ -158,7 +178,7 @@ fn main() -> Result<()> {
         Cmd::Generate {
             data: DataSet { hosts, hours, seed },
             out,
-        } => generate(hosts, hours, seed, &out),
+        } => generate(hosts, hours, seed, &out, START_SECS),
         Cmd::Ingest { run } => {
             let (data, systems) = run.prepare()?;
             let DataSet { hosts, hours, .. } = run.data;
@@ -173,6 +193,24 @@ fn main() -> Result<()> {
             report(&results, values, hosts, hours, run.batch, run.clients);
             Ok(())
         }
+        Cmd::Cq {
+            run,
+            queries,
+            pairs,
+            live_secs,
+            on_write,
+        } => cq::main(&cq::Options {
+            work: &run.work,
+            forestall_bin: &run.forestall_bin,
+            hosts: run.data.hosts,
+            hours: run.data.hours,
+            queries,
+            pairs,
+            live_secs,
+            on_write,
+            batch: run.batch,
+            clients: run.clients,
+        }),
         Cmd::Query { run, reps } => {
             let (data, systems) = run.prepare()?;
             query::main(
@@ -199,7 +237,8 @@ fn normal(rng: &mut StdRng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-fn generate(hosts: usize, hours: usize, seed: u64, out: &Path) -> Result<()> {
+/// Writes the data set, its first row at `start_secs` (Unix seconds), to `out`.
+fn generate(hosts: usize, hours: usize, seed: u64, out: &Path, start_secs: i64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let tags: Vec<String> = (0..hosts)
         .map(|h| {
@@ -224,7 +263,7 @@ fn generate(hosts: usize, hours: usize, seed: u64, out: &Path) -> Result<()> {
     let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
     let mut line = String::with_capacity(512);
     for step in 0..hours * 360 {
-        let ts = (START_SECS + step as i64 * 10) * 1_000_000_000;
+        let ts = (start_secs + step as i64 * 10) * 1_000_000_000;
         for (h, tagset) in tags.iter().enumerate() {
             line.clear();
             line.push_str(tagset);

@@ -131,6 +131,8 @@ pub struct QueryStatus {
     pub last_error: Option<String>,
     /// Failures since the last success.
     pub consecutive_failures: u32,
+    /// What the last run could not do that is not an error (a measurement not written yet).
+    pub note: Option<String>,
 }
 
 /// A query's durable state.
@@ -977,11 +979,19 @@ impl Inner {
     /// A query's task: wait for its time (or a write), run, back off after failures.
     async fn drive(self: Arc<Self>, cq: Arc<Cq>) {
         let mut backoff: Option<Duration> = None;
+        // A rollup that is behind (a backfill, or a restart after a while) starts at once.
+        let mut behind = cq.incremental.as_ref().is_some_and(|inc| {
+            let end = inc
+                .bucket
+                .floor(now_nanos().saturating_sub(nanos(cq.def.lateness)));
+            cq.watermark.load(Ordering::Acquire) < end
+        });
         loop {
             if cq.stopped.load(Ordering::Acquire) {
                 return;
             }
             let wait = match (backoff, cq.def.schedule) {
+                _ if std::mem::take(&mut behind) => Some(Duration::ZERO),
                 (Some(b), _) => Some(b),
                 (None, Schedule::Every(every)) => {
                     Some(until_tick(now_nanos(), every, cq.def.lateness))
@@ -1077,11 +1087,27 @@ impl Inner {
         }
     }
 
-    async fn query(&self, sql: String) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    /// Runs one of `cq`'s statements. A measurement it reads that nobody has written yet
+    /// gives no rows (noted in its status), not an error: its data has not come yet.
+    async fn query(&self, cq: &Cq, sql: String) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let engine = self.engine.clone();
-        self.engine
+        let result = self
+            .engine
             .run(async move { engine.sql(&sql).await })
-            .await?
+            .await?;
+        let note = match &result {
+            Err(Error::Query(m)) if m.contains("not found") && m.contains("table") => cq
+                .sources
+                .iter()
+                .find(|s| self.store.table(s).is_none())
+                .map(|s| format!("waiting for data: nothing has been written to {s} yet")),
+            _ => None,
+        };
+        lock(&cq.status).note = note.clone();
+        match (result, note) {
+            (Err(_), Some(_)) => Ok((Arc::new(Schema::empty()), Vec::new())),
+            (result, _) => result,
+        }
     }
 
     /// Writes line protocol through the store's write path, durably.
@@ -1190,7 +1216,10 @@ impl Inner {
             if cq.stopped.load(Ordering::Acquire) {
                 return Err(Error::Execution("stopped".into()));
             }
-            let (schema, batches) = self.query(self.run_sql(cq, start, end)).await?;
+            let (schema, batches) = self.query(cq, self.run_sql(cq, start, end)).await?;
+            if batches.is_empty() {
+                continue;
+            }
             let kinds = sink::kinds(&schema, &inc.keys)?;
             for batch in &batches {
                 rows += sink::encode(&mut text, measurement, batch, &kinds)?;
@@ -1204,29 +1233,14 @@ impl Inner {
     }
 
     async fn run_health(&self, cq: &Cq, check: health::Check<'_>) -> Result<usize> {
-        let (schema, batches) = self.query(self.run_sql(cq, 0, 0)).await?;
+        let (_, batches) = self.query(cq, self.run_sql(cq, 0, 0)).await?;
         let now = now_nanos();
-        let component_at = schema.index_of("component").map_err(|_| {
-            Error::Query(
-                "a HEALTH query names each row's component: SELECT host AS component, …".into(),
-            )
-        })?;
-        let warn_at = schema
-            .index_of("__forestall_warn")
-            .map_err(|e| Error::Execution(e.to_string()))?;
-        let fail_at = schema
-            .index_of("__forestall_fail")
-            .map_err(|e| Error::Execution(e.to_string()))?;
-        let value_at = schema.index_of("value").ok().or_else(|| {
-            schema
-                .fields()
-                .iter()
-                .position(|f| f.data_type().is_numeric() && !f.name().starts_with("__forestall"))
-        });
         let mut next: BTreeMap<String, CheckState> = BTreeMap::new();
         let previous = lock(&cq.state).checks.clone();
         let mut text = String::new();
         for batch in &batches {
+            let schema = batch.schema();
+            let (component_at, warn_at, fail_at, value_at) = health_columns(&schema)?;
             let columns = read_columns(batch)?;
             for row in 0..batch.num_rows() {
                 let Some(component) = columns[component_at]
@@ -1280,17 +1294,18 @@ impl Inner {
     }
 
     async fn run_allocate(&self, cq: &Cq) -> Result<usize> {
-        let (schema, batches) = self.query(self.run_sql(cq, 0, 0)).await?;
-        let at = |c: &str| schema.index_of(c).ok();
-        let (Some(component_at), Some(resource_at)) = (at("component"), at("resource")) else {
-            return Err(Error::Query(
-                "an ALLOCATE query gives each row's component and resource".into(),
-            ));
-        };
-        let [usage_at, demand_at, forecast_at, risk_at] =
-            ["usage", "demand", "forecast", "risk"].map(at);
+        let (_, batches) = self.query(cq, self.run_sql(cq, 0, 0)).await?;
         let mut requests = Vec::new();
         for batch in &batches {
+            let schema = batch.schema();
+            let at = |c: &str| schema.index_of(c).ok();
+            let (Some(component_at), Some(resource_at)) = (at("component"), at("resource")) else {
+                return Err(Error::Query(
+                    "an ALLOCATE query gives each row's component and resource".into(),
+                ));
+            };
+            let [usage_at, demand_at, forecast_at, risk_at] =
+                ["usage", "demand", "forecast", "risk"].map(at);
             let columns = read_columns(batch)?;
             let number = |i: Option<usize>, row: usize| {
                 i.and_then(|i| columns[i].as_ref())
@@ -1335,13 +1350,14 @@ impl Inner {
     }
 
     async fn run_notify(&self, cq: &Cq, url: &str, hold: Duration) -> Result<usize> {
-        let (schema, batches) = self.query(self.run_sql(cq, 0, 0)).await?;
+        let (_, batches) = self.query(cq, self.run_sql(cq, 0, 0)).await?;
         let now = now_nanos();
-        let when_at = schema
-            .index_of("__forestall_when")
-            .map_err(|e| Error::Execution(e.to_string()))?;
         let mut holding: BTreeMap<String, KeyedRow> = BTreeMap::new();
         for batch in &batches {
+            let schema = batch.schema();
+            let when_at = schema
+                .index_of("__forestall_when")
+                .map_err(|e| Error::Execution(e.to_string()))?;
             let columns = read_columns(batch)?;
             for row in 0..batch.num_rows() {
                 let holds = matches!(&columns[when_at], Some((Column::Bool(b), _)) if b.is_valid(row) && b.value(row));
@@ -1514,6 +1530,33 @@ fn until_tick(now: i64, every: Duration, lateness: Duration) -> Duration {
         .saturating_mul(e)
         .saturating_add(l);
     Duration::from_nanos((next - now).max(0) as u64)
+}
+
+/// Where a `HEALTH` query's batch has its component, its two conditions and its value (the
+/// `value` column, else the first number).
+fn health_columns(schema: &Schema) -> Result<(usize, usize, usize, Option<usize>)> {
+    let component = schema.index_of("component").map_err(|_| {
+        Error::Query(
+            "a HEALTH query names each row's component: SELECT host AS component, …".into(),
+        )
+    })?;
+    let internal = |c: &str| {
+        schema
+            .index_of(c)
+            .map_err(|e| Error::Execution(e.to_string()))
+    };
+    let value = schema.index_of("value").ok().or_else(|| {
+        schema
+            .fields()
+            .iter()
+            .position(|f| f.data_type().is_numeric() && !f.name().starts_with("__forestall"))
+    });
+    Ok((
+        component,
+        internal("__forestall_warn")?,
+        internal("__forestall_fail")?,
+        value,
+    ))
 }
 
 /// The key a check's state is kept under: its component and labels.

@@ -613,9 +613,10 @@ async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() 
     let delivered = |want: Option<f64>| {
         let r = recorder.clone();
         async move {
-            r.1.lock().unwrap().last().is_some_and(|(q, rows)| {
-                q == "web_cpu"
-                    && rows.len() == usize::from(want.is_some())
+            let deliveries = r.1.lock().unwrap();
+            let last = deliveries.iter().rev().find(|(q, _)| q == "web_cpu");
+            last.is_some_and(|(_, rows)| {
+                rows.len() == usize::from(want.is_some())
                     && rows
                         .iter()
                         .all(|x| x.demand == want && x.risk == Some(0.9) && x.resource == "cpu")
@@ -623,6 +624,22 @@ async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() 
         }
     };
     eventually("a demand of 2 cores", || delivered(Some(2.0))).await;
+    // A query over a measurement nobody has written is waiting, not failing.
+    engine
+        .sql("CREATE CONTINUOUS QUERY idle EVERY '1s' ALLOCATE AS SELECT host AS component, 'mem' AS resource, max(rss) AS usage FROM not_written GROUP BY host")
+        .await
+        .unwrap();
+    eventually("a run of the waiting query", || {
+        let cqs = cqs.clone();
+        async move { cqs.describe("idle").unwrap()["status"]["runs"].as_u64() >= Some(1) }
+    })
+    .await;
+    let status = &cqs.describe("idle").unwrap()["status"];
+    assert_eq!(status["failures"], 0, "{status}");
+    assert!(
+        status["note"].as_str().unwrap().contains("not_written"),
+        "{status}"
+    );
     assert!(engine.sql("DROP CONTINUOUS QUERY web_cpu").await.is_ok());
     // Dropping it withdraws what it asked for.
     assert!(delivered(None).await);
