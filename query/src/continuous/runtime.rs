@@ -4,7 +4,9 @@
 //! **Where they run.** Every query has one task on the runtime it was started on; a run never
 //! overlaps the same query's previous run, and a failing query backs off (its interval, then
 //! twice that, … up to five minutes) and shows its error, without holding up any other query
-//! or any write. The SQL itself runs on the query engine's runtime, at the queries' priority.
+//! or any write. The SQL itself runs on the query engine's runtime, at the queries' priority,
+//! and at most one run per core is under way at once (queries due at the same tick take
+//! turns: each run copies the part of the live buffer it reads).
 //!
 //! **Watermarks and invalidation (`INTO`).** A query's watermark is the start of the first
 //! bucket it has not materialised. A run computes `[watermark, floor(now − lateness))` (at
@@ -223,6 +225,10 @@ struct Inner {
     changes: tokio::sync::Mutex<()>,
     /// Every query task started, to wait for at [`ContinuousQueries::stop`].
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Runs under way at once, at most one per core: queries due at the same tick (a
+    /// hundred rollups every minute) take turns instead of each copying the live buffer and
+    /// competing for the CPU together.
+    runs: tokio::sync::Semaphore,
 }
 
 /// What a continuous-query statement returns.
@@ -272,6 +278,9 @@ impl ContinuousQueries {
             by_source: RwLock::new(Arc::new(HashMap::new())),
             changes: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
+            runs: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         });
         let stored = inner.entries.list(DEF_PREFIX).map_err(engine_error)?;
         let states: HashMap<String, Vec<u8>> = inner
@@ -539,11 +548,8 @@ impl ContinuousQueries {
         let mut error = Vec::new();
         let mut sql = Vec::new();
         for cq in &queries {
-            let status = lock(&cq.status).clone();
-            let (wm, nd) = {
-                let st = lock(&cq.state);
-                (st.watermark, (st.dirty.len() + st.in_flight.len()) as u64)
-            };
+            let (status, wm, nd) = cq.figures();
+            let nd = nd as u64;
             name.push(cq.def.name.clone());
             schedule.push(schedule_text(&cq.def));
             sink_.push(cq.def.sink.describe());
@@ -617,11 +623,7 @@ impl ContinuousQueries {
         for (i, (metric, kind, help)) in metrics.iter().enumerate() {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             for cq in &queries {
-                let status = lock(&cq.status).clone();
-                let (wm, dirty) = {
-                    let st = lock(&cq.state);
-                    (st.watermark, st.dirty.len() + st.in_flight.len())
-                };
+                let (status, wm, dirty) = cq.figures();
                 let value = match i {
                     0 => Some(status.runs as f64),
                     1 => Some(status.failures as f64),
@@ -710,11 +712,7 @@ pub fn status_schema() -> SchemaRef {
 }
 
 fn describe(cq: &Cq, now: i64) -> serde_json::Value {
-    let status = lock(&cq.status).clone();
-    let (wm, dirty) = {
-        let st = lock(&cq.state);
-        (st.watermark, st.dirty.len() + st.in_flight.len())
-    };
+    let (status, wm, dirty) = cq.figures();
     serde_json::json!({
         "name": cq.def.name,
         "definition": cq.def.to_spec(),
@@ -808,6 +806,13 @@ fn collect_sources(body: &SetExpr, out: &mut Vec<String>) {
 }
 
 impl Cq {
+    /// Its status, watermark and dirty buckets (those being recomputed included).
+    fn figures(&self) -> (QueryStatus, Option<i64>, usize) {
+        let status = lock(&self.status).clone();
+        let st = lock(&self.state);
+        (status, st.watermark, st.dirty.len() + st.in_flight.len())
+    }
+
     fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
@@ -1012,6 +1017,12 @@ impl Inner {
             }
             // A backfill goes on chunk after chunk without waiting for the next tick.
             loop {
+                let Ok(_turn) = self.runs.acquire().await else {
+                    return;
+                };
+                if cq.stopped.load(Ordering::Acquire) {
+                    return;
+                }
                 let started = now_nanos();
                 let clock = Instant::now();
                 let result = self.run_once(&cq).await;

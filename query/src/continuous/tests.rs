@@ -262,6 +262,19 @@ fn open(dir: &std::path::Path) -> Arc<Store> {
     )
 }
 
+/// A store in `dir` with continuous queries running over it, acting through `actions`: the
+/// store, an engine that answers their statements, and the runtime.
+fn started(
+    dir: &std::path::Path,
+    actions: Option<ActionSinkRef>,
+) -> (Arc<Store>, QueryEngine, ContinuousQueries) {
+    let store = open(dir);
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let cqs = ContinuousQueries::start(Arc::clone(&store), engine.clone(), actions).unwrap();
+    let engine = engine.with_continuous(cqs.clone());
+    (store, engine, cqs)
+}
+
 fn write(store: &Store, body: &str) {
     let o = store
         .write(body.as_bytes(), Precision::Nanoseconds, now_nanos())
@@ -332,11 +345,8 @@ async fn assert_sink_is_recomputation(engine: &QueryEngine, end: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollup_materialises_history_then_follows_late_writes_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let (store, engine, cqs) = started(dir.path(), None);
     let start = history(&store, now_nanos());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(Arc::clone(&store), engine.clone(), None).unwrap();
-    let engine = engine.with_continuous(cqs.clone());
     let out = rows(&engine, ROLLUP).await;
     assert!(out.contains("continuous query cpu_1m created"), "{out}");
     let caught_up = |cqs: ContinuousQueries| async move {
@@ -389,15 +399,12 @@ async fn a_rollup_materialises_history_then_follows_late_writes_and_restarts() {
     drop(cqs);
     store.shutdown().unwrap();
     drop(store);
-    let store = open(dir.path());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(Arc::clone(&store), engine.clone(), None).unwrap();
+    let (store, engine, cqs) = started(dir.path(), None);
     assert!(watermark(&cqs, "cpu_1m").is_some());
     write(
         &store,
         &format!("cpu,host=h1 usage=5000,n=500i {}", start + 2 * MIN + 5 * S),
     );
-    let engine = engine.with_continuous(cqs.clone());
     eventually("the late bucket after a restart", || {
         let engine = engine.clone();
         async move {
@@ -427,11 +434,8 @@ async fn a_rollup_materialises_history_then_follows_late_writes_and_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_definitions_are_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let (store, engine, cqs) = started(dir.path(), None);
     history(&store, now_nanos());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(Arc::clone(&store), engine.clone(), None).unwrap();
-    let engine = engine.with_continuous(cqs.clone());
     for (sql, expected) in [
         (
             "CREATE CONTINUOUS QUERY q EVERY '500ms' INTO x AS SELECT date_bin(INTERVAL '1 minute', time) AS time, avg(usage) AS u FROM cpu GROUP BY 1",
@@ -497,10 +501,7 @@ async fn bad_definitions_are_refused_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_write_query_fires_after_the_write_that_brought_its_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(Arc::clone(&store), engine.clone(), None).unwrap();
-    let engine = engine.with_continuous(cqs.clone());
+    let (store, engine, cqs) = started(dir.path(), None);
     write(&store, &format!("lat,service=web p99=0.1 {}", now_nanos()));
     engine
         .sql("CREATE CONTINUOUS QUERY lat_10s ON WRITE LATENESS '1 hour' INTO lat_10s AS \
@@ -566,16 +567,8 @@ impl ActionSink for Recorder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
     let recorder = Arc::new(Recorder::default());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(
-        Arc::clone(&store),
-        engine.clone(),
-        Some(recorder.clone() as ActionSinkRef),
-    )
-    .unwrap();
-    let engine = engine.with_continuous(cqs.clone());
+    let (store, engine, cqs) = started(dir.path(), Some(recorder.clone() as ActionSinkRef));
     write(
         &store,
         &format!("latency,service=web p99=0.1 {}", now_nanos()),
@@ -648,16 +641,8 @@ async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_and_notifications_follow_their_conditions() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
     let recorder = Arc::new(Recorder::default());
-    let engine = QueryEngine::new(Arc::clone(&store));
-    let cqs = ContinuousQueries::start(
-        Arc::clone(&store),
-        engine.clone(),
-        Some(recorder.clone() as ActionSinkRef),
-    )
-    .unwrap();
-    let engine = engine.with_continuous(cqs.clone());
+    let (store, engine, cqs) = started(dir.path(), Some(recorder.clone() as ActionSinkRef));
     let level = |v: f64| {
         write(&store, &format!("disk,host=db used={v} {}", now_nanos()));
     };
