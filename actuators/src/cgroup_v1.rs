@@ -232,15 +232,22 @@ impl Actuator for CgroupV1 {
         let caps = self.capabilities();
         let cpu = self.dir("cpu", target);
         let mem = self.dir("memory", target);
+        let blkio = self.dir("blkio", target);
         let mut out = Limits::default();
-        if caps.cpu_millicores {
+        // A controller without the component's group holds no limit of it: what the others
+        // hold is still read (one missing group made every limit unknown, and the loop then
+        // started the component from an equal share of the host instead of its quota). With
+        // no group at all, the read below fails and says which file is missing.
+        let any = [&cpu, &mem, &blkio].iter().any(|d| d.is_dir());
+        let (has_cpu, has_mem, has_blkio) = (!any || cpu.is_dir(), mem.is_dir(), blkio.is_dir());
+        if caps.cpu_millicores && has_cpu {
             let quota = read_i64(&cpu.join("cpu.cfs_quota_us"))?;
             let period = read_i64(&cpu.join("cpu.cfs_period_us"))?.max(1);
             if quota > 0 {
                 out.cpu_millicores = Some((quota * 1000 / period) as u64);
             }
         }
-        if caps.cpu_weight {
+        if caps.cpu_weight && has_cpu {
             let shares = read_i64(&cpu.join("cpu.shares"))?.max(0) as u64;
             out.cpu_weight = Some(((shares * 100).div_ceil(1024)).clamp(1, 10_000) as u32);
         }
@@ -248,17 +255,16 @@ impl Actuator for CgroupV1 {
             let v = read_i64(&mem.join(file))?;
             Ok((v >= 0 && (v as u64) < NO_LIMIT).then_some(v as u64))
         };
-        if caps.memory_max {
+        if caps.memory_max && has_mem {
             out.memory_max_bytes = bytes("memory.limit_in_bytes")?;
         }
-        if caps.memory_high {
+        if caps.memory_high && has_mem {
             out.memory_high_bytes = bytes("memory.soft_limit_in_bytes")?;
         }
-        let blkio = self.dir("blkio", target);
-        if let Some(kind) = self.blkio_weight() {
+        if let Some(kind) = self.blkio_weight().filter(|_| has_blkio) {
             out.io_weight = Some(kind.weight_of(read_i64(&blkio.join(kind.file()))?));
         }
-        if caps.io_max {
+        if caps.io_max && has_blkio {
             let mut found: Option<IoLimit> = None;
             for (i, file) in THROTTLES.iter().enumerate() {
                 for (device, value) in
@@ -515,7 +521,7 @@ mod tests {
         assert!(matches!(f.cg.usage(&gone), Err(Error::Io { .. })));
         // A group missing under one controller costs that resource only, and says so.
         let partial = format!("forestall-test/partial-{}", std::process::id());
-        let made: Vec<PathBuf> = ["cpuacct", "memory"]
+        let made: Vec<PathBuf> = ["cpu", "cpuacct", "memory"]
             .iter()
             .map(|c| Path::new(ROOT).join(c).join(&partial))
             .collect();
@@ -523,10 +529,15 @@ mod tests {
             fs::create_dir_all(d).unwrap();
         }
         let target = Target::new("partial", &partial).unwrap();
+        fs::write(made[0].join("cpu.cfs_quota_us"), "30000").unwrap();
         let u = f.cg.usage(&target);
+        // Its limits are read back without blkio too: the loop starts it from its quota.
+        let held = f.cg.read_back(&target);
         for d in &made {
             let _ = fs::remove_dir(d);
         }
+        let held = held.unwrap();
+        assert_eq!((held.cpu_millicores, held.io), (Some(300), None));
         let u = u.unwrap();
         assert_eq!((u.cpu_seconds, u.io_bytes), (Some(0.0), None));
         assert!(u.memory_bytes.is_some());

@@ -386,6 +386,14 @@ async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
     .await;
     assert_ne!(rows[0][0], "0");
     assert_eq!(rows[0][1], "false");
+    // Without a disk device or a tc interface (or a webhook) nothing could apply disk or
+    // network bandwidth: those are neither allocated nor audited.
+    let rows = sql(
+        &f,
+        "SELECT count(*) FROM forestall_allocations WHERE resource IN ('disk', 'net')",
+    )
+    .await;
+    assert_eq!(rows[0][0], "0");
     // The collector metered the cgroup: working set is memory.current less inactive file,
     // and CPU and network are rates once there are two readings; batch, with no process in
     // a namespace of its own, has no network usage.
