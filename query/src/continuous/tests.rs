@@ -432,6 +432,55 @@ async fn a_rollup_materialises_history_then_follows_late_writes_and_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_week_of_backfill_goes_an_hour_at_a_time() {
+    // A point every 10 minutes for two hosts over the last 7 days: the backfill computes
+    // at most an hour per run (so a run's memory is an hour's rows, whatever the backfill),
+    // chunk after chunk without waiting for its schedule, and ends equal to a recomputation.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, engine, cqs) = started(dir.path(), None);
+    let now = now_nanos();
+    let start = (now - 7 * 24 * 60 * MIN) / MIN * MIN;
+    let mut body = String::new();
+    let mut t = start;
+    while t < now - MIN {
+        for h in 0..2 {
+            body.push_str(&format!("cpu,host=h{h} usage={} {t}\n", (t / MIN) % 97 + h));
+        }
+        t += 10 * MIN;
+    }
+    write(&store, &body);
+    engine
+        .sql("CREATE CONTINUOUS QUERY week EVERY '1 hour' LATENESS '0s' BACKFILL '7 days' INTO cpu_1h AS \
+              SELECT date_bin(INTERVAL '1 minute', time) AS time, host, max(usage) AS usage FROM cpu GROUP BY 1, host")
+        .await
+        .unwrap();
+    eventually("the week's backfill", || {
+        let cqs = cqs.clone();
+        async move { watermark(&cqs, "week").is_some_and(|w| w >= (now - MIN) / MIN * MIN) }
+    })
+    .await;
+    let runs = cqs.describe("week").unwrap()["status"]["runs"]
+        .as_u64()
+        .unwrap();
+    assert!(runs >= 7 * 24, "{runs} runs for 7 days of hour-long chunks");
+    let end = (now - MIN) / MIN * MIN;
+    let sink = rows(
+        &engine,
+        &format!("SELECT time, host, usage FROM cpu_1h WHERE time < to_timestamp_nanos({end}) ORDER BY 1, 2"),
+    )
+    .await;
+    let direct = rows(
+        &engine,
+        &format!(
+            "SELECT date_bin(INTERVAL '1 minute', time) AS time, host, max(usage) AS usage FROM cpu \
+             WHERE time < to_timestamp_nanos({end}) GROUP BY 1, host ORDER BY 1, 2"
+        ),
+    )
+    .await;
+    assert_eq!(sink, direct);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_definitions_are_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (store, engine, cqs) = started(dir.path(), None);
