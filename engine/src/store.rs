@@ -140,7 +140,8 @@ pub(crate) struct Inner {
     /// Signalled when a flush has emptied the buffer (see `wait_for_buffer_room`).
     flushed_cv: Condvar,
     closed: AtomicBool,
-    observers: RwLock<Vec<Arc<dyn WriteObserver>>>,
+    /// Shared as one slice, so that a write takes them with one reference count.
+    observers: RwLock<Arc<[Arc<dyn WriteObserver>]>>,
 }
 
 /// A Forestall storage engine instance.
@@ -282,7 +283,7 @@ impl Store {
             wake_cv: Condvar::new(),
             flushed_cv: Condvar::new(),
             closed: AtomicBool::new(false),
-            observers: RwLock::new(Vec::new()),
+            observers: RwLock::new(Arc::from(Vec::new())),
         });
         inner.update_gauges();
         let bg = Arc::clone(&inner);
@@ -337,8 +338,8 @@ impl Store {
         if accepted.is_empty() {
             return Ok(outcome);
         }
-        let observers = inner.observers.read().clone();
-        for o in &observers {
+        let observers = Arc::clone(&inner.observers.read());
+        for o in observers.iter() {
             o.admitted(&accepted).map_err(Error::Observer)?;
         }
         let payload = if outcome.rejected_lines == 0 {
@@ -373,7 +374,7 @@ impl Store {
             outcome.accepted_values as u64,
         );
         Metrics::add(&inner.metrics.bytes_written_total, bytes as u64);
-        for o in &observers {
+        for o in observers.iter() {
             o.committed(&accepted);
         }
         if buffered >= inner.config.flush.max_buffer_bytes {
@@ -384,7 +385,10 @@ impl Store {
 
     /// Adds an observer that hears about every later write (see [`WriteObserver`]).
     pub fn observe(&self, observer: Arc<dyn WriteObserver>) {
-        self.inner.observers.write().push(observer);
+        let mut all = self.inner.observers.write();
+        let mut next: Vec<_> = all.iter().cloned().collect();
+        next.push(observer);
+        *all = next.into();
     }
 
     /// The run-time catalog entries (see [`Entries`]).

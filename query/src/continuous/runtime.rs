@@ -1466,18 +1466,29 @@ impl Inner {
             return Ok(());
         }
         let mut late: HashMap<&str, (Arc<Cq>, BTreeSet<i64>)> = HashMap::new();
-        let mut last: Option<(&str, Option<&Vec<Arc<Cq>>>)> = None;
+        // The measurement of the previous line, its queries, and the latest of their
+        // watermarks: a line at or after it is late for none of them, which is one comparison
+        // for in-order ingestion however many rollups read the measurement.
+        let mut last: Option<(&str, &[Arc<Cq>], i64)> = None;
         for line in lines {
             let m = line.measurement.as_ref();
-            let cqs = match last {
-                Some((lm, cqs)) if lm == m => cqs,
+            let (cqs, newest) = match last {
+                Some((lm, cqs, newest)) if lm == m => (cqs, newest),
                 _ => {
-                    let cqs = map.get(m);
-                    last = Some((m, cqs));
-                    cqs
+                    let cqs = map.get(m).map_or(&[][..], Vec::as_slice);
+                    let newest = cqs
+                        .iter()
+                        .filter(|cq| cq.incremental.is_some())
+                        .map(|cq| cq.watermark.load(Ordering::Acquire))
+                        .max()
+                        .unwrap_or(i64::MIN);
+                    last = Some((m, cqs, newest));
+                    (cqs, newest)
                 }
             };
-            let Some(cqs) = cqs else { continue };
+            if line.timestamp >= newest {
+                continue;
+            }
             for cq in cqs {
                 let Some(inc) = &cq.incremental else { continue };
                 if line.timestamp < cq.watermark.load(Ordering::Acquire) {

@@ -48,6 +48,15 @@ pub enum Statement {
 /// Recognises a continuous-query statement. `None` when `sql` is some other statement (for
 /// DataFusion); `Some(Err(…))` when it is one of ours but malformed.
 pub fn parse(sql: &str) -> Option<Result<Statement>> {
+    // Every query comes through here: only a text that names the keyword is tokenized.
+    const KEYWORD: &[u8] = b"CONTINUOUS";
+    if !sql
+        .as_bytes()
+        .windows(KEYWORD.len())
+        .any(|w| w.eq_ignore_ascii_case(KEYWORD))
+    {
+        return None;
+    }
     let tokens = match Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize_with_location() {
         Ok(t) => t,
         // DataFusion reports a text it cannot tokenize in its own words.
