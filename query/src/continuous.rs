@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use health::{CheckState, HealthStatus};
 pub use runtime::{
     ActionSink, ActionSinkRef, AllocationRequest, ContinuousQueries, HEALTH_MEASUREMENT,
-    Notification, Outcome, QueryStatus,
+    Notification, Outcome, QueryStatus, REQUESTS_MEASUREMENT,
 };
 pub use statement::Statement;
 
@@ -115,6 +115,9 @@ pub struct Definition {
     pub select_at: Option<(u64, u64)>,
     /// Declared in the TOML config: reconciled with it at every start.
     pub from_config: bool,
+    /// Made by Forestall itself (the allocation loop's usage queries): reconciled at every
+    /// start until a user replaces it.
+    pub builtin: bool,
 }
 
 /// The JSON and TOML form of a [`Definition`] (`PUT /api/v1/continuous_queries/{name}`,
@@ -147,6 +150,8 @@ pub struct DefinitionSpec {
     pub query: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub from_config: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub builtin: bool,
 }
 
 /// `health = { warn = "value > 80", fail = "value > 95", for = "2m" }`
@@ -248,6 +253,7 @@ impl Definition {
             query: spec.query,
             select_at: None,
             from_config: spec.from_config,
+            builtin: spec.builtin,
         })
     }
 
@@ -259,6 +265,7 @@ impl Definition {
             backfill: self.backfill.clone(),
             query: self.query.clone(),
             from_config: self.from_config,
+            builtin: self.builtin,
             ..Default::default()
         };
         match self.schedule {

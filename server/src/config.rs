@@ -115,7 +115,7 @@ pub struct ServerConfig {
     pub query: QueryConfig,
     pub log: LogConfig,
     pub engine: EngineConfig,
-    pub allocation: crate::allocation::AllocationConfig,
+    pub allocation: forestall_control::config::AllocationConfig,
     /// `[[continuous_queries]]`: queries declared here are created at start, replaced when
     /// changed, and dropped when no longer declared (those made over the API are kept).
     pub continuous_queries: Vec<forestall_query::continuous::DefinitionSpec>,
@@ -341,5 +341,20 @@ mod tests {
         let c = ServerConfig::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
         let d = ServerConfig::default();
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+
+    #[test]
+    fn the_allocation_section_is_checked_when_the_file_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[allocation]\nenabled = true\n[[allocation.components]]\nname = \"a b\"\n",
+        )
+        .unwrap();
+        let e = ServerConfig::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"a b\""), "{e}");
     }
 }

@@ -32,7 +32,7 @@ pub const MAX_DEFINITION_BYTES: usize = 64 * 1024;
 /// (see [`Notification`]), `ALLOCATE` as requests to the allocation loop, when it runs.
 #[derive(Debug, Default)]
 pub struct Actions {
-    pub allocations: Option<crate::allocation::Allocations>,
+    pub allocations: Option<forestall_control::live::Allocations>,
 }
 
 #[async_trait::async_trait]
@@ -109,9 +109,10 @@ pub(crate) async fn put(
             "expected a definition such as {{\"every\": \"1m\", \"into\": \"cpu_1m\", \"query\": \"SELECT …\"}}: {e}"
         ))
     })?;
-    if spec.from_config {
+    if spec.from_config || spec.builtin {
         return Err(ApiError::Invalid(
-            "from_config is set by the server for queries of its config file".into(),
+            "from_config and builtin are set by the server, for the queries of its config file and its own"
+                .into(),
         ));
     }
     let def = Definition::from_spec(spec, Some(&name)).map_err(query_error)?;
@@ -138,6 +139,20 @@ pub(crate) async fn delete(
         .await
         .map_err(query_error)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/continuous_queries/{name}/run`: runs the query now (after its run in
+/// progress, if any) and answers with its status after the run; a failed run is in its
+/// `last_error`, as for a scheduled one.
+pub(crate) async fn run(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    queries(&state)?
+        .run_now(&name)
+        .await
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("continuous query {name} does not exist")))
 }
 
 /// `GET /api/v1/health`: `{"components": {"web": {"status": "warn", "checks": [...]}}}`.

@@ -15,6 +15,7 @@
 //! | `GET /api/v1/preferences` | every component's preferences |
 //! | `PUT /api/v1/preferences/{component}` | replace a component's preferences (JSON, kept across restarts) |
 //! | `GET`, `PUT`, `DELETE /api/v1/continuous_queries[/{name}]` | continuous queries (see [`crate::continuous`]) |
+//! | `POST /api/v1/continuous_queries/{name}/run` | run one now; its status after the run |
 //! | `GET /api/v1/health` | each component's health from the health-check queries |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
@@ -55,7 +56,7 @@ pub struct AppState {
     pub query_limits: QueryLimits,
     pub max_body_bytes: u64,
     /// The live allocation loop, when `[allocation] enabled`.
-    pub allocations: Option<crate::allocation::Allocations>,
+    pub allocations: Option<forestall_control::live::Allocations>,
     /// The continuous queries, when running.
     pub continuous: Option<forestall_query::continuous::ContinuousQueries>,
 }
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
             get(crate::continuous::get)
                 .put(crate::continuous::put)
                 .delete(crate::continuous::delete),
+        )
+        .route(
+            "/api/v1/continuous_queries/{name}/run",
+            post(crate::continuous::run),
         )
         .route("/api/v1/health", get(crate::continuous::health))
         .route("/health", get(health))
@@ -212,7 +217,7 @@ async fn set_retention(
     Ok(Json(retention_json(&state.store)))
 }
 
-fn allocation_loop(state: &AppState) -> Result<&crate::allocation::Allocations, ApiError> {
+fn allocation_loop(state: &AppState) -> Result<&forestall_control::live::Allocations, ApiError> {
     state.allocations.as_ref().ok_or_else(|| {
         ApiError::NotFound(
             "the allocation loop is not running: set [allocation] enabled = true and list components".into(),
@@ -224,7 +229,7 @@ fn allocation_loop(state: &AppState) -> Result<&crate::allocation::Allocations, 
 /// touches files).
 async fn loop_view(
     state: &AppState,
-    view: fn(&crate::allocation::Allocations) -> serde_json::Value,
+    view: fn(&forestall_control::live::Allocations) -> serde_json::Value,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let a = allocation_loop(state)?.clone();
     let json = tokio::task::spawn_blocking(move || view(&a))
@@ -256,7 +261,8 @@ async fn set_preferences(
     Path(component): Path<String>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    use crate::allocation::{PreferencesConfig, SetError};
+    use forestall_control::config::PreferencesConfig;
+    use forestall_control::live::SetError;
     let a = allocation_loop(&state)?.clone();
     let body = read_limited(body, 64 << 10).await?;
     let prefs: PreferencesConfig = serde_json::from_slice(&body).map_err(|e| {

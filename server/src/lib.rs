@@ -1,20 +1,18 @@
 //! # forestall-server
 //!
 //! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
-//! `forestall` binary's `serve` command ([`serve`]) with its allocation loop ([`allocation`],
-//! one [`control`] round per interval), and its offline evaluations ([`eval`], [`replay`]).
-//! This is the only crate that wires the others together; it may depend on every Forestall
-//! crate, and none depends on it.
+//! PostgreSQL wire ([`pg`]), the `forestall` binary's `serve` command ([`serve`]), which
+//! wires the store, the queries, the continuous queries and the allocation loop
+//! (`forestall-control`) together, and the model evaluations behind `forestall eval`
+//! ([`eval`]). It may depend on every Forestall crate, and none depends on it.
 
-pub mod allocation;
 pub mod config;
 pub mod continuous;
-pub mod control;
+
 pub mod error;
 pub mod eval;
 pub mod http;
 pub mod pg;
-pub mod replay;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,14 +37,17 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {}", config.http.addr))?;
     let addr = listener.local_addr()?;
-    // Queries run on their own runtime, at a lower CPU priority than ingestion.
-    let query_runtime = query_runtime(config.query.nice)?;
+    // Queries run on their own runtime, at a lower CPU priority than ingestion. It is shut
+    // down without waiting on every way out, errors included (a runtime dropped inside
+    // another one panics).
+    let query_runtime = QueryRuntime(Some(query_runtime(config.query.nice)?));
     let mut state = http::AppState::new(Arc::clone(&store), &config);
-    state.query = state.query.on_runtime(query_runtime.handle().clone());
+    state.query = state.query.on_runtime(query_runtime.handle());
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let allocations = if config.allocation.enabled {
-        let allocations = allocation::Allocations::new(&config.allocation, &config.engine.data_dir)
-            .context("set up the allocation loop")?;
+        let allocations =
+            forestall_control::live::Allocations::new(&config.allocation, &config.engine.data_dir)
+                .context("set up the allocation loop")?;
         state.allocations = Some(allocations.clone());
         Some(allocations)
     } else {
@@ -66,6 +67,15 @@ pub async fn serve(
         .reconcile(config.continuous_queries.clone())
         .await
         .context("the [[continuous_queries]] of the config")?;
+    // The loop's usage queries (none, and any left from before dropped, without the loop).
+    let builtin = match config.allocation.enabled {
+        true => forestall_control::usage::builtin_queries(&config.allocation),
+        false => Vec::new(),
+    };
+    continuous
+        .reconcile_builtin(builtin)
+        .await
+        .context("the allocation loop's usage queries")?;
     state.query = state.query.with_continuous(continuous.clone());
     state.continuous = Some(continuous.clone());
     let allocation = match allocations {
@@ -77,7 +87,7 @@ pub async fn serve(
                 interval = %humantime::format_duration(config.allocation.interval),
                 "allocation loop running"
             );
-            Some(tokio::spawn(allocation::run(
+            Some(tokio::spawn(forestall_control::live::run(
                 allocations,
                 Arc::clone(&store),
                 state.query.clone(),
@@ -118,13 +128,33 @@ pub async fn serve(
         let _ = allocation.await;
     }
     continuous.stop().await;
-    query_runtime.shutdown_background();
+    drop(query_runtime);
     tracing::info!("HTTP stopped; flushing the store");
     let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await?;
     served.context("HTTP server")?;
     flushed.context("flush at shutdown")?;
     tracing::info!("forestall stopped cleanly");
     Ok(())
+}
+
+/// The query runtime, shut down in the background when dropped.
+struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl QueryRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the runtime is taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The runtime queries run on: one worker per core, threads (blocking ones too) at niceness

@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             print!(
                 "{}",
-                forestall_server::replay::replay(&trace, &out, lstm_train_every)?
+                forestall_control::replay::replay(&trace, &out, lstm_train_every)?
             );
             Ok(())
         }

@@ -162,6 +162,27 @@ fn definitions_come_from_http_sql_psql_and_the_config_and_bad_ones_leave_nothing
     let (code, answer) = put(&url, body.replace("10s", "20s").as_bytes());
     assert_eq!((code, answer["outcome"].as_str()), (200, Some("replaced")));
     assert_eq!(get_json(&url).1["definition"]["every"], "20s");
+    // A run on request answers with the status after it; an unknown query is a 404.
+    let (code, ran) = crate::harness::post(&format!("{url}/run"), b"");
+    assert_eq!(code, 200, "{ran}");
+    let ran: serde_json::Value = serde_json::from_str(&ran).unwrap();
+    assert!(ran["status"]["runs"].as_u64() >= Some(1), "{ran}");
+    assert_eq!(
+        ran["status"]["last_error"],
+        serde_json::Value::Null,
+        "{ran}"
+    );
+    let (code, _) = crate::harness::post(
+        &server.url("/api/v1/continuous_queries/nonexistent/run"),
+        b"",
+    );
+    assert_eq!(code, 404);
+    // Only the server sets which queries are its own.
+    let (code, answer) = put(
+        &server.url("/api/v1/continuous_queries/bad"),
+        br#"{"builtin": true, "allocate": true, "query": "SELECT 'a' AS component, 'cpu' AS resource, 1 AS usage"}"#,
+    );
+    assert_eq!(code, 400, "{answer}");
 
     // Bad definitions: a clear 400 (or 404, 409, 413), and nothing is stored.
     for (body, code, expected) in [

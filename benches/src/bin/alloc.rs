@@ -14,7 +14,7 @@ use std::time::Duration;
 use forestall_actuators::alloc::{AllocConfig, Component, Engine, Preferences, Request, Resource};
 use forestall_actuators::stack::Units;
 use forestall_actuators::{DryRun, Target};
-use forestall_server::control::{self, Controller, Timing};
+use forestall_control::round::{self as control, Controller, Timing};
 
 /// `n` components in four tiers: critical, two standard, deferrable batch.
 fn components(n: usize) -> Vec<Component> {

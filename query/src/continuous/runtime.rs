@@ -60,6 +60,9 @@ const WRITE_BYTES: usize = 4 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The measurement health checks write.
 pub const HEALTH_MEASUREMENT: &str = "forestall_health";
+/// The measurement `ALLOCATE` queries' rows are recorded in: one row per component and
+/// resource per run, tagged with the query that asked.
+pub const REQUESTS_MEASUREMENT: &str = "forestall_allocation_requests";
 
 const DEF_PREFIX: &str = "cq/def/";
 const STATE_PREFIX: &str = "cq/state/";
@@ -194,6 +197,9 @@ struct Cq {
     status: Mutex<QueryStatus>,
     wake: tokio::sync::Notify,
     stopped: AtomicBool,
+    /// Held for the length of each run: a run never overlaps the same query's previous one,
+    /// scheduled or asked for ([`ContinuousQueries::run_now`]).
+    running: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -341,18 +347,37 @@ impl ContinuousQueries {
     /// changed ones replaced, ones no longer declared dropped. Queries made over the API are
     /// left alone.
     pub async fn reconcile(&self, specs: Vec<DefinitionSpec>) -> Result<()> {
+        self.reconcile_kind(specs, false).await
+    }
+
+    /// The same for the queries Forestall makes itself (`builtin`), except that a built-in
+    /// query a user has replaced is theirs from then on and left alone.
+    pub async fn reconcile_builtin(&self, specs: Vec<DefinitionSpec>) -> Result<()> {
+        self.reconcile_kind(specs, true).await
+    }
+
+    async fn reconcile_kind(&self, specs: Vec<DefinitionSpec>, builtin: bool) -> Result<()> {
+        let kind = |d: &Definition| if builtin { d.builtin } else { d.from_config };
         let mut declared = BTreeSet::new();
         for mut spec in specs {
-            spec.from_config = true;
+            spec.from_config = !builtin;
+            spec.builtin = builtin;
             let def = Definition::from_spec(spec, None)?;
             declared.insert(def.name.clone());
-            self.create(def, true, false).await?;
+            let taken = self
+                .inner
+                .read_queries()
+                .get(&def.name)
+                .is_some_and(|cq| builtin && !cq.def.builtin);
+            if !taken {
+                self.create(def, true, false).await?;
+            }
         }
         let stale: Vec<String> = self
             .inner
             .read_queries()
             .values()
-            .filter(|cq| cq.def.from_config && !declared.contains(&cq.def.name))
+            .filter(|cq| kind(&cq.def) && !declared.contains(&cq.def.name))
             .map(|cq| cq.def.name.clone())
             .collect();
         for name in stale {
@@ -510,6 +535,25 @@ impl ContinuousQueries {
             .values()
             .map(|cq| describe(cq, now))
             .collect()
+    }
+
+    /// Runs query `name` now, after its run in progress if any (runs of one query never
+    /// overlap), and returns its status afterwards: InfluxDB 3's request trigger, and how
+    /// the allocation loop's tests step its usage queries. `None`: no such query.
+    pub async fn run_now(&self, name: &str) -> Option<serde_json::Value> {
+        let cq = self.inner.read_queries().get(name).cloned()?;
+        {
+            let _own = cq.running.lock().await;
+            let _turn = self.inner.runs.acquire().await.ok()?;
+            let started = now_nanos();
+            let clock = Instant::now();
+            let result = self.inner.run_once(&cq).await;
+            // A failure here leaves the schedule's back-off as it was.
+            let mut backoff = None;
+            self.inner
+                .record(&cq, result, started, clock.elapsed(), &mut backoff);
+        }
+        self.describe(name)
     }
 
     /// Every component's health checks, from the `HEALTH` queries.
@@ -750,6 +794,7 @@ fn analyse(def: Definition) -> Result<Cq> {
         status: Mutex::new(QueryStatus::default()),
         wake: tokio::sync::Notify::new(),
         stopped: AtomicBool::new(false),
+        running: tokio::sync::Mutex::new(()),
     })
 }
 
@@ -876,6 +921,15 @@ impl Inner {
                 if missing.is_empty() {
                     return Err(Error::Query(m));
                 }
+                return Ok(());
+            }
+            // Queries declared ahead of their data (the config's, Forestall's own) may name a
+            // field no write has brought yet: they wait for it. One typed in is refused, as
+            // a field that does not exist is most likely a typo.
+            Err(Error::Query(m))
+                if (cq.def.from_config || cq.def.builtin)
+                    && self.missing_field(cq, &m).is_some() =>
+            {
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -1017,6 +1071,7 @@ impl Inner {
             }
             // A backfill goes on chunk after chunk without waiting for the next tick.
             loop {
+                let _own = cq.running.lock().await;
                 let Ok(_turn) = self.runs.acquire().await else {
                     return;
                 };
@@ -1112,6 +1167,11 @@ impl Inner {
                 .iter()
                 .find(|s| self.store.table(s).is_none())
                 .map(|s| format!("waiting for data: nothing has been written to {s} yet")),
+            Err(Error::Query(m)) if m.contains("No field named") => {
+                self.missing_field(cq, m).map(|(field, table)| {
+                    format!("waiting for data: no {field} has been written to {table} yet")
+                })
+            }
             _ => None,
         };
         lock(&cq.status).note = note.clone();
@@ -1119,6 +1179,25 @@ impl Inner {
             (Err(_), Some(_)) => Ok((Arc::new(Schema::empty()), Vec::new())),
             (result, _) => result,
         }
+    }
+
+    /// The field a "No field named" error names, and the source measurement it is missing
+    /// from (a tag or field that no write has brought yet), if that is what happened.
+    fn missing_field(&self, cq: &Cq, message: &str) -> Option<(String, String)> {
+        let rest = message.split("No field named ").nth(1)?;
+        let name: String = rest
+            .trim_start_matches('"')
+            .chars()
+            .take_while(|c| !matches!(c, '"' | '\'' | ',') && !c.is_whitespace())
+            .collect();
+        let name = name.trim_end_matches('.');
+        let field = name.rsplit('.').next().unwrap_or(name).to_owned();
+        let table = cq.sources.iter().find(|s| {
+            self.store
+                .table(s)
+                .is_some_and(|t| !t.columns.contains_key(&field))
+        })?;
+        Some((field, table.clone()))
     }
 
     /// Writes line protocol through the store's write path, durably.
@@ -1325,7 +1404,8 @@ impl Inner {
             };
             for row in 0..batch.num_rows() {
                 let text = |i: usize| columns[i].as_ref().and_then(|(c, _)| text_at(c, row));
-                let (Some(component), Some(resource)) = (text(component_at), text(resource_at))
+                let named = |i| text(i).filter(|t: &String| !t.is_empty());
+                let (Some(component), Some(resource)) = (named(component_at), named(resource_at))
                 else {
                     continue;
                 };
@@ -1344,6 +1424,12 @@ impl Inner {
             }
         }
         let n = requests.len();
+        let now = now_nanos();
+        let mut record = String::new();
+        for r in &requests {
+            request_line(&mut record, &cq.def.name, r, now);
+        }
+        self.write(record).await?;
         self.deliver(&cq.def.name, requests).await?;
         Ok(n)
     }
@@ -1622,6 +1708,34 @@ fn health_line(out: &mut String, state: &CheckState, changed: bool, now: i64) {
     out.push('"');
     if let Some(v) = state.value.filter(|v| v.is_finite()) {
         let _ = write!(out, ",value={v:?}");
+    }
+    let _ = writeln!(out, " {now}");
+}
+
+/// A `forestall_allocation_requests` row.
+fn request_line(out: &mut String, query: &str, r: &AllocationRequest, now: i64) {
+    sink::escape_measurement(out, REQUESTS_MEASUREMENT);
+    for (k, v) in [
+        ("component", r.component.as_str()),
+        ("query", query),
+        ("resource", r.resource.as_str()),
+    ] {
+        out.push(',');
+        out.push_str(k);
+        out.push('=');
+        sink::escape_key(out, v);
+    }
+    let mut sep = ' ';
+    for (k, v) in [
+        ("usage", r.usage),
+        ("demand", r.demand),
+        ("forecast", r.forecast),
+        ("risk", r.risk),
+    ] {
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            let _ = write!(out, "{sep}{k}={v:?}");
+            sep = ',';
+        }
     }
     let _ = writeln!(out, " {now}");
 }

@@ -187,6 +187,7 @@ fn create(p: &mut Cursor<'_>, or_replace: bool) -> Result<Statement> {
         query: select.to_owned(),
         select_at: Some((select_at.line, select_at.column)),
         from_config: false,
+        builtin: false,
     };
     Ok(Statement::Create {
         definition,

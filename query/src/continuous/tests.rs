@@ -687,6 +687,86 @@ async fn allocation_queries_deliver_their_rows_and_withdraw_them_when_dropped() 
     assert!(delivered(None).await);
 }
 
+/// A built-in `ALLOCATE` query reading `field` of `usage`.
+fn builtin(name: &str, field: &str) -> DefinitionSpec {
+    DefinitionSpec {
+        name: Some(name.into()),
+        every: Some("1h".into()),
+        allocate: true,
+        query: format!(
+            "SELECT CAST(host AS VARCHAR) AS component, 'cpu' AS resource, avg({field}) AS usage \
+             FROM usage GROUP BY 1"
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_queries_wait_for_their_fields_run_on_request_and_yield_to_a_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let (store, engine, cqs) = started(dir.path(), Some(recorder.clone() as ActionSinkRef));
+    write(&store, &format!("usage,host=a mem=1 {}", now_nanos()));
+    // Typed in, a field nobody has written is refused as the typo it most likely is.
+    let e = engine
+        .sql("CREATE CONTINUOUS QUERY typo EVERY '1h' ALLOCATE AS SELECT host AS component, 'cpu' AS resource, avg(cpuu) AS usage FROM usage GROUP BY 1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cpuu"), "{e}");
+    // Declared by Forestall, it waits for its field.
+    cqs.reconcile_builtin(vec![builtin("u_cpu", "cpu"), builtin("u_mem", "mem")])
+        .await
+        .unwrap();
+    let status = cqs.run_now("u_cpu").await.unwrap();
+    assert_eq!(status["status"]["failures"], 0, "{status}");
+    assert!(
+        status["status"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no cpu has been written to usage")),
+        "{status}"
+    );
+    assert_eq!(status["definition"]["builtin"], true, "{status}");
+    assert!(cqs.run_now("nonexistent").await.is_none());
+    // Once the field comes, a run asked for delivers it, and records it with its query.
+    write(&store, &format!("usage,host=a cpu=0.5 {}", now_nanos()));
+    let status = cqs.run_now("u_cpu").await.unwrap();
+    assert_eq!(
+        status["status"]["note"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+    let last = recorder.1.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.0, "u_cpu");
+    assert_eq!(last.1[0].usage, Some(0.5));
+    assert_eq!(
+        rows(
+            &engine,
+            "SELECT query, component, resource, usage FROM forestall_allocation_requests WHERE query = 'u_cpu'"
+        )
+        .await,
+        "+-------+-----------+----------+-------+\n\
+         | query | component | resource | usage |\n\
+         +-------+-----------+----------+-------+\n\
+         | u_cpu | a         | cpu      | 0.5   |\n\
+         +-------+-----------+----------+-------+"
+    );
+    // A user's replacement is theirs: the next reconciliation leaves it, and drops the
+    // built-in no longer declared.
+    engine
+        .sql("CREATE OR REPLACE CONTINUOUS QUERY u_cpu EVERY '1h' ALLOCATE AS SELECT host AS component, 'cpu' AS resource, max(cpu) AS usage FROM usage GROUP BY 1")
+        .await
+        .unwrap();
+    cqs.reconcile_builtin(vec![builtin("u_cpu", "cpu")])
+        .await
+        .unwrap();
+    let names: Vec<String> = cqs.definitions().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["u_cpu"]);
+    let def = &cqs.describe("u_cpu").unwrap()["definition"];
+    assert!(def["query"].as_str().unwrap().contains("max(cpu)"), "{def}");
+    assert_eq!(def.get("builtin"), None, "{def}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_and_notifications_follow_their_conditions() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,7 +34,7 @@ use forestall_actuators::alloc::{
 use forestall_actuators::stack::Units;
 use forestall_actuators::{DryRun, Target};
 
-use crate::control::{self, Controller, Timing};
+use crate::round::{self as control, Controller, Timing};
 use forestall_models::forecast::ForecastConfig;
 
 /// Steps of forecast a request covers (an hour of 5-minute steps).

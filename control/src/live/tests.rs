@@ -1,7 +1,11 @@
 use super::*;
+use forestall_actuators::Limits;
 use forestall_actuators::alloc::Decision;
 use forestall_engine::EngineConfig;
 use forestall_engine::line_protocol::parse_lines;
+use forestall_query::continuous::{
+    ActionSink, AllocationRequest, ContinuousQueries, Notification, REQUESTS_MEASUREMENT,
+};
 
 /// A directory tree shaped like a cgroup2 mount offering cpu, memory and io, with each named
 /// component's cgroup at the kernel's defaults. This machine's cgroup2 mount offers none of
@@ -114,6 +118,51 @@ fn store() -> Fixture {
         query: QueryEngine::new(Arc::clone(&store)),
         store,
     }
+}
+
+/// Forwards `ALLOCATE` rows to the loop, as the server does.
+#[derive(Debug)]
+struct Feed(Allocations);
+
+#[async_trait::async_trait]
+impl ActionSink for Feed {
+    async fn notify(&self, _: &str, _: &Notification) -> Result<(), String> {
+        Err("no webhooks in these tests".into())
+    }
+
+    async fn allocate(&self, query: &str, requests: Vec<AllocationRequest>) -> Result<(), String> {
+        self.0.offer(query, requests)
+    }
+}
+
+/// The loop for `cfg`, with the continuous queries feeding it and its usage queries defined.
+async fn start(f: &Fixture, cfg: &AllocationConfig) -> (Allocations, ContinuousQueries) {
+    let a = Allocations::new(cfg, &f.data_dir).unwrap();
+    let cqs = ContinuousQueries::start(
+        Arc::clone(&f.store),
+        f.query.clone(),
+        Some(Arc::new(Feed(a.clone()))),
+    )
+    .unwrap();
+    cqs.reconcile_builtin(usage::builtin_queries(cfg))
+        .await
+        .unwrap();
+    a.health_from(cqs.clone());
+    (a, cqs)
+}
+
+/// One interval's steps in order, without waiting for their times: meter, run the usage
+/// queries, decide.
+async fn step(f: &Fixture, a: &Allocations, cqs: &ContinuousQueries) {
+    a.collect(&f.store).await.unwrap();
+    for r in Resource::ALL {
+        let status = cqs
+            .run_now(&format!("{}{r}", usage::BUILTIN_PREFIX))
+            .await
+            .unwrap();
+        assert_eq!(status["last_error"], json!(null), "{status}");
+    }
+    a.round(&f.store).await.unwrap();
 }
 
 /// Writes each component's CPU percentage at the current time.
@@ -261,33 +310,18 @@ fn configuration_mistakes_are_refused_with_the_reason() {
         let e = format!("{:#}", c.validate().unwrap_err());
         assert!(e.contains(expect), "{expect:?} not in {e:?}");
     }
-    // The same checks run when the server configuration is loaded from TOML.
-    let file = root.path().join("c.toml");
-    std::fs::write(
-        &file,
-        "[allocation]\nenabled = true\n[[allocation.components]]\nname = \"a b\"\n",
-    )
-    .unwrap();
-    let e = crate::config::ServerConfig::load(
-        Some(&file),
-        Vec::<(String, String)>::new(),
-        &Default::default(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("\"a b\""), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_read_usage_from_the_store_and_apply_only_what_the_engine_changed() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
-    let a = Allocations::new(&config(root.path(), true, false), &f.data_dir).unwrap();
+    let (a, cqs) = start(&f, &config(root.path(), true, false)).await;
     // Each starts at half the 4-core pool (its cgroup has no limit). web uses 3 cores, batch
     // half a core.
     for _ in 0..4 {
         write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
-        a.tick(&f.store, &f.query).await.unwrap();
+        step(&f, &a, &cqs).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = a.status();
@@ -341,7 +375,7 @@ async fn rounds_read_usage_from_the_store_and_apply_only_what_the_engine_changed
 async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
-    let a = Allocations::new(&config(root.path(), false, true), &f.data_dir).unwrap();
+    let (a, cqs) = start(&f, &config(root.path(), false, true)).await;
     // web runs in a network namespace of its own (batch has no process).
     let netns = NetnsProcess::start();
     std::fs::write(
@@ -361,7 +395,7 @@ async fn dry_run_meters_decides_and_audits_but_changes_nothing() {
         )
         .unwrap();
         write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
-        a.tick(&f.store, &f.query).await.unwrap();
+        step(&f, &a, &cqs).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after: Vec<String> = ["cpu.max", "memory.max", "memory.high", "io.max"]
@@ -540,24 +574,24 @@ fn audit_rows_survive_hostile_reasons() {
 async fn a_restart_warms_the_forecasters_from_stored_usage() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
-    // Two minutes of one-second rounds: web at 2.5 cores; batch never reported. One much
-    // older row lies beyond what the forecasters keep (900 rounds).
+    // Two minutes of one-second rounds in which the usage queries delivered web at 2.5
+    // cores; batch never reported. One much older row lies beyond what the forecasters keep
+    // (900 rounds).
     let now = now_nanos();
     let mut body = String::new();
+    let row = |usage: f64, t: i64| {
+        format!(
+            "{REQUESTS_MEASUREMENT},component=web,query=forestall_usage_cpu,resource=cpu usage={usage} {t}\n"
+        )
+    };
     for k in 1..=120i64 {
-        body.push_str(&format!(
-            "app,component=web cpu_pct=250 {}\n",
-            now - k * 1_000_000_000
-        ));
+        body.push_str(&row(2.5, now - k * 1_000_000_000));
     }
-    body.push_str(&format!(
-        "app,component=web cpu_pct=9000 {}\n",
-        now - 2_000 * 1_000_000_000
-    ));
+    body.push_str(&row(90.0, now - 2_000 * 1_000_000_000));
     f.store
         .write(body.as_bytes(), Precision::Nanoseconds, now)
         .unwrap();
-    let a = Allocations::new(&config(root.path(), false, false), &f.data_dir).unwrap();
+    let (a, cqs) = start(&f, &config(root.path(), false, false)).await;
     let cpu =
         |a: &Allocations, c: usize| a.forecasts()["components"][c]["resources"]["cpu"].clone();
     assert_eq!(
@@ -585,7 +619,7 @@ async fn a_restart_warms_the_forecasters_from_stored_usage() {
     assert_eq!(cpu(&a, 1)["steps"], json!([]), "batch has no usage yet");
     // The first round after the warm start reads from where it ended, and decides at once.
     write_cpu(&f.store, &[("web", 250.0)]);
-    a.tick(&f.store, &f.query).await.unwrap();
+    step(&f, &a, &cqs).await;
     let status = a.status();
     assert_eq!(status["round"], 1);
     assert!(
@@ -604,11 +638,11 @@ async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
     // web is capped at one core and uses three: its CPU is over θ every round. Its memory,
     // like batch's everything, reports nothing.
     cfg.components[0].preferences.cap.cpu = Some(1.0);
-    let a = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let (a, cqs) = start(&f, &cfg).await;
     assert_eq!(a.risks()["components"][0]["resources"], json!(null));
     for _ in 0..30 {
         write_cpu(&f.store, &[("web", 300.0)]);
-        a.tick(&f.store, &f.query).await.unwrap();
+        step(&f, &a, &cqs).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let risks = a.risks();
@@ -655,10 +689,10 @@ async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
     let root = mimic_v2(&["web", "batch"]);
     let f = store();
     let cfg = config(root.path(), true, false);
-    let a = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let (a, cqs) = start(&f, &cfg).await;
     for _ in 0..4 {
         write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
-        a.tick(&f.store, &f.query).await.unwrap();
+        step(&f, &a, &cqs).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = a.status();
@@ -670,12 +704,13 @@ async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
         serde_json::from_slice(&std::fs::read(f.data_dir.join("allocation/state.json")).unwrap())
             .unwrap();
     assert_eq!(first.round, 1);
+    cqs.stop().await;
     a.save();
     drop(a);
     // Meanwhile someone lifts web's limit.
     std::fs::write(root.path().join("forestall/web/cpu.max"), "max 100000").unwrap();
 
-    let b = Allocations::new(&cfg, &f.data_dir).unwrap();
+    let (b, cqs) = start(&f, &cfg).await;
     let after = b.status();
     assert_eq!(after["round"], before["round"]);
     // JSON keeps floats to within a unit in the last place.
@@ -710,7 +745,7 @@ async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
     assert_eq!(after["deferred"], before["deferred"]);
     // The next round puts back what the engine holds, though it decides nothing new.
     write_cpu(&f.store, &[("web", 300.0), ("batch", 50.0)]);
-    b.tick(&f.store, &f.query).await.unwrap();
+    step(&f, &b, &cqs).await;
     assert_eq!(read(root.path(), "forestall/web/cpu.max"), quota);
     assert_eq!(b.status()["round"], before["round"].as_u64().unwrap() + 1);
     drop(b);

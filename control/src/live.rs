@@ -1,15 +1,17 @@
-//! The live allocation loop: every `[allocation] interval`, `serve` meters each component's
-//! cgroup into the store, reads each resource's usage back with SQL, runs one [`Controller`]
-//! round (forecast, size, allocate) and applies what changed through the actuator plugins.
-//! Every decision is stored as a row of the `forestall_allocations` measurement.
+//! The live allocation loop, which `serve` runs ([`run`]). In each `[allocation] interval`:
 //!
-//! * **Usage** comes from the store, so any agent can feed it: per resource, a measurement
-//!   and field ([`UsageSource`]), averaged (or maxed) over the round, grouped by the
-//!   component tag. By default the built-in collector provides it: it reads each component's
-//!   cgroup counters ([`Meter`]) and writes `forestall_usage,component=<name>` with fields
-//!   `cpu` (cores), `mem` (bytes of working set), `disk` (bytes/s) and `net` (bytes/s sent
-//!   and received in the component's own network namespaces; none for a component in
-//!   Forestall's namespace, whose traffic cannot be told apart: point `usage.net` elsewhere).
+//! 1. **Meter** (at the interval's start, with `collect`): each component's cgroup counters
+//!    ([`Meter`]) become a row of `forestall_usage,component=<name>`: `cpu` (cores), `mem`
+//!    (bytes of working set), `disk` (bytes/s) and `net` (bytes/s sent and received in the
+//!    component's own network namespaces; none for a component in Forestall's namespace,
+//!    whose traffic cannot be told apart).
+//! 2. **Usage queries** (a quarter in): the `ALLOCATE` continuous queries deliver their rows
+//!    ([`Allocations::offer`]): the built-in usage queries ([`crate::usage`]), and any of the
+//!    user's, which may add demands, forecasts and risks from their own signals.
+//! 3. **Round** (half way): one [`Controller`] round (forecast, size, allocate) over what
+//!    was delivered, applied through the actuator plugins; every decision is a row of
+//!    `forestall_allocations`.
+//!
 //! * **Units**: CPU in cores, memory in bytes, network and disk in bytes per second.
 //! * **Dry-run** (`actuate = false`, the default): the engine runs and audits as it would
 //!   live, and a [`DryRun`] actuator records what would be applied; nothing is changed.
@@ -18,22 +20,19 @@
 //!   configuration file's.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Float64Type, Int64Type};
-use forestall_actuators::alloc::{Action, Component, Engine, PerResource, Preferences, Resource};
+use anyhow::Context;
+use forestall_actuators::alloc::{Action, Component, Engine, PerResource, Resource};
 use forestall_actuators::cgroup_v1::CgroupV1;
 use forestall_actuators::cgroup_v2::CgroupV2;
 use forestall_actuators::sched::Scheduling;
 use forestall_actuators::stack::{Stack, Units};
 use forestall_actuators::tc::TrafficControl;
 use forestall_actuators::webhook::Webhook;
-use forestall_actuators::{Actuator, CpuSet, DryRun, Flow, Limits, Meter, Target, Usage};
+use forestall_actuators::{Actuator, DryRun, Meter, Usage};
 use forestall_engine::Store;
 use forestall_engine::line_protocol::{FieldValue, ParsedLine, Precision};
 use forestall_engine::store::now_nanos;
@@ -43,7 +42,9 @@ use forestall_query::continuous::HealthStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::control::{self, Controller, Learned, RoundReport, Timing};
+use crate::config::*;
+use crate::round::{self as control, Controller, Learned, RoundReport};
+use crate::usage;
 
 /// How often the learned state is written while the loop runs: a crash loses at most this
 /// much learning (about 5.5 KB per component each time with a five-round horizon, most of it
@@ -54,483 +55,6 @@ pub const SAVE_EVERY: Duration = Duration::from_secs(300);
 pub const USAGE_MEASUREMENT: &str = "forestall_usage";
 /// The measurement every allocation decision is stored in.
 pub const AUDIT_MEASUREMENT: &str = "forestall_allocations";
-
-/// `[allocation]`: the live loop.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AllocationConfig {
-    /// Run the loop. Default false.
-    pub enabled: bool,
-    /// Apply allocations to the kernel. Default false: dry-run (computed, audited, shown,
-    /// nothing changed).
-    pub actuate: bool,
-    /// One round per interval; also the forecast step. Default 1 minute.
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    /// Requests cover the forecast's peak over this. Default 1 hour.
-    #[serde(with = "humantime_serde")]
-    pub horizon: Duration,
-    /// A release waits until every request of this long sits well below the allocation.
-    /// Default 4 hours.
-    #[serde(with = "humantime_serde")]
-    pub release_after: Duration,
-    /// A raise is judged this long after, and rolled back if usage never needed it.
-    /// Default 8 hours.
-    #[serde(with = "humantime_serde")]
-    pub judge_after: Duration,
-    /// A request deferred this long is served before other non-critical ones. Default 6 hours.
-    #[serde(with = "humantime_serde")]
-    pub age_after: Duration,
-    /// Keep usage under this share of the allocation (θ). Default 0.8.
-    pub threshold: f64,
-    /// Run an LSTM beside each component's other forecasters, one training step every this
-    /// many rounds (its CPU budget: about 0.2 ms per series per round at 32). Default 0: none.
-    pub lstm_train_every: usize,
-    /// The tag that names a component in usage measurements. Default `component`.
-    pub component_tag: String,
-    /// Where cgroup controllers are mounted. Default `/sys/fs/cgroup`.
-    pub cgroup_root: PathBuf,
-    /// `v1`, `v2` or `auto` (v2 when the root is a unified mount). Default `auto`.
-    pub cgroup_version: CgroupVersion,
-    /// Meter each component's cgroup into `forestall_usage` every round. Default true.
-    pub collect: bool,
-    /// The block device (`major:minor`) disk allocations throttle; unset leaves disk alone.
-    pub disk_device: Option<String>,
-    /// Network interface whose egress HTB classes reserve bandwidth; unset: no tc plugin.
-    pub tc_interface: Option<String>,
-    /// URL every applied allocation is POSTed to (for an orchestrator); unset: no webhook.
-    pub webhook: Option<String>,
-    /// The pool shared by all components. Unset CPU and memory default to the host's cores
-    /// and memory; unset network and disk are unlimited.
-    pub pool: Amounts,
-    /// The smallest allocation of each resource. Default 0.1 core and 64 MiB.
-    pub min: Amounts,
-    /// Where each resource's usage is read from.
-    pub usage: UsageSources,
-    pub components: Vec<ComponentConfig>,
-}
-
-impl Default for AllocationConfig {
-    fn default() -> Self {
-        let timing = Timing::measured(Duration::from_secs(60));
-        Self {
-            enabled: false,
-            actuate: false,
-            interval: timing.interval,
-            horizon: timing.horizon,
-            release_after: timing.release_after,
-            judge_after: timing.judge_after,
-            age_after: timing.age_after,
-            threshold: 0.8,
-            lstm_train_every: 0,
-            component_tag: "component".into(),
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
-            cgroup_version: CgroupVersion::Auto,
-            collect: true,
-            disk_device: None,
-            tc_interface: None,
-            webhook: None,
-            pool: Amounts::default(),
-            min: Amounts {
-                cpu: Some(0.1),
-                mem: Some(64.0 * 1048576.0),
-                net: None,
-                disk: None,
-            },
-            usage: UsageSources::default(),
-            components: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupVersion {
-    V1,
-    V2,
-    Auto,
-}
-
-/// An amount per resource: cores, bytes, bytes/s, bytes/s.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Amounts {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mem: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub net: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disk: Option<f64>,
-}
-
-impl Amounts {
-    fn per_resource(&self) -> PerResource<Option<f64>> {
-        [self.cpu, self.mem, self.net, self.disk]
-    }
-
-    fn check(&self, what: &str) -> anyhow::Result<()> {
-        for (r, v) in Resource::ALL.iter().zip(self.per_resource()) {
-            if let Some(v) = v {
-                ensure!(
-                    v.is_finite() && v >= 0.0,
-                    "{what}.{r} must be a finite, non-negative number, not {v}"
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `[allocation.usage]`: the source of each resource's usage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UsageSources {
-    pub cpu: UsageSource,
-    pub mem: UsageSource,
-    pub net: UsageSource,
-    pub disk: UsageSource,
-}
-
-impl Default for UsageSources {
-    fn default() -> Self {
-        let collected = |field: &str| UsageSource {
-            measurement: USAGE_MEASUREMENT.into(),
-            field: field.into(),
-            scale: 1.0,
-            aggregate: Aggregate::Avg,
-        };
-        Self {
-            cpu: collected("cpu"),
-            mem: collected("mem"),
-            net: collected("net"),
-            disk: collected("disk"),
-        }
-    }
-}
-
-impl UsageSources {
-    fn get(&self, r: Resource) -> &UsageSource {
-        match r {
-            Resource::Cpu => &self.cpu,
-            Resource::Mem => &self.mem,
-            Resource::Net => &self.net,
-            Resource::Disk => &self.disk,
-        }
-    }
-}
-
-/// A resource's usage: `aggregate(field) × scale` over the round, per component tag value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageSource {
-    pub measurement: String,
-    pub field: String,
-    /// Multiplies the field into the resource's unit (e.g. 0.01 for a CPU percentage of one
-    /// core, 1048576 for MiB). Default 1.
-    #[serde(default = "one")]
-    pub scale: f64,
-    #[serde(default)]
-    pub aggregate: Aggregate,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Aggregate {
-    #[default]
-    Avg,
-    Max,
-}
-
-/// `[[allocation.components]]`: a component that receives resources.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ComponentConfig {
-    /// Its name: the component tag's value in usage measurements.
-    pub name: String,
-    /// Its cgroup, relative to each controller's root. Default `forestall/<name>`.
-    #[serde(default)]
-    pub cgroup: Option<String>,
-    /// Criticality: higher is served first; 10 and above preempts lower weights when the pool
-    /// is short. Default 1.
-    #[serde(default = "one")]
-    pub weight: f64,
-    /// Its CPU, network and disk requests may wait when the pool is short (batch work).
-    #[serde(default)]
-    pub deferrable: bool,
-    /// IPv4 flows that are its traffic, for the tc plugin.
-    #[serde(default)]
-    pub flows: Vec<FlowConfig>,
-    #[serde(default)]
-    pub preferences: PreferencesConfig,
-}
-
-/// A component's IPv4 traffic: every given field must match.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FlowConfig {
-    /// `a.b.c.d/len` or `a.b.c.d`.
-    pub src: Option<String>,
-    pub dst: Option<String>,
-    pub sport: Option<u16>,
-    pub dport: Option<u16>,
-}
-
-impl FlowConfig {
-    fn flow(&self) -> anyhow::Result<Flow> {
-        fn net(s: &Option<String>) -> anyhow::Result<Option<(Ipv4Addr, u8)>> {
-            let Some(s) = s else { return Ok(None) };
-            let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-            let addr: Ipv4Addr = addr
-                .parse()
-                .with_context(|| format!("flow network {s:?}: not an IPv4 address"))?;
-            let len: u8 = len
-                .parse()
-                .ok()
-                .filter(|l| *l <= 32)
-                .with_context(|| format!("flow network {s:?}: prefix length must be 0..=32"))?;
-            Ok(Some((addr, len)))
-        }
-        Ok(Flow {
-            src: net(&self.src)?,
-            dst: net(&self.dst)?,
-            sport: self.sport,
-            dport: self.dport,
-        })
-    }
-}
-
-/// What operators and platform software set: these always win over the engine. The same
-/// shape in the configuration file (`preferences = {…}`) and in `PUT /api/v1/preferences/…`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PreferencesConfig {
-    /// Never allocate more than this.
-    pub cap: Amounts,
-    /// Never allocate less than this.
-    pub floor: Amounts,
-    /// Leave the component alone entirely.
-    pub opt_out: bool,
-    /// Resources someone else manages: never raised, released, preempted or applied.
-    pub unmanaged: Vec<ResourceName>,
-    /// CPUs its threads are pinned to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pinned_cpus: Option<Vec<usize>>,
-}
-
-impl PreferencesConfig {
-    /// The engine's preferences, checked: amounts finite and non-negative, each floor at or
-    /// below its cap, pinned CPUs a valid set.
-    pub fn preferences(&self) -> anyhow::Result<Preferences> {
-        self.cap.check("cap")?;
-        self.floor.check("floor")?;
-        let (cap, floor) = (self.cap.per_resource(), self.floor.per_resource());
-        for r in Resource::ALL {
-            if let (Some(f), Some(c)) = (floor[r.index()], cap[r.index()]) {
-                ensure!(f <= c, "the {r} floor {f} is above its cap {c}");
-            }
-        }
-        let mut unmanaged = [false; 4];
-        for r in &self.unmanaged {
-            unmanaged[r.resource().index()] = true;
-        }
-        let pinned_cpus = match &self.pinned_cpus {
-            Some(cpus) => {
-                let set = CpuSet::new(cpus.iter().copied())?;
-                ensure!(
-                    !set.is_empty(),
-                    "pinned_cpus is empty: leave it out instead"
-                );
-                Some(set)
-            }
-            None => None,
-        };
-        Ok(Preferences {
-            cap,
-            floor,
-            opt_out: self.opt_out,
-            unmanaged,
-            pinned_cpus,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResourceName {
-    Cpu,
-    Mem,
-    Net,
-    Disk,
-}
-
-impl ResourceName {
-    fn resource(self) -> Resource {
-        match self {
-            ResourceName::Cpu => Resource::Cpu,
-            ResourceName::Mem => Resource::Mem,
-            ResourceName::Net => Resource::Net,
-            ResourceName::Disk => Resource::Disk,
-        }
-    }
-}
-
-/// A name that is safe as a tag value, a cgroup directory and inside SQL.
-fn plain_name(what: &str, s: &str) -> anyhow::Result<()> {
-    ensure!(
-        !s.is_empty()
-            && s.len() <= 128
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c)),
-        "{what} {s:?} must be 1 to 128 characters of letters, digits, `_`, `-`, `.`, `:`"
-    );
-    Ok(())
-}
-
-impl AllocationConfig {
-    /// Checks everything that can be checked without touching the machine.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!(
-            self.threshold > 0.0 && self.threshold <= 1.0,
-            "allocation.threshold must be in (0, 1]"
-        );
-        ensure!(
-            self.interval >= Duration::from_millis(100),
-            "allocation.interval must be at least 100ms"
-        );
-        ensure!(
-            self.horizon >= self.interval,
-            "allocation.horizon must be at least one interval"
-        );
-        ensure!(
-            self.lstm_train_every <= 1_000_000,
-            "allocation.lstm_train_every must be at most 1000000 (0: no LSTM)"
-        );
-        self.pool.check("allocation.pool")?;
-        self.min.check("allocation.min")?;
-        plain_name("allocation.component_tag", &self.component_tag)?;
-        for r in Resource::ALL {
-            let s = self.usage.get(r);
-            plain_name("a usage measurement", &s.measurement)?;
-            plain_name("a usage field", &s.field)?;
-            ensure!(
-                s.scale.is_finite() && s.scale > 0.0,
-                "allocation.usage.{r}.scale must be positive"
-            );
-        }
-        if let Some(d) = &self.disk_device {
-            device(d)?;
-        }
-        if let Some(url) = &self.webhook {
-            Webhook::new(url)?;
-        }
-        let mut seen = std::collections::HashSet::new();
-        for c in &self.components {
-            plain_name("component name", &c.name)?;
-            ensure!(
-                seen.insert(&c.name),
-                "component {:?} is listed twice",
-                c.name
-            );
-            ensure!(
-                c.weight.is_finite() && c.weight > 0.0,
-                "component {:?}: weight must be positive",
-                c.name
-            );
-            target(c).with_context(|| format!("component {:?}", c.name))?;
-            c.preferences
-                .preferences()
-                .with_context(|| format!("component {:?}: preferences", c.name))?;
-        }
-        ensure!(
-            !self.enabled || !self.components.is_empty(),
-            "allocation is enabled but no [[allocation.components]] is configured"
-        );
-        Ok(())
-    }
-
-    /// The engine's preferences for a component: `p`, with the resources no plugin here can
-    /// apply left unmanaged (disk bandwidth without a `disk_device`, network without a
-    /// `tc_interface`, unless a webhook takes them), so they are neither allocated nor
-    /// audited: before, the audit filled with raises of disk bandwidth from 0 to 8e-9 bytes/s
-    /// that nothing could apply.
-    fn engine_preferences(&self, p: &PreferencesConfig) -> anyhow::Result<Preferences> {
-        let mut prefs = p.preferences()?;
-        let webhook = self.webhook.is_some();
-        prefs.unmanaged[Resource::Disk.index()] |= self.disk_device.is_none() && !webhook;
-        prefs.unmanaged[Resource::Net.index()] |= self.tc_interface.is_none() && !webhook;
-        Ok(prefs)
-    }
-
-    fn timing(&self) -> Timing {
-        Timing {
-            interval: self.interval,
-            horizon: self.horizon,
-            release_after: self.release_after,
-            judge_after: self.judge_after,
-            age_after: self.age_after,
-        }
-    }
-
-    fn version(&self) -> CgroupVersion {
-        match self.cgroup_version {
-            CgroupVersion::Auto if self.cgroup_root.join("cgroup.controllers").exists() => {
-                CgroupVersion::V2
-            }
-            CgroupVersion::Auto => CgroupVersion::V1,
-            v => v,
-        }
-    }
-}
-
-fn device(s: &str) -> anyhow::Result<(u32, u32)> {
-    let parsed = s
-        .split_once(':')
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-    parsed.with_context(|| format!("allocation.disk_device {s:?} must be major:minor, e.g. 8:0"))
-}
-
-fn target(c: &ComponentConfig) -> anyhow::Result<Target> {
-    let cgroup = c
-        .cgroup
-        .clone()
-        .unwrap_or_else(|| format!("forestall/{}", c.name));
-    let mut t = Target::new(&c.name, cgroup)?;
-    for f in &c.flows {
-        t = t.with_flow(f.flow()?);
-    }
-    Ok(t)
-}
-
-/// The host's cores and memory (the default pool).
-fn host_pool() -> (f64, f64) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024.0)
-        })
-        .unwrap_or(f64::INFINITY);
-    (cores, mem)
-}
-
-/// The limits an actuator reports, in the loop's units (what a component starts from).
-fn amounts_of(l: &Limits) -> PerResource<f64> {
-    [
-        l.cpu_millicores.map_or(f64::NAN, |m| m as f64 / 1000.0),
-        l.memory_max_bytes.map_or(f64::NAN, |b| b as f64),
-        l.net.map_or(f64::NAN, |n| n.rate_bytes as f64),
-        l.io.and_then(|io| io.read_bps.or(io.write_bps))
-            .map_or(f64::NAN, |b| b as f64),
-    ]
-}
 
 /// The live loop's state, shared between its task and the HTTP API.
 #[derive(Clone)]
@@ -566,7 +90,6 @@ struct Live {
     usage: Vec<PerResource<f64>>,
     /// Preferences set over the API, by component: persisted here.
     saved: BTreeMap<String, PreferencesConfig>,
-    reader: UsageReader,
     /// Where the learned state is kept.
     state_path: PathBuf,
     /// When it was last written.
@@ -617,16 +140,26 @@ impl Live {
         }
     }
 
-    /// The allocation queries' rows still in force (stale ones are dropped): their usage
-    /// replaces what was read for the round, and their demands go with the round's requests.
+    /// The allocation queries' rows still in force (stale ones are dropped): the freshest
+    /// usage of each component and resource, if delivered within the last two intervals
+    /// (a usage query that stopped leaves its usage unknown, not repeated), goes into
+    /// `usage`, and the demands go with the round's requests.
     fn signals_in_force(&mut self, usage: &mut [PerResource<f64>]) -> Vec<control::Demand> {
         let ttl = signal_ttl(self.config.interval);
+        let fresh = self.config.interval.max(Duration::from_secs(1)) * 2;
         self.signals
             .retain(|_, rows| rows.iter().any(|s| s.at.elapsed() < ttl));
         let mut demands = Vec::new();
+        // Usage: the freshest row for each component and resource, whichever query gave it.
+        let mut freshest: BTreeMap<(usize, usize), (Instant, f64)> = BTreeMap::new();
         for s in self.signals.values().flatten() {
-            if let (Some(u), Some(row)) = (s.request.usage, usage.get_mut(s.component)) {
-                row[s.resource.index()] = u;
+            if let Some(u) = s.request.usage.filter(|_| s.at.elapsed() < fresh) {
+                let slot = freshest
+                    .entry((s.component, s.resource.index()))
+                    .or_insert((s.at, u));
+                if s.at >= slot.0 {
+                    *slot = (s.at, u);
+                }
             }
             let r = &s.request;
             if r.demand.is_some() || r.forecast.is_some() {
@@ -637,6 +170,11 @@ impl Live {
                     forecast: r.forecast,
                     risk: r.risk,
                 });
+            }
+        }
+        for ((c, r), (_, u)) in freshest {
+            if let Some(row) = usage.get_mut(c) {
+                row[r] = u;
             }
         }
         demands
@@ -792,11 +330,6 @@ impl Allocations {
                 usage: vec![[f64::NAN; 4]; n],
                 saved,
                 saved_path,
-                reader: UsageReader {
-                    sources: config.usage.clone(),
-                    tag: config.component_tag.clone(),
-                    names: config.components.iter().map(|c| c.name.clone()).collect(),
-                },
                 state_path,
                 last_saved: None,
                 signals: BTreeMap::new(),
@@ -869,18 +402,31 @@ impl Allocations {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Teaches the forecasters the usage stored for the rounds before now (as many as they
-    /// keep), so that a restart does not start them cold. Returns the rounds learned.
+    /// Teaches the forecasters the usage recorded for the rounds before now (as many as they
+    /// keep; see [`crate::usage::recorded`]), so that a restart does not start them cold.
+    /// Returns the rounds learned.
     pub async fn warm_up(&self, store: &Store, query: &QueryEngine) -> usize {
-        let (reader, stride) = {
+        let (names, stride) = {
             let live = self.live();
-            (live.reader.clone(), live.config.interval.as_nanos() as i64)
+            let names: Vec<String> = live
+                .config
+                .components
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
+            (names, live.config.interval.as_nanos() as i64)
         };
         let now = now_nanos();
         let rounds = control::HISTORY_ROUNDS;
-        let history = reader
-            .read(store, query, now - stride * rounds as i64, stride, rounds)
-            .await;
+        let history = usage::recorded(
+            store,
+            query,
+            &names,
+            now - stride * rounds as i64,
+            stride,
+            rounds,
+        )
+        .await;
         let known = |b: &Vec<PerResource<f64>>| b.iter().flatten().any(|v| v.is_finite());
         let Some(first) = history.iter().position(known) else {
             return 0;
@@ -893,34 +439,28 @@ impl Allocations {
         rounds - first
     }
 
-    /// One round at the current time: meter, read usage since the last round, decide, apply,
-    /// audit.
-    pub async fn tick(&self, store: &Arc<Store>, query: &QueryEngine) -> anyhow::Result<()> {
-        let now = now_nanos();
-        let (since, reader) = {
-            let live = self.live();
-            let since = live
-                .last_round
-                .unwrap_or(now - live.config.interval.as_nanos() as i64);
-            (since, live.reader.clone())
-        };
-        {
-            let this = self.clone();
-            let store = Arc::clone(store);
-            tokio::task::spawn_blocking(move || this.collect(&store, now)).await??;
-        }
-        let usage = reader
-            .read(store, query, since, now - since, 1)
-            .await
-            .pop()
-            .unwrap_or_default();
+    /// Meters every component's cgroup into `forestall_usage` (with `collect`; otherwise
+    /// nothing).
+    pub async fn collect(&self, store: &Arc<Store>) -> anyhow::Result<()> {
         let this = self.clone();
         let store = Arc::clone(store);
-        tokio::task::spawn_blocking(move || this.decide(&store, usage, now)).await?
+        tokio::task::spawn_blocking(move || this.meter(&store, now_nanos())).await?
+    }
+
+    /// One round at the current time: the usage and demands the allocation queries
+    /// delivered, then decide, apply, audit.
+    pub async fn round(&self, store: &Arc<Store>) -> anyhow::Result<()> {
+        let this = self.clone();
+        let store = Arc::clone(store);
+        tokio::task::spawn_blocking(move || {
+            let n = this.live().config.components.len();
+            this.decide(&store, vec![[f64::NAN; 4]; n], now_nanos())
+        })
+        .await?
     }
 
     /// Meters every component's cgroup and writes the rates to `forestall_usage`.
-    fn collect(&self, store: &Store, now: i64) -> anyhow::Result<()> {
+    fn meter(&self, store: &Store, now: i64) -> anyhow::Result<()> {
         let mut guard = self.live();
         let live = &mut *guard;
         let Some(meter) = &live.meter else {
@@ -1355,91 +895,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where usage is read from, and for which components.
-#[derive(Debug, Clone)]
-struct UsageReader {
-    sources: UsageSources,
-    tag: String,
-    names: Vec<String>,
-}
-
-impl UsageReader {
-    /// Usage of each component over `(from, from + bins × stride]`, in `bins` rounds of
-    /// `stride` ns each: `[bin][component][resource]`, NaN where no row.
-    async fn read(
-        &self,
-        store: &Store,
-        query: &QueryEngine,
-        from: i64,
-        stride: i64,
-        bins: usize,
-    ) -> Vec<Vec<PerResource<f64>>> {
-        let mut out = vec![vec![[f64::NAN; 4]; self.names.len()]; bins];
-        let index: BTreeMap<&str, usize> = self
-            .names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
-            .collect();
-        let (tag, stride) = (&self.tag, stride.max(1));
-        let to = from + stride * bins as i64;
-        for r in Resource::ALL {
-            let s = self.sources.get(r);
-            // Nothing written yet (or not this field, or not this tag): no usage, no error.
-            let Some(table) = store.table(&s.measurement) else {
-                continue;
-            };
-            if !table.columns.contains_key(&s.field) || !table.columns.contains_key(tag) {
-                continue;
-            }
-            let agg = match s.aggregate {
-                Aggregate::Avg => "avg",
-                Aggregate::Max => "max",
-            };
-            // Row time t falls in round (t − from − 1) / stride: rounds are (start, end].
-            let sql = format!(
-                "SELECT CAST(\"{tag}\" AS VARCHAR) AS c, \
-                 CAST((CAST(time AS BIGINT) - {from} - 1) / {stride} AS BIGINT) AS b, \
-                 CAST({agg}(CAST(\"{f}\" AS DOUBLE)) AS DOUBLE) AS v \
-                 FROM \"{m}\" WHERE time > to_timestamp_nanos({from}) AND time <= to_timestamp_nanos({to}) \
-                 AND \"{tag}\" IS NOT NULL GROUP BY 1, 2",
-                f = s.field,
-                m = s.measurement,
-            );
-            let batches = match query.sql(&sql).await {
-                Ok((_, b)) => b,
-                Err(e) => {
-                    tracing::warn!(resource = %r, error = %e, "could not read usage");
-                    continue;
-                }
-            };
-            for b in batches {
-                // VARCHAR may plan as Utf8View; one string type to read.
-                let Ok(names) = arrow::compute::cast(b.column(0), &DataType::Utf8) else {
-                    continue;
-                };
-                let (Some(c), Some(k), Some(v)) = (
-                    names.as_string_opt::<i32>(),
-                    b.column(1).as_primitive_opt::<Int64Type>(),
-                    b.column(2).as_primitive_opt::<Float64Type>(),
-                ) else {
-                    continue;
-                };
-                for i in 0..b.num_rows() {
-                    if c.is_null(i) || k.is_null(i) || v.is_null(i) {
-                        continue;
-                    }
-                    let bin = usize::try_from(k.value(i)).ok().filter(|&k| k < bins);
-                    if let (Some(bin), Some(&comp)) = (bin, index.get(c.value(i))) {
-                        out[bin][comp][r.index()] = v.value(i) * s.scale;
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
 /// The audit rows of one round: one per decision, and one per failed apply.
 fn audit_lines(report: &RoundReport, names: &[String], actuate: bool, now: i64) -> String {
     let mut out = String::new();
@@ -1511,8 +966,10 @@ fn action_name(a: &Action) -> &'static str {
     }
 }
 
-/// Runs a round every `interval` until `shutdown` resolves. A failed round is logged and the
-/// next one runs as usual.
+/// Runs the loop until `shutdown` resolves: at each multiple of `interval` the collector
+/// meters the cgroups, and half an interval later the round decides from what the usage
+/// queries (run a quarter of an interval in, see [`crate::usage`]) delivered. A failed step
+/// is logged and the next one runs as usual.
 pub async fn run(
     allocations: Allocations,
     store: Arc<Store>,
@@ -1523,20 +980,31 @@ pub async fn run(
     let learned = allocations.warm_up(&store, &query).await;
     tracing::info!(
         rounds = learned,
-        "allocation forecasters warmed up from stored usage"
+        "allocation forecasters warmed up from the recorded usage"
     );
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
+        let now = now_nanos();
+        let to_collect = usage::until_phase(now, interval, usage::PHASE_COLLECT);
+        let to_round = usage::until_phase(now, interval, usage::PHASE_ROUND);
+        let (wait, collect) = if to_collect <= to_round {
+            (to_collect, true)
+        } else {
+            (to_round, false)
+        };
         tokio::select! {
             _ = &mut shutdown => {
                 let _ = tokio::task::spawn_blocking(move || allocations.save()).await;
                 return;
             }
-            _ = ticks.tick() => {
-                if let Err(e) = allocations.tick(&store, &query).await {
-                    tracing::warn!(error = %format!("{e:#}"), "allocation round failed");
+            _ = tokio::time::sleep(wait) => {
+                let (step, done) = if collect {
+                    ("metering", allocations.collect(&store).await)
+                } else {
+                    ("round", allocations.round(&store).await)
+                };
+                if let Err(e) = done {
+                    tracing::warn!(error = %format!("{e:#}"), step, "allocation step failed");
                 }
             }
         }
