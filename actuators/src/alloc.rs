@@ -885,7 +885,13 @@ impl Engine {
             self.raise(round, q, current, target, Part::Whole);
         } else {
             self.settle_deferred(round, c, r);
-            let cooled = self.last_change[c][i].is_none_or(|at| round >= at + self.config.cooldown);
+            // A resource never changed counts its cooldown from its first request: a fresh
+            // start releases nothing before a whole window of requests says it may.
+            let window = self.config.cooldown.max(1);
+            let cooled = match self.last_change[c][i] {
+                Some(at) => round >= at + self.config.cooldown,
+                None => self.recent[c][i].seen >= window,
+            };
             let stable = self.bounded(c, r, stable);
             if stable < current * (1.0 - self.config.down_band) && cooled {
                 let to = stable.max(current * (1.0 - self.config.max_step_down));
@@ -898,7 +904,7 @@ impl Engine {
                     action: Action::Release,
                     reason: format!(
                         "requests of the last {} rounds are at least {:.0}% below the allocation",
-                        self.config.cooldown.max(1),
+                        self.recent[c][i].seen.min(window),
                         100.0 * (1.0 - stable / current)
                     ),
                     dry_run: self.config.dry_run,

@@ -152,7 +152,11 @@ impl Live {
         let mut demands = Vec::new();
         // Usage: the freshest row for each component and resource, whichever query gave it.
         let mut freshest: BTreeMap<(usize, usize), (Instant, f64)> = BTreeMap::new();
-        for s in self.signals.values().flatten() {
+        for (query, s) in self
+            .signals
+            .iter()
+            .flat_map(|(q, rows)| rows.iter().map(move |s| (q, s)))
+        {
             if let Some(u) = s.request.usage.filter(|_| s.at.elapsed() < fresh) {
                 let slot = freshest
                     .entry((s.component, s.resource.index()))
@@ -164,6 +168,7 @@ impl Live {
             let r = &s.request;
             if r.demand.is_some() || r.forecast.is_some() {
                 demands.push(control::Demand {
+                    query: query.clone(),
                     component: s.component,
                     resource: s.resource,
                     demand: r.demand,

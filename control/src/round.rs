@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use forestall_actuators::alloc::{
-    AllocConfig, Decision, Engine, EngineState, PerResource, Request, Resource,
+    Action, AllocConfig, Decision, Engine, EngineState, PerResource, Request, Resource,
 };
 use forestall_actuators::stack::Units;
 use forestall_actuators::{Actuator, Limits, Target};
@@ -98,8 +98,10 @@ pub fn tuned(threshold: f64, min: PerResource<f64>, timing: &Timing) -> AllocCon
 
 /// What an allocation query (a continuous query with an `ALLOCATE` sink) asks for a
 /// component's resource this round, beyond what the loop's own forecast asks.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Demand {
+    /// The query that asks: named in the reasons of the decisions it drove.
+    pub query: String,
     pub component: usize,
     pub resource: Resource,
     /// An amount needed now: the request is at least this, and so is its need.
@@ -470,8 +472,21 @@ impl Controller {
 
     /// [`round`](Self::round), with what allocation queries ask for on top of the forecasts.
     pub fn round_with(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
-        let requests = self.requests(demands);
-        let decisions = self.engine.round(round, &requests);
+        let (requests, asked_by) = self.requests(demands);
+        let mut decisions = self.engine.round(round, &requests);
+        // A raise (or a wait, or a grant) for a request a query shaped says which query.
+        for d in &mut decisions {
+            let driven = matches!(
+                d.action,
+                Action::Raise | Action::Deferred { .. } | Action::Granted { .. }
+            );
+            if let Some(query) = asked_by
+                .get(&(d.component, d.resource.index()))
+                .filter(|_| driven)
+            {
+                d.reason = format!("{}; asked by query {query}", d.reason);
+            }
+        }
         let mut apply: BTreeSet<usize> = std::mem::take(&mut self.pending);
         for d in decisions.iter().filter(|d| d.from != d.to && !d.dry_run) {
             apply.insert(d.component);
@@ -508,10 +523,12 @@ impl Controller {
     }
 
     /// One request per component and resource that has a forecast or a demand: the larger
-    /// of what each asks.
-    fn requests(&self, demands: &[Demand]) -> Vec<Request> {
+    /// of what each asks; and, by component and resource index, the query whose demand set
+    /// the amount when one did.
+    fn requests(&self, demands: &[Demand]) -> (Vec<Request>, BTreeMap<(usize, usize), String>) {
         let theta = self.engine.config().threshold;
         let mut out = Vec::new();
+        let mut asked_by = BTreeMap::new();
         for c in 0..self.forecasters.len() {
             let risk = self.risk_scores(c);
             for r in Resource::ALL {
@@ -527,6 +544,7 @@ impl Controller {
                         need: 0.0,
                         risk: risk[r.index()],
                     });
+                    let before = q.amount;
                     if let Some(amount) = d.demand {
                         q.amount = q.amount.max(amount);
                         q.need = q.need.max(amount);
@@ -535,6 +553,9 @@ impl Controller {
                         q.amount = q.amount.max(self.engine.size(c, r, peak));
                         q.need = q.need.max(peak / theta);
                     }
+                    if q.amount > before {
+                        asked_by.insert((c, r.index()), d.query.clone());
+                    }
                     if let Some(k) = d.risk {
                         q.risk = q.risk.max(k);
                     }
@@ -542,7 +563,7 @@ impl Controller {
                 out.extend(request);
             }
         }
-        out
+        (out, asked_by)
     }
 
     /// What component `c` asks of `r` given its forecast `steps` (`None` without one) and its

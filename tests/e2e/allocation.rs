@@ -345,6 +345,17 @@ fn an_allocation_query_over_latency_sets_a_real_cpu_quota_until_it_is_dropped() 
          WHERE query = 'web_latency' AND component = 'web' AND resource = 'cpu'",
     );
     assert_eq!(recorded[0]["d"], serde_json::json!(1.2), "{recorded:?}");
+    // The audit says which query asked.
+    let audit = sql(
+        &server,
+        "SELECT reason FROM forestall_allocations WHERE component = 'web' AND resource = 'cpu' AND action = 'raise'",
+    );
+    assert!(
+        audit.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("asked by query web_latency"))),
+        "{audit:#?}"
+    );
     let raised = web.quota();
 
     // Dropped: what it asked for is withdrawn, and a worse latency changes nothing.

@@ -302,6 +302,35 @@ fn noisy_requests_do_not_make_the_allocation_flap() {
 }
 
 #[test]
+fn a_fresh_start_releases_only_after_a_whole_window_of_low_requests() {
+    // Starts at 8 cores (what its cgroup held) and asks for 1 from the first round.
+    let config = AllocConfig::default();
+    let window = config.cooldown;
+    let mut e = Engine::new(
+        config,
+        vec![component("svc", 1.0, false)],
+        pool(16.0),
+        vec![at(8.0)],
+    )
+    .unwrap();
+    for round in 0..window - 1 {
+        let d = e.round(round, &[cpu(0, 1.0)]);
+        assert!(d.is_empty(), "round {round}: {d:?}");
+    }
+    let d = e.round(window - 1, &[cpu(0, 1.0)]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].action, Action::Release);
+    assert!(d[0].to < 8.0);
+    // The reason counts the requests it saw.
+    assert!(
+        d[0].reason
+            .starts_with(&format!("requests of the last {window} rounds")),
+        "{}",
+        d[0].reason
+    );
+}
+
+#[test]
 fn preferences_win_caps_floors_and_opt_out() {
     let mut comps = vec![
         component("critical", 10.0, false),
