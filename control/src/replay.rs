@@ -672,14 +672,28 @@ fn baselines(trace: &Trace) -> Vec<Box<dyn Allocator>> {
 
 /// Runs Forestall and the baselines on a trace, writes Forestall's allocations to `out`
 /// (`component,resource,step,allocation`, rows where the value changes) and returns the
-/// report.
-pub fn replay(dir: &Path, out: &Path, lstm_train_every: usize) -> anyhow::Result<String> {
+/// report. With `contended`, the allocations written are those of the run within the pool
+/// of `meta.json` (so that an outside scorer judges the priority handling itself), and a
+/// trace without a pool is an error.
+pub fn replay(
+    dir: &Path,
+    out: &Path,
+    lstm_train_every: usize,
+    contended: bool,
+) -> anyhow::Result<String> {
     let trace = load(dir)?;
+    ensure!(
+        !contended || trace.capacity.is_some(),
+        "--contended needs a pool: {} has no contended.capacity in meta.json",
+        dir.display()
+    );
     let started = Instant::now();
     let mut forestall = Forestall::new(&trace, false, lstm_train_every)?;
     let ours = run(&mut forestall, &trace);
     let elapsed = started.elapsed();
-    write_allocations(&trace, &ours, out)?;
+    if !contended {
+        write_allocations(&trace, &ours, out)?;
+    }
 
     let mut report = format!(
         "replay: {} components, {} steps ({} scored), θ = {}; forestall's {} steps took {:.2} s\n\n",
@@ -747,9 +761,12 @@ pub fn replay(dir: &Path, out: &Path, lstm_train_every: usize) -> anyhow::Result
             report,
             "\ncontended pool (capacity {capacity:?}): soft violation share per tier"
         )?;
-        let mut contended = Forestall::new(&trace, true, lstm_train_every)?;
-        let ours = run(&mut contended, &trace);
-        let mut rows = vec![(contended.name(), ours)];
+        let mut within = Forestall::new(&trace, true, lstm_train_every)?;
+        let ours = run(&mut within, &trace);
+        if contended {
+            write_allocations(&trace, &ours, out)?;
+        }
+        let mut rows = vec![(within.name(), ours)];
         for mut b in baselines(&trace) {
             let mut a = run(b.as_mut(), &trace);
             squeeze(&mut a, capacity);
@@ -770,7 +787,7 @@ pub fn replay(dir: &Path, out: &Path, lstm_train_every: usize) -> anyhow::Result
                 f.slack
             )?;
         }
-        let audit: Vec<&Decision> = contended.engine().audit().collect();
+        let audit: Vec<&Decision> = within.engine().audit().collect();
         let deferred = audit
             .iter()
             .filter(|d| matches!(d.action, Action::Deferred { .. }))
@@ -796,7 +813,7 @@ pub fn replay(dir: &Path, out: &Path, lstm_train_every: usize) -> anyhow::Result
             .filter(|d| matches!(d.action, Action::Preempted { .. }))
             .count();
         let minutes = |steps: u64| steps as f64 * trace.step_seconds / 60.0;
-        let waiting = contended.engine().deferred();
+        let waiting = within.engine().deferred();
         let last_round = trace.steps.saturating_sub(1) as u64;
         let oldest = waiting
             .iter()

@@ -53,6 +53,10 @@ enum Command {
         /// rounds (0: no LSTM).
         #[arg(long, value_name = "N", default_value_t = 0)]
         lstm_train_every: usize,
+        /// Write the allocations of the run within the pool of meta.json (the contended
+        /// case) instead of the unbounded one.
+        #[arg(long)]
+        contended: bool,
     },
 }
 
@@ -112,10 +116,11 @@ fn main() -> anyhow::Result<()> {
             trace,
             out,
             lstm_train_every,
+            contended,
         } => {
             print!(
                 "{}",
-                forestall_control::replay::replay(&trace, &out, lstm_train_every)?
+                forestall_control::replay::replay(&trace, &out, lstm_train_every, contended)?
             );
             Ok(())
         }

@@ -1,5 +1,6 @@
 use super::*;
 use forestall_actuators::Actuator;
+use std::collections::BTreeMap;
 
 /// A small trace: `n` steps of 5 minutes, three components (critical, standard, batch) with
 /// a daily-ish cycle of 48 steps and a surge every cycle.
@@ -136,7 +137,7 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     let dir = root.path().join("trace");
     write_trace(&dir, 480, None);
     let out = root.path().join("out/alloc.csv");
-    let report = replay(&dir, &out, 0).unwrap();
+    let report = replay(&dir, &out, 0, false).unwrap();
     for needle in [
         "forestall",
         "static",
@@ -151,14 +152,72 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     let written = std::fs::read_to_string(&out).unwrap();
     assert!(written.starts_with("component,resource,step,allocation\n"));
     assert!(written.lines().any(|l| l.starts_with("vm1,cpu,0,")));
+    // With --contended the allocations written are the run within the pool: at every step
+    // the components' allocations of each resource fit its capacity.
+    let report = replay(&dir, &out, 0, true).unwrap();
+    assert!(report.contains("contended pool"), "{report}");
+    let capacity = [
+        ("cpu", 3000.0),
+        ("mem", 3000.0),
+        ("net", 300.0),
+        ("disk", 300.0),
+    ];
+    let mut held: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let mut sums: BTreeMap<(usize, String), f64> = BTreeMap::new();
+    let rows: Vec<(String, String, usize, f64)> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].into(),
+                f[1].into(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    // Rows are written where a value changes: carry each forward through the steps.
+    for t in 0..480 {
+        for (c, r, step, a) in &rows {
+            if *step == t {
+                held.insert((c.clone(), r.clone()), *a);
+            }
+        }
+        for ((_, r), a) in &held {
+            *sums.entry((t, r.clone())).or_default() += a;
+        }
+    }
+    for ((t, r), total) in &sums {
+        let cap = capacity.iter().find(|(n, _)| n == r).unwrap().1;
+        assert!(
+            *total <= cap * (1.0 + 1e-9),
+            "step {t}: {r} {total} > {cap}"
+        );
+    }
     // Bad traces are refused with the reason.
     std::fs::write(
         dir.join("usage.csv"),
         "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n",
     )
     .unwrap();
-    let err = replay(&dir, &out, 0).unwrap_err().to_string();
+    let err = replay(&dir, &out, 0, false).unwrap_err().to_string();
     assert!(err.contains("unknown component"), "{err}");
     std::fs::remove_file(dir.join("meta.json")).unwrap();
-    assert!(replay(&dir, &out, 0).is_err());
+    assert!(replay(&dir, &out, 0, false).is_err());
+    // A trace without a pool cannot be replayed --contended.
+    let plain = root.path().join("plain");
+    write_trace(&plain, 48, None);
+    let meta = std::fs::read_to_string(plain.join("meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let mut meta = meta.as_object().unwrap().clone();
+    meta.remove("contended");
+    std::fs::write(
+        plain.join("meta.json"),
+        serde_json::to_string(&meta).unwrap(),
+    )
+    .unwrap();
+    let err = replay(&plain, &out, 0, true).unwrap_err().to_string();
+    assert!(err.contains("needs a pool"), "{err}");
 }
