@@ -1,7 +1,7 @@
-//! The prevention benchmark's parts that need no machine: the workload (when requests
-//! arrive), the work one request costs, and the per-second latency figures the generator
-//! writes to Forestall. The `prevent` harness (service in its own cgroup, open-loop driver,
-//! policies, report) is built on these.
+//! The prevention benchmark's parts: the workload (when requests arrive), the service and
+//! the work one request costs, the open-loop driver, and the figures a run is judged by
+//! ([`judge`]). Still to come: the harness that runs each policy (static, HPA-like reactive,
+//! Forestall) with the service in its own cgroup, and the report with its plots.
 //!
 //! **The workload** is open loop: every request has a scheduled arrival time fixed before the
 //! run, from a seed, so each policy gets the same requests and a slow service shows up as
@@ -16,7 +16,11 @@
 //!
 //! Arrivals are a non-homogeneous Poisson process drawn by thinning.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -216,6 +220,298 @@ pub fn work(working_set: &mut [u64], rounds: u32, seed: u64) -> u64 {
     h
 }
 
+/// The service: answers `GET /work?id=N` over HTTP/1.1 (keep-alive) with the hash of
+/// [`work`]`(rounds)` over a working set of `working_set_bytes`. Each connection has a thread
+/// that reads its requests; the work itself is done by `workers` threads, in arrival order,
+/// so under a CPU quota requests queue for a worker and the queueing shows as latency. Runs
+/// until `stop` is set; returns the requests answered.
+pub fn serve(
+    listener: TcpListener,
+    workers: usize,
+    rounds: u32,
+    working_set_bytes: usize,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<u64> {
+    listener.set_nonblocking(true)?;
+    let served = Arc::new(AtomicU64::new(0));
+    let (jobs, queue) = mpsc::channel::<(u64, mpsc::Sender<u64>)>();
+    let queue = Arc::new(Mutex::new(queue));
+    let pool: Vec<_> = (0..workers.max(1))
+        .map(|w| {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let mut ws = vec![w as u64; (working_set_bytes / 8).max(1)];
+                loop {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((id, reply)) = next else { return };
+                    let _ = reply.send(work(&mut ws, rounds, id));
+                }
+            })
+        })
+        .collect();
+    let mut connections = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                conn.set_nodelay(true)?;
+                let (jobs, served, stop) = (jobs.clone(), Arc::clone(&served), Arc::clone(&stop));
+                connections.push(std::thread::spawn(move || {
+                    // A closed or broken connection ends its thread.
+                    let _ = answer(conn, &jobs, &served, &stop);
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for c in connections {
+        let _ = c.join();
+    }
+    drop(jobs);
+    for t in pool {
+        let _ = t.join();
+    }
+    Ok(served.load(Ordering::Relaxed))
+}
+
+/// Reads the requests of one keep-alive connection, has a worker do each, and answers it.
+fn answer(
+    conn: TcpStream,
+    jobs: &mpsc::Sender<(u64, mpsc::Sender<u64>)>,
+    served: &AtomicU64,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut out = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let id: Option<u64> = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|path| path.strip_prefix("/work?id="))
+            .and_then(|v| v.parse().ok());
+        // The headers, up to the blank line (no bodies are sent).
+        let mut header = String::new();
+        while reader.read_line(&mut header)? > 2 {
+            header.clear();
+        }
+        let (status, body) = match id {
+            Some(id) => {
+                let (reply, hash) = mpsc::channel();
+                jobs.send((id, reply))
+                    .map_err(|_| std::io::Error::other("the workers stopped"))?;
+                let hash = hash
+                    .recv()
+                    .map_err(|_| std::io::Error::other("the workers stopped"))?;
+                ("200 OK", hash.to_string())
+            }
+            None => ("404 Not Found", "GET /work?id=N".to_owned()),
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One request's outcome: its scheduled arrival, and how long from then until its answer
+/// (`None`: it failed).
+pub type Outcome = (Duration, Option<Duration>);
+
+/// Sends the `arrivals` (offsets from now) to the service at `addr`, open loop: a dispatcher
+/// releases each at its time to `clients` connections; a request that finds them all busy
+/// waits, and its latency counts from its scheduled time, so neither a slow service nor a
+/// slow client hides queueing. Returns one outcome per arrival, in order.
+pub fn drive(addr: std::net::SocketAddr, arrivals: &[Duration], clients: usize) -> Vec<Outcome> {
+    let start = Instant::now();
+    let (tx, rx) = mpsc::channel::<(usize, Duration)>();
+    let rx = Arc::new(Mutex::new(rx));
+    let results = Arc::new(Mutex::new(vec![None; arrivals.len()]));
+    let threads: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let (rx, results) = (Arc::clone(&rx), Arc::clone(&results));
+            std::thread::spawn(move || {
+                let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
+                loop {
+                    let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((i, at)) = next else { return };
+                    let answered = request(&mut conn, addr, i as u64).is_ok();
+                    if !answered {
+                        conn = None;
+                    }
+                    let took = answered.then(|| start.elapsed().saturating_sub(at));
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = took;
+                }
+            })
+        })
+        .collect();
+    for (i, &at) in arrivals.iter().enumerate() {
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let _ = tx.send((i, at));
+    }
+    drop(tx);
+    for t in threads {
+        let _ = t.join();
+    }
+    let results = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
+    arrivals.iter().copied().zip(results).collect()
+}
+
+/// One `GET /work` on the connection (opened if needed); the answer read whole.
+fn request(
+    conn: &mut Option<(BufReader<TcpStream>, TcpStream)>,
+    addr: std::net::SocketAddr,
+    id: u64,
+) -> std::io::Result<()> {
+    if conn.is_none() {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        *conn = Some((BufReader::new(stream.try_clone()?), stream));
+    }
+    let Some((reader, writer)) = conn.as_mut() else {
+        unreachable!("opened above")
+    };
+    write!(
+        writer,
+        "GET /work?id={id} HTTP/1.1\r\nHost: service\r\n\r\n"
+    )?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("answered {line:?}")));
+    }
+    let mut length = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? <= 2 {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("Content-Length: ") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    std::io::Read::read_exact(reader, &mut body)
+}
+
+/// What a run is judged by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figures {
+    /// Seconds (by scheduled arrival) whose p99 latency passed the SLO (a failed request
+    /// counts as infinitely slow).
+    pub seconds_over_slo: usize,
+    pub requests_over_slo: usize,
+    pub failed: usize,
+    /// The allocation's integral over the run (cores × seconds).
+    pub cpu_seconds: f64,
+    /// Per recurring surge: how long before its onset the raise that served it took effect
+    /// (seconds; negative when after the onset; `None`: no raise from `lookback` before the
+    /// onset to the surge's end).
+    pub leads: Vec<Option<f64>>,
+    /// The share of recurring surges with a raise in place before their onset.
+    pub prepared: f64,
+}
+
+/// Judges a run: `outcomes` of every request, the allocation over time (`(from, cores)`,
+/// in order; the first from zero), the surges' onsets and width, the SLO, and how far before
+/// an onset a raise still counts as serving it.
+pub fn judge(
+    outcomes: &[Outcome],
+    allocation: &[(Duration, f64)],
+    length: Duration,
+    onsets: &[Duration],
+    surge_width: Duration,
+    slo: Duration,
+    lookback: Duration,
+) -> Figures {
+    let over = |o: &Outcome| o.1.is_none_or(|l| l > slo);
+    let mut by_second: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for (at, latency) in outcomes {
+        let l = latency.map_or(f64::INFINITY, |l| l.as_secs_f64());
+        by_second.entry(at.as_secs()).or_default().push(l);
+    }
+    let seconds_over_slo = by_second
+        .into_values()
+        .filter_map(|mut v| percentiles(&mut v))
+        .filter(|[_, _, p99]| *p99 > slo.as_secs_f64())
+        .count();
+    // The allocation in force at `t`, and its integral.
+    let at = |t: Duration| {
+        allocation
+            .iter()
+            .take_while(|(from, _)| *from <= t)
+            .last()
+            .map_or(0.0, |(_, a)| *a)
+    };
+    let cpu_seconds = allocation
+        .iter()
+        .enumerate()
+        .map(|(i, (from, a))| {
+            let to = allocation.get(i + 1).map_or(length, |n| n.0).min(length);
+            a * to.saturating_sub(*from).as_secs_f64()
+        })
+        .sum();
+    let raises: Vec<Duration> = allocation
+        .windows(2)
+        .filter(|w| w[1].1 > w[0].1)
+        .map(|w| w[1].0)
+        .collect();
+    let leads: Vec<Option<f64>> = onsets
+        .iter()
+        .map(|&onset| {
+            let from = onset.saturating_sub(lookback);
+            let before = raises
+                .iter()
+                .rfind(|&&r| r >= from && r <= onset)
+                .filter(|_| at(onset) > at(from));
+            let after = raises
+                .iter()
+                .find(|&&r| r > onset && r < onset + surge_width);
+            match (before, after) {
+                (Some(r), _) => Some((onset - *r).as_secs_f64()),
+                (None, Some(r)) => Some(-(*r - onset).as_secs_f64()),
+                (None, None) => None,
+            }
+        })
+        .collect();
+    let prepared = leads.iter().filter(|l| l.is_some_and(|l| l >= 0.0)).count() as f64
+        / onsets.len().max(1) as f64;
+    Figures {
+        seconds_over_slo,
+        requests_over_slo: outcomes.iter().filter(|o| over(o)).count(),
+        failed: outcomes.iter().filter(|o| o.1.is_none()).count(),
+        cpu_seconds,
+        leads,
+        prepared,
+    }
+}
+
 /// p50, p95 and p99 of `samples` (nearest rank; sorts them). `None` when empty.
 pub fn percentiles(samples: &mut [f64]) -> Option<[f64; 3]> {
     if samples.is_empty() {
@@ -360,6 +656,81 @@ mod tests {
         // The same request on the same state gives the same hash.
         let mut again = vec![0u64; 1 << 12];
         assert_eq!(work(&mut again, 1000, 7), a);
+    }
+
+    #[test]
+    fn the_service_answers_every_request_of_an_open_loop_schedule() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let service = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || serve(listener, 2, 10_000, 1 << 20, stop))
+        };
+        // 200 requests over half a second, from 8 connections.
+        let arrivals: Vec<Duration> = (0..200).map(|i| Duration::from_micros(2_500 * i)).collect();
+        let outcomes = drive(addr, &arrivals, 8);
+        assert_eq!(outcomes.len(), 200);
+        assert!(outcomes.iter().zip(&arrivals).all(|((at, _), a)| at == a));
+        let failed = outcomes.iter().filter(|(_, l)| l.is_none()).count();
+        assert_eq!(failed, 0);
+        // A path it does not serve is a 404, and the connection carries on.
+        let c = TcpStream::connect(addr).unwrap();
+        let mut writer = c.try_clone().unwrap();
+        let mut reader = BufReader::new(c);
+        write!(writer, "GET /other HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        while reader.read_line(&mut text).unwrap() > 2 {}
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        let mut body = vec![0; "GET /work?id=N".len()];
+        std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+        let mut conn = Some((reader, writer));
+        request(&mut conn, addr, 7).unwrap();
+        drop(conn);
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(service.join().unwrap().unwrap(), 202);
+    }
+
+    #[test]
+    fn a_run_is_judged_by_its_slo_seconds_cost_and_lead_before_each_surge() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Second 0: fine; second 1: one slow request in 100 (p99 is the 99th: fine); second 2:
+        // two slow ones (p99 over); second 3: a failure, one in 100 (p99 fine, but the
+        // request is over the SLO).
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        for sec in 0..4u64 {
+            for i in 0..100u64 {
+                let slow = (sec == 1 && i == 0) || (sec == 2 && i < 2);
+                let latency = if slow { ms(900) } else { ms(20) };
+                let failed = sec == 3 && i == 0;
+                outcomes.push((s(sec) + ms(i), (!failed).then_some(latency)));
+            }
+        }
+        // 1 core, raised to 2 at 50 s (10 s before the first surge, at 60 s), back to 1 at
+        // 100 s, raised 5 s after the second surge's onset (200 s); the third (300 s) never.
+        let allocation = [
+            (s(0), 1.0),
+            (s(50), 2.0),
+            (s(100), 1.0),
+            (s(205), 3.0),
+            (s(250), 1.0),
+        ];
+        let f = judge(
+            &outcomes,
+            &allocation,
+            s(400),
+            &[s(60), s(200), s(300)],
+            s(30),
+            ms(500),
+            s(60),
+        );
+        assert_eq!(f.seconds_over_slo, 1);
+        assert_eq!(f.requests_over_slo, 4);
+        assert_eq!(f.failed, 1);
+        assert_eq!(f.cpu_seconds, 50.0 + 100.0 + 105.0 + 135.0 + 150.0);
+        assert_eq!(f.leads, [Some(10.0), Some(-5.0), None]);
+        assert!((f.prepared - 1.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
