@@ -463,6 +463,8 @@ impl ContinuousQueries {
             .map_err(engine_error)?;
         if let Some(old) = existing {
             old.stop();
+            // Its run in progress, if any, ends before the replacement's first.
+            let _run = old.running.lock().await;
         }
         let cq = Arc::new(cq);
         self.inner
@@ -490,6 +492,8 @@ impl ContinuousQueries {
             };
         };
         cq.stop();
+        // A run in progress finishes first: what it delivers is withdrawn below, not after.
+        let _run = cq.running.lock().await;
         self.inner
             .entries
             .put(&[
@@ -544,6 +548,10 @@ impl ContinuousQueries {
         let cq = self.inner.read_queries().get(name).cloned()?;
         {
             let _own = cq.running.lock().await;
+            if cq.stopped.load(Ordering::Acquire) {
+                // Dropped or replaced while it waited: the new definition, if any, answers.
+                return self.describe(name);
+            }
             let _turn = self.inner.runs.acquire().await.ok()?;
             let started = now_nanos();
             let clock = Instant::now();
