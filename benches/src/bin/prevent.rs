@@ -1,0 +1,214 @@
+//! `prevent`: the prevention benchmark (`forestall_benches::prevent`). As root, with cgroup
+//! v1 controllers under `/sys/fs/cgroup`:
+//!
+//! ```sh
+//! prevent run --policy static --out /tmp/prevent
+//! ```
+//!
+//! starts the service in a cgroup of its own, sizes its CPU quota by the policy, sends it the
+//! seeded open-loop workload and prints what the run is judged by; each request's scheduled
+//! time and latency go to `OUT/<policy>.csv`. Built so far: the `static` policy (the mean
+//! demand plus 30 % headroom, as an operator would size it). The HPA-like and Forestall
+//! policies, the latency written to Forestall as it happens, and the plots are to come.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use forestall_actuators::cgroup_v1::CgroupV1;
+use forestall_actuators::{Actuator, Limits, Target};
+use forestall_benches::prevent::{self, Workload};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The service alone: prints `listening on ADDR`, serves until its stdin closes.
+    Service {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Hash rounds per request.
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long, default_value_t = 64)]
+        working_set_mib: usize,
+    },
+    /// One policy over the workload.
+    Run {
+        #[arg(long, default_value = "static")]
+        policy: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds in one compressed day.
+        #[arg(long, default_value_t = 600)]
+        day_secs: u64,
+        #[arg(long, default_value_t = 6)]
+        days: u32,
+        /// CPU time one request costs, in milliseconds (calibrated at start).
+        #[arg(long, default_value_t = 5.0)]
+        request_ms: f64,
+        /// The latency objective, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        slo_ms: u64,
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup_root: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Service {
+            workers,
+            rounds,
+            working_set_mib,
+        } => service(workers, rounds, working_set_mib << 20),
+        Cmd::Run {
+            policy,
+            out,
+            seed,
+            day_secs,
+            days,
+            request_ms,
+            slo_ms,
+            cgroup_root,
+        } => {
+            let workload = Workload {
+                seed,
+                day: Duration::from_secs(day_secs),
+                days,
+                ..Workload::default()
+            };
+            workload.validate().map_err(anyhow::Error::msg)?;
+            run(
+                &policy,
+                &out,
+                &workload,
+                request_ms,
+                Duration::from_millis(slo_ms),
+                cgroup_root,
+            )
+        }
+    }
+}
+
+fn service(workers: usize, rounds: u32, working_set: usize) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    prevent::serve(listener, workers, rounds, working_set, stop)?;
+    Ok(())
+}
+
+/// Hash rounds that cost about `ms` of CPU on this machine.
+fn calibrate(ms: f64) -> u32 {
+    let mut ws = vec![0u64; 8 << 20];
+    let n = 2_000_000;
+    let started = Instant::now();
+    std::hint::black_box(prevent::work(&mut ws, n, 1));
+    let per_round = started.elapsed().as_secs_f64() / f64::from(n);
+    ((ms / 1000.0) / per_round)
+        .round()
+        .clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+fn run(
+    policy: &str,
+    out: &std::path::Path,
+    workload: &Workload,
+    request_ms: f64,
+    slo: Duration,
+    cgroup_root: PathBuf,
+) -> anyhow::Result<()> {
+    let schedule = workload.schedule();
+    let length = workload.length();
+    let mean_rps = schedule.arrivals.len() as f64 / length.as_secs_f64();
+    let cores = match policy {
+        "static" => mean_rps * request_ms / 1000.0 * 1.3,
+        other => bail!("policy {other:?} is not built yet (static)"),
+    };
+    let rounds = calibrate(request_ms);
+    let cgroups = CgroupV1::new(&cgroup_root);
+    let target = Target::new(
+        "service",
+        format!("forestall-prevent-{}-{policy}", std::process::id()),
+    )?;
+    cgroups.create(&target)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["service", "--rounds", &rounds.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the service")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("the service's stdout")?).read_line(&mut line)?;
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("the service did not say where it listens")?
+        .parse()?;
+    cgroups.attach(&target, child.id())?;
+    cgroups.apply(
+        &target,
+        &Limits {
+            cpu_millicores: Some((cores * 1000.0).ceil() as u64),
+            ..Limits::default()
+        },
+    )?;
+    eprintln!(
+        "{policy}: {} requests over {length:?} ({mean_rps:.1}/s on average), {rounds} rounds each \
+         (~{request_ms} ms of CPU), quota {cores:.2} cores",
+        schedule.arrivals.len()
+    );
+    let arrivals: Vec<Duration> = schedule.arrivals.iter().map(|(t, _)| *t).collect();
+    let outcomes = prevent::drive(addr, &arrivals, 64);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let _ = cgroups.remove(&target);
+
+    std::fs::create_dir_all(out)?;
+    let mut csv = String::from("scheduled_s,latency_s\n");
+    for (at, latency) in &outcomes {
+        let l = latency.map_or("".into(), |l| format!("{:.6}", l.as_secs_f64()));
+        csv.push_str(&format!("{:.6},{l}\n", at.as_secs_f64()));
+    }
+    std::fs::write(out.join(format!("{policy}.csv")), csv)?;
+    let f = prevent::judge(
+        &outcomes,
+        &[(Duration::ZERO, cores)],
+        length,
+        &schedule.onsets.surges,
+        workload.surge_width,
+        slo,
+        workload.day / 10,
+    );
+    println!(
+        "{policy}: {} s with p99 over {slo:?}, {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {:.0} % of surges prepared",
+        f.seconds_over_slo,
+        f.requests_over_slo,
+        outcomes.len(),
+        f.failed,
+        f.cpu_seconds,
+        100.0 * f.prepared
+    );
+    Ok(())
+}
