@@ -420,6 +420,74 @@ fn request(
     std::io::Read::read_exact(reader, &mut body)
 }
 
+/// The reactive policy: the Kubernetes Horizontal Pod Autoscaler's rule applied to a CPU
+/// quota. Every `sync` (the HPA's default 15 s) the quota is set to usage / `target`
+/// (`desiredReplicas = ceil(current × metric / target)`, quotas being continuous), unless
+/// utilisation is within `tolerance` of the target (default 10 %); a raise goes at once but
+/// at most doubles the quota (the default scale-up policy, 100 % per period); a release takes
+/// the highest recommendation of the last `window` (the default scale-down stabilisation
+/// window, 300 s). Within `[min, max]`.
+#[derive(Debug, Clone)]
+pub struct Hpa {
+    pub target: f64,
+    pub tolerance: f64,
+    pub window: Duration,
+    pub sync: Duration,
+    pub min: f64,
+    pub max: f64,
+    quota: f64,
+    recommendations: std::collections::VecDeque<(Duration, f64)>,
+}
+
+impl Hpa {
+    /// Starts at `quota`, with Kubernetes' defaults and a 70 % utilisation target.
+    pub fn new(quota: f64, min: f64, max: f64) -> Self {
+        Self {
+            target: 0.7,
+            tolerance: 0.1,
+            window: Duration::from_secs(300),
+            sync: Duration::from_secs(15),
+            min,
+            max,
+            quota: quota.clamp(min, max),
+            recommendations: Default::default(),
+        }
+    }
+
+    pub fn quota(&self) -> f64 {
+        self.quota
+    }
+
+    /// One sync at `now` with `used` cores over the period just past; returns the quota.
+    pub fn step(&mut self, now: Duration, used: f64) -> f64 {
+        let ratio = used / self.quota / self.target;
+        let recommended = if (ratio - 1.0).abs() <= self.tolerance {
+            self.quota
+        } else {
+            (self.quota * ratio).clamp(self.min, self.max)
+        };
+        self.recommendations.push_back((now, recommended));
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > self.window)
+        {
+            self.recommendations.pop_front();
+        }
+        self.quota = if recommended > self.quota {
+            recommended.min(self.quota * 2.0)
+        } else {
+            let highest = self
+                .recommendations
+                .iter()
+                .map(|(_, r)| *r)
+                .fold(f64::MIN, f64::max);
+            highest.min(self.quota)
+        };
+        self.quota
+    }
+}
+
 /// What a run is judged by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figures {
@@ -731,6 +799,30 @@ mod tests {
         assert_eq!(f.cpu_seconds, 50.0 + 100.0 + 105.0 + 135.0 + 150.0);
         assert_eq!(f.leads, [Some(10.0), Some(-5.0), None]);
         assert!((f.prepared - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_reactive_policy_follows_the_hpa_rule() {
+        let s = Duration::from_secs;
+        let mut h = Hpa::new(1.0, 0.1, 4.0);
+        let mut step = |t: u64, used: f64, want: f64| {
+            let got = h.step(s(t), used);
+            assert!((got - want).abs() < 1e-9, "at {t} s: {got} (want {want})");
+        };
+        // At the target (within 10 %): no change.
+        step(15, 0.75, 1.0);
+        // Usage far above: a raise at once, at most doubling.
+        step(30, 2.1, 2.0);
+        step(45, 2.1, 3.0);
+        // Usage falls: the highest recommendation of the last 300 s holds the quota up…
+        for t in (60..=300).step_by(15) {
+            step(t, 0.7, 3.0);
+        }
+        // …until the raise's recommendation leaves the window.
+        step(360, 0.7, 1.0);
+        // Never under its floor.
+        step(375, 0.0, 1.0);
+        step(700, 0.0, 0.1);
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //!
 //! starts the service in a cgroup of its own, sizes its CPU quota by the policy, sends it the
 //! seeded open-loop workload and prints what the run is judged by; each request's scheduled
-//! time and latency go to `OUT/<policy>.csv`. Built so far: the `static` policy (the mean
-//! demand plus 30 % headroom, as an operator would size it). The HPA-like and Forestall
-//! policies, the latency written to Forestall as it happens, and the plots are to come.
+//! time and latency go to `OUT/<policy>.csv`, the quota over time to
+//! `OUT/<policy>-allocation.csv`. Built so far: `static` (the mean demand plus
+//! 30 % headroom, as an operator would size it) and `reactive` (the HPA's rule with its
+//! defaults, [`Hpa`], starting from the static quota). The Forestall policy, the latency
+//! written to Forestall as it happens, and the plots are to come.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -22,8 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use forestall_actuators::cgroup_v1::CgroupV1;
-use forestall_actuators::{Actuator, Limits, Target};
-use forestall_benches::prevent::{self, Workload};
+use forestall_actuators::{Actuator, Limits, Meter, Target};
+use forestall_benches::prevent::{self, Hpa, Workload};
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -142,9 +144,13 @@ fn run(
     let schedule = workload.schedule();
     let length = workload.length();
     let mean_rps = schedule.arrivals.len() as f64 / length.as_secs_f64();
-    let cores = match policy {
-        "static" => mean_rps * request_ms / 1000.0 * 1.3,
-        other => bail!("policy {other:?} is not built yet (static)"),
+    // Static sizes at the mean demand plus 30 %, and the reactive policy starts there.
+    let cores = mean_rps * request_ms / 1000.0 * 1.3;
+    let pool = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+    let reactive = match policy {
+        "static" => None,
+        "reactive" => Some(Hpa::new(cores, 0.1, pool)),
+        other => bail!("policy {other:?} is not built yet (static, reactive)"),
     };
     let rounds = calibrate(request_ms);
     let cgroups = CgroupV1::new(&cgroup_root);
@@ -167,20 +173,59 @@ fn run(
         .context("the service did not say where it listens")?
         .parse()?;
     cgroups.attach(&target, child.id())?;
-    cgroups.apply(
-        &target,
-        &Limits {
-            cpu_millicores: Some((cores * 1000.0).ceil() as u64),
-            ..Limits::default()
-        },
-    )?;
+    let quota = |cores: f64| Limits {
+        cpu_millicores: Some((cores * 1000.0).ceil() as u64),
+        ..Limits::default()
+    };
+    cgroups.apply(&target, &quota(cores))?;
     eprintln!(
         "{policy}: {} requests over {length:?} ({mean_rps:.1}/s on average), {rounds} rounds each \
          (~{request_ms} ms of CPU), quota {cores:.2} cores",
         schedule.arrivals.len()
     );
     let arrivals: Vec<Duration> = schedule.arrivals.iter().map(|(t, _)| *t).collect();
+    // The allocation over time: (from, cores).
+    let mut allocation = vec![(Duration::ZERO, cores)];
+    let done = Arc::new(AtomicBool::new(false));
+    let controller = reactive.map(|mut hpa| {
+        let (cgroups, target, done) = (
+            CgroupV1::new(&cgroup_root),
+            target.clone(),
+            Arc::clone(&done),
+        );
+        std::thread::spawn(move || -> anyhow::Result<Vec<(Duration, f64)>> {
+            let started = Instant::now();
+            let mut changes = Vec::new();
+            let mut last = (
+                Instant::now(),
+                cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0),
+            );
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(hpa.sync);
+                let now = (
+                    Instant::now(),
+                    cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0),
+                );
+                let used = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
+                last = now;
+                let before = hpa.quota();
+                let after = hpa.step(started.elapsed(), used);
+                if after != before {
+                    cgroups.apply(&target, &quota(after))?;
+                    changes.push((started.elapsed(), after));
+                }
+            }
+            Ok(changes)
+        })
+    });
     let outcomes = prevent::drive(addr, &arrivals, 64);
+    done.store(true, Ordering::Relaxed);
+    if let Some(c) = controller {
+        let changes = c
+            .join()
+            .map_err(|_| anyhow::anyhow!("the controller panicked"))??;
+        allocation.extend(changes);
+    }
     drop(child.stdin.take());
     let _ = child.wait();
     let _ = cgroups.remove(&target);
@@ -192,9 +237,14 @@ fn run(
         csv.push_str(&format!("{:.6},{l}\n", at.as_secs_f64()));
     }
     std::fs::write(out.join(format!("{policy}.csv")), csv)?;
+    let mut csv = String::from("from_s,cores\n");
+    for (from, c) in &allocation {
+        csv.push_str(&format!("{:.3},{c:.4}\n", from.as_secs_f64()));
+    }
+    std::fs::write(out.join(format!("{policy}-allocation.csv")), csv)?;
     let f = prevent::judge(
         &outcomes,
-        &[(Duration::ZERO, cores)],
+        &allocation,
         length,
         &schedule.onsets.surges,
         workload.surge_width,
@@ -202,12 +252,13 @@ fn run(
         workload.day / 10,
     );
     println!(
-        "{policy}: {} s with p99 over {slo:?}, {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {:.0} % of surges prepared",
+        "{policy}: {} s with p99 over {slo:?}, {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {} quota changes, {:.0} % of surges prepared",
         f.seconds_over_slo,
         f.requests_over_slo,
         outcomes.len(),
         f.failed,
         f.cpu_seconds,
+        allocation.len() - 1,
         100.0 * f.prepared
     );
     Ok(())
