@@ -344,15 +344,21 @@ pub type Outcome = (Duration, Option<Duration>);
 /// Sends the `arrivals` (offsets from now) to the service at `addr`, open loop: a dispatcher
 /// releases each at its time to `clients` connections; a request that finds them all busy
 /// waits, and its latency counts from its scheduled time, so neither a slow service nor a
-/// slow client hides queueing. Returns one outcome per arrival, in order.
-pub fn drive(addr: std::net::SocketAddr, arrivals: &[Duration], clients: usize) -> Vec<Outcome> {
+/// slow client hides queueing. Each outcome also goes to `live` as it completes (for the
+/// figures written while the run goes on). Returns one outcome per arrival, in order.
+pub fn drive(
+    addr: std::net::SocketAddr,
+    arrivals: &[Duration],
+    clients: usize,
+    live: Option<mpsc::Sender<Outcome>>,
+) -> Vec<Outcome> {
     let start = Instant::now();
     let (tx, rx) = mpsc::channel::<(usize, Duration)>();
     let rx = Arc::new(Mutex::new(rx));
     let results = Arc::new(Mutex::new(vec![None; arrivals.len()]));
     let threads: Vec<_> = (0..clients.max(1))
         .map(|_| {
-            let (rx, results) = (Arc::clone(&rx), Arc::clone(&results));
+            let (rx, results, live) = (Arc::clone(&rx), Arc::clone(&results), live.clone());
             std::thread::spawn(move || {
                 let mut conn: Option<(BufReader<TcpStream>, TcpStream)> = None;
                 loop {
@@ -364,6 +370,9 @@ pub fn drive(addr: std::net::SocketAddr, arrivals: &[Duration], clients: usize) 
                     }
                     let took = answered.then(|| start.elapsed().saturating_sub(at));
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = took;
+                    if let Some(live) = &live {
+                        let _ = live.send((at, took));
+                    }
                 }
             })
         })
@@ -486,6 +495,36 @@ impl Hpa {
         };
         self.quota
     }
+}
+
+/// One second's figures as a line of `prevent,policy=<policy>`: the p50, p95 and p99
+/// latency (seconds) of the requests that completed in it, how many did (`rps`), how many of
+/// them failed, and how many were over the SLO. `None` when none completed.
+pub fn second_line(
+    policy: &str,
+    completed: &[Outcome],
+    slo: Duration,
+    second_ns: i64,
+) -> Option<String> {
+    let mut ok: Vec<f64> = completed
+        .iter()
+        .filter_map(|(_, l)| l.map(|l| l.as_secs_f64()))
+        .collect();
+    let failed = completed.len() - ok.len();
+    let over = completed
+        .iter()
+        .filter(|(_, l)| l.is_none_or(|l| l > slo))
+        .count();
+    let n = completed.len();
+    if n == 0 {
+        return None;
+    }
+    let mut line = format!("prevent,policy={policy} rps={n}i,failed={failed}i,over_slo={over}i");
+    if let Some([p50, p95, p99]) = percentiles(&mut ok) {
+        line.push_str(&format!(",p50={p50},p95={p95},p99={p99}"));
+    }
+    line.push_str(&format!(" {second_ns}"));
+    Some(line)
 }
 
 /// What a run is judged by.
@@ -737,7 +776,12 @@ mod tests {
         };
         // 200 requests over half a second, from 8 connections.
         let arrivals: Vec<Duration> = (0..200).map(|i| Duration::from_micros(2_500 * i)).collect();
-        let outcomes = drive(addr, &arrivals, 8);
+        let (live, streamed) = mpsc::channel();
+        let outcomes = drive(addr, &arrivals, 8, Some(live));
+        // Each outcome was also streamed as it completed.
+        let mut streamed: Vec<Outcome> = streamed.try_iter().collect();
+        streamed.sort();
+        assert_eq!(streamed, outcomes);
         assert_eq!(outcomes.len(), 200);
         assert!(outcomes.iter().zip(&arrivals).all(|((at, _), a)| at == a));
         let failed = outcomes.iter().filter(|(_, l)| l.is_none()).count();
@@ -823,6 +867,23 @@ mod tests {
         // Never under its floor.
         step(375, 0.0, 1.0);
         step(700, 0.0, 0.1);
+    }
+
+    #[test]
+    fn a_second_becomes_one_line_of_its_figures() {
+        let ms = Duration::from_millis;
+        let completed: Vec<Outcome> = (1..=100)
+            .map(|i| (ms(i), (i != 7).then_some(ms(i * 3))))
+            .collect();
+        let line = second_line("static", &completed, ms(200), 5_000_000_000).unwrap();
+        // 99 answered: 3, 6, 9, … (not 21) ms; 34 of them over 200 ms, plus the failure.
+        assert_eq!(
+            line,
+            "prevent,policy=static rps=100i,failed=1i,over_slo=35i,p50=0.153,p95=0.288,p99=0.3 5000000000"
+        );
+        assert_eq!(second_line("static", &[], ms(200), 0), None);
+        let failed = second_line("x", &[(ms(1), None)], ms(200), 0).unwrap();
+        assert_eq!(failed, "prevent,policy=x rps=1i,failed=1i,over_slo=1i 0");
     }
 
     #[test]

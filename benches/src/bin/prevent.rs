@@ -8,7 +8,8 @@
 //! starts the service in a cgroup of its own, sizes its CPU quota by the policy, sends it the
 //! seeded open-loop workload and prints what the run is judged by; each request's scheduled
 //! time and latency go to `OUT/<policy>.csv`, the quota over time to
-//! `OUT/<policy>-allocation.csv`. Built so far: `static` (the mean demand plus
+//! `OUT/<policy>-allocation.csv`; with `--forestall URL`, each second's p50, p95, p99 and
+//! throughput are written there as the run goes. Built so far: `static` (the mean demand plus
 //! 30 % headroom, as an operator would size it) and `reactive` (the HPA's rule with its
 //! defaults, [`Hpa`], starting from the static quota). The Forestall policy, the latency
 //! written to Forestall as it happens, and the plots are to come.
@@ -66,6 +67,11 @@ enum Cmd {
         slo_ms: u64,
         #[arg(long, default_value = "/sys/fs/cgroup")]
         cgroup_root: PathBuf,
+        /// A Forestall to write each second's latency figures to as the run goes
+        /// (`prevent,policy=…` p50, p95, p99, rps, failed, over_slo), e.g.
+        /// http://127.0.0.1:8181.
+        #[arg(long)]
+        forestall: Option<String>,
     },
 }
 
@@ -85,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             request_ms,
             slo_ms,
             cgroup_root,
+            forestall,
         } => {
             let workload = Workload {
                 seed,
@@ -100,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                 request_ms,
                 Duration::from_millis(slo_ms),
                 cgroup_root,
+                forestall,
             )
         }
     }
@@ -140,6 +148,7 @@ fn run(
     request_ms: f64,
     slo: Duration,
     cgroup_root: PathBuf,
+    forestall: Option<String>,
 ) -> anyhow::Result<()> {
     let schedule = workload.schedule();
     let length = workload.length();
@@ -218,7 +227,22 @@ fn run(
             Ok(changes)
         })
     });
-    let outcomes = prevent::drive(addr, &arrivals, 64);
+    let (live, reporter) = match forestall {
+        Some(url) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let policy = policy.to_owned();
+            (
+                Some(tx),
+                Some(std::thread::spawn(move || report(&url, &policy, &rx, slo))),
+            )
+        }
+        None => (None, None),
+    };
+    let outcomes = prevent::drive(addr, &arrivals, 64, live);
+    if let Some(r) = reporter {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("the reporter panicked"))??;
+    }
     done.store(true, Ordering::Relaxed);
     if let Some(c) = controller {
         let changes = c
@@ -262,4 +286,48 @@ fn run(
         100.0 * f.prepared
     );
     Ok(())
+}
+
+/// Writes one line of figures a second, over the requests that completed in it, to the
+/// Forestall at `url`, until the driver hangs up.
+fn report(
+    url: &str,
+    policy: &str,
+    outcomes: &std::sync::mpsc::Receiver<prevent::Outcome>,
+    slo: Duration,
+) -> anyhow::Result<()> {
+    let write = format!("{}/api/v2/write", url.trim_end_matches('/'));
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64)
+    };
+    let mut second = now_ns() / 1_000_000_000;
+    let mut completed = Vec::new();
+    loop {
+        let next = (second + 1) * 1_000_000_000;
+        let wait = Duration::from_nanos((next - now_ns()).max(0) as u64);
+        let hung_up = match outcomes.recv_timeout(wait) {
+            Ok(o) => {
+                completed.push(o);
+                false
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+        };
+        if now_ns() >= next || hung_up {
+            if let Some(line) =
+                prevent::second_line(policy, &completed, slo, second * 1_000_000_000)
+            {
+                ureq::post(&write)
+                    .send_string(&line)
+                    .with_context(|| format!("write to {write}"))?;
+            }
+            completed.clear();
+            second = now_ns() / 1_000_000_000;
+        }
+        if hung_up {
+            return Ok(());
+        }
+    }
 }
