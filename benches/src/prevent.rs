@@ -1,7 +1,8 @@
 //! The prevention benchmark's parts: the workload (when requests arrive), the service and
-//! the work one request costs, the open-loop driver, and the figures a run is judged by
-//! ([`judge`]). Still to come: the harness that runs each policy (static, HPA-like reactive,
-//! Forestall) with the service in its own cgroup, and the report with its plots.
+//! the work one request costs, the open-loop driver, the HPA-like policy ([`Hpa`]), and the
+//! figures a run is judged by ([`judge`], [`second_line`]). `src/bin/prevent.rs` runs them
+//! with the service in a cgroup of its own. Still to come: the Forestall policy, and the
+//! report's plots.
 //!
 //! **The workload** is open loop: every request has a scheduled arrival time fixed before the
 //! run, from a seed, so each policy gets the same requests and a slow service shows up as
