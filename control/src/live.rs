@@ -142,9 +142,10 @@ impl Live {
 
     /// The allocation queries' rows still in force (stale ones are dropped): the freshest
     /// usage of each component and resource, if delivered within the last two intervals
-    /// (a usage query that stopped leaves its usage unknown, not repeated), goes into
-    /// `usage`, and the demands go with the round's requests.
-    fn signals_in_force(&mut self, usage: &mut [PerResource<f64>]) -> Vec<control::Demand> {
+    /// (a usage query that stopped leaves its usage unknown, NaN, not repeated), and the
+    /// demands that go with the round's requests.
+    fn signals_in_force(&mut self) -> (Vec<PerResource<f64>>, Vec<control::Demand>) {
+        let mut usage = vec![[f64::NAN; 4]; self.config.components.len()];
         let ttl = signal_ttl(self.config.interval);
         let fresh = self.config.interval.max(Duration::from_secs(1)) * 2;
         self.signals
@@ -182,7 +183,7 @@ impl Live {
                 row[r] = u;
             }
         }
-        demands
+        (usage, demands)
     }
 
     /// Records component `c`'s latest problem (`None`: it went away), logging each change
@@ -457,11 +458,7 @@ impl Allocations {
     pub async fn round(&self, store: &Arc<Store>) -> anyhow::Result<()> {
         let this = self.clone();
         let store = Arc::clone(store);
-        tokio::task::spawn_blocking(move || {
-            let n = this.live().config.components.len();
-            this.decide(&store, vec![[f64::NAN; 4]; n], now_nanos())
-        })
-        .await?
+        tokio::task::spawn_blocking(move || this.decide(&store, now_nanos())).await?
     }
 
     /// Meters every component's cgroup and writes the rates to `forestall_usage`.
@@ -548,15 +545,10 @@ impl Allocations {
         Ok(())
     }
 
-    /// Observes `usage`, runs the round, stores its audit rows.
-    fn decide(
-        &self,
-        store: &Store,
-        mut usage: Vec<PerResource<f64>>,
-        now: i64,
-    ) -> anyhow::Result<()> {
+    /// Observes the usage the queries delivered, runs the round, stores its audit rows.
+    fn decide(&self, store: &Store, now: i64) -> anyhow::Result<()> {
         let mut live = self.live();
-        let demands = live.signals_in_force(&mut usage);
+        let (usage, demands) = live.signals_in_force();
         if let Some(queries) = &live.health {
             let health = live
                 .config
