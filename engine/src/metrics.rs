@@ -53,6 +53,9 @@ metrics! {
     retention_segments_dropped_total: "counter",
     /// Segment files that could not be read by a scan.
     segment_read_errors_total: "counter",
+    /// Scans of a measurement started (a query starts one per table it reads; continuous
+    /// queries folding the same rows share one).
+    scans_total: "counter",
     /// Segments in the manifest.
     segments: "gauge",
     /// Bytes of the segments in the manifest.

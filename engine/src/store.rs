@@ -398,6 +398,7 @@ impl Store {
 
     /// Reads rows; see [`crate::scan`].
     pub fn scan(&self, req: &ScanRequest) -> Result<ScanStream> {
+        Metrics::add(&self.inner.metrics.scans_total, 1);
         self.inner.scan(req)
     }
 

@@ -19,6 +19,7 @@
 //! ([`forestall_engine::Entries`]) with each query's watermark.
 
 pub mod health;
+mod pass;
 mod plan;
 pub mod runtime;
 mod sink;

@@ -75,6 +75,13 @@ impl From<DataFusionError> for Error {
 /// The query layer's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A query planned by [`QueryEngine::plan`].
+pub(crate) struct Planned {
+    pub(crate) schema: SchemaRef,
+    pub(crate) plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    pub(crate) context: Arc<datafusion::execution::TaskContext>,
+}
+
 /// Runs SQL over a store.
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
@@ -250,6 +257,20 @@ impl QueryEngine {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok((schema, batches))
+    }
+
+    /// The physical plan of `sql` (not a continuous-query statement), its result's schema and
+    /// the context to execute it in, for callers that look at the plan before running it.
+    pub(crate) async fn plan(&self, sql: &str) -> Result<Planned> {
+        let df = self.session().sql(sql).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let context = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await?;
+        Ok(Planned {
+            schema,
+            plan,
+            context,
+        })
     }
 
     /// Plans `sql` on the calling task and returns its batches as [`QueryEngine::execute`]

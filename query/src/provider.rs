@@ -50,7 +50,7 @@ use forestall_engine::{RowFilter, ScanRequest, ScanStream, Store, TableSchema, T
 use futures::StreamExt;
 use regex::Regex;
 
-use crate::pushdown::PartialScan;
+use crate::pushdown::{Folder, PartialScan};
 
 /// Every measurement of a store, as tables.
 #[derive(Debug)]
@@ -325,7 +325,16 @@ enum Slot {
     Ready(Box<ScanStream>),
     /// The scan split into fewer streams than there are partitions: nothing to read here.
     Empty,
+    /// This partition's output, folded already by a read shared with other plans (see
+    /// [`SharedRead`]).
+    Folded(Vec<RecordBatch>),
     Taken,
+}
+
+/// What one partition of an execution reads from.
+enum Source {
+    Scan(Box<ScanStream>),
+    Folded(Vec<RecordBatch>),
 }
 
 impl ScanExec {
@@ -364,9 +373,12 @@ impl ScanExec {
 
     /// This partition's part of the scan; the first partition of an execution to ask (or a
     /// partition asking again, in a new execution) starts the scan.
-    fn take(&self, partition: usize) -> DfResult<Option<ScanStream>> {
+    fn take(&self, partition: usize) -> DfResult<Option<Source>> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(slots.get(partition), Some(Slot::Ready(_) | Slot::Empty)) {
+        if !matches!(
+            slots.get(partition),
+            Some(Slot::Ready(_) | Slot::Empty | Slot::Folded(_))
+        ) {
             let scan = self
                 .store
                 .scan(&self.req)
@@ -381,10 +393,143 @@ impl ScanExec {
         }
         Ok(
             match std::mem::replace(&mut slots[partition], Slot::Taken) {
-                Slot::Ready(s) => Some(*s),
+                Slot::Ready(s) => Some(Source::Scan(s)),
+                Slot::Folded(batches) => Some(Source::Folded(batches)),
                 _ => None,
             },
         )
+    }
+
+    /// What identifies the rows this scan reads and folds, when it folds them (an aggregate
+    /// pushed into the scan) with nothing else to apply: plans whose scans have the same key
+    /// read the same rows, and one [`SharedRead`] can serve them all.
+    pub(crate) fn share_key(&self) -> Option<String> {
+        let Output::Folded(_) = &self.output else {
+            return None;
+        };
+        if self.req.filter.is_some() || self.limit.is_some() {
+            return None;
+        }
+        Some(format!(
+            "{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{}",
+            self.req.measurement, self.req.start, self.req.end, self.req.predicate, self.partitions
+        ))
+    }
+}
+
+/// One read of a measurement that feeds the folding scans of several plans (continuous
+/// queries rolling up the same window): the union of their columns is read and decoded once,
+/// and each batch is folded by every plan's aggregate in turn. Memory stays that of one
+/// scan's batch plus each plan's partial states (one row per series and bucket).
+///
+/// [`SharedRead::new`] splits the read into partitions, [`SharedRead::read`] reads one (a
+/// blocking call; partitions can run on threads of their own), and [`SharedRead::deliver`]
+/// hands each plan its folded output, which its next execution returns instead of scanning.
+pub(crate) struct SharedRead {
+    scans: Vec<Arc<dyn ExecutionPlan>>,
+    parts: Vec<Option<ScanStream>>,
+    /// For each plan, where its columns (`spec.columns()`) are in the shared read's.
+    columns: Vec<Vec<usize>>,
+}
+
+impl SharedRead {
+    /// The read for `scans`: [`ScanExec`]s with the same [`ScanExec::share_key`].
+    pub(crate) fn new(store: &Store, scans: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Self> {
+        let execs: Vec<&ScanExec> = scans
+            .iter()
+            .filter_map(|s| s.downcast_ref::<ScanExec>())
+            .collect();
+        let (Some(first), true) = (execs.first(), execs.len() == scans.len()) else {
+            return Err(DataFusionError::Internal(
+                "a shared read of plans that are not scans".into(),
+            ));
+        };
+        let key = first.share_key();
+        if key.is_none() || execs.iter().any(|e| e.share_key() != key) {
+            return Err(DataFusionError::Internal(
+                "a shared read of scans that read different rows".into(),
+            ));
+        }
+        let mut union: Vec<String> = Vec::new();
+        let mut columns = Vec::with_capacity(execs.len());
+        for exec in &execs {
+            let wanted = exec.req.projection.clone().unwrap_or_default();
+            columns.push(
+                wanted
+                    .into_iter()
+                    .map(|c| match union.iter().position(|u| *u == c) {
+                        Some(i) => i,
+                        None => {
+                            union.push(c);
+                            union.len() - 1
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        let mut req = first.req.clone();
+        req.projection = Some(union);
+        let scan = store
+            .scan(&req)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let parts = scan.split(first.partitions).into_iter().map(Some).collect();
+        Ok(Self {
+            scans,
+            parts,
+            columns,
+        })
+    }
+
+    /// How many partitions the read is split into.
+    pub(crate) fn partitions(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The reading of partition `part`, to run on a blocking thread: for each plan, the
+    /// batches of partial states it folded.
+    pub(crate) fn read(
+        &mut self,
+        part: usize,
+    ) -> impl FnOnce() -> DfResult<Vec<Vec<RecordBatch>>> + Send + use<> {
+        let stream = self.parts.get_mut(part).and_then(Option::take);
+        let mut members: Vec<(Vec<usize>, Folder)> = self
+            .scans
+            .iter()
+            .zip(&self.columns)
+            .filter_map(|(s, columns)| match &s.downcast_ref::<ScanExec>()?.output {
+                Output::Folded(p) => Some((columns.clone(), p.start())),
+                Output::Rows(_) => None,
+            })
+            .collect();
+        move || {
+            let mut out = vec![Vec::new(); members.len()];
+            for batch in stream.into_iter().flatten() {
+                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                for ((columns, folder), out) in members.iter_mut().zip(&mut out) {
+                    out.extend(folder.push(&batch.project(columns)?)?);
+                }
+            }
+            for ((_, folder), out) in members.into_iter().zip(&mut out) {
+                out.extend(folder.finish()?);
+            }
+            Ok(out)
+        }
+    }
+
+    /// Gives each plan its output: `folded[part][plan]`, as [`SharedRead::read`] returned
+    /// them.
+    pub(crate) fn deliver(self, folded: Vec<Vec<Vec<RecordBatch>>>) {
+        for (k, scan) in self.scans.iter().enumerate() {
+            let Some(exec) = scan.downcast_ref::<ScanExec>() else {
+                continue;
+            };
+            let mut slots: Vec<Slot> = folded
+                .iter()
+                .map(|part| Slot::Folded(part.get(k).cloned().unwrap_or_default()))
+                .collect();
+            slots.resize_with(exec.partitions, || Slot::Empty);
+            *exec.slots.lock().unwrap_or_else(|e| e.into_inner()) = slots;
+        }
     }
 }
 
@@ -464,11 +609,24 @@ impl ExecutionPlan for ScanExec {
         let baseline = BaselineMetrics::new(&self.metrics, partition);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
         let limit = self.limit;
-        let Some(mut stream) = self.take(partition)? else {
-            return Ok(Box::pin(RecordBatchStreamAdapter::new(
-                Arc::clone(&self.schema),
-                futures::stream::empty(),
-            )));
+        let mut stream = match self.take(partition)? {
+            Some(Source::Scan(s)) => *s,
+            Some(Source::Folded(batches)) => {
+                for b in &batches {
+                    baseline.record_output(b.num_rows());
+                }
+                let batches = futures::stream::iter(batches.into_iter().map(Ok));
+                return Ok(Box::pin(RecordBatchStreamAdapter::new(
+                    Arc::clone(&self.schema),
+                    batches,
+                )));
+            }
+            None => {
+                return Ok(Box::pin(RecordBatchStreamAdapter::new(
+                    Arc::clone(&self.schema),
+                    futures::stream::empty(),
+                )));
+            }
         };
         let schema = Arc::clone(&self.schema);
         let (filter, mut partial) = match &self.output {

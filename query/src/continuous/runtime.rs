@@ -5,8 +5,9 @@
 //! overlaps the same query's previous run, and a failing query backs off (its interval, then
 //! twice that, … up to five minutes) and shows its error, without holding up any other query
 //! or any write. The SQL itself runs on the query engine's runtime, at the queries' priority,
-//! and at most one run per core is under way at once (queries due at the same tick take
-//! turns: each run copies the part of the live buffer it reads).
+//! and at most one read per core is under way at once (each read copies the part of the live
+//! buffer it reads). Queries due together whose scans fold the same rows (rollups of one
+//! measurement over the same window) share one read of them: see [`super::pass`].
 //!
 //! **Watermarks and invalidation (`INTO`).** A query's watermark is the start of the first
 //! bucket it has not materialised. A run computes `[watermark, floor(now − lateness))` (at
@@ -42,6 +43,7 @@ use forestall_engine::{Entries, Store, WriteObserver};
 use serde::{Deserialize, Serialize};
 
 use super::health::{self, CheckState, HealthStatus, Observation};
+use super::pass::Passes;
 use super::plan::{Incremental, parse_select};
 use super::sink::{self, Column, Kind};
 use super::statement::Statement;
@@ -231,10 +233,9 @@ struct Inner {
     changes: tokio::sync::Mutex<()>,
     /// Every query task started, to wait for at [`ContinuousQueries::stop`].
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Runs under way at once, at most one per core: queries due at the same tick (a
-    /// hundred rollups every minute) take turns instead of each copying the live buffer and
-    /// competing for the CPU together.
-    runs: tokio::sync::Semaphore,
+    /// Where runs take turns (at most one per core at once) and queries over the same rows
+    /// share one read of them.
+    passes: Arc<Passes>,
 }
 
 /// What a continuous-query statement returns.
@@ -284,9 +285,9 @@ impl ContinuousQueries {
             by_source: RwLock::new(Arc::new(HashMap::new())),
             changes: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
-            runs: tokio::sync::Semaphore::new(
+            passes: Arc::new(Passes::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
+            )),
         });
         let stored = inner.entries.list(DEF_PREFIX).map_err(engine_error)?;
         let states: HashMap<String, Vec<u8>> = inner
@@ -552,7 +553,6 @@ impl ContinuousQueries {
                 // Dropped or replaced while it waited: the new definition, if any, answers.
                 return self.describe(name);
             }
-            let _turn = self.inner.runs.acquire().await.ok()?;
             let started = now_nanos();
             let clock = Instant::now();
             let result = self.inner.run_once(&cq).await;
@@ -1080,9 +1080,6 @@ impl Inner {
             // A backfill goes on chunk after chunk without waiting for the next tick.
             loop {
                 let _own = cq.running.lock().await;
-                let Ok(_turn) = self.runs.acquire().await else {
-                    return;
-                };
                 if cq.stopped.load(Ordering::Acquire) {
                     return;
                 }
@@ -1165,10 +1162,20 @@ impl Inner {
     /// gives no rows (noted in its status), not an error: its data has not come yet.
     async fn query(&self, cq: &Cq, sql: String) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let engine = self.engine.clone();
-        let result = self
+        let result = match self
             .engine
-            .run(async move { engine.sql(&sql).await })
-            .await?;
+            .run(async move { engine.plan(&sql).await })
+            .await?
+        {
+            Ok(planned) => {
+                let schema = Arc::clone(&planned.schema);
+                self.passes
+                    .run(&self.engine, &self.store, planned)
+                    .await
+                    .map(|batches| (schema, batches))
+            }
+            Err(e) => Err(e),
+        };
         let note = match &result {
             Err(Error::Query(m)) if m.contains("not found") && m.contains("table") => cq
                 .sources

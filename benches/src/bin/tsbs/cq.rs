@@ -198,7 +198,7 @@ struct Run {
 
 fn one(opts: &Options<'_>, data: &Path, tagsets: &Arc<Vec<String>>, queries: usize) -> Result<Run> {
     let system = System::Forestall(opts.forestall_bin.to_path_buf());
-    let (mut child, _dir, base, agent) = start_ready(&system, opts.work)?;
+    let (mut child, dir, base, agent) = start_ready(&system, opts.work)?;
     let mut by_host = Vec::new();
     for i in 0..queries {
         let (q, host) = rollup(i, opts.hours);
@@ -237,6 +237,18 @@ fn one(opts: &Options<'_>, data: &Path, tagsets: &Arc<Vec<String>>, queries: usi
         }
     }
     stop(&mut child, "forestall", || {})?;
+    if run.failures > 0 {
+        // The next server's log replaces this one: keep it, it says why runs failed.
+        let kept = opts
+            .work
+            .join(format!("forestall-failed-runs-{}.log", now_nanos()));
+        std::fs::copy(dir.with_extension("log"), &kept)?;
+        eprintln!(
+            "   {} failed runs; the server's log is kept in {}",
+            run.failures,
+            kept.display()
+        );
+    }
     Ok(run)
 }
 
