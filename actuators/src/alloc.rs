@@ -471,7 +471,19 @@ impl Engine {
                 e.used[r.index()] += v;
             }
         }
+        e.hold_needs();
         Ok(e)
+    }
+
+    /// Until a round says otherwise, each component needs what it holds: what a raise
+    /// between rounds (before the first, or after a resume) may not take from it.
+    fn hold_needs(&mut self) {
+        self.needs.clone_from(&self.alloc);
+        for c in 0..self.components.len() {
+            for r in Resource::ALL {
+                self.mark(c, r);
+            }
+        }
     }
 
     pub fn config(&self) -> &AllocConfig {
@@ -638,6 +650,7 @@ impl Engine {
                 })
             })
             .collect();
+        self.hold_needs();
         resumed
     }
 
@@ -736,30 +749,7 @@ impl Engine {
                 self.aged[d.component][d.resource.index()] = true;
             }
         }
-        let mut ranked: Vec<(u8, &Request)> = requests
-            .iter()
-            .filter(|q| q.component < self.components.len())
-            .map(|q| {
-                let rank = if self.components[q.component].weight >= self.config.preempt_weight {
-                    2
-                } else {
-                    u8::from(self.aged[q.component][q.resource.index()])
-                };
-                (rank, q)
-            })
-            .collect();
-        ranked.sort_by(|(ra, a), (rb, b)| {
-            let (wa, wb) = (
-                self.components[a.component].weight,
-                self.components[b.component].weight,
-            );
-            rb.cmp(ra)
-                .then(wb.total_cmp(&wa))
-                .then(b.risk.total_cmp(&a.risk))
-                .then(a.component.cmp(&b.component))
-                .then(a.resource.cmp(&b.resource))
-        });
-        let order: Vec<&Request> = ranked.into_iter().map(|(_, q)| q).collect();
+        let order = self.ranked(requests);
         // A component without a request this round needs what it holds.
         self.needs.clone_from(&self.alloc);
         for q in &order {
@@ -797,6 +787,96 @@ impl Engine {
             self.serve(round, q);
         }
         std::mem::take(&mut self.this_round)
+    }
+
+    /// An interim step between rounds, for requests that should not wait for the next one (an
+    /// allocation query that fired on the write that brought its signal): each request that
+    /// would raise its allocation is served now, in the round's order and as the round would
+    /// raise it. Nothing is released, judged or rolled back, and the requests do not count
+    /// toward the release windows: the next round sees its own requests as usual. `round` is
+    /// the last round's number (the raises are judged from it).
+    pub fn raise_now(&mut self, round: u64, requests: &[Request]) -> Vec<Decision> {
+        self.this_round.clear();
+        let order = self.ranked(requests);
+        // A request's need holds from now on (the next round recomputes every need).
+        for q in &order {
+            let (c, i) = (q.component, q.resource.index());
+            if q.need.is_finite() {
+                let need = self.bounded(c, q.resource, q.need.min(q.amount));
+                self.needs[c][i] = self.needs[c][i].max(need);
+                self.mark(c, q.resource);
+            }
+        }
+        // As in a round: on a short pool needs first, then whole requests.
+        let mut asked = [0.0; 4];
+        for q in &order {
+            let i = q.resource.index();
+            asked[i] += (self.bounded(q.component, q.resource, q.amount)
+                - self.alloc[q.component][i])
+                .max(0.0);
+        }
+        for q in &order {
+            let (c, r) = (q.component, q.resource);
+            let need = self.needs[c][r.index()];
+            if asked[r.index()] > self.free(r)
+                && !self.untouchable(c, r)
+                && self.may_raise(round, c, r, need)
+            {
+                let current = self.alloc[c][r.index()];
+                self.raise(round, q, current, need, Part::Need);
+            }
+        }
+        for q in order {
+            let (c, r) = (q.component, q.resource);
+            if self.untouchable(c, r) || !q.amount.is_finite() {
+                continue;
+            }
+            let current = self.alloc[c][r.index()];
+            let target = self.bounded(c, r, q.amount);
+            if self.may_raise(round, c, r, target) {
+                let target = self.raise_target(c, r, current, target);
+                self.raise(round, q, current, target, Part::Whole);
+            }
+        }
+        std::mem::take(&mut self.this_round)
+    }
+
+    /// `requests` for known components in the order they are served: critical first, then
+    /// those deferred for `age_after` rounds, then by weight and risk.
+    fn ranked<'a>(&self, requests: &'a [Request]) -> Vec<&'a Request> {
+        let mut ranked: Vec<(u8, &Request)> = requests
+            .iter()
+            .filter(|q| q.component < self.components.len())
+            .map(|q| {
+                let rank = if self.components[q.component].weight >= self.config.preempt_weight {
+                    2
+                } else {
+                    u8::from(self.aged[q.component][q.resource.index()])
+                };
+                (rank, q)
+            })
+            .collect();
+        ranked.sort_by(|(ra, a), (rb, b)| {
+            let (wa, wb) = (
+                self.components[a.component].weight,
+                self.components[b.component].weight,
+            );
+            rb.cmp(ra)
+                .then(wb.total_cmp(&wa))
+                .then(b.risk.total_cmp(&a.risk))
+                .then(a.component.cmp(&b.component))
+                .then(a.resource.cmp(&b.resource))
+        });
+        ranked.into_iter().map(|(_, q)| q).collect()
+    }
+
+    /// Where a raise of `c`'s `r` from `current` toward `target` goes: a little beyond it (a
+    /// request that keeps creeping up then raises once, not every round), at most
+    /// `max_step_up` times the current allocation, at least the floor.
+    fn raise_target(&self, c: usize, r: Resource, current: f64, target: f64) -> f64 {
+        self.bounded(c, r, target * (1.0 + self.config.overshoot))
+            .min(current.max(1e-9) * self.config.max_step_up)
+            .max(self.bounds(c, r).0)
     }
 
     /// Brings every allocation above its cap (a cap lowered since the last round) down to it
@@ -876,12 +956,7 @@ impl Engine {
         let stable = self.recent[c][i].push(q.amount, self.config.cooldown.max(1));
         let target = self.bounded(c, r, q.amount);
         if self.may_raise(round, c, r, target) {
-            // Overshoot a little: a request that keeps creeping up then raises once, not
-            // every round.
-            let target = self
-                .bounded(c, r, target * (1.0 + self.config.overshoot))
-                .min(current.max(1e-9) * self.config.max_step_up)
-                .max(self.bounds(c, r).0);
+            let target = self.raise_target(c, r, current, target);
             self.raise(round, q, current, target, Part::Whole);
         } else {
             self.settle_deferred(round, c, r);

@@ -60,6 +60,9 @@ pub const AUDIT_MEASUREMENT: &str = "forestall_allocations";
 #[derive(Clone)]
 pub struct Allocations {
     inner: Arc<Mutex<Live>>,
+    /// Rung when an allocation query delivers a demand: the loop raises at once what it
+    /// asks for beyond the allocation, without waiting for the next round.
+    asked: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Allocations {
@@ -341,6 +344,7 @@ impl Allocations {
                 signals: BTreeMap::new(),
                 health: None,
             })),
+            asked: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -391,10 +395,17 @@ impl Allocations {
                 }
             }
         }
+        let demands = kept
+            .iter()
+            .any(|s| s.request.demand.is_some() || s.request.forecast.is_some());
         if kept.is_empty() {
             live.signals.remove(query);
         } else {
             live.signals.insert(query.to_owned(), kept);
+        }
+        drop(live);
+        if demands {
+            self.asked.notify_one();
         }
         if unknown.is_empty() {
             Ok(())
@@ -459,6 +470,22 @@ impl Allocations {
         let this = self.clone();
         let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || this.decide(&store, now_nanos())).await?
+    }
+
+    /// Raises now what the allocation queries' demands ask for beyond the allocations (see
+    /// [`Controller::raise_now`]), applies and audits it: the path from a write that brought
+    /// a signal to the kernel, without waiting for the next round.
+    pub async fn raise_now(&self, store: &Arc<Store>) -> anyhow::Result<()> {
+        let this = self.clone();
+        let store = Arc::clone(store);
+        tokio::task::spawn_blocking(move || {
+            let mut live = this.live();
+            let (_, demands) = live.signals_in_force();
+            let round = live.round;
+            let report = live.controller.raise_now(round, &demands);
+            this.conclude(live, &report, &store, now_nanos())
+        })
+        .await?
     }
 
     /// Meters every component's cgroup and writes the rates to `forestall_usage`.
@@ -576,6 +603,20 @@ impl Allocations {
         let round = live.round;
         let report = live.controller.round_with(round, &demands);
         live.last_round = Some(now);
+        if live.last_saved.is_none_or(|at| at.elapsed() >= SAVE_EVERY) {
+            live.save();
+        }
+        self.conclude(live, &report, store, now)
+    }
+
+    /// Records what applying `report` found, logs it, and stores its audit rows.
+    fn conclude(
+        &self,
+        mut live: std::sync::MutexGuard<'_, Live>,
+        report: &RoundReport,
+        store: &Store,
+        now: i64,
+    ) -> anyhow::Result<()> {
         let actuate = live.config.actuate;
         for (c, _, result) in &report.applied {
             let problem = result.as_ref().err().map(|e| format!("applying: {e}"));
@@ -588,11 +629,8 @@ impl Allocations {
             .iter()
             .map(|c| c.name.clone())
             .collect();
-        if live.last_saved.is_none_or(|at| at.elapsed() >= SAVE_EVERY) {
-            live.save();
-        }
         drop(live);
-        let lines = audit_lines(&report, &names, actuate, now);
+        let lines = audit_lines(report, &names, actuate, now);
         for (c, limits, result) in &report.applied {
             match result {
                 Ok(()) => {
@@ -965,8 +1003,9 @@ fn action_name(a: &Action) -> &'static str {
 
 /// Runs the loop until `shutdown` resolves: at each multiple of `interval` the collector
 /// meters the cgroups, and half an interval later the round decides from what the usage
-/// queries (run a quarter of an interval in, see [`crate::usage`]) delivered. A failed step
-/// is logged and the next one runs as usual.
+/// queries (run a quarter of an interval in, see [`crate::usage`]) delivered. Between rounds,
+/// an allocation query's demand is raised as soon as it is delivered. A failed step is
+/// logged and the next one runs as usual.
 pub async fn run(
     allocations: Allocations,
     store: Arc<Store>,
@@ -993,6 +1032,11 @@ pub async fn run(
             _ = &mut shutdown => {
                 let _ = tokio::task::spawn_blocking(move || allocations.save()).await;
                 return;
+            }
+            _ = allocations.asked.notified() => {
+                if let Err(e) = allocations.raise_now(&store).await {
+                    tracing::warn!(error = %format!("{e:#}"), "raising on a query's demand failed");
+                }
             }
             _ = tokio::time::sleep(wait) => {
                 let (step, done) = if collect {

@@ -472,8 +472,27 @@ impl Controller {
 
     /// [`round`](Self::round), with what allocation queries ask for on top of the forecasts.
     pub fn round_with(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
-        let (requests, asked_by) = self.requests(demands);
-        let mut decisions = self.engine.round(round, &requests);
+        let (requests, asked_by) = self.requests(demands, true);
+        let decisions = self.engine.round(round, &requests);
+        self.conclude(decisions, &asked_by)
+    }
+
+    /// Between rounds: raises what allocation queries' `demands` ask for beyond the
+    /// allocations now ([`Engine::raise_now`]), and applies them. The forecasts are the
+    /// round's business: nothing is learned, released or judged here.
+    pub fn raise_now(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
+        let (requests, asked_by) = self.requests(demands, false);
+        let decisions = self.engine.raise_now(round, &requests);
+        self.conclude(decisions, &asked_by)
+    }
+
+    /// Names the query behind each decision a query drove, and applies every component
+    /// changed (and every one whose last apply failed).
+    fn conclude(
+        &mut self,
+        mut decisions: Vec<forestall_actuators::alloc::Decision>,
+        asked_by: &BTreeMap<(usize, usize), String>,
+    ) -> RoundReport {
         // A raise (or a wait, or a grant) for a request a query shaped says which query.
         for d in &mut decisions {
             let driven = matches!(
@@ -522,17 +541,25 @@ impl Controller {
         }
     }
 
-    /// One request per component and resource that has a forecast or a demand: the larger
-    /// of what each asks; and, by component and resource index, the query whose demand set
-    /// the amount when one did.
-    fn requests(&self, demands: &[Demand]) -> (Vec<Request>, BTreeMap<(usize, usize), String>) {
+    /// One request per component and resource that has a forecast (with `forecasts`) or a
+    /// demand: the larger of what each asks; and, by component and resource index, the query
+    /// whose demand set the amount when one did.
+    fn requests(
+        &self,
+        demands: &[Demand],
+        forecasts: bool,
+    ) -> (Vec<Request>, BTreeMap<(usize, usize), String>) {
         let theta = self.engine.config().threshold;
         let mut out = Vec::new();
         let mut asked_by = BTreeMap::new();
         for c in 0..self.forecasters.len() {
             let risk = self.risk_scores(c);
             for r in Resource::ALL {
-                let mut request = self.request(c, r, &self.forecast(c, r), risk[r.index()]);
+                let mut request = if forecasts {
+                    self.request(c, r, &self.forecast(c, r), risk[r.index()])
+                } else {
+                    None
+                };
                 for d in demands
                     .iter()
                     .filter(|d| d.component == c && d.resource == r)

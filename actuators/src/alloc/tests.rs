@@ -609,3 +609,87 @@ fn holders_find_the_next_member_across_word_boundaries() {
         }
     }
 }
+
+#[test]
+fn a_raise_between_rounds_serves_only_raises_and_leaves_the_release_window_alone() {
+    let config = AllocConfig::default();
+    let window = config.cooldown;
+    let mut e = Engine::new(
+        config,
+        vec![component("svc", 1.0, false), component("other", 1.0, false)],
+        pool(16.0),
+        vec![at(8.0), at(2.0)],
+    )
+    .unwrap();
+    // Low requests between rounds neither release nor count toward the window that would.
+    for round in 0..window - 1 {
+        let d = e.round(round, &[cpu(0, 1.0)]);
+        assert!(d.is_empty(), "round {round}: {d:?}");
+        for _ in 0..3 {
+            assert!(e.raise_now(round, &[cpu(0, 1.0)]).is_empty());
+        }
+    }
+    // A request above the allocation is raised at once, as a round raises it.
+    let d = e.raise_now(window - 2, &[cpu(1, 4.0)]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].action, Action::Raise);
+    assert_eq!((d[0].component, d[0].from), (1, 2.0));
+    let expected = (4.0 * (1.0 + config.overshoot)).min(2.0 * config.max_step_up);
+    assert!((d[0].to - expected).abs() < 1e-9, "{d:?}");
+    // Asked again, it is already in place.
+    assert!(e.raise_now(window - 2, &[cpu(1, 4.0)]).is_empty());
+    // The release comes at the round it would have come without the interim steps.
+    let d = e.round(window - 1, &[cpu(0, 1.0)]);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].component, d[0].action.clone()), (0, Action::Release));
+}
+
+#[test]
+fn a_raise_between_rounds_stays_within_the_pool_and_queues_the_rest() {
+    let mut e = Engine::new(
+        AllocConfig::default(),
+        vec![component("svc", 1.0, false), component("other", 1.0, false)],
+        pool(4.0),
+        vec![at(2.0), at(1.5)],
+    )
+    .unwrap();
+    let d = e.raise_now(0, &[cpu(0, 10.0)]);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(
+        d[0].action == Action::Raise && (d[0].to - 2.5).abs() < 1e-9,
+        "only what is free: {d:?}"
+    );
+    assert_eq!(d[1].action, Action::Deferred { short: 7.5 }, "{d:?}");
+    assert_eq!(e.deferred().len(), 1, "the rest waits, visibly");
+    assert_eq!(
+        cpus(&e),
+        vec![2.5, 1.5],
+        "equal weights take nothing from each other"
+    );
+}
+
+#[test]
+fn a_critical_need_between_rounds_preempts_as_a_round_would() {
+    // Before any round each holds what it needs; a critical demand's need then takes from
+    // the lower weights down to their floors, deferrable work first.
+    let mut e = three_tiers([40.0, 30.0, 30.0]);
+    let d = e.raise_now(0, &[with_need(0, 80.0, 70.0)]);
+    assert!(
+        d.iter()
+            .any(|d| d.action == Action::Raise && d.component == 0),
+        "{d:?}"
+    );
+    let [db, web, batch] = cpus(&e)[..] else {
+        panic!()
+    };
+    assert!((db - 70.0).abs() < 1e-9, "{:?}", cpus(&e));
+    assert!((web + batch - 30.0).abs() < 1e-9, "{:?}", cpus(&e));
+    // A standard component's demand takes nothing from a critical one or an equal.
+    let mut e = three_tiers([40.0, 30.0, 30.0]);
+    let d = e.raise_now(0, &[with_need(1, 60.0, 50.0)]);
+    assert!(
+        cpus(&e)[0] >= 40.0 && cpus(&e)[1] <= 60.0,
+        "{d:?} {:?}",
+        cpus(&e)
+    );
+}

@@ -755,3 +755,91 @@ async fn a_restart_carries_on_from_the_learned_state_and_reapplies_it() {
     let c = Allocations::new(&cfg, &f.data_dir).unwrap();
     assert_eq!(c.status()["round"], 0);
 }
+
+/// The path from a write to the kernel: an on-write allocation query's demand is applied
+/// when its query delivers it, not at the next round (a day away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demand_is_applied_as_soon_as_its_query_delivers_it() {
+    let root = mimic_v2(&["web", "batch"]);
+    let f = store();
+    let day = Duration::from_secs(86_400);
+    let cfg = AllocationConfig {
+        interval: day,
+        horizon: day,
+        ..config(root.path(), true, false)
+    };
+    let (a, cqs) = start(&f, &cfg).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let looping = tokio::spawn(run(
+        a.clone(),
+        Arc::clone(&f.store),
+        f.query.clone(),
+        cfg.interval,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let engine = f.query.clone().with_continuous(cqs.clone());
+    engine
+        .sql(
+            "CREATE CONTINUOUS QUERY web_latency ON WRITE ALLOCATE AS \
+             SELECT 'web' AS component, 'cpu' AS resource, \
+             CASE WHEN max(p99) > 0.2 THEN 3.0 END AS demand \
+             FROM latency WHERE time > now() - INTERVAL '1 minute'",
+        )
+        .await
+        .unwrap();
+    // web starts at half the 4-core pool; a fast answer asks for nothing.
+    let before = read(root.path(), "forestall/web/cpu.max");
+    let latency = |p99: f64| {
+        let now = now_nanos();
+        let o = f
+            .store
+            .write(
+                format!("latency p99={p99} {now}").as_bytes(),
+                Precision::Nanoseconds,
+                now,
+            )
+            .unwrap();
+        assert_eq!(o.rejected_lines, 0);
+    };
+    latency(0.05);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read(root.path(), "forestall/web/cpu.max"), before);
+    // A slow one asks for 3 cores, and the kernel has them (with the engine's overshoot,
+    // within the pool, taken from batch: web is critical) before any round has run.
+    latency(0.4);
+    let mut quota = before.clone();
+    for _ in 0..200 {
+        quota = read(root.path(), "forestall/web/cpu.max");
+        if quota != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = a.status();
+    assert_eq!(status["round"], 0, "{status:#}");
+    let cores = status["components"][0]["allocation"]["cpu"]
+        .as_f64()
+        .unwrap();
+    assert!((3.0..=4.0).contains(&cores), "{status:#}");
+    assert_eq!(
+        quota,
+        format!("{} 100000", (cores * 1000.0).ceil() as u64 * 100),
+        "{status:#}"
+    );
+    // The audit says which query asked.
+    let rows = sql(
+        &f,
+        "SELECT action, reason FROM forestall_allocations \
+         WHERE component = 'web' AND resource = 'cpu' AND action = 'raise'",
+    )
+    .await;
+    assert!(
+        rows.iter()
+            .any(|r| r[1].ends_with("asked by query web_latency")),
+        "{rows:?}"
+    );
+    let _ = stop.send(());
+    looping.await.unwrap();
+}
