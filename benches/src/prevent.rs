@@ -67,6 +67,24 @@ impl Default for Workload {
     }
 }
 
+impl Workload {
+    /// The default shape over `days` days of `day`: the surge, its jitter and the spikes
+    /// keep their share of the day (a 600 s day has the defaults).
+    pub fn compressed(seed: u64, day: Duration, days: u32) -> Self {
+        let d = Self::default();
+        let scale = day.as_secs_f64() / d.day.as_secs_f64();
+        Self {
+            seed,
+            day,
+            days,
+            surge_width: d.surge_width.mul_f64(scale),
+            jitter: d.jitter.mul_f64(scale),
+            spike_width: d.spike_width.mul_f64(scale),
+            ..d
+        }
+    }
+}
+
 /// Why a request arrived: which part of the rate it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -538,36 +556,60 @@ pub struct Figures {
     pub failed: usize,
     /// The allocation's integral over the run (cores × seconds).
     pub cpu_seconds: f64,
-    /// Per recurring surge: how long before its onset the raise that served it took effect
-    /// (seconds; negative when after the onset; `None`: no raise from `lookback` before the
-    /// onset to the surge's end).
+    /// Per recurring surge: how long before its onset the quota had been enough for it
+    /// (seconds; negative: how long after the onset it became enough; `None`: never during
+    /// the surge).
     pub leads: Vec<Option<f64>>,
-    /// The share of recurring surges with a raise in place before their onset.
+    /// The share of recurring surges with enough quota in place at their onset.
     pub prepared: f64,
 }
 
+/// A surge to judge: its onset and the CPU (cores) its requests need at its peak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Surge {
+    pub onset: Duration,
+    pub need: f64,
+}
+
+impl Workload {
+    /// Each of `onsets` with the CPU its requests need at the surge's peak (at `request`
+    /// CPU-seconds a request, fully used).
+    pub fn surges(&self, onsets: &Onsets, from: &[Duration], request: f64) -> Vec<Surge> {
+        from.iter()
+            .map(|&onset| {
+                let steps = 100;
+                let peak = (0..steps)
+                    .map(|k| {
+                        self.rate(
+                            onsets,
+                            onset + self.surge_width.mul_f64(k as f64 / steps as f64),
+                        )
+                        .0
+                    })
+                    .fold(0.0, f64::max);
+                Surge {
+                    onset,
+                    need: peak * request,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Judges a run: `outcomes` of every request, the allocation over time (`(from, cores)`,
-/// in order; the first from zero), the surges' onsets and width, the SLO, and how far before
-/// an onset a raise still counts as serving it.
+/// in order; the first from zero), the recurring surges and their width, and the SLO.
 pub fn judge(
     outcomes: &[Outcome],
     allocation: &[(Duration, f64)],
     length: Duration,
-    onsets: &[Duration],
+    surges: &[Surge],
     surge_width: Duration,
     slo: Duration,
-    lookback: Duration,
 ) -> Figures {
     let over = |o: &Outcome| o.1.is_none_or(|l| l > slo);
-    let mut by_second: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
-    for (at, latency) in outcomes {
-        let l = latency.map_or(f64::INFINITY, |l| l.as_secs_f64());
-        by_second.entry(at.as_secs()).or_default().push(l);
-    }
-    let seconds_over_slo = by_second
+    let seconds_over_slo = p99_by_second(outcomes)
         .into_values()
-        .filter_map(|mut v| percentiles(&mut v))
-        .filter(|[_, _, p99]| *p99 > slo.as_secs_f64())
+        .filter(|p99| *p99 > slo.as_secs_f64())
         .count();
     // The allocation in force at `t`, and its integral.
     let at = |t: Duration| {
@@ -585,31 +627,33 @@ pub fn judge(
             a * to.saturating_sub(*from).as_secs_f64()
         })
         .sum();
-    let raises: Vec<Duration> = allocation
-        .windows(2)
-        .filter(|w| w[1].1 > w[0].1)
-        .map(|w| w[1].0)
-        .collect();
-    let leads: Vec<Option<f64>> = onsets
+    let leads: Vec<Option<f64>> = surges
         .iter()
-        .map(|&onset| {
-            let from = onset.saturating_sub(lookback);
-            let before = raises
-                .iter()
-                .rfind(|&&r| r >= from && r <= onset)
-                .filter(|_| at(onset) > at(from));
-            let after = raises
-                .iter()
-                .find(|&&r| r > onset && r < onset + surge_width);
-            match (before, after) {
-                (Some(r), _) => Some((onset - *r).as_secs_f64()),
-                (None, Some(r)) => Some(-(*r - onset).as_secs_f64()),
-                (None, None) => None,
+        .map(|s| {
+            let enough = |a: f64| a >= s.need;
+            if enough(at(s.onset)) {
+                // Since the start of the stretch of enough that holds at the onset.
+                let mut since = None;
+                for (from, a) in allocation.iter().take_while(|(from, _)| *from <= s.onset) {
+                    since = match (enough(*a), since) {
+                        (true, None) => Some(*from),
+                        (true, kept) => kept,
+                        (false, _) => None,
+                    };
+                }
+                since.map(|since| (s.onset - since).as_secs_f64())
+            } else {
+                allocation
+                    .iter()
+                    .find(|(from, a)| {
+                        *from > s.onset && *from < s.onset + surge_width && enough(*a)
+                    })
+                    .map(|(from, _)| -(*from - s.onset).as_secs_f64())
             }
         })
         .collect();
     let prepared = leads.iter().filter(|l| l.is_some_and(|l| l >= 0.0)).count() as f64
-        / onsets.len().max(1) as f64;
+        / surges.len().max(1) as f64;
     Figures {
         seconds_over_slo,
         requests_over_slo: outcomes.iter().filter(|o| over(o)).count(),
@@ -618,6 +662,179 @@ pub fn judge(
         leads,
         prepared,
     }
+}
+
+/// Each second's p99 latency (seconds, by scheduled arrival; a failure is infinitely slow).
+fn p99_by_second(outcomes: &[Outcome]) -> std::collections::BTreeMap<u64, f64> {
+    let mut by_second: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for (at, latency) in outcomes {
+        let l = latency.map_or(f64::INFINITY, |l| l.as_secs_f64());
+        by_second.entry(at.as_secs()).or_default().push(l);
+    }
+    by_second
+        .into_iter()
+        .filter_map(|(s, mut v)| percentiles(&mut v).map(|p| (s, p[2])))
+        .collect()
+}
+
+/// Seconds whose p99 passed the SLO within `width` of one of `onsets` (how a policy
+/// absorbed the unannounced spikes).
+pub fn seconds_over_slo_within(
+    outcomes: &[Outcome],
+    onsets: &[Duration],
+    width: Duration,
+    slo: Duration,
+) -> usize {
+    p99_by_second(outcomes)
+        .into_iter()
+        .filter(|(s, p99)| {
+            let t = Duration::from_secs(*s);
+            *p99 > slo.as_secs_f64() && onsets.iter().any(|&o| t >= o && t < o + width)
+        })
+        .count()
+}
+
+/// A run drawn as SVG: each second's p99 latency against the SLO (top), and the CPU quota
+/// the kernel held with the CPU used (bottom); recurring surges shaded, spikes marked.
+#[allow(clippy::too_many_arguments)]
+pub fn plot(
+    policy: &str,
+    outcomes: &[Outcome],
+    quota: &[(Duration, f64)],
+    usage: &[(Duration, f64)],
+    length: Duration,
+    surges: (&[Duration], Duration),
+    spikes: &[Duration],
+    slo: Duration,
+) -> String {
+    use std::fmt::Write as _;
+    let (w, h, left, top, gap) = (1200.0, 560.0, 60.0, 30.0, 40.0);
+    let panel = (h - top - gap - 30.0) / 2.0;
+    let span = length.as_secs_f64().max(1.0);
+    let x = |t: f64| left + (w - left - 20.0) * t / span;
+    let lat_max = slo.as_secs_f64() * 4.0;
+    let y_lat = |v: f64| top + panel * (1.0 - (v / lat_max).min(1.0));
+    let cores_max = quota
+        .iter()
+        .map(|q| q.1)
+        .chain(usage.iter().map(|u| u.1))
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let top2 = top + panel + gap;
+    let y_cores = |v: f64| top2 + panel * (1.0 - (v / cores_max).min(1.0));
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let (surges, surge_width) = surges;
+    for &s in surges {
+        let (a, b) = (x(s.as_secs_f64()), x((s + surge_width).as_secs_f64()));
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{a:.1}" y="{top}" width="{:.1}" height="{:.1}" fill="#f5c16c" opacity="0.4"/>"##,
+            (b - a).max(1.0),
+            h - top - 30.0
+        );
+    }
+    for &s in spikes {
+        let a = x(s.as_secs_f64());
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{a:.1}" x2="{a:.1}" y1="{top}" y2="{:.1}" stroke="#d62728" stroke-dasharray="2,3"/>"##,
+            h - 30.0
+        );
+    }
+    let mut path = String::new();
+    for (s, p99) in p99_by_second(outcomes) {
+        let _ = write!(
+            path,
+            "{}{:.1},{:.1}",
+            if path.is_empty() { "M" } else { " L" },
+            x(s as f64),
+            y_lat(p99)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1"/>"##
+    );
+    let ys = y_lat(slo.as_secs_f64());
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{left}" x2="{:.1}" y1="{ys:.1}" y2="{ys:.1}" stroke="#d62728"/>"##,
+        w - 20.0
+    );
+    let mut path = String::new();
+    let mut last = None;
+    for &(t, c) in quota {
+        let c = if c.is_finite() { c } else { cores_max };
+        let (xt, yc) = (x(t.as_secs_f64()), y_cores(c));
+        match last {
+            None => {
+                let _ = write!(path, "M{xt:.1},{yc:.1}");
+            }
+            Some(prev) => {
+                let _ = write!(path, " L{xt:.1},{prev:.1} L{xt:.1},{yc:.1}");
+            }
+        }
+        last = Some(yc);
+    }
+    if let Some(prev) = last {
+        let _ = write!(path, " L{:.1},{prev:.1}", x(span));
+    }
+    let _ = writeln!(
+        svg,
+        r##"<path d="{path}" fill="none" stroke="#2ca02c" stroke-width="2"/>"##
+    );
+    let mut path = String::new();
+    for &(t, c) in usage {
+        let _ = write!(
+            path,
+            "{}{:.1},{:.1}",
+            if path.is_empty() { "M" } else { " L" },
+            x(t.as_secs_f64()),
+            y_cores(c)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<path d="{path}" fill="none" stroke="#555" stroke-width="1"/>"##
+    );
+    for (y0, label) in [
+        (
+            top,
+            format!(
+                "p99 latency (0 to {:.0} ms), SLO {:.0} ms in red",
+                lat_max * 1000.0,
+                slo.as_secs_f64() * 1000.0
+            ),
+        ),
+        (
+            top2,
+            format!("CPU: quota (green), used (grey), 0 to {cores_max:.2} cores"),
+        ),
+    ] {
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{left}" y="{y0}" width="{:.1}" height="{panel:.1}" fill="none" stroke="#999"/>"##,
+            w - left - 20.0
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{left}" y="{:.1}">{label}</text>"#,
+            y0 - 6.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="{:.1}">{policy}: {span:.0} s; recurring surges shaded, spikes dashed</text>"#,
+        h - 10.0
+    );
+    svg.push_str("</svg>\n");
+    svg
 }
 
 /// p50, p95 and p99 of `samples` (nearest rank; sorts them). `None` when empty.
@@ -821,7 +1038,8 @@ mod tests {
             }
         }
         // 1 core, raised to 2 at 50 s (10 s before the first surge, at 60 s), back to 1 at
-        // 100 s, raised 5 s after the second surge's onset (200 s); the third (300 s) never.
+        // 100 s, raised 5 s after the second surge's onset (200 s); the third (300 s) never
+        // has enough; the fourth (380 s) needs less than the core held all along.
         let allocation = [
             (s(0), 1.0),
             (s(50), 2.0),
@@ -829,21 +1047,45 @@ mod tests {
             (s(205), 3.0),
             (s(250), 1.0),
         ];
+        let surge = |onset: u64, need: f64| Surge {
+            onset: s(onset),
+            need,
+        };
         let f = judge(
             &outcomes,
             &allocation,
             s(400),
-            &[s(60), s(200), s(300)],
+            &[
+                surge(60, 1.5),
+                surge(200, 1.5),
+                surge(300, 1.5),
+                surge(380, 0.8),
+            ],
             s(30),
             ms(500),
-            s(60),
         );
         assert_eq!(f.seconds_over_slo, 1);
         assert_eq!(f.requests_over_slo, 4);
         assert_eq!(f.failed, 1);
         assert_eq!(f.cpu_seconds, 50.0 + 100.0 + 105.0 + 135.0 + 150.0);
-        assert_eq!(f.leads, [Some(10.0), Some(-5.0), None]);
-        assert!((f.prepared - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(f.leads, [Some(10.0), Some(-5.0), None, Some(380.0)]);
+        assert!((f.prepared - 2.0 / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_surge_needs_its_peak_rate_of_requests() {
+        let w = Workload::default();
+        let onsets = w.onsets();
+        let surges = w.surges(&onsets, &onsets.surges, 0.005);
+        assert_eq!(surges.len(), onsets.surges.len());
+        for s in &surges {
+            let (rate, [_, surge, _]) = w.rate(&onsets, s.onset);
+            assert_eq!(surge, w.surge_rps);
+            assert!(
+                s.need >= rate * 0.005 && s.need <= (w.peak_rps + w.surge_rps) * 0.005,
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
@@ -893,5 +1135,58 @@ mod tests {
         assert_eq!(percentiles(&mut v), Some([50.0, 95.0, 99.0]));
         assert_eq!(percentiles(&mut [3.0]), Some([3.0, 3.0, 3.0]));
         assert_eq!(percentiles(&mut []), None);
+    }
+
+    #[test]
+    fn a_compressed_day_keeps_the_shape_of_the_default_one() {
+        let d = Workload::default();
+        assert_eq!(Workload::compressed(1, d.day, d.days), d);
+        let short = Workload::compressed(7, Duration::from_secs(60), 4);
+        assert_eq!(short.surge_width, Duration::from_secs(3));
+        assert_eq!(short.jitter, Duration::from_secs(1));
+        assert_eq!(short.spike_width, Duration::from_secs(1));
+        assert_eq!((short.seed, short.days), (7, 4));
+        short.validate().unwrap();
+    }
+
+    #[test]
+    fn slow_seconds_are_counted_within_their_windows_only() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // Second 10 is slow (a failure), second 11 fast, second 30 slow but far from onsets.
+        let outcomes = vec![
+            (s(10) + ms(1), None),
+            (s(11) + ms(5), Some(ms(20))),
+            (s(30), Some(ms(900))),
+        ];
+        let slo = ms(200);
+        assert_eq!(seconds_over_slo_within(&outcomes, &[s(10)], s(5), slo), 1);
+        assert_eq!(
+            seconds_over_slo_within(&outcomes, &[s(10), s(28)], s(5), slo),
+            2
+        );
+        assert_eq!(seconds_over_slo_within(&outcomes, &[], s(5), slo), 0);
+    }
+
+    #[test]
+    fn a_run_is_drawn_as_one_svg_with_latency_quota_and_usage() {
+        let s = Duration::from_secs;
+        let outcomes: Vec<Outcome> = (0..100)
+            .map(|i| (s(i), Some(Duration::from_millis(10 + i))))
+            .collect();
+        let svg = plot(
+            "forestall",
+            &outcomes,
+            &[(s(0), 0.3), (s(40), 1.2), (s(70), f64::INFINITY)],
+            &[(s(1), 0.2), (s(2), 0.9)],
+            s(100),
+            (&[s(50)], s(10)),
+            &[s(20)],
+            Duration::from_millis(200),
+        );
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+        // Latency, quota and usage each a path; no NaN or infinity in the drawing.
+        assert_eq!(svg.matches("<path ").count(), 3);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
 }

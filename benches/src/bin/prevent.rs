@@ -47,32 +47,50 @@ enum Cmd {
         working_set_mib: usize,
     },
     /// One policy over the workload.
-    Run {
-        #[arg(long, default_value = "static")]
-        policy: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Seconds in one compressed day.
-        #[arg(long, default_value_t = 600)]
-        day_secs: u64,
-        #[arg(long, default_value_t = 6)]
-        days: u32,
-        /// CPU time one request costs, in milliseconds (calibrated at start).
-        #[arg(long, default_value_t = 5.0)]
-        request_ms: f64,
-        /// The latency objective, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        slo_ms: u64,
-        #[arg(long, default_value = "/sys/fs/cgroup")]
-        cgroup_root: PathBuf,
-        /// A Forestall to write each second's latency figures to as the run goes
-        /// (`prevent,policy=…` p50, p95, p99, rps, failed, over_slo), e.g.
-        /// http://127.0.0.1:8181.
-        #[arg(long)]
-        forestall: Option<String>,
-    },
+    Run(RunArgs),
+    /// Judges a run again from the files it wrote in `--out` (same arguments as its run).
+    Judge(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// static, reactive or forestall.
+    #[arg(long, default_value = "static")]
+    policy: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seconds in one compressed day.
+    #[arg(long, default_value_t = 600)]
+    day_secs: u64,
+    #[arg(long, default_value_t = 6)]
+    days: u32,
+    /// CPU time one request costs, in milliseconds (calibrated at start).
+    #[arg(long, default_value_t = 5.0)]
+    request_ms: f64,
+    /// The latency objective, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    slo_ms: u64,
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// A Forestall to write each second's latency figures to as the run goes
+    /// (`prevent,policy=…` p50, p95, p99, rps, failed, over_slo), e.g.
+    /// http://127.0.0.1:8181. The forestall policy writes them to its own.
+    #[arg(long)]
+    forestall: Option<String>,
+    /// The forestall policy's server binary [default: `forestall` beside this one].
+    #[arg(long)]
+    forestall_bin: Option<PathBuf>,
+    /// The forestall policy's allocation interval, in milliseconds: its rounds (and
+    /// forecast steps). A compressed day should hold at most 300 of them (the longest
+    /// seasonal period its forecasters look for).
+    #[arg(long, default_value_t = 5000)]
+    interval_ms: u64,
+    /// The forestall policy: cap the service's CPU at this many cores, set over Forestall's
+    /// preferences API once it is up (as an operator would).
+    #[arg(long)]
+    cap_cores: Option<f64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,33 +100,17 @@ fn main() -> anyhow::Result<()> {
             rounds,
             working_set_mib,
         } => service(workers, rounds, working_set_mib << 20),
-        Cmd::Run {
-            policy,
-            out,
-            seed,
-            day_secs,
-            days,
-            request_ms,
-            slo_ms,
-            cgroup_root,
-            forestall,
-        } => {
-            let workload = Workload {
-                seed,
-                day: Duration::from_secs(day_secs),
-                days,
-                ..Workload::default()
-            };
+        Cmd::Run(args) => {
+            let workload =
+                Workload::compressed(args.seed, Duration::from_secs(args.day_secs), args.days);
             workload.validate().map_err(anyhow::Error::msg)?;
-            run(
-                &policy,
-                &out,
-                &workload,
-                request_ms,
-                Duration::from_millis(slo_ms),
-                cgroup_root,
-                forestall,
-            )
+            run(&args, &workload)
+        }
+        Cmd::Judge(args) => {
+            let workload =
+                Workload::compressed(args.seed, Duration::from_secs(args.day_secs), args.days);
+            workload.validate().map_err(anyhow::Error::msg)?;
+            rejudge(&args, &workload)
         }
     }
 }
@@ -141,32 +143,257 @@ fn calibrate(ms: f64) -> u32 {
         .clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
-fn run(
-    policy: &str,
-    out: &std::path::Path,
-    workload: &Workload,
-    request_ms: f64,
+/// The policy a run is under.
+enum Policy {
+    Static,
+    Reactive(Hpa),
+    Forestall(Box<ForestallRun>),
+}
+
+/// A Forestall serving the run: its process, its URL, and where it keeps its data.
+struct ForestallRun {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for ForestallRun {
+    fn drop(&mut self) {
+        // SIGTERM, so it stops as a service does; killed if it lingers.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the Forestall policy needs to know to start its server.
+struct ForestallSetup<'a> {
+    bin: &'a std::path::Path,
+    dir: PathBuf,
+    cgroup_root: &'a std::path::Path,
+    cgroup: String,
+    pool: f64,
+    day: Duration,
+    interval: Duration,
     slo: Duration,
-    cgroup_root: PathBuf,
-    forestall: Option<String>,
-) -> anyhow::Result<()> {
+}
+
+/// The allocation query the Forestall policy runs on every write of the latency figures:
+/// when the last seconds' p99 passes half the SLO (or requests failed), the service asks for
+/// half as much CPU again as the requests it is answering cost: the last line's throughput
+/// times the CPU a request took over the last minute (metered usage over throughput). Read
+/// from the line that carried the slow second, not from the next metering. Its usage
+/// forecast (the loop's own, from the metered cgroup) asks for what the coming minutes need.
+pub const LATENCY_QUERY: &str = "prevent_latency";
+
+fn latency_query(slo: Duration) -> String {
+    format!(
+        "SELECT 'service' AS component, 'cpu' AS resource, \
+         CASE WHEN l.p99 > {threshold} OR l.failed > 0 THEN l.rps * u.cores / r.rps * 1.5 END AS demand \
+         FROM (SELECT coalesce(max(p99), 0.0) AS p99, coalesce(sum(failed), 0) AS failed, \
+                      CAST(max(rps) AS DOUBLE) AS rps \
+               FROM prevent WHERE time > now() - INTERVAL '2 seconds') AS l, \
+              (SELECT avg(cpu) AS cores FROM forestall_usage \
+               WHERE component = 'service' AND time > now() - INTERVAL '1 minute') AS u, \
+              (SELECT CAST(avg(rps) AS DOUBLE) AS rps FROM prevent \
+               WHERE time > now() - INTERVAL '1 minute') AS r",
+        threshold = slo.as_secs_f64() / 2.0,
+    )
+}
+
+/// Starts a Forestall that allocates the service's CPU: the live loop actuating on the
+/// service's cgroup, every `interval`, its timings (horizon, release, judging) those of a
+/// real day scaled to the compressed one, and the latency query above. Waits until it
+/// answers.
+fn start_forestall(setup: &ForestallSetup<'_>) -> anyhow::Result<ForestallRun> {
+    let _ = std::fs::remove_dir_all(&setup.dir);
+    std::fs::create_dir_all(&setup.dir)?;
+    let free_port =
+        || -> anyhow::Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let (http, pg) = (free_port()?, free_port()?);
+    // A real day's settings (horizon 1 h, release after 4 h, judge after 8 h, age after
+    // 6 h), in the compressed day.
+    let scaled = |hours: f64| {
+        let d = setup.day.mul_f64(hours / 24.0).max(setup.interval);
+        format!("{}ms", d.as_millis())
+    };
+    let config = format!(
+        r#"[log]
+filter = "info"
+
+[allocation]
+enabled = true
+actuate = true
+interval = "{interval}ms"
+horizon = "{horizon}"
+release_after = "{release}"
+judge_after = "{judge}"
+age_after = "{age}"
+cgroup_root = "{root}"
+cgroup_version = "v1"
+pool = {{ cpu = {pool} }}
+
+[[allocation.components]]
+name = "service"
+cgroup = "{cgroup}"
+# CPU is what the benchmark is about; the service's memory is left as it is.
+preferences = {{ unmanaged = ["mem"] }}
+
+[[continuous_queries]]
+name = "{name}"
+on_write = true
+allocate = true
+query = """{query}"""
+"#,
+        interval = setup.interval.as_millis(),
+        horizon = scaled(1.0),
+        release = scaled(4.0),
+        judge = scaled(8.0),
+        age = scaled(6.0),
+        root = setup.cgroup_root.display(),
+        pool = setup.pool,
+        cgroup = setup.cgroup,
+        name = LATENCY_QUERY,
+        query = latency_query(setup.slo),
+    );
+    let file = setup.dir.join("forestall.toml");
+    std::fs::write(&file, config)?;
+    let log = std::fs::File::create(setup.dir.join("forestall.log"))?;
+    let child = Command::new(setup.bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(setup.dir.join("data"))
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--pg-addr", &format!("127.0.0.1:{pg}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", setup.bin.display()))?;
+    let run = ForestallRun {
+        child,
+        url: format!("http://127.0.0.1:{http}"),
+    };
+    let health = format!("{}/health", run.url);
+    for _ in 0..300 {
+        if ureq::get(&health).call().is_ok() {
+            return Ok(run);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "Forestall did not answer within 30 s; see {}",
+        setup.dir.join("forestall.log").display()
+    )
+}
+
+/// What the kernel held over the run, read every 100 ms: the quota's changes (`(from,
+/// cores)`) and the CPU used in each second (cores).
+#[derive(Debug, Default)]
+struct Held {
+    quota: Vec<(Duration, f64)>,
+    usage: Vec<(Duration, f64)>,
+}
+
+fn watch(
+    cgroups: CgroupV1,
+    target: Target,
+    started: Instant,
+    done: Arc<AtomicBool>,
+) -> anyhow::Result<Held> {
+    let mut held = Held::default();
+    let mut last_usage = (started, cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0));
+    while !done.load(Ordering::Relaxed) {
+        let cores = cgroups
+            .read_back(&target)?
+            .cpu_millicores
+            .map_or(f64::INFINITY, |m| m as f64 / 1000.0);
+        if held
+            .quota
+            .last()
+            .is_none_or(|(_, c)| (c - cores).abs() > 1e-9)
+        {
+            held.quota.push((started.elapsed(), cores));
+        }
+        let now = Instant::now();
+        if now.duration_since(last_usage.0) >= Duration::from_secs(1) {
+            let used = cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0);
+            let rate = (used - last_usage.1) / now.duration_since(last_usage.0).as_secs_f64();
+            held.usage.push((started.elapsed(), rate));
+            last_usage = (now, used);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(held)
+}
+
+/// The policy `args` names, started: a Forestall allocating the service's cgroup for the
+/// forestall policy.
+fn start_policy(
+    args: &RunArgs,
+    workload: &Workload,
+    target: &Target,
+    cores: f64,
+    pool: f64,
+) -> anyhow::Result<Policy> {
+    let slo = Duration::from_millis(args.slo_ms);
+    Ok(match args.policy.as_str() {
+        "static" => Policy::Static,
+        "reactive" => Policy::Reactive(Hpa::new(cores, 0.1, pool)),
+        "forestall" => {
+            let bin = match args.forestall_bin.clone() {
+                Some(b) => b,
+                None => std::env::current_exe()?.with_file_name("forestall"),
+            };
+            let run = start_forestall(&ForestallSetup {
+                bin: &bin,
+                dir: args.out.join("forestall"),
+                cgroup_root: &args.cgroup_root,
+                cgroup: target.cgroup.clone(),
+                pool,
+                day: workload.day,
+                interval: Duration::from_millis(args.interval_ms),
+                slo,
+            })?;
+            if let Some(cap) = args.cap_cores {
+                let url = format!("{}/api/v1/preferences/service", run.url);
+                ureq::put(&url)
+                    .set("Content-Type", "application/json")
+                    .send_string(&serde_json::json!({ "cap": { "cpu": cap } }).to_string())
+                    .with_context(|| format!("cap the service's CPU at {url}"))?;
+            }
+            Policy::Forestall(Box::new(run))
+        }
+        other => bail!("unknown policy {other:?} (static, reactive, forestall)"),
+    })
+}
+
+fn run(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
+    let (policy, out, request_ms) = (args.policy.as_str(), args.out.as_path(), args.request_ms);
+    let slo = Duration::from_millis(args.slo_ms);
+    let cgroup_root = args.cgroup_root.clone();
     let schedule = workload.schedule();
     let length = workload.length();
     let mean_rps = schedule.arrivals.len() as f64 / length.as_secs_f64();
-    // Static sizes at the mean demand plus 30 %, and the reactive policy starts there.
+    // Static sizes at the mean demand plus 30 %, and the others start there.
     let cores = mean_rps * request_ms / 1000.0 * 1.3;
     let pool = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
-    let reactive = match policy {
-        "static" => None,
-        "reactive" => Some(Hpa::new(cores, 0.1, pool)),
-        other => bail!("policy {other:?} is not built yet (static, reactive)"),
-    };
     let rounds = calibrate(request_ms);
     let cgroups = CgroupV1::new(&cgroup_root);
     let target = Target::new(
         "service",
         format!("forestall-prevent-{}-{policy}", std::process::id()),
     )?;
+    std::fs::create_dir_all(out)?;
     cgroups.create(&target)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["service", "--rounds", &rounds.to_string()])
@@ -186,48 +413,74 @@ fn run(
         cpu_millicores: Some((cores * 1000.0).ceil() as u64),
         ..Limits::default()
     };
+    // The service holds the operator's quota before any policy starts: Forestall's loop
+    // starts from what the cgroup holds.
     cgroups.apply(&target, &quota(cores))?;
+    let policy_run = start_policy(args, workload, &target, cores, pool);
+    let mut policy_run = match policy_run {
+        Ok(p) => p,
+        Err(e) => {
+            drop(child.stdin.take());
+            let _ = child.wait();
+            let _ = cgroups.remove(&target);
+            return Err(e);
+        }
+    };
+
     eprintln!(
         "{policy}: {} requests over {length:?} ({mean_rps:.1}/s on average), {rounds} rounds each \
          (~{request_ms} ms of CPU), quota {cores:.2} cores",
         schedule.arrivals.len()
     );
     let arrivals: Vec<Duration> = schedule.arrivals.iter().map(|(t, _)| *t).collect();
-    // The allocation over time: (from, cores).
-    let mut allocation = vec![(Duration::ZERO, cores)];
     let done = Arc::new(AtomicBool::new(false));
-    let controller = reactive.map(|mut hpa| {
+    let started = Instant::now();
+    let watcher = {
         let (cgroups, target, done) = (
             CgroupV1::new(&cgroup_root),
             target.clone(),
             Arc::clone(&done),
         );
-        std::thread::spawn(move || -> anyhow::Result<Vec<(Duration, f64)>> {
-            let started = Instant::now();
-            let mut changes = Vec::new();
-            let mut last = (
-                Instant::now(),
-                cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0),
+        std::thread::spawn(move || watch(cgroups, target, started, done))
+    };
+    let controller = match &mut policy_run {
+        Policy::Reactive(hpa) => {
+            let mut hpa = hpa.clone();
+            let (cgroups, target, done) = (
+                CgroupV1::new(&cgroup_root),
+                target.clone(),
+                Arc::clone(&done),
             );
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(hpa.sync);
-                let now = (
+            Some(std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut last = (
                     Instant::now(),
                     cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0),
                 );
-                let used = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
-                last = now;
-                let before = hpa.quota();
-                let after = hpa.step(started.elapsed(), used);
-                if after != before {
-                    cgroups.apply(&target, &quota(after))?;
-                    changes.push((started.elapsed(), after));
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(hpa.sync);
+                    let now = (
+                        Instant::now(),
+                        cgroups.usage(&target)?.cpu_seconds.unwrap_or(0.0),
+                    );
+                    let used = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
+                    last = now;
+                    let before = hpa.quota();
+                    let after = hpa.step(started.elapsed(), used);
+                    if after != before {
+                        cgroups.apply(&target, &quota(after))?;
+                    }
                 }
-            }
-            Ok(changes)
-        })
-    });
-    let (live, reporter) = match forestall {
+                Ok(())
+            }))
+        }
+        _ => None,
+    };
+    // The latency figures go to the policy's Forestall, or to the one named.
+    let url = match &policy_run {
+        Policy::Forestall(f) => Some(f.url.clone()),
+        _ => args.forestall.clone(),
+    };
+    let (live, reporter) = match url {
         Some(url) => {
             let (tx, rx) = std::sync::mpsc::channel();
             let policy = policy.to_owned();
@@ -239,22 +492,31 @@ fn run(
         None => (None, None),
     };
     let outcomes = prevent::drive(addr, &arrivals, 64, live);
-    if let Some(r) = reporter {
-        r.join()
-            .map_err(|_| anyhow::anyhow!("the reporter panicked"))??;
-    }
+    let written = match reporter {
+        Some(r) => r
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reporter panicked"))??,
+        None => Vec::new(),
+    };
     done.store(true, Ordering::Relaxed);
     if let Some(c) = controller {
-        let changes = c
-            .join()
+        c.join()
             .map_err(|_| anyhow::anyhow!("the controller panicked"))??;
-        allocation.extend(changes);
     }
+    let held = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watcher panicked"))??;
+    // Write-to-actuation: each raise the latency query asked for, from the first line of
+    // the run of slow seconds that carried its signal.
+    let actuation = match &policy_run {
+        Policy::Forestall(f) => write_to_actuation(&f.url, &written)?,
+        _ => Vec::new(),
+    };
     drop(child.stdin.take());
     let _ = child.wait();
+    drop(policy_run);
     let _ = cgroups.remove(&target);
 
-    std::fs::create_dir_all(out)?;
     let mut csv = String::from("scheduled_s,latency_s\n");
     for (at, latency) in &outcomes {
         let l = latency.map_or("".into(), |l| format!("{:.6}", l.as_secs_f64()));
@@ -262,40 +524,203 @@ fn run(
     }
     std::fs::write(out.join(format!("{policy}.csv")), csv)?;
     let mut csv = String::from("from_s,cores\n");
-    for (from, c) in &allocation {
+    for (from, c) in &held.quota {
         csv.push_str(&format!("{:.3},{c:.4}\n", from.as_secs_f64()));
     }
     std::fs::write(out.join(format!("{policy}-allocation.csv")), csv)?;
+    let mut csv = String::from("at_s,cores\n");
+    for (at, c) in &held.usage {
+        csv.push_str(&format!("{:.3},{c:.4}\n", at.as_secs_f64()));
+    }
+    std::fs::write(out.join(format!("{policy}-usage.csv")), csv)?;
+    conclude(args, workload, &outcomes, &held, actuation)
+}
+
+/// `prevent judge`: judges a run again from the files it wrote (the requests, the quota and
+/// the usage), for the same arguments; the write-to-actuation figures are kept from its
+/// report.
+fn rejudge(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
+    let policy = args.policy.as_str();
+    let read = |file: String| -> anyhow::Result<Vec<Vec<String>>> {
+        let text = std::fs::read_to_string(args.out.join(&file)).with_context(|| file.clone())?;
+        Ok(text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').map(str::to_owned).collect())
+            .collect())
+    };
+    let secs = |v: &str| -> anyhow::Result<Duration> { Ok(Duration::from_secs_f64(v.parse()?)) };
+    let mut outcomes = Vec::new();
+    for row in read(format!("{policy}.csv"))? {
+        let latency = match row.get(1).map(String::as_str) {
+            Some("") | None => None,
+            Some(l) => Some(secs(l)?),
+        };
+        outcomes.push((secs(&row[0])?, latency));
+    }
+    let series = |file: String| -> anyhow::Result<Vec<(Duration, f64)>> {
+        read(file)?
+            .iter()
+            .map(|r| Ok((secs(&r[0])?, r[1].parse()?)))
+            .collect()
+    };
+    let held = Held {
+        quota: series(format!("{policy}-allocation.csv"))?,
+        usage: series(format!("{policy}-usage.csv"))?,
+    };
+    let actuation = std::fs::read_to_string(args.out.join(format!("{policy}.json")))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|r| serde_json::from_value(r["write_to_actuation_s"].clone()).ok())
+        .unwrap_or_default();
+    conclude(args, workload, &outcomes, &held, actuation)
+}
+
+/// Judges a run and writes its report (`<policy>.txt`, `.json`) and plot (`.svg`).
+fn conclude(
+    args: &RunArgs,
+    workload: &Workload,
+    outcomes: &[prevent::Outcome],
+    held: &Held,
+    actuation: Vec<f64>,
+) -> anyhow::Result<()> {
+    let (policy, out) = (args.policy.as_str(), args.out.as_path());
+    let slo = Duration::from_millis(args.slo_ms);
+    let length = workload.length();
+    let schedule = workload.schedule();
+    let onsets = &schedule.onsets;
+    // A surge recurs from its second day on: the first is news to every policy.
+    let recurring = onsets.surges.get(1..).unwrap_or_default();
+    let surges = workload.surges(onsets, recurring, args.request_ms / 1000.0);
     let f = prevent::judge(
-        &outcomes,
-        &allocation,
+        outcomes,
+        &held.quota,
         length,
-        &schedule.onsets.surges,
+        &surges,
         workload.surge_width,
         slo,
-        workload.day / 10,
     );
-    println!(
-        "{policy}: {} s with p99 over {slo:?}, {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {} quota changes, {:.0} % of surges prepared",
+    let svg = prevent::plot(
+        policy,
+        outcomes,
+        &held.quota,
+        &held.usage,
+        length,
+        (&onsets.surges, workload.surge_width),
+        &onsets.spikes,
+        slo,
+    );
+    std::fs::write(out.join(format!("{policy}.svg")), svg)?;
+    let spike_seconds = prevent::seconds_over_slo_within(
+        outcomes,
+        &onsets.spikes,
+        workload.spike_width + Duration::from_secs(10),
+        slo,
+    );
+    let mut summary = format!(
+        "{policy}: {} s with p99 over {slo:?} ({spike_seconds} s of them in spikes), {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {} quota changes, {:.0} % of recurring surges prepared (leads {})",
         f.seconds_over_slo,
         f.requests_over_slo,
         outcomes.len(),
         f.failed,
         f.cpu_seconds,
-        allocation.len() - 1,
-        100.0 * f.prepared
+        held.quota.len().saturating_sub(1),
+        100.0 * f.prepared,
+        f.leads
+            .iter()
+            .map(|l| l.map_or("none".into(), |l| format!("{l:.0} s")))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
+    if !actuation.is_empty() {
+        let mut v = actuation.clone();
+        let [p50, _, p99] = prevent::percentiles(&mut v).unwrap_or([f64::NAN; 3]);
+        summary.push_str(&format!(
+            ", write-to-actuation p50 {:.0} ms p99 {:.0} ms over {} raises",
+            p50 * 1000.0,
+            p99 * 1000.0,
+            actuation.len()
+        ));
+    }
+    println!("{summary}");
+    std::fs::write(out.join(format!("{policy}.txt")), summary + "\n")?;
+    let report = serde_json::json!({
+        "policy": policy,
+        "seconds_over_slo": f.seconds_over_slo,
+        "seconds_over_slo_in_spikes": spike_seconds,
+        "requests": outcomes.len(),
+        "requests_over_slo": f.requests_over_slo,
+        "failed": f.failed,
+        "cpu_seconds": f.cpu_seconds,
+        "quota_changes": held.quota.len().saturating_sub(1),
+        "quota": held.quota.iter().map(|(t, c)| [t.as_secs_f64(), *c]).collect::<Vec<_>>(),
+        "recurring_surges": recurring.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        "surge_needs_cores": surges.iter().map(|s| s.need).collect::<Vec<_>>(),
+        "leads_s": f.leads,
+        "prepared": f.prepared,
+        "write_to_actuation_s": actuation,
+    });
+    std::fs::write(
+        out.join(format!("{policy}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     Ok(())
 }
 
+/// The write-to-actuation latencies (seconds) of the raises the latency query asked for:
+/// for each, from the write of the first line of the run of slow seconds before it (p99
+/// over half the SLO, as the query's condition) to the decision that applied it.
+fn write_to_actuation(url: &str, written: &[(i64, bool)]) -> anyhow::Result<Vec<f64>> {
+    let q = format!(
+        "SELECT CAST(time AS BIGINT) AS t FROM forestall_allocations \
+         WHERE component = 'service' AND resource = 'cpu' AND action = 'raise' AND applied \
+         AND reason LIKE '%asked by query {LATENCY_QUERY}' ORDER BY time"
+    );
+    let body: serde_json::Value = serde_json::from_reader(
+        ureq::get(&format!("{url}/api/v3/query_sql"))
+            .query("q", &q)
+            .query("format", "json")
+            .call()
+            .context("read the allocation audit")?
+            .into_reader(),
+    )?;
+    let raises: Vec<i64> = body
+        .as_array()
+        .map(|rows| rows.iter().filter_map(|r| r["t"].as_i64()).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut from = 0usize;
+    for raise in raises {
+        // The slow lines written before this raise and after the previous one.
+        let mut first = None;
+        for (k, (at, slow)) in written.iter().enumerate().skip(from) {
+            if *at > raise {
+                break;
+            }
+            from = k + 1;
+            match (*slow, first) {
+                (true, None) => first = Some(*at),
+                (false, _) => first = None,
+                _ => {}
+            }
+        }
+        if let Some(at) = first {
+            out.push((raise - at) as f64 / 1e9);
+        }
+    }
+    Ok(out)
+}
+
 /// Writes one line of figures a second, over the requests that completed in it, to the
-/// Forestall at `url`, until the driver hangs up.
+/// Forestall at `url`, until the driver hangs up. Returns when each line was written (ns
+/// since the epoch, just before the request) and whether it was slow as the latency query
+/// judges (p99 over half the SLO, or a failure).
 fn report(
     url: &str,
     policy: &str,
     outcomes: &std::sync::mpsc::Receiver<prevent::Outcome>,
     slo: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(i64, bool)>> {
     let write = format!("{}/api/v2/write", url.trim_end_matches('/'));
     let now_ns = || {
         std::time::SystemTime::now()
@@ -303,7 +728,8 @@ fn report(
             .map_or(0, |d| d.as_nanos() as i64)
     };
     let mut second = now_ns() / 1_000_000_000;
-    let mut completed = Vec::new();
+    let mut completed: Vec<prevent::Outcome> = Vec::new();
+    let mut written = Vec::new();
     loop {
         let next = (second + 1) * 1_000_000_000;
         let wait = Duration::from_nanos((next - now_ns()).max(0) as u64);
@@ -319,6 +745,13 @@ fn report(
             if let Some(line) =
                 prevent::second_line(policy, &completed, slo, second * 1_000_000_000)
             {
+                let mut ok: Vec<f64> = completed
+                    .iter()
+                    .filter_map(|(_, l)| l.map(|l| l.as_secs_f64()))
+                    .collect();
+                let failed = ok.len() < completed.len();
+                let p99 = prevent::percentiles(&mut ok).map_or(0.0, |p| p[2]);
+                written.push((now_ns(), failed || p99 > slo.as_secs_f64() / 2.0));
                 ureq::post(&write)
                     .send_string(&line)
                     .with_context(|| format!("write to {write}"))?;
@@ -327,7 +760,7 @@ fn report(
             second = now_ns() / 1_000_000_000;
         }
         if hung_up {
-            return Ok(());
+            return Ok(written);
         }
     }
 }
