@@ -763,26 +763,7 @@ impl Engine {
                 self.mark(c, r);
             }
         }
-        // A pool is short this round when the raises asked for exceed what is free; then
-        // needs come first, by priority, and whole requests after.
-        let mut asked = [0.0; 4];
-        for q in &order {
-            let i = q.resource.index();
-            asked[i] += (self.bounded(q.component, q.resource, q.amount)
-                - self.alloc[q.component][i])
-                .max(0.0);
-        }
-        for q in &order {
-            let (c, r) = (q.component, q.resource);
-            let need = self.needs[c][r.index()];
-            if asked[r.index()] > self.free(r)
-                && !self.untouchable(c, r)
-                && self.may_raise(round, c, r, need)
-            {
-                let current = self.alloc[c][r.index()];
-                self.raise(round, q, current, need, Part::Need);
-            }
-        }
+        self.needs_first(round, &order);
         for q in order {
             self.serve(round, q);
         }
@@ -808,14 +789,26 @@ impl Engine {
             }
         }
         // As in a round: on a short pool needs first, then whole requests.
+        self.needs_first(round, &order);
+        for q in order {
+            if !self.untouchable(q.component, q.resource) && q.amount.is_finite() {
+                self.raise_whole(round, q);
+            }
+        }
+        std::mem::take(&mut self.this_round)
+    }
+
+    /// A pool is short when the raises `order` asks for exceed what is free; then needs come
+    /// first, in order, and whole requests after.
+    fn needs_first(&mut self, round: u64, order: &[&Request]) {
         let mut asked = [0.0; 4];
-        for q in &order {
+        for q in order {
             let i = q.resource.index();
             asked[i] += (self.bounded(q.component, q.resource, q.amount)
                 - self.alloc[q.component][i])
                 .max(0.0);
         }
-        for q in &order {
+        for q in order {
             let (c, r) = (q.component, q.resource);
             let need = self.needs[c][r.index()];
             if asked[r.index()] > self.free(r)
@@ -826,19 +819,20 @@ impl Engine {
                 self.raise(round, q, current, need, Part::Need);
             }
         }
-        for q in order {
-            let (c, r) = (q.component, q.resource);
-            if self.untouchable(c, r) || !q.amount.is_finite() {
-                continue;
-            }
-            let current = self.alloc[c][r.index()];
-            let target = self.bounded(c, r, q.amount);
-            if self.may_raise(round, c, r, target) {
-                let target = self.raise_target(c, r, current, target);
-                self.raise(round, q, current, target, Part::Whole);
-            }
+    }
+
+    /// Raises `q`'s allocation for its whole amount if it should rise (see `may_raise`);
+    /// whether it did try.
+    fn raise_whole(&mut self, round: u64, q: &Request) -> bool {
+        let (c, r) = (q.component, q.resource);
+        let current = self.alloc[c][r.index()];
+        let target = self.bounded(c, r, q.amount);
+        if !self.may_raise(round, c, r, target) {
+            return false;
         }
-        std::mem::take(&mut self.this_round)
+        let target = self.raise_target(c, r, current, target);
+        self.raise(round, q, current, target, Part::Whole);
+        true
     }
 
     /// `requests` for known components in the order they are served: critical first, then
@@ -954,11 +948,7 @@ impl Engine {
         }
         let current = self.alloc[c][i];
         let stable = self.recent[c][i].push(q.amount, self.config.cooldown.max(1));
-        let target = self.bounded(c, r, q.amount);
-        if self.may_raise(round, c, r, target) {
-            let target = self.raise_target(c, r, current, target);
-            self.raise(round, q, current, target, Part::Whole);
-        } else {
+        if !self.raise_whole(round, q) {
             self.settle_deferred(round, c, r);
             // A resource never changed counts its cooldown from its first request: a fresh
             // start releases nothing before a whole window of requests says it may.
