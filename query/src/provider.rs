@@ -50,7 +50,7 @@ use forestall_engine::{RowFilter, ScanRequest, ScanStream, Store, TableSchema, T
 use futures::StreamExt;
 use regex::Regex;
 
-use crate::pushdown::{Folder, PartialScan};
+use crate::pushdown::{FoldTogether, PartialScan, position_or_push};
 
 /// Every measurement of a store, as tables.
 #[derive(Debug)]
@@ -419,8 +419,10 @@ impl ScanExec {
 
 /// One read of a measurement that feeds the folding scans of several plans (continuous
 /// queries rolling up the same window): the union of their columns is read and decoded once,
-/// and each batch is folded by every plan's aggregate in turn. Memory stays that of one
-/// scan's batch plus each plan's partial states (one row per series and bucket).
+/// and each batch is folded for every plan. Plans that bucket and group alike fold together
+/// ([`FoldTogether`]): a run of one series and bucket is found once for all of them. Memory
+/// stays that of one scan's batch plus each plan's partial states (one row per series and
+/// bucket).
 ///
 /// [`SharedRead::new`] splits the read into partitions, [`SharedRead::read`] reads one (a
 /// blocking call; partitions can run on threads of their own), and [`SharedRead::deliver`]
@@ -428,8 +430,9 @@ impl ScanExec {
 pub(crate) struct SharedRead {
     scans: Vec<Arc<dyn ExecutionPlan>>,
     parts: Vec<Option<ScanStream>>,
-    /// For each plan, where its columns (`spec.columns()`) are in the shared read's.
-    columns: Vec<Vec<usize>>,
+    /// The plans' folds (copied, fresh, for each partition), each with the plans it folds
+    /// for and where the columns it takes are in the read's.
+    folds: Vec<(FoldTogether, Vec<usize>, Vec<usize>)>,
 }
 
 impl SharedRead {
@@ -450,23 +453,25 @@ impl SharedRead {
                 "a shared read of scans that read different rows".into(),
             ));
         }
+        let partial: Vec<&PartialScan> = execs
+            .iter()
+            .filter_map(|e| match &e.output {
+                Output::Folded(p) => Some(p),
+                Output::Rows(_) => None,
+            })
+            .collect();
         let mut union: Vec<String> = Vec::new();
-        let mut columns = Vec::with_capacity(execs.len());
-        for exec in &execs {
-            let wanted = exec.req.projection.clone().unwrap_or_default();
-            columns.push(
-                wanted
+        let folds = FoldTogether::group(&partial)
+            .into_iter()
+            .map(|(fold, members)| {
+                let columns = fold
+                    .columns()
                     .into_iter()
-                    .map(|c| match union.iter().position(|u| *u == c) {
-                        Some(i) => i,
-                        None => {
-                            union.push(c);
-                            union.len() - 1
-                        }
-                    })
-                    .collect(),
-            );
-        }
+                    .map(|c| position_or_push(&mut union, c))
+                    .collect();
+                (fold, members, columns)
+            })
+            .collect();
         let mut req = first.req.clone();
         req.projection = Some(union);
         let scan = store
@@ -476,7 +481,7 @@ impl SharedRead {
         Ok(Self {
             scans,
             parts,
-            columns,
+            folds,
         })
     }
 
@@ -492,25 +497,25 @@ impl SharedRead {
         part: usize,
     ) -> impl FnOnce() -> DfResult<Vec<Vec<RecordBatch>>> + Send + use<> {
         let stream = self.parts.get_mut(part).and_then(Option::take);
-        let mut members: Vec<(Vec<usize>, Folder)> = self
-            .scans
-            .iter()
-            .zip(&self.columns)
-            .filter_map(|(s, columns)| match &s.downcast_ref::<ScanExec>()?.output {
-                Output::Folded(p) => Some((columns.clone(), p.start())),
-                Output::Rows(_) => None,
-            })
-            .collect();
+        let plans = self.scans.len();
+        let mut folds = self.folds.clone();
         move || {
-            let mut out = vec![Vec::new(); members.len()];
+            let mut folded: Vec<Vec<Vec<RecordBatch>>> = folds
+                .iter()
+                .map(|(_, members, _)| vec![Vec::new(); members.len()])
+                .collect();
             for batch in stream.into_iter().flatten() {
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                for ((columns, folder), out) in members.iter_mut().zip(&mut out) {
-                    out.extend(folder.push(&batch.project(columns)?)?);
+                for ((fold, _, columns), folded) in folds.iter_mut().zip(&mut folded) {
+                    fold.push(&batch.project(columns)?, folded)?;
                 }
             }
-            for ((_, folder), out) in members.into_iter().zip(&mut out) {
-                out.extend(folder.finish()?);
+            let mut out = vec![Vec::new(); plans];
+            for ((fold, members, _), mut folded) in folds.into_iter().zip(folded) {
+                fold.finish(&mut folded)?;
+                for (m, batches) in members.into_iter().zip(folded) {
+                    out[m] = batches;
+                }
             }
             Ok(out)
         }

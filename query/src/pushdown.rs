@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, ArrowPrimitiveType, AsArray, Float64Array, Int64Array, PrimitiveArray,
-    RecordBatch, StringViewArray, TimestampNanosecondArray,
+    RecordBatch, RecordBatchOptions, StringViewArray, TimestampNanosecondArray,
 };
 use arrow::datatypes::{
     DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, TimestampNanosecondType,
@@ -112,7 +112,7 @@ enum Mode {
 }
 
 /// One aggregate of the query.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PartialAgg {
     kind: Kind,
     /// The field read; `None` counts rows (`count(*)`).
@@ -234,7 +234,7 @@ impl Acc {
 }
 
 /// The rows of one series in one bucket, so far.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Run {
     series: u32,
     lo: i64,
@@ -244,7 +244,7 @@ struct Run {
 }
 
 /// Partial states waiting to be sent, column by column.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Out {
     bucket: Vec<i64>,
     tags: Vec<Vec<Option<String>>>,
@@ -254,7 +254,7 @@ struct Out {
 
 /// A column of partial states: counts, or float or integer values (null where the run had
 /// no value).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum StatColumn {
     Count(Vec<i64>),
     F64(Vec<Option<f64>>),
@@ -337,7 +337,7 @@ impl Out {
 }
 
 /// One partition's folding: rows in, partial states out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Folder {
     spec: Arc<PartialSpec>,
     projection: Option<Vec<usize>>,
@@ -419,6 +419,160 @@ impl Folder {
             return Ok(Vec::new());
         }
         Ok(vec![self.out.take(&self.spec, self.projection.as_deref())?])
+    }
+}
+
+/// Scans that fold the same rows by the same bucket and tags (continuous queries rolling up
+/// one window), folded as one: a [`Folder`] of every member's aggregates, each distinct one
+/// once, whose partial states are cut into each member's columns. A run of one series and
+/// bucket is found, and its tags copied, once for all the members, not once per member.
+#[derive(Debug, Clone)]
+pub(crate) struct FoldTogether {
+    folder: Folder,
+    /// For each member: its output schema, and where its columns are in the folder's.
+    members: Vec<(SchemaRef, Vec<usize>)>,
+}
+
+impl FoldTogether {
+    /// `scans` grouped into folds, each with the indices of its members in `scans`: those
+    /// with the same bucket and tags fold together.
+    pub(crate) fn group(scans: &[&PartialScan]) -> Vec<(FoldTogether, Vec<usize>)> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, scan) in scans.iter().enumerate() {
+            let alike = |g: &Vec<usize>| {
+                let first = &scans[g[0]].spec;
+                first.bucket == scan.spec.bucket && first.tags == scan.spec.tags
+            };
+            match groups.iter_mut().find(|g| alike(g)) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|g| {
+                let members: Vec<&PartialScan> = g.iter().map(|&i| scans[i]).collect();
+                (Self::new(&members), g)
+            })
+            .collect()
+    }
+
+    fn new(scans: &[&PartialScan]) -> Self {
+        let first = &scans[0].spec;
+        // The bucket and the tags lead every member's columns alike.
+        let lead = usize::from(first.bucket.is_some()) + first.tags.len();
+        let mut fields: Vec<String> = Vec::new();
+        let mut aggs: Vec<PartialAgg> = Vec::new();
+        let mut stats: Vec<(usize, Stat)> = Vec::new();
+        let mut schema_fields: Vec<Field> = first.schema.fields()[..lead]
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut members = Vec::with_capacity(scans.len());
+        for scan in scans {
+            let spec = &scan.spec;
+            let agg_at: Vec<usize> = spec
+                .aggs
+                .iter()
+                .map(|a| {
+                    let field = a
+                        .field
+                        .map(|k| position_or_push(&mut fields, spec.fields[k].clone()));
+                    position_or_push(&mut aggs, PartialAgg { field, ..a.clone() })
+                })
+                .collect();
+            let mut at: Vec<usize> = (0..lead).collect();
+            for (i, (k, stat)) in spec.stats.iter().enumerate() {
+                let key = (agg_at[*k], *stat);
+                let n = stats.len();
+                let s = position_or_push(&mut stats, key);
+                if s == n {
+                    let own = spec.schema.field(lead + i);
+                    schema_fields.push(Field::new(
+                        stat_name(key.0, key.1),
+                        own.data_type().clone(),
+                        own.is_nullable(),
+                    ));
+                }
+                at.push(lead + s);
+            }
+            members.push(match &scan.projection {
+                Some(p) => (
+                    Arc::new(spec.schema.project(p).unwrap_or_else(|_| Schema::empty())),
+                    p.iter().filter_map(|&c| at.get(c).copied()).collect(),
+                ),
+                None => (Arc::clone(&spec.schema), at),
+            });
+        }
+        let spec = Arc::new(PartialSpec {
+            bucket: first.bucket,
+            tags: first.tags.clone(),
+            fields,
+            aggs,
+            stats,
+            schema: Arc::new(Schema::new(schema_fields)),
+        });
+        Self {
+            folder: PartialScan {
+                spec,
+                projection: None,
+            }
+            .start(),
+            members,
+        }
+    }
+
+    /// The engine columns the fold reads, in the order [`FoldTogether::push`] takes them.
+    pub(crate) fn columns(&self) -> Vec<String> {
+        self.folder.spec.columns()
+    }
+
+    /// Folds a batch of [`FoldTogether::columns`]; appends to `out[m]` the batches of
+    /// member `m`'s partial states that filled up.
+    pub(crate) fn push(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut [Vec<RecordBatch>],
+    ) -> DfResult<()> {
+        let ready = self.folder.push(batch)?;
+        cut(&self.members, ready, out)
+    }
+
+    /// Appends the last partial states, once the read is done.
+    pub(crate) fn finish(self, out: &mut [Vec<RecordBatch>]) -> DfResult<()> {
+        let last = self.folder.finish()?;
+        cut(&self.members, last, out)
+    }
+}
+
+/// Cuts `ready` (batches of a [`FoldTogether`]'s folder) into each member's columns.
+fn cut(
+    members: &[(SchemaRef, Vec<usize>)],
+    ready: Vec<RecordBatch>,
+    out: &mut [Vec<RecordBatch>],
+) -> DfResult<()> {
+    for batch in ready {
+        let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        for ((schema, at), out) in members.iter().zip(out.iter_mut()) {
+            let columns = at.iter().map(|&c| Arc::clone(batch.column(c))).collect();
+            out.push(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                columns,
+                &rows,
+            )?);
+        }
+    }
+    Ok(())
+}
+
+/// Where `item` is in `items`, pushed at the end if it was not there.
+pub(crate) fn position_or_push<T: PartialEq>(items: &mut Vec<T>, item: T) -> usize {
+    match items.iter().position(|x| *x == item) {
+        Some(i) => i,
+        None => {
+            items.push(item);
+            items.len() - 1
+        }
     }
 }
 
@@ -716,13 +870,7 @@ fn rewrite(aggregate: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         if aggregate.schema.field(n).data_type() != &expected {
             return Ok(None);
         }
-        let field = field.map(|f| match fields.iter().position(|x| *x == f) {
-            Some(k) => k,
-            None => {
-                fields.push(f);
-                fields.len() - 1
-            }
-        });
+        let field = field.map(|f| position_or_push(&mut fields, f));
         aggs.push(PartialAgg { kind, field, mode });
     }
 

@@ -262,6 +262,14 @@ mod tests {
             format!(
                 "SELECT date_bin(INTERVAL '5 minutes', time) AS time, min(usage) AS lo, sum(usage) AS total FROM cpu WHERE {w} GROUP BY 1 ORDER BY 1"
             ),
+            // Two more by host and minute, folded with the first: aggregates it has (the
+            // sum and count of its average), others, and the groups in another order.
+            format!(
+                "SELECT date_bin(INTERVAL '1 minute', time) AS time, host, max(usage) AS hi, count(usage) AS c, sum(usage) AS s, avg(n) AS n FROM cpu WHERE {w} GROUP BY 1, host ORDER BY 1, host"
+            ),
+            format!(
+                "SELECT host, max(n) AS n FROM cpu WHERE {w} GROUP BY host, date_bin(INTERVAL '1 minute', time) ORDER BY host, n"
+            ),
             // A filter on a field: the scan does not fold, so it reads alone.
             format!(
                 "SELECT host, count(*) AS busy FROM cpu WHERE {w} AND usage > 100 GROUP BY host ORDER BY host"
@@ -286,7 +294,7 @@ mod tests {
             .filter(|p| shared_scan(&p.plan).is_some())
             .count();
         assert_eq!(
-            folding, 4,
+            folding, 6,
             "the rollups fold their scans, the filtered query does not"
         );
 

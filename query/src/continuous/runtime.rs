@@ -1177,10 +1177,12 @@ impl Inner {
             Err(e) => Err(e),
         };
         let note = match &result {
+            // The source the error names, or one still missing: the first write may have
+            // created it since the run planned.
             Err(Error::Query(m)) if m.contains("not found") && m.contains("table") => cq
                 .sources
                 .iter()
-                .find(|s| self.store.table(s).is_none())
+                .find(|s| m.contains(&format!(".{s}'")) || self.store.table(s).is_none())
                 .map(|s| format!("waiting for data: nothing has been written to {s} yet")),
             Err(Error::Query(m)) if m.contains("No field named") => {
                 self.missing_field(cq, m).map(|(field, table)| {

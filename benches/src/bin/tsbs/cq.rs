@@ -186,10 +186,24 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
+/// CPU time (user and system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command (which may hold spaces), from the state on: utime and
+    // stime are the 12th and 13th, in clock ticks.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> { Ok(f.get(i).context("short /proc stat")?.parse()?) };
+    // Linux reports these in USER_HZ, 100 a second on every architecture it runs on.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
 /// One server: load, live, and the queries' figures.
 struct Run {
     load_lps: f64,
     live_lps: f64,
+    /// The server's CPU seconds per million lines written live.
+    live_cpu_per_mline: f64,
     lags: Vec<f64>,
     host_runs: Vec<f64>,
     dc_runs: Vec<f64>,
@@ -209,6 +223,8 @@ fn one(opts: &Options<'_>, data: &Path, tagsets: &Arc<Vec<String>>, queries: usi
     let t = Instant::now();
     load(&base, &agent, data, opts.batch, opts.clients)?;
     let load_lps = lines / t.elapsed().as_secs_f64();
+    let cpu_before = cpu_seconds(child.id())?;
+    let live_started = Instant::now();
     let (live_lps, lags) = live(
         &agent,
         &base,
@@ -217,9 +233,12 @@ fn one(opts: &Options<'_>, data: &Path, tagsets: &Arc<Vec<String>>, queries: usi
         opts.live_secs,
         queries > 0,
     )?;
+    let live_lines = live_lps * live_started.elapsed().as_secs_f64();
+    let live_cpu_per_mline = (cpu_seconds(child.id())? - cpu_before) / live_lines * 1e6;
     let mut run = Run {
         load_lps,
         live_lps,
+        live_cpu_per_mline,
         lags,
         host_runs: Vec::new(),
         dc_runs: Vec::new(),
@@ -315,36 +334,42 @@ pub fn main(opts: &Options<'_>) -> Result<()> {
     );
     let mut pairs = Vec::new();
     for p in 0..opts.pairs {
-        eprintln!("== pair {p}: without continuous queries");
-        let without = one(opts, &data, &tagsets, 0)?;
-        eprintln!(
-            "   load {:.0} lines/s, live {:.0} lines/s",
-            without.load_lps, without.live_lps
-        );
-        eprintln!("== pair {p}: with {} rollups", opts.queries);
-        let with = one(opts, &data, &tagsets, opts.queries)?;
-        eprintln!(
-            "   load {:.0} lines/s, live {:.0} lines/s",
-            with.load_lps, with.live_lps
-        );
+        // Odd pairs run the server with queries first, so that a machine growing faster or
+        // slower over the run does not favour one side.
+        let mut runs = [None, None];
+        for with in [p % 2 == 1, p % 2 == 0] {
+            let queries = if with { opts.queries } else { 0 };
+            eprintln!("== pair {p}: with {queries} rollups");
+            let run = one(opts, &data, &tagsets, queries)?;
+            eprintln!(
+                "   load {:.0} lines/s, live {:.0} lines/s, {:.2} server CPU-s per million live lines",
+                run.load_lps, run.live_lps, run.live_cpu_per_mline
+            );
+            runs[usize::from(with)] = Some(run);
+        }
+        let [Some(without), Some(with)] = runs else {
+            unreachable!("both runs of a pair ran")
+        };
         pairs.push((without, with));
     }
     let mut latencies = on_write(opts, opts.on_write)?;
 
     println!(
-        "| pair | load without (lines/s) | load with | ratio | live without (lines/s) | live with | ratio | worst lag p50 / max (s) | run over 1,000 series p50 / p90 (s) | by datacenter p50 (s) | failed runs |"
+        "| pair | load without (lines/s) | load with | ratio | live without (lines/s) | live with | ratio | server CPU-s per M live lines without / with | worst lag p50 / max (s) | run over 1,000 series p50 / p90 (s) | by datacenter p50 (s) | failed runs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (p, (a, b)) in pairs.iter_mut().enumerate() {
         let mut lags = b.lags.clone();
         println!(
-            "| {p} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.1} / {:.1} | {:.3} / {:.3} | {:.3} | {} |",
+            "| {p} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.1} / {:.1} | {:.3} / {:.3} | {:.3} | {} |",
             a.load_lps,
             b.load_lps,
             b.load_lps / a.load_lps,
             a.live_lps,
             b.live_lps,
             b.live_lps / a.live_lps,
+            a.live_cpu_per_mline,
+            b.live_cpu_per_mline,
             quantile(&mut lags, 0.5),
             quantile(&mut lags, 1.0),
             quantile(&mut b.host_runs, 0.5),
