@@ -21,7 +21,9 @@
 //!   flap;
 //! * a raise is judged [`AllocConfig::rollback_after`] rounds later: if usage never came near
 //!   the old allocation, it did not help and is rolled back, and the feedback controller
-//!   shrinks that component's headroom; a violation grows it;
+//!   shrinks that component's headroom; a violation (usage over θ × the allocation) grows
+//!   it, and with [`AllocConfig::violation_share`] each round without one shrinks it a
+//!   little, so that it settles where violations take that share of rounds;
 //! * preferences always win: a cap is never exceeded, a floor never undercut, an opted-out
 //!   component or an unmanaged resource is never touched, and pinned CPUs go with every
 //!   allocation ([`Engine::limits`]);
@@ -121,6 +123,12 @@ pub struct AllocConfig {
     /// A request deferred for this many rounds is served before every other non-critical
     /// request, so deferred work cannot starve behind a busier tier.
     pub age_after: u64,
+    /// The share of rounds in which usage may pass θ × the allocation. Each such round
+    /// grows the component's headroom by 5 %; with a share above 0, each round without one
+    /// shrinks it by 5 % × share / (1 − share), so the headroom settles where violations
+    /// take that share of rounds (on noisy usage it would otherwise only grow, up to 2×).
+    /// 0: it only grows, and shrinks when a raise is rolled back.
+    pub violation_share: f64,
     /// Compute and audit decisions, change nothing.
     pub dry_run: bool,
 }
@@ -139,6 +147,7 @@ impl Default for AllocConfig {
             preempt_weight: 10.0,
             rollback_after: 24,
             age_after: 72,
+            violation_share: 0.0,
             dry_run: false,
         }
     }
@@ -416,6 +425,11 @@ impl Engine {
         if !(0.0..1.0).contains(&config.max_step_down) || config.max_step_up < 1.0 {
             return Err(AllocError::Invalid(
                 "max_step_down must be in [0, 1) and max_step_up at least 1".into(),
+            ));
+        }
+        if !(0.0..0.5).contains(&config.violation_share) {
+            return Err(AllocError::Invalid(
+                "violation_share must be in [0, 0.5)".into(),
             ));
         }
         for c in &components {
@@ -696,9 +710,13 @@ impl Engine {
             if let Some(t) = &mut self.trials[component][i] {
                 t.peak = Some(t.peak.map_or(u, |p| p.max(u)));
             }
+            let f = &mut self.feedback[component][i];
+            let share = self.config.violation_share;
             if u > self.config.threshold * self.alloc[component][i] {
-                let f = &mut self.feedback[component][i];
                 f.headroom = (f.headroom * 1.05).min(HEADROOM_RANGE.1);
+            } else if share > 0.0 {
+                f.headroom =
+                    (f.headroom * (1.0 - 0.05 * share / (1.0 - share))).max(HEADROOM_RANGE.0);
             }
         }
     }

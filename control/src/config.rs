@@ -42,6 +42,12 @@ pub struct AllocationConfig {
     pub age_after: Duration,
     /// Keep usage under this share of the allocation (θ). Default 0.8.
     pub threshold: f64,
+    /// The share of rounds in which a component's usage may pass θ × its allocation: the
+    /// learned headroom grows 5 % each time it does and, above 0, shrinks a little each
+    /// round it does not, settling where that share holds. Default 0: the headroom only
+    /// grows (and shrinks when a raise is rolled back), which on noisy usage ratchets it
+    /// up to 2×.
+    pub violation_share: f64,
     /// Run an LSTM beside each component's other forecasters, one training step every this
     /// many rounds (its CPU budget: about 0.2 ms per series per round at 32). Default 0: none.
     pub lstm_train_every: usize,
@@ -81,6 +87,7 @@ impl Default for AllocationConfig {
             judge_after: timing.judge_after,
             age_after: timing.age_after,
             threshold: 0.8,
+            violation_share: 0.0,
             lstm_train_every: 0,
             component_tag: "component".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -357,6 +364,10 @@ impl AllocationConfig {
         ensure!(
             self.threshold > 0.0 && self.threshold <= 1.0,
             "allocation.threshold must be in (0, 1]"
+        );
+        ensure!(
+            (0.0..0.5).contains(&self.violation_share),
+            "allocation.violation_share must be in [0, 0.5)"
         );
         ensure!(
             self.interval >= Duration::from_millis(100),

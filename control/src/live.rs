@@ -283,7 +283,10 @@ impl Allocations {
         let timing = config.timing();
         let min = config.min.per_resource().map(|m| m.unwrap_or(0.0));
         let engine = Engine::new(
-            control::tuned(config.threshold, min, &timing),
+            forestall_actuators::alloc::AllocConfig {
+                violation_share: config.violation_share,
+                ..control::tuned(config.threshold, min, &timing)
+            },
             components,
             capacity,
             initial,

@@ -521,6 +521,53 @@ fn requests_are_sized_from_the_forecast_and_learned_headroom() {
     assert!(e.size(0, Resource::Mem, 90.0) < 100.1);
 }
 
+/// A component whose usage passes its usual level 1 round in 10 (noise, not a trend), its
+/// requests sized from the same forecast every round: with no violation share the learned
+/// headroom grows until no round passes θ × the allocation at all; with a share of 5 % it
+/// settles lower, where about that share of rounds do.
+#[test]
+fn headroom_settles_where_violations_take_their_share_of_rounds() {
+    let run = |violation_share: f64| {
+        let mut e = Engine::new(
+            AllocConfig {
+                violation_share,
+                ..AllocConfig::default()
+            },
+            vec![component("svc", 3.0, false)],
+            pool(1e9),
+            vec![at(100.0)],
+        )
+        .unwrap();
+        let mut violations = 0;
+        for round in 0..6000u64 {
+            let amount = e.size(0, Resource::Cpu, 60.0);
+            e.round(round, &[with_need(0, amount, 60.0)]);
+            let usage = match round % 20 {
+                0 => 78.0,
+                10 => 70.0,
+                _ => 60.0,
+            };
+            if round >= 4000 && usage > 0.9 * e.allocation(0)[0] {
+                violations += 1;
+            }
+            e.observe(0, [usage, 0.0, 0.0, 0.0]);
+        }
+        (
+            e.feedback(0, Resource::Cpu).headroom,
+            violations as f64 / 2000.0,
+        )
+    };
+    let (grown, none) = run(0.0);
+    let (settled, share) = run(0.05);
+    assert!(grown >= 1.29, "headroom {grown}");
+    assert!(none < 0.01, "violations {none}");
+    assert!(
+        settled < grown - 0.05,
+        "headroom {settled}, without a share {grown}"
+    );
+    assert!((0.02..=0.1).contains(&share), "violations {share}");
+}
+
 #[test]
 fn an_engine_resumed_from_what_another_learned_decides_as_it_would() {
     let requests = |round: u64| -> Vec<Request> {

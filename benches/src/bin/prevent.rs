@@ -91,6 +91,20 @@ struct RunArgs {
     /// preferences API once it is up (as an operator would).
     #[arg(long)]
     cap_cores: Option<f64>,
+    /// The forestall policy's forecast horizon, in hours of a real day (scaled to the
+    /// compressed one).
+    #[arg(long, default_value_t = 1.0)]
+    horizon_hours: f64,
+    /// The forestall policy: release after this many hours of a real day of requests below
+    /// the allocation (scaled).
+    #[arg(long, default_value_t = 4.0)]
+    release_hours: f64,
+    /// The forestall policy's θ: keep usage under this share of the allocation.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// The forestall policy's `violation_share` (0: headroom only grows).
+    #[arg(long, default_value_t = 0.0)]
+    violation_share: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,6 +197,10 @@ struct ForestallSetup<'a> {
     day: Duration,
     interval: Duration,
     slo: Duration,
+    horizon_hours: f64,
+    release_hours: f64,
+    threshold: f64,
+    violation_share: f64,
 }
 
 /// The allocation query the Forestall policy runs on every write of the latency figures:
@@ -218,8 +236,8 @@ fn start_forestall(setup: &ForestallSetup<'_>) -> anyhow::Result<ForestallRun> {
     let free_port =
         || -> anyhow::Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
     let (http, pg) = (free_port()?, free_port()?);
-    // A real day's settings (horizon 1 h, release after 4 h, judge after 8 h, age after
-    // 6 h), in the compressed day.
+    // A real day's settings (by default horizon 1 h, release after 4 h; judge after 8 h,
+    // age after 6 h), in the compressed day.
     let scaled = |hours: f64| {
         let d = setup.day.mul_f64(hours / 24.0).max(setup.interval);
         format!("{}ms", d.as_millis())
@@ -236,6 +254,8 @@ horizon = "{horizon}"
 release_after = "{release}"
 judge_after = "{judge}"
 age_after = "{age}"
+threshold = {threshold}
+violation_share = {violation_share}
 cgroup_root = "{root}"
 cgroup_version = "v1"
 pool = {{ cpu = {pool} }}
@@ -253,8 +273,10 @@ allocate = true
 query = """{query}"""
 "#,
         interval = setup.interval.as_millis(),
-        horizon = scaled(1.0),
-        release = scaled(4.0),
+        horizon = scaled(setup.horizon_hours),
+        release = scaled(setup.release_hours),
+        threshold = setup.threshold,
+        violation_share = setup.violation_share,
         judge = scaled(8.0),
         age = scaled(6.0),
         root = setup.cgroup_root.display(),
@@ -363,6 +385,10 @@ fn start_policy(
                 day: workload.day,
                 interval: Duration::from_millis(args.interval_ms),
                 slo,
+                horizon_hours: args.horizon_hours,
+                release_hours: args.release_hours,
+                threshold: args.threshold,
+                violation_share: args.violation_share,
             })?;
             if let Some(cap) = args.cap_cores {
                 let url = format!("{}/api/v1/preferences/service", run.url);

@@ -209,6 +209,13 @@ fn configuration_mistakes_are_refused_with_the_reason() {
         ),
         (
             AllocationConfig {
+                violation_share: 0.5,
+                ..good.clone()
+            },
+            "violation_share must be in [0, 0.5)",
+        ),
+        (
+            AllocationConfig {
                 components: vec![component("web", 1.0), component("web", 2.0)],
                 ..good.clone()
             },
