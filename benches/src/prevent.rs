@@ -1,8 +1,9 @@
 //! The prevention benchmark's parts: the workload (when requests arrive), the service and
 //! the work one request costs, the open-loop driver, the HPA-like policy ([`Hpa`]), and the
 //! figures a run is judged by ([`judge`], [`second_line`]). `src/bin/prevent.rs` runs them
-//! with the service in a cgroup of its own. Still to come: the Forestall policy, and the
-//! report's plots.
+//! with the service in a cgroup of its own, starts the Forestall policy's server, and draws
+//! the plots. [`replay_usage`] runs a run's metered usage through the allocation loop
+//! offline, to see what its settings cost without a live run.
 //!
 //! **The workload** is open loop: every request has a scheduled arrival time fixed before the
 //! run, from a seed, so each policy gets the same requests and a slow service shows up as
@@ -1088,6 +1089,48 @@ mod tests {
         }
     }
 
+    /// Noisy usage (a burst every few seconds over a steady level): the replayed loop
+    /// allocates more than is used, and with a violation share its headroom settles lower
+    /// instead of ratcheting up, so it allocates less.
+    #[test]
+    fn replayed_usage_is_covered_and_a_violation_share_costs_less() {
+        let usage: Vec<f64> = (0..1000)
+            .map(|s| if s % 7 == 0 { 0.4 } else { 0.2 })
+            .collect();
+        let settings = LoopSettings {
+            day: Duration::from_secs(200),
+            interval: Duration::from_secs(2),
+            horizon_hours: 0.25,
+            release_hours: 1.0,
+            threshold: 0.8,
+            violation_share: 0.0,
+            start: 0.29,
+            pool: 2.0,
+        };
+        let ratchet = replay_usage(&usage, &settings).unwrap();
+        let settles = replay_usage(
+            &usage,
+            &LoopSettings {
+                violation_share: 0.05,
+                ..settings
+            },
+        )
+        .unwrap();
+        let used: f64 = usage.iter().sum();
+        assert_eq!(ratchet.rounds, 500);
+        for r in [&ratchet, &settles] {
+            assert!(r.cpu_seconds > used, "{r:?} against {used:.0} used");
+        }
+        assert!(
+            settles.headroom < ratchet.headroom,
+            "{settles:?} {ratchet:?}"
+        );
+        assert!(
+            settles.cpu_seconds < ratchet.cpu_seconds,
+            "{settles:?} {ratchet:?}"
+        );
+    }
+
     #[test]
     fn the_reactive_policy_follows_the_hpa_rule() {
         let s = Duration::from_secs;
@@ -1189,4 +1232,110 @@ mod tests {
         assert_eq!(svg.matches("<path ").count(), 3);
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
+}
+
+/// The Forestall policy's allocation settings, in hours of a real day (scaled to the
+/// compressed one), as `prevent run` takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopSettings {
+    pub day: Duration,
+    pub interval: Duration,
+    pub horizon_hours: f64,
+    pub release_hours: f64,
+    pub threshold: f64,
+    pub violation_share: f64,
+    /// The quota the service starts at, in cores.
+    pub start: f64,
+    /// The CPU pool, in cores.
+    pub pool: f64,
+}
+
+/// What [`replay_usage`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    pub cpu_seconds: f64,
+    /// Rounds whose usage passed 95 % of the allocation in place (throttled, near enough).
+    pub pressed_rounds: usize,
+    pub rounds: usize,
+    /// The learned CPU headroom at the end.
+    pub headroom: f64,
+}
+
+/// Replays metered CPU usage (`usage`: cores, one value a second, as `<policy>-usage.csv`)
+/// through the live loop's `Controller` and allocation engine with `settings`, one round
+/// per interval, each round deciding before it sees that round's usage. Offline and
+/// exogenous: the usage does not answer the allocation, so it prices settings, it does not
+/// replace a live run.
+pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Replayed> {
+    use forestall_actuators::alloc::{Component, Engine, Preferences, Resource};
+    use forestall_actuators::stack::Units;
+    use forestall_actuators::{DryRun, Target};
+    use forestall_control::config::{AllocationConfig, Amounts};
+    use forestall_control::round::Controller;
+
+    let per_round = (settings.interval.as_secs_f64().round() as usize).max(1);
+    let scaled = |hours: f64| settings.day.mul_f64(hours / 24.0).max(settings.interval);
+    // The settings `prevent run` writes into the Forestall policy's config, derived as the
+    // server derives them.
+    let config = AllocationConfig {
+        interval: settings.interval,
+        horizon: scaled(settings.horizon_hours),
+        release_after: scaled(settings.release_hours),
+        judge_after: scaled(8.0),
+        age_after: scaled(6.0),
+        threshold: settings.threshold,
+        violation_share: settings.violation_share,
+        pool: Amounts {
+            cpu: Some(settings.pool),
+            ..Amounts::default()
+        },
+        ..AllocationConfig::default()
+    };
+    let service = Component {
+        name: "service".into(),
+        weight: 1.0,
+        deferrable: false,
+        preferences: Preferences {
+            unmanaged: [false, true, true, true],
+            ..Preferences::default()
+        },
+    };
+    let engine = Engine::new(
+        config.engine_config(),
+        vec![service],
+        [Some(settings.pool), None, None, None],
+        vec![[settings.start, 1e9, 0.0, 0.0]],
+    )?;
+    let units = Units {
+        cpu_per_core: 1.0,
+        mem_bytes: 1.0,
+        net_bytes_per_sec: 1.0,
+        disk_bytes_per_sec: 1.0,
+        disk_device: None,
+        memory_high_share: 0.9,
+    };
+    let mut controller = Controller::new(
+        engine,
+        vec![Target::new("service", "prevent/service")?],
+        Box::new(DryRun::default()),
+        units,
+        config.timing().forecast(),
+    )?;
+    let mut out = Replayed {
+        cpu_seconds: 0.0,
+        pressed_rounds: 0,
+        rounds: 0,
+        headroom: 1.0,
+    };
+    for (t, seconds) in usage.chunks(per_round).enumerate() {
+        let used = seconds.iter().sum::<f64>() / seconds.len() as f64;
+        controller.round(t as u64);
+        let held = controller.engine().allocation(0)[0];
+        out.cpu_seconds += held * seconds.len() as f64;
+        out.pressed_rounds += usize::from(used > 0.95 * held);
+        out.rounds += 1;
+        controller.observe(&[[used, 1e8, f64::NAN, f64::NAN]]);
+    }
+    out.headroom = controller.engine().feedback(0, Resource::Cpu).headroom;
+    Ok(out)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use forestall_actuators::alloc::{PerResource, Preferences, Resource};
+use forestall_actuators::alloc::{AllocConfig, PerResource, Preferences, Resource};
 use forestall_actuators::webhook::Webhook;
 use forestall_actuators::{CpuSet, Flow, Limits, Target};
 use serde::{Deserialize, Serialize};
@@ -437,7 +437,18 @@ impl AllocationConfig {
         Ok(prefs)
     }
 
-    pub(crate) fn timing(&self) -> Timing {
+    /// The allocation engine's settings: the tuned ones ([`crate::round::tuned`]) at this
+    /// config's threshold, floors and timings, with its violation share.
+    pub fn engine_config(&self) -> AllocConfig {
+        let min = self.min.per_resource().map(|m| m.unwrap_or(0.0));
+        AllocConfig {
+            violation_share: self.violation_share,
+            ..crate::round::tuned(self.threshold, min, &self.timing())
+        }
+    }
+
+    /// The loop's timings.
+    pub fn timing(&self) -> Timing {
         Timing {
             interval: self.interval,
             horizon: self.horizon,

@@ -281,16 +281,7 @@ impl Allocations {
             })
             .collect();
         let timing = config.timing();
-        let min = config.min.per_resource().map(|m| m.unwrap_or(0.0));
-        let engine = Engine::new(
-            forestall_actuators::alloc::AllocConfig {
-                violation_share: config.violation_share,
-                ..control::tuned(config.threshold, min, &timing)
-            },
-            components,
-            capacity,
-            initial,
-        )?;
+        let engine = Engine::new(config.engine_config(), components, capacity, initial)?;
         let units = Units {
             cpu_per_core: 1.0,
             mem_bytes: 1.0,

@@ -50,6 +50,30 @@ enum Cmd {
     Run(RunArgs),
     /// Judges a run again from the files it wrote in `--out` (same arguments as its run).
     Judge(RunArgs),
+    /// Replays a run's metered usage (`--usage <policy>-usage.csv`) through the Forestall
+    /// policy's allocation loop offline, with the run's allocation settings, and prints the
+    /// CPU-seconds it would have allocated.
+    Replay {
+        #[arg(long)]
+        usage: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        day_secs: u64,
+        #[arg(long, default_value_t = 5000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1.0)]
+        horizon_hours: f64,
+        #[arg(long, default_value_t = 4.0)]
+        release_hours: f64,
+        #[arg(long, default_value_t = 0.8)]
+        threshold: f64,
+        #[arg(long, default_value_t = 0.0)]
+        violation_share: f64,
+        /// The quota the service starts at, in cores.
+        #[arg(long, default_value_t = 0.29)]
+        start_cores: f64,
+        #[arg(long, default_value_t = 2.0)]
+        pool_cores: f64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +149,49 @@ fn main() -> anyhow::Result<()> {
                 Workload::compressed(args.seed, Duration::from_secs(args.day_secs), args.days);
             workload.validate().map_err(anyhow::Error::msg)?;
             rejudge(&args, &workload)
+        }
+        Cmd::Replay {
+            usage,
+            day_secs,
+            interval_ms,
+            horizon_hours,
+            release_hours,
+            threshold,
+            violation_share,
+            start_cores,
+            pool_cores,
+        } => {
+            let text = std::fs::read_to_string(&usage)
+                .with_context(|| format!("read {}", usage.display()))?;
+            // `at_s,cores`, one row a second.
+            let cores: Vec<f64> = text
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    l.split(',')
+                        .nth(1)
+                        .and_then(|v| v.trim().parse().ok())
+                        .with_context(|| format!("not an `at_s,cores` row: {l:?}"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let r = prevent::replay_usage(
+                &cores,
+                &prevent::LoopSettings {
+                    day: Duration::from_secs(day_secs),
+                    interval: Duration::from_millis(interval_ms),
+                    horizon_hours,
+                    release_hours,
+                    threshold,
+                    violation_share,
+                    start: start_cores,
+                    pool: pool_cores,
+                },
+            )?;
+            println!(
+                "{:.0} CPU-seconds allocated over {} rounds; usage over 95 % of the allocation in {} rounds; learned headroom {:.2}",
+                r.cpu_seconds, r.rounds, r.pressed_rounds, r.headroom
+            );
+            Ok(())
         }
     }
 }
