@@ -9,9 +9,9 @@
 //!
 //! Forestall's allocator is the live code path with simulated time: one
 //! [`AutoForecaster`] per component and resource, requests sized by the allocation
-//! [`Engine`] from the forecast's 95% upper bound over the next hour, and the engine's round
-//! (preemption, deferral, hysteresis, rollback, feedback). Beside it run the README's
-//! baselines: static, reactive (HPA-like), VPA-like and Autopilot-like.
+//! [`Engine`] from the forecast's peak over the next hour ([`AutoForecaster::peak`]), and the
+//! engine's round (preemption, deferral, hysteresis, rollback, feedback). Beside it run the
+//! README's baselines: static, reactive (HPA-like), VPA-like and Autopilot-like.
 //!
 //! The report gives, per allocator, every figure the README lists: soft and hard violation
 //! shares, the share of components with a hard violation, slack, churn, surge lead, and the

@@ -5,8 +5,9 @@
 //! risk model per component. Each round it is told the usage of the round just past
 //! ([`Controller::observe`]: forecasters learn it, the risk model gets its evidence and counts
 //! the outcomes now known); then [`Controller::round`] forecasts the horizon, sizes one
-//! [`Request`] per component and resource (the 95% upper bound's peak, over θ, times learned
-//! headroom; the need is the mean's peak over θ; the risk is the Bayesian one), runs the
+//! [`Request`] per component and resource (the forecast's peak, [`AutoForecaster::peak`], over
+//! θ, times learned headroom; the need is the mean's peak over θ; the risk is the Bayesian
+//! one), runs the
 //! engine's round, and applies every changed component's [`Engine::limits`] through its
 //! actuator: only the resources the engine has changed, so a resource still at its starting
 //! allocation keeps whatever the kernel has. A component whose apply failed stays pending and
@@ -594,10 +595,13 @@ impl Controller {
     }
 
     /// What component `c` asks of `r` given its forecast `steps` (`None` without one) and its
-    /// `risk`: the upper bound's peak / θ × headroom, and a need of the mean's peak / θ.
+    /// `risk`: the forecast's peak ([`AutoForecaster::peak`]: the mean path plus the next
+    /// step's 95% error bound, or the peak that recurred at this phase) / θ × headroom, and a
+    /// need of the mean's peak / θ.
     pub fn request(&self, c: usize, r: Resource, steps: &[Step], risk: f64) -> Option<Request> {
         let theta = self.engine.config().threshold;
-        let peak = steps.iter().map(|s| s.upper).reduce(f64::max)?;
+        // A recurring peak counts when it came within half a horizon of this phase.
+        let peak = self.forecasters.get(c)?[r.index()].peak(steps, steps.len().div_ceil(2))?;
         let expected = steps.iter().map(|s| s.mean).fold(0.0, f64::max);
         Some(Request {
             component: c,

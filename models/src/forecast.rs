@@ -148,6 +148,33 @@ impl History {
         self.values.back().copied()
     }
 
+    /// The peak that recurs over the next `steps` rows (1 is the next row): for each of the
+    /// last `periods` whole periods, the highest value at the same phase, `margin` rows either
+    /// side (a recurring peak comes a little earlier or later each time), widened by 1 % of
+    /// the period for each period back (a period detected from noisy data can be a percent
+    /// or two off, and the error adds up); then the lower median of those highs, so that a
+    /// peak that came in one period only (an unannounced spike) does not count. `None`
+    /// without a period or before two periods' highs are known.
+    pub fn recurring_peak(&self, steps: usize, margin: usize, periods: usize) -> Option<f64> {
+        let p = self.period?;
+        let mut highs: Vec<f64> = (1..=periods)
+            .map_while(|k| {
+                let margin = margin + k * p.div_ceil(100);
+                // Step s, k periods ago, was k·p − s rows before the newest.
+                let nearest = (k * p).checked_sub(steps + margin)?;
+                let farthest = k * p - 1 + margin;
+                (farthest < self.values.len())
+                    .then(|| (nearest..=farthest).filter_map(|b| self.back(b)))
+                    .map(|w| w.fold(f64::MIN, f64::max))
+            })
+            .collect();
+        if highs.len() < 2 {
+            return None;
+        }
+        highs.sort_by(f64::total_cmp);
+        Some(highs[(highs.len() - 1) / 2])
+    }
+
     /// The value `back` rows before the newest (0 is the newest).
     fn back(&self, back: usize) -> Option<f64> {
         self.values
@@ -689,6 +716,27 @@ impl AutoForecaster {
                 }
             })
             .collect()
+    }
+
+    /// What the series should stay under over `path` (this forecaster's
+    /// [`forecast`](Self::forecast) of the coming steps): the mean path's peak plus the first
+    /// step's upper error bound, or the peak that recurred at this phase on most of the last
+    /// three periods ([`History::recurring_peak`], `margin` rows either side), whichever is
+    /// higher. `None` for an empty path.
+    ///
+    /// Errors further ahead are not added. Most of them are the rises no model saw coming, so
+    /// their upper quantile is the size of a surge, and a bound that covers it at every step
+    /// allocates for a surge all day. The rises that recur are what the second term
+    /// anticipates: at their phase, not everywhere.
+    pub fn peak(&self, path: &[Step], margin: usize) -> Option<f64> {
+        let next = path.first()?;
+        let mean = path.iter().map(|s| s.mean).fold(next.mean, f64::max);
+        let noise = (next.upper - next.mean).max(0.0);
+        let recurring = self
+            .history
+            .recurring_peak(path.len(), margin, 3)
+            .unwrap_or(f64::MIN);
+        Some((mean + noise).max(recurring))
     }
 
     /// The interval offsets around model `m`'s mean at `step` ahead.

@@ -281,3 +281,70 @@ fn error_windows_hold_exactly_their_window_and_stay_sorted() {
         }
     }
 }
+
+/// Days of 100 rows around 10: a surge to 30 for 5 rows from row 70 of every day (a row or two
+/// early or late), and on day 1 only, a spike to 40 at row 30.
+fn surging_days(days: usize) -> Vec<f64> {
+    let mut seed = 3;
+    let mut v = Vec::new();
+    for d in 0..days {
+        let onset = [70, 72, 68, 71, 69, 70][d % 6];
+        for i in 0..100 {
+            let surge = (onset..onset + 5).contains(&i);
+            let spike = d == 1 && (30..33).contains(&i);
+            v.push(
+                match (surge, spike) {
+                    (true, _) => 30.0,
+                    (_, true) => 40.0,
+                    _ => 10.0,
+                } + noise(&mut seed),
+            );
+        }
+    }
+    v
+}
+
+#[test]
+fn the_peak_covers_a_recurring_surge_at_its_phase_and_not_all_day() {
+    let v = surging_days(5);
+    let (h, margin) = (4, 2);
+    let config = ForecastConfig {
+        horizon: h,
+        ..ForecastConfig::default()
+    };
+    let mut f = AutoForecaster::new(config).unwrap();
+    let mut at = std::collections::BTreeMap::new();
+    for (t, &x) in v.iter().enumerate() {
+        f.update(x);
+        // After the newest row of day 4 at phase `t % 100`: the bound over the next 4 rows.
+        if t >= 400 {
+            let path = f.forecast(h, 0.95);
+            let old = path.iter().map(|s| s.upper).fold(f64::MIN, f64::max);
+            at.insert(t % 100, (f.peak(&path, margin).unwrap(), old));
+        }
+    }
+    // The surges' jitter can put the detected period a row or two off the true 100.
+    let period = f.history().period().unwrap();
+    assert!((98..=102).contains(&period), "{period}");
+    // Rows 67..=70 come next: the surge that started at rows 68 to 72 is covered in time.
+    let (before_surge, _) = at[&66];
+    assert!(before_surge > 29.0, "{before_surge}");
+    // Far from it, the bound is the level and its noise: the spike of day 1 came on one
+    // day of three and does not count, and the surges no model foresaw (the errors four rows
+    // ahead) are not added everywhere as the steps' upper bounds add them.
+    for phase in [20, 28, 45] {
+        let (peak, old) = at[&phase];
+        assert!(peak < 12.0, "{phase}: {peak}");
+        assert!(old > peak, "{phase}: {old} {peak}");
+    }
+    // A forecast without a period has no recurring peak: the level and its noise.
+    let mut cold = AutoForecaster::new(config).unwrap();
+    for &x in &v[..120] {
+        cold.update(x);
+    }
+    assert_eq!(cold.history().recurring_peak(h, margin, 3), None);
+    assert!(cold.peak(&[], margin).is_none());
+    let path = cold.forecast(h, 0.95);
+    let p = cold.peak(&path, margin).unwrap();
+    assert!(p >= path[0].upper && p < 15.0, "{p}");
+}
