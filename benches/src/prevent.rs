@@ -518,11 +518,14 @@ impl Hpa {
 }
 
 /// One second's figures as a line of `prevent,policy=<policy>`: the p50, p95 and p99
-/// latency (seconds) of the requests that completed in it, how many did (`rps`), how many of
-/// them failed, and how many were over the SLO. `None` when none completed.
+/// latency (seconds) of the requests that completed in it, how many did (`rps`), how many
+/// arrived in it (`arrived`: the offered load, as a load balancer in front counts it; under
+/// throttling more arrive than complete), how many of those completed failed, and how many
+/// were over the SLO. `None` when none arrived or completed.
 pub fn second_line(
     policy: &str,
     completed: &[Outcome],
+    arrived: usize,
     slo: Duration,
     second_ns: i64,
 ) -> Option<String> {
@@ -536,10 +539,12 @@ pub fn second_line(
         .filter(|(_, l)| l.is_none_or(|l| l > slo))
         .count();
     let n = completed.len();
-    if n == 0 {
+    if n == 0 && arrived == 0 {
         return None;
     }
-    let mut line = format!("prevent,policy={policy} rps={n}i,failed={failed}i,over_slo={over}i");
+    let mut line = format!(
+        "prevent,policy={policy} rps={n}i,arrived={arrived}i,failed={failed}i,over_slo={over}i"
+    );
     if let Some([p50, p95, p99]) = percentiles(&mut ok) {
         line.push_str(&format!(",p50={p50},p95={p95},p99={p99}"));
     }
@@ -663,6 +668,15 @@ pub fn judge(
         leads,
         prepared,
     }
+}
+
+/// Leads as a report lists them: `12 s, -1 s, none`.
+pub fn leads(leads: &[Option<f64>]) -> String {
+    leads
+        .iter()
+        .map(|l| l.map_or("none".into(), |l| format!("{l:.0} s")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Each second's p99 latency (seconds, by scheduled arrival; a failure is infinitely slow).
@@ -1161,15 +1175,24 @@ mod tests {
         let completed: Vec<Outcome> = (1..=100)
             .map(|i| (ms(i), (i != 7).then_some(ms(i * 3))))
             .collect();
-        let line = second_line("static", &completed, ms(200), 5_000_000_000).unwrap();
+        let line = second_line("static", &completed, 130, ms(200), 5_000_000_000).unwrap();
         // 99 answered: 3, 6, 9, … (not 21) ms; 34 of them over 200 ms, plus the failure.
         assert_eq!(
             line,
-            "prevent,policy=static rps=100i,failed=1i,over_slo=35i,p50=0.153,p95=0.288,p99=0.3 5000000000"
+            "prevent,policy=static rps=100i,arrived=130i,failed=1i,over_slo=35i,p50=0.153,p95=0.288,p99=0.3 5000000000"
         );
-        assert_eq!(second_line("static", &[], ms(200), 0), None);
-        let failed = second_line("x", &[(ms(1), None)], ms(200), 0).unwrap();
-        assert_eq!(failed, "prevent,policy=x rps=1i,failed=1i,over_slo=1i 0");
+        assert_eq!(second_line("static", &[], 0, ms(200), 0), None);
+        let failed = second_line("x", &[(ms(1), None)], 0, ms(200), 0).unwrap();
+        assert_eq!(
+            failed,
+            "prevent,policy=x rps=1i,arrived=0i,failed=1i,over_slo=1i 0"
+        );
+        // A second in which requests arrived and none completed is reported, not skipped.
+        let stalled = second_line("x", &[], 40, ms(200), 0).unwrap();
+        assert_eq!(
+            stalled,
+            "prevent,policy=x rps=0i,arrived=40i,failed=0i,over_slo=0i 0"
+        );
     }
 
     #[test]
@@ -1259,6 +1282,8 @@ pub struct Replayed {
     pub rounds: usize,
     /// The learned CPU headroom at the end.
     pub headroom: f64,
+    /// The allocation over time, as `judge` takes it: `(from, cores)` per round.
+    pub allocation: Vec<(Duration, f64)>,
 }
 
 /// Replays metered CPU usage (`usage`: cores, one value a second, as `<policy>-usage.csv`)
@@ -1326,12 +1351,15 @@ pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Re
         pressed_rounds: 0,
         rounds: 0,
         headroom: 1.0,
+        allocation: Vec::new(),
     };
     for (t, seconds) in usage.chunks(per_round).enumerate() {
         let used = seconds.iter().sum::<f64>() / seconds.len() as f64;
         controller.round(t as u64);
         let held = controller.engine().allocation(0)[0];
         out.cpu_seconds += held * seconds.len() as f64;
+        out.allocation
+            .push((Duration::from_secs((t * per_round) as u64), held));
         out.pressed_rounds += usize::from(used > 0.95 * held);
         out.rounds += 1;
         controller.observe(&[[used, 1e8, f64::NAN, f64::NAN]]);

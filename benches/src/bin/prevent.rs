@@ -9,10 +9,12 @@
 //! seeded open-loop workload and prints what the run is judged by; each request's scheduled
 //! time and latency go to `OUT/<policy>.csv`, the quota over time to
 //! `OUT/<policy>-allocation.csv`; with `--forestall URL`, each second's p50, p95, p99 and
-//! throughput are written there as the run goes. Built so far: `static` (the mean demand plus
-//! 30 % headroom, as an operator would size it) and `reactive` (the HPA's rule with its
-//! defaults, [`Hpa`], starting from the static quota). The Forestall policy, the latency
-//! written to Forestall as it happens, and the plots are to come.
+//! throughput are written there as the run goes. The policies: `static` (the mean demand
+//! plus 30 % headroom, as an operator would size it), `reactive` (the HPA's rule with its
+//! defaults, [`Hpa`], starting from the static quota) and `forestall` (a `forestall serve`
+//! actuating the service's cgroup, fed each second's figures and an allocation query over
+//! them). Each run also writes `<policy>.json`, `.txt` and `.svg`; `prevent judge` judges a
+//! run's files again and `prevent replay` prices allocation settings on a run's usage.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -52,7 +54,8 @@ enum Cmd {
     Judge(RunArgs),
     /// Replays a run's metered usage (`--usage <policy>-usage.csv`) through the Forestall
     /// policy's allocation loop offline, with the run's allocation settings, and prints the
-    /// CPU-seconds it would have allocated.
+    /// CPU-seconds it would have allocated and each recurring surge's lead (as a run is
+    /// judged, with the run's `--seed` and `--request-ms`).
     Replay {
         #[arg(long)]
         usage: PathBuf,
@@ -73,6 +76,12 @@ enum Cmd {
         start_cores: f64,
         #[arg(long, default_value_t = 2.0)]
         pool_cores: f64,
+        /// The run's seed and request cost, to judge the replayed allocation's lead before
+        /// each recurring surge.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5.0)]
+        request_ms: f64,
     },
 }
 
@@ -99,7 +108,7 @@ struct RunArgs {
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
     /// A Forestall to write each second's latency figures to as the run goes
-    /// (`prevent,policy=…` p50, p95, p99, rps, failed, over_slo), e.g.
+    /// (`prevent,policy=…` p50, p95, p99, rps, arrived, failed, over_slo), e.g.
     /// http://127.0.0.1:8181. The forestall policy writes them to its own.
     #[arg(long)]
     forestall: Option<String>,
@@ -160,6 +169,8 @@ fn main() -> anyhow::Result<()> {
             violation_share,
             start_cores,
             pool_cores,
+            seed,
+            request_ms,
         } => {
             let text = std::fs::read_to_string(&usage)
                 .with_context(|| format!("read {}", usage.display()))?;
@@ -187,9 +198,36 @@ fn main() -> anyhow::Result<()> {
                     pool: pool_cores,
                 },
             )?;
+            let day = Duration::from_secs(day_secs);
+            let length = Duration::from_secs(cores.len() as u64);
+            let workload =
+                Workload::compressed(seed, day, length.div_duration_f64(day).ceil() as u32);
+            let onsets = workload.onsets();
+            // As a run is judged: a surge recurs from its second day on.
+            let recurring: Vec<Duration> = onsets
+                .surges
+                .iter()
+                .skip(1)
+                .copied()
+                .filter(|&s| s < length)
+                .collect();
+            let surges = workload.surges(&onsets, &recurring, request_ms / 1000.0);
+            let judged = prevent::judge(
+                &[],
+                &r.allocation,
+                length,
+                &surges,
+                workload.surge_width,
+                Duration::MAX,
+            );
             println!(
-                "{:.0} CPU-seconds allocated over {} rounds; usage over 95 % of the allocation in {} rounds; learned headroom {:.2}",
-                r.cpu_seconds, r.rounds, r.pressed_rounds, r.headroom
+                "{:.0} CPU-seconds allocated over {} rounds; usage over 95 % of the allocation in {} rounds; learned headroom {:.2}; {:.0} % of recurring surges prepared (leads {})",
+                r.cpu_seconds,
+                r.rounds,
+                r.pressed_rounds,
+                r.headroom,
+                100.0 * judged.prepared,
+                prevent::leads(&judged.leads),
             );
             Ok(())
         }
@@ -272,18 +310,20 @@ struct ForestallSetup<'a> {
 
 /// The allocation query the Forestall policy runs on every write of the latency figures:
 /// when the last seconds' p99 passes half the SLO (or requests failed), the service asks for
-/// half as much CPU again as the requests it is answering cost: the last line's throughput
-/// times the CPU a request took over the last minute (metered usage over throughput). Read
-/// from the line that carried the slow second, not from the next metering. Its usage
+/// half as much CPU again as the requests arriving cost: the last lines' arrivals times the
+/// CPU a request took over the last minute (metered usage over throughput). Read from the
+/// line that carried the slow second, not from the next metering; and from arrivals, not
+/// completions, which a throttled service caps at what its quota allows (a demand sized from
+/// them asked for 1.5 × the quota in place, and a spike took a second raise). Its usage
 /// forecast (the loop's own, from the metered cgroup) asks for what the coming minutes need.
 pub const LATENCY_QUERY: &str = "prevent_latency";
 
 fn latency_query(slo: Duration) -> String {
     format!(
         "SELECT 'service' AS component, 'cpu' AS resource, \
-         CASE WHEN l.p99 > {threshold} OR l.failed > 0 THEN l.rps * u.cores / r.rps * 1.5 END AS demand \
+         CASE WHEN l.p99 > {threshold} OR l.failed > 0 THEN l.arrived * u.cores / r.rps * 1.5 END AS demand \
          FROM (SELECT coalesce(max(p99), 0.0) AS p99, coalesce(sum(failed), 0) AS failed, \
-                      CAST(max(rps) AS DOUBLE) AS rps \
+                      CAST(max(arrived) AS DOUBLE) AS arrived \
                FROM prevent WHERE time > now() - INTERVAL '2 seconds') AS l, \
               (SELECT avg(cpu) AS cores FROM forestall_usage \
                WHERE component = 'service' AND time > now() - INTERVAL '1 minute') AS u, \
@@ -480,13 +520,28 @@ fn run(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
     // Static sizes at the mean demand plus 30 %, and the others start there.
     let cores = mean_rps * request_ms / 1000.0 * 1.3;
     let pool = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
-    let rounds = calibrate(request_ms);
+    // Every policy run into the same `--out` does the same work per request: the first
+    // calibrates the hashing to `request_ms` and leaves it in `OUT/rounds`, the others reuse
+    // it. (Calibrating each run made one policy's requests cost 16 % more CPU than another's
+    // in one session: the machine's speed at a run's start is not its speed during it.)
+    std::fs::create_dir_all(out)?;
+    let calibrated = out.join("rounds");
+    let rounds = match std::fs::read_to_string(&calibrated) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no round count", calibrated.display()))?,
+        Err(_) => {
+            let rounds = calibrate(request_ms);
+            std::fs::write(&calibrated, format!("{rounds}\n"))?;
+            rounds
+        }
+    };
     let cgroups = CgroupV1::new(&cgroup_root);
     let target = Target::new(
         "service",
         format!("forestall-prevent-{}-{policy}", std::process::id()),
     )?;
-    std::fs::create_dir_all(out)?;
     cgroups.create(&target)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["service", "--rounds", &rounds.to_string()])
@@ -577,9 +632,14 @@ fn run(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
         Some(url) => {
             let (tx, rx) = std::sync::mpsc::channel();
             let policy = policy.to_owned();
+            // The driver starts its clock just after this one: arrivals are counted against
+            // the schedule a few microseconds early at most.
+            let (arrivals, start) = (arrivals.clone(), Instant::now());
             (
                 Some(tx),
-                Some(std::thread::spawn(move || report(&url, &policy, &rx, slo))),
+                Some(std::thread::spawn(move || {
+                    report(&url, &policy, &rx, slo, &arrivals, start)
+                })),
             )
         }
         None => (None, None),
@@ -719,11 +779,7 @@ fn conclude(
         f.cpu_seconds,
         held.quota.len().saturating_sub(1),
         100.0 * f.prepared,
-        f.leads
-            .iter()
-            .map(|l| l.map_or("none".into(), |l| format!("{l:.0} s")))
-            .collect::<Vec<_>>()
-            .join(", "),
+        prevent::leads(&f.leads),
     );
     if !actuation.is_empty() {
         let mut v = actuation.clone();
@@ -804,15 +860,18 @@ fn write_to_actuation(url: &str, written: &[(i64, bool)]) -> anyhow::Result<Vec<
     Ok(out)
 }
 
-/// Writes one line of figures a second, over the requests that completed in it, to the
-/// Forestall at `url`, until the driver hangs up. Returns when each line was written (ns
-/// since the epoch, just before the request) and whether it was slow as the latency query
-/// judges (p99 over half the SLO, or a failure).
+/// Writes one line of figures a second, over the requests that completed in it and those of
+/// `arrivals` (the schedule, from `start`) that arrived in it, to the Forestall at `url`,
+/// until the driver hangs up. Returns when each line was written (ns since the epoch, just
+/// before the request) and whether it was slow as the latency query judges (p99 over half
+/// the SLO, or a failure).
 fn report(
     url: &str,
     policy: &str,
     outcomes: &std::sync::mpsc::Receiver<prevent::Outcome>,
     slo: Duration,
+    arrivals: &[Duration],
+    start: Instant,
 ) -> anyhow::Result<Vec<(i64, bool)>> {
     let write = format!("{}/api/v2/write", url.trim_end_matches('/'));
     let now_ns = || {
@@ -822,6 +881,7 @@ fn report(
     };
     let mut second = now_ns() / 1_000_000_000;
     let mut completed: Vec<prevent::Outcome> = Vec::new();
+    let mut arrived = 0;
     let mut written = Vec::new();
     loop {
         let next = (second + 1) * 1_000_000_000;
@@ -835,9 +895,16 @@ fn report(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
         };
         if now_ns() >= next || hung_up {
-            if let Some(line) =
-                prevent::second_line(policy, &completed, slo, second * 1_000_000_000)
-            {
+            let upto = arrivals.partition_point(|&at| at < start.elapsed());
+            let line = prevent::second_line(
+                policy,
+                &completed,
+                upto.saturating_sub(arrived),
+                slo,
+                second * 1_000_000_000,
+            );
+            arrived = upto.max(arrived);
+            if let Some(line) = line {
                 let mut ok: Vec<f64> = completed
                     .iter()
                     .filter_map(|(_, l)| l.map(|l| l.as_secs_f64()))
