@@ -63,14 +63,8 @@ enum Cmd {
         day_secs: u64,
         #[arg(long, default_value_t = 5000)]
         interval_ms: u64,
-        #[arg(long, default_value_t = 1.0)]
-        horizon_hours: f64,
-        #[arg(long, default_value_t = 4.0)]
-        release_hours: f64,
-        #[arg(long, default_value_t = 0.8)]
-        threshold: f64,
-        #[arg(long, default_value_t = 0.0)]
-        violation_share: f64,
+        #[command(flatten)]
+        allocation: Allocation,
         /// The quota the service starts at, in cores.
         #[arg(long, default_value_t = 0.29)]
         start_cores: f64,
@@ -124,18 +118,25 @@ struct RunArgs {
     /// preferences API once it is up (as an operator would).
     #[arg(long)]
     cap_cores: Option<f64>,
-    /// The forestall policy's forecast horizon, in hours of a real day (scaled to the
-    /// compressed one).
+    #[command(flatten)]
+    allocation: Allocation,
+}
+
+/// The Forestall policy's allocation settings, as `run` writes them into its server's
+/// config and `replay` replays them.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct Allocation {
+    /// The forecast horizon, in hours of a real day (scaled to the compressed one).
     #[arg(long, default_value_t = 1.0)]
     horizon_hours: f64,
-    /// The forestall policy: release after this many hours of a real day of requests below
-    /// the allocation (scaled).
+    /// Release after this many hours of a real day of requests below the allocation
+    /// (scaled).
     #[arg(long, default_value_t = 4.0)]
     release_hours: f64,
-    /// The forestall policy's θ: keep usage under this share of the allocation.
+    /// θ: keep usage under this share of the allocation.
     #[arg(long, default_value_t = 0.8)]
     threshold: f64,
-    /// The forestall policy's `violation_share` (0: headroom only grows).
+    /// `violation_share` (0: the learned headroom only grows).
     #[arg(long, default_value_t = 0.0)]
     violation_share: f64,
 }
@@ -163,10 +164,7 @@ fn main() -> anyhow::Result<()> {
             usage,
             day_secs,
             interval_ms,
-            horizon_hours,
-            release_hours,
-            threshold,
-            violation_share,
+            allocation,
             start_cores,
             pool_cores,
             seed,
@@ -190,10 +188,10 @@ fn main() -> anyhow::Result<()> {
                 &prevent::LoopSettings {
                     day: Duration::from_secs(day_secs),
                     interval: Duration::from_millis(interval_ms),
-                    horizon_hours,
-                    release_hours,
-                    threshold,
-                    violation_share,
+                    horizon_hours: allocation.horizon_hours,
+                    release_hours: allocation.release_hours,
+                    threshold: allocation.threshold,
+                    violation_share: allocation.violation_share,
                     start: start_cores,
                     pool: pool_cores,
                 },
@@ -302,10 +300,7 @@ struct ForestallSetup<'a> {
     day: Duration,
     interval: Duration,
     slo: Duration,
-    horizon_hours: f64,
-    release_hours: f64,
-    threshold: f64,
-    violation_share: f64,
+    allocation: Allocation,
 }
 
 /// The allocation query the Forestall policy runs on every write of the latency figures:
@@ -380,10 +375,10 @@ allocate = true
 query = """{query}"""
 "#,
         interval = setup.interval.as_millis(),
-        horizon = scaled(setup.horizon_hours),
-        release = scaled(setup.release_hours),
-        threshold = setup.threshold,
-        violation_share = setup.violation_share,
+        horizon = scaled(setup.allocation.horizon_hours),
+        release = scaled(setup.allocation.release_hours),
+        threshold = setup.allocation.threshold,
+        violation_share = setup.allocation.violation_share,
         judge = scaled(8.0),
         age = scaled(6.0),
         root = setup.cgroup_root.display(),
@@ -492,10 +487,7 @@ fn start_policy(
                 day: workload.day,
                 interval: Duration::from_millis(args.interval_ms),
                 slo,
-                horizon_hours: args.horizon_hours,
-                release_hours: args.release_hours,
-                threshold: args.threshold,
-                violation_share: args.violation_share,
+                allocation: args.allocation,
             })?;
             if let Some(cap) = args.cap_cores {
                 let url = format!("{}/api/v1/preferences/service", run.url);
