@@ -533,6 +533,17 @@ impl Engine {
         }
     }
 
+    /// Sets a component's headroom for a resource, for a caller that learns it another way
+    /// (the control loop's priced headroom); the feedback's own updates start from it.
+    pub fn set_headroom(&mut self, component: usize, resource: Resource, headroom: f64) {
+        if let Some(f) = self.feedback.get_mut(component)
+            && headroom.is_finite()
+            && headroom > 0.0
+        {
+            f[resource.index()].headroom = headroom;
+        }
+    }
+
     /// Sizes a request: the forecast peak over the horizon (its upper quantile), over the
     /// threshold, times the component's learned headroom.
     pub fn size(&self, component: usize, resource: Resource, forecast_peak: f64) -> f64 {

@@ -1118,6 +1118,7 @@ mod tests {
             release_hours: 1.0,
             threshold: 0.8,
             violation_share: 0.0,
+            headroom_price: 0.0,
             start: 0.29,
             pool: 2.0,
         };
@@ -1267,6 +1268,7 @@ pub struct LoopSettings {
     pub release_hours: f64,
     pub threshold: f64,
     pub violation_share: f64,
+    pub headroom_price: f64,
     /// The quota the service starts at, in cores.
     pub start: f64,
     /// The CPU pool, in cores.
@@ -1296,7 +1298,6 @@ pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Re
     use forestall_actuators::stack::Units;
     use forestall_actuators::{DryRun, Target};
     use forestall_control::config::{AllocationConfig, Amounts};
-    use forestall_control::round::Controller;
 
     let per_round = (settings.interval.as_secs_f64().round() as usize).max(1);
     let scaled = |hours: f64| settings.day.mul_f64(hours / 24.0).max(settings.interval);
@@ -1310,6 +1311,8 @@ pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Re
         age_after: scaled(6.0),
         threshold: settings.threshold,
         violation_share: settings.violation_share,
+        headroom_price: settings.headroom_price,
+        headroom_window: scaled(48.0),
         pool: Amounts {
             cpu: Some(settings.pool),
             ..Amounts::default()
@@ -1339,12 +1342,11 @@ pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Re
         disk_device: None,
         memory_high_share: 0.9,
     };
-    let mut controller = Controller::new(
+    let mut controller = config.controller(
         engine,
         vec![Target::new("service", "prevent/service")?],
         Box::new(DryRun::default()),
         units,
-        config.timing().forecast(),
     )?;
     let mut out = Replayed {
         cpu_seconds: 0.0,

@@ -12,7 +12,14 @@ use forestall_actuators::{CpuSet, Flow, Limits, Target};
 use serde::{Deserialize, Serialize};
 
 use crate::live::USAGE_MEASUREMENT;
-use crate::round::Timing;
+use crate::round::{Controller, Timing};
+use forestall_actuators::Actuator;
+use forestall_actuators::alloc::Engine;
+use forestall_actuators::stack::Units;
+use forestall_models::forecast::ForecastConfig;
+
+/// What a priced headroom is judged on by default: two days of requests and usage.
+pub const HEADROOM_WINDOW: Duration = Duration::from_secs(2 * 24 * 3600);
 
 /// `[allocation]`: the live loop.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +55,16 @@ pub struct AllocationConfig {
     /// grows (and shrinks when a raise is rolled back), which on noisy usage ratchets it
     /// up to 2×.
     pub violation_share: f64,
+    /// Price headroom per component ([`crate::headroom`]): each component's headroom for
+    /// each resource is the one that minimises its share of rounds over θ plus this price ×
+    /// its unused allocation over the fleet's usage of that resource, judged on the last
+    /// `headroom_window` of its requests and usage, so headroom goes where it prevents most
+    /// violations (small components get more, large ones less). It then replaces
+    /// `violation_share`'s feedback. Higher holds less. Default 0: off.
+    pub headroom_price: f64,
+    /// The rounds a priced headroom is judged on. Default 2 days.
+    #[serde(with = "humantime_serde")]
+    pub headroom_window: Duration,
     /// Run an LSTM beside each component's other forecasters, one training step every this
     /// many rounds (its CPU budget: about 0.2 ms per series per round at 32). Default 0: none.
     pub lstm_train_every: usize,
@@ -88,6 +105,8 @@ impl Default for AllocationConfig {
             age_after: timing.age_after,
             threshold: 0.8,
             violation_share: 0.0,
+            headroom_price: 0.0,
+            headroom_window: HEADROOM_WINDOW,
             lstm_train_every: 0,
             component_tag: "component".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -370,6 +389,14 @@ impl AllocationConfig {
             "allocation.violation_share must be in [0, 0.5)"
         );
         ensure!(
+            self.headroom_price.is_finite() && self.headroom_price >= 0.0,
+            "allocation.headroom_price must be a finite number of at least 0"
+        );
+        ensure!(
+            self.headroom_window >= self.interval,
+            "allocation.headroom_window must be at least one interval"
+        );
+        ensure!(
             self.interval >= Duration::from_millis(100),
             "allocation.interval must be at least 100ms"
         );
@@ -445,6 +472,34 @@ impl AllocationConfig {
             violation_share: self.violation_share,
             ..crate::round::tuned(self.threshold, min, &self.timing())
         }
+    }
+
+    /// The loop's controller over `engine` (built from [`engine_config`](Self::engine_config)):
+    /// its forecasts at this config's timings, with the LSTM and the priced headroom this
+    /// config asks for. `serve` and `prevent replay` both build it here.
+    pub fn controller(
+        &self,
+        engine: Engine,
+        targets: Vec<Target>,
+        actuator: Box<dyn Actuator>,
+        units: Units,
+    ) -> anyhow::Result<Controller> {
+        let timing = self.timing();
+        let mut controller = Controller::new(
+            engine,
+            targets,
+            actuator,
+            units,
+            ForecastConfig {
+                lstm_train_every: self.lstm_train_every,
+                ..timing.forecast()
+            },
+        )?;
+        if self.headroom_price > 0.0 {
+            let window = timing.rounds(self.headroom_window) as usize;
+            controller.price_headroom(self.headroom_price, window)?;
+        }
+        Ok(controller)
     }
 
     /// The loop's timings.

@@ -9,6 +9,7 @@
 //!   components' cgroups into the store, and audits every decision as a measurement.
 //! * [`usage`]: the built-in usage queries, one `ALLOCATE` continuous query per resource
 //!   made from `[allocation.usage]`, listed and replaceable like any other.
+//! * [`headroom`]: headroom priced per component, spent where it prevents most violations.
 //! * [`config`]: the `[allocation]` section.
 //! * [`replay`]: `forestall replay`, the allocation backtest over a recorded trace.
 //!
@@ -17,6 +18,7 @@
 //! Only `server` depends on it.
 
 pub mod config;
+pub mod headroom;
 pub mod live;
 pub mod replay;
 pub mod round;

@@ -280,7 +280,6 @@ impl Allocations {
                 })
             })
             .collect();
-        let timing = config.timing();
         let engine = Engine::new(config.engine_config(), components, capacity, initial)?;
         let units = Units {
             cpu_per_core: 1.0,
@@ -291,16 +290,7 @@ impl Allocations {
             memory_high_share: config.threshold,
         };
         let n = targets.len();
-        let mut controller = Controller::new(
-            engine,
-            targets,
-            actuator,
-            units,
-            forestall_models::forecast::ForecastConfig {
-                lstm_train_every: config.lstm_train_every,
-                ..timing.forecast()
-            },
-        )?;
+        let mut controller = config.controller(engine, targets, actuator, units)?;
         // Carry on where the last run stopped. A damaged state only costs what was learned,
         // so the loop starts afresh rather than refusing to start.
         let state_path = data_dir.join("allocation").join("state.json");

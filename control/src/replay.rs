@@ -394,6 +394,32 @@ impl Allocator for Autopilot {
     }
 }
 
+/// How the replay runs Forestall (the defaults are the product's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Run the LSTM beside the other forecasters, one training step every this many rounds
+    /// (0: none).
+    pub lstm_train_every: usize,
+    /// Price headroom per component ([`crate::headroom`]) over [`HEADROOM_WINDOW`]
+    /// (0: the engine's feedback sets it).
+    ///
+    /// [`HEADROOM_WINDOW`]: crate::config::HEADROOM_WINDOW
+    pub headroom_price: f64,
+    /// A release waits until every request of this long sits well below the allocation
+    /// (`allocation.release_after`).
+    pub release_after: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            lstm_train_every: 0,
+            headroom_price: 0.0,
+            release_after: Timing::measured(Duration::from_secs(60)).release_after,
+        }
+    }
+}
+
 /// Forestall: the live allocation step ([`Controller`]) with simulated time, driving a
 /// recording actuator.
 #[derive(Debug)]
@@ -416,12 +442,12 @@ pub const TRACE_UNITS: Units = Units {
 };
 
 impl Forestall {
-    /// Forestall on `trace`, with the contended pool or without; `lstm_train_every` > 0 runs
-    /// the LSTM beside the other forecasters (one training step every that many rounds).
-    pub fn new(trace: &Trace, contended: bool, lstm_train_every: usize) -> anyhow::Result<Self> {
+    /// Forestall on `trace`, with the contended pool or without, with `options`.
+    pub fn new(trace: &Trace, contended: bool, options: &Options) -> anyhow::Result<Self> {
         // The live defaults at the trace's step: a request covers the next hour.
         let timing = Timing {
             horizon: Duration::from_secs_f64(HORIZON as f64 * trace.step_seconds),
+            release_after: options.release_after,
             ..Timing::measured(Duration::from_secs_f64(trace.step_seconds))
         };
         let config = control::tuned(trace.threshold, trace.floors, &timing);
@@ -447,17 +473,22 @@ impl Forestall {
             .map(|c| Target::new(&c.name, format!("forestall/{}", c.name)))
             .collect::<Result<_, _>>()?;
         let actuator = Arc::new(DryRun::default());
+        let mut controller = Controller::new(
+            engine,
+            targets,
+            Box::new(Arc::clone(&actuator)),
+            TRACE_UNITS,
+            ForecastConfig {
+                lstm_train_every: options.lstm_train_every,
+                ..timing.forecast()
+            },
+        )?;
+        if options.headroom_price > 0.0 {
+            let window = timing.rounds(crate::config::HEADROOM_WINDOW) as usize;
+            controller.price_headroom(options.headroom_price, window)?;
+        }
         Ok(Self {
-            controller: Controller::new(
-                engine,
-                targets,
-                Box::new(Arc::clone(&actuator)),
-                TRACE_UNITS,
-                ForecastConfig {
-                    lstm_train_every,
-                    ..timing.forecast()
-                },
-            )?,
+            controller,
             actuator,
         })
     }
@@ -678,7 +709,7 @@ fn baselines(trace: &Trace) -> Vec<Box<dyn Allocator>> {
 pub fn replay(
     dir: &Path,
     out: &Path,
-    lstm_train_every: usize,
+    options: &Options,
     contended: bool,
 ) -> anyhow::Result<String> {
     let trace = load(dir)?;
@@ -688,7 +719,7 @@ pub fn replay(
         dir.display()
     );
     let started = Instant::now();
-    let mut forestall = Forestall::new(&trace, false, lstm_train_every)?;
+    let mut forestall = Forestall::new(&trace, false, options)?;
     let ours = run(&mut forestall, &trace);
     let elapsed = started.elapsed();
     if !contended {
@@ -761,7 +792,7 @@ pub fn replay(
             report,
             "\ncontended pool (capacity {capacity:?}): soft violation share per tier"
         )?;
-        let mut within = Forestall::new(&trace, true, lstm_train_every)?;
+        let mut within = Forestall::new(&trace, true, options)?;
         let ours = run(&mut within, &trace);
         if contended {
             write_allocations(&trace, &ours, out)?;

@@ -26,6 +26,7 @@ use forestall_actuators::stack::Units;
 use forestall_actuators::{Actuator, Limits, Target};
 use std::collections::VecDeque;
 
+use crate::headroom::PricedHeadroom;
 use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
 use forestall_models::risk::{
     self as bayes_risk, MetricObs, MetricSpec, Observation, RiskConfig, RiskModel,
@@ -143,6 +144,9 @@ pub struct Controller {
     /// Each component's health from its health checks, the risk model's health evidence
     /// (`None`: no check judges it, and the model derives it from the levels).
     health: Vec<Option<bayes_risk::Health>>,
+    /// With a price ([`Controller::price_headroom`]), each component's headroom is the one
+    /// that spends the pool where it prevents most violations, set every round.
+    priced: Option<PricedHeadroom>,
 }
 
 /// A component's Bayesian network over its utilisation of each resource (usage over the
@@ -288,7 +292,17 @@ impl Controller {
             risks,
             risk_config,
             health: vec![None; n],
+            priced: None,
         })
+    }
+
+    /// Prices headroom ([`crate::headroom`]): from the round a quarter of `window` rounds
+    /// have been seen, each component's headroom for each resource is the one that minimises
+    /// its violations plus `price` × its unused allocation over the fleet's usage, judged on
+    /// its last `window` rounds, and the engine's own feedback no longer sets it.
+    pub fn price_headroom(&mut self, price: f64, window: usize) -> anyhow::Result<()> {
+        self.priced = Some(PricedHeadroom::new(self.targets.len(), price, window)?);
+        Ok(())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -413,6 +427,16 @@ impl Controller {
             risk.waiting.push_back((obs, [false; 4], 0));
             self.engine.observe(c, *u);
         }
+        if let Some(priced) = &mut self.priced {
+            priced.observe(usage);
+            for c in 0..self.targets.len() {
+                for r in Resource::ALL {
+                    if let Some(k) = priced.headroom(c, r, theta) {
+                        self.engine.set_headroom(c, r, k);
+                    }
+                }
+            }
+        }
     }
 
     /// Each component's health as its health checks judge it, the evidence of the next
@@ -473,7 +497,12 @@ impl Controller {
 
     /// [`round`](Self::round), with what allocation queries ask for on top of the forecasts.
     pub fn round_with(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
-        let (requests, asked_by) = self.requests(demands, true);
+        let (requests, asked_by, bases) = self.requests(demands, true);
+        if let Some(priced) = &mut self.priced {
+            for (c, r, base) in bases {
+                priced.asked(c, r, base);
+            }
+        }
         let decisions = self.engine.round(round, &requests);
         self.conclude(decisions, &asked_by)
     }
@@ -482,7 +511,7 @@ impl Controller {
     /// allocations now ([`Engine::raise_now`]), and applies them. The forecasts are the
     /// round's business: nothing is learned, released or judged here.
     pub fn raise_now(&mut self, round: u64, demands: &[Demand]) -> RoundReport {
-        let (requests, asked_by) = self.requests(demands, false);
+        let (requests, asked_by, _) = self.requests(demands, false);
         let decisions = self.engine.raise_now(round, &requests);
         self.conclude(decisions, &asked_by)
     }
@@ -543,16 +572,23 @@ impl Controller {
     }
 
     /// One request per component and resource that has a forecast (with `forecasts`) or a
-    /// demand: the larger of what each asks; and, by component and resource index, the query
-    /// whose demand set the amount when one did.
+    /// demand: the larger of what each asks; by component and resource index, the query
+    /// whose demand set the amount when one did; and what each forecast's request was sized
+    /// from before headroom (its peak over θ).
+    #[allow(clippy::type_complexity)]
     fn requests(
         &self,
         demands: &[Demand],
         forecasts: bool,
-    ) -> (Vec<Request>, BTreeMap<(usize, usize), String>) {
+    ) -> (
+        Vec<Request>,
+        BTreeMap<(usize, usize), String>,
+        Vec<(usize, Resource, f64)>,
+    ) {
         let theta = self.engine.config().threshold;
         let mut out = Vec::new();
         let mut asked_by = BTreeMap::new();
+        let mut bases = Vec::new();
         for c in 0..self.forecasters.len() {
             let risk = self.risk_scores(c);
             for r in Resource::ALL {
@@ -561,6 +597,10 @@ impl Controller {
                 } else {
                     None
                 };
+                if let Some(q) = &request {
+                    let headroom = self.engine.feedback(c, r).headroom;
+                    bases.push((c, r, q.amount / headroom));
+                }
                 for d in demands
                     .iter()
                     .filter(|d| d.component == c && d.resource == r)
@@ -591,7 +631,7 @@ impl Controller {
                 out.extend(request);
             }
         }
-        (out, asked_by)
+        (out, asked_by, bases)
     }
 
     /// What component `c` asks of `r` given its forecast `steps` (`None` without one) and its

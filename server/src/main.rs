@@ -57,6 +57,13 @@ enum Command {
         /// case) instead of the unbounded one.
         #[arg(long)]
         contended: bool,
+        /// Price headroom per component, as `allocation.headroom_price` does (0: off).
+        #[arg(long, value_name = "PRICE", default_value_t = 0.0)]
+        headroom_price: f64,
+        /// Release only after this many hours of requests well below the allocation, as
+        /// `allocation.release_after` does.
+        #[arg(long, value_name = "HOURS", default_value_t = 4.0)]
+        release_hours: f64,
     },
 }
 
@@ -117,10 +124,25 @@ fn main() -> anyhow::Result<()> {
             out,
             lstm_train_every,
             contended,
+            headroom_price,
+            release_hours,
         } => {
+            anyhow::ensure!(
+                release_hours.is_finite() && release_hours > 0.0,
+                "--release-hours must be a positive number of hours"
+            );
+            anyhow::ensure!(
+                headroom_price.is_finite() && headroom_price >= 0.0,
+                "--headroom-price must be a finite number of at least 0"
+            );
+            let options = forestall_control::replay::Options {
+                lstm_train_every,
+                headroom_price,
+                release_after: std::time::Duration::from_secs_f64(release_hours * 3600.0),
+            };
             print!(
                 "{}",
-                forestall_control::replay::replay(&trace, &out, lstm_train_every, contended)?
+                forestall_control::replay::replay(&trace, &out, &options, contended)?
             );
             Ok(())
         }

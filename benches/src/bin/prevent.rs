@@ -139,6 +139,9 @@ struct Allocation {
     /// `violation_share` (0: the learned headroom only grows).
     #[arg(long, default_value_t = 0.0)]
     violation_share: f64,
+    /// `headroom_price`, judged over two days (scaled); 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    headroom_price: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                     release_hours: allocation.release_hours,
                     threshold: allocation.threshold,
                     violation_share: allocation.violation_share,
+                    headroom_price: allocation.headroom_price,
                     start: start_cores,
                     pool: pool_cores,
                 },
@@ -358,6 +362,8 @@ judge_after = "{judge}"
 age_after = "{age}"
 threshold = {threshold}
 violation_share = {violation_share}
+headroom_price = {headroom_price}
+headroom_window = "{headroom_window}"
 cgroup_root = "{root}"
 cgroup_version = "v1"
 pool = {{ cpu = {pool} }}
@@ -379,6 +385,8 @@ query = """{query}"""
         release = scaled(setup.allocation.release_hours),
         threshold = setup.allocation.threshold,
         violation_share = setup.allocation.violation_share,
+        headroom_price = setup.allocation.headroom_price,
+        headroom_window = scaled(48.0),
         judge = scaled(8.0),
         age = scaled(6.0),
         root = setup.cgroup_root.display(),

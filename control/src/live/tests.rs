@@ -216,6 +216,27 @@ fn configuration_mistakes_are_refused_with_the_reason() {
         ),
         (
             AllocationConfig {
+                headroom_price: -1.0,
+                ..good.clone()
+            },
+            "headroom_price must be a finite number",
+        ),
+        (
+            AllocationConfig {
+                headroom_price: f64::INFINITY,
+                ..good.clone()
+            },
+            "headroom_price must be a finite number",
+        ),
+        (
+            AllocationConfig {
+                headroom_window: Duration::from_millis(1),
+                ..good.clone()
+            },
+            "headroom_window must be at least one interval",
+        ),
+        (
+            AllocationConfig {
                 components: vec![component("web", 1.0), component("web", 2.0)],
                 ..good.clone()
             },

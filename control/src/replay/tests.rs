@@ -50,15 +50,24 @@ fn replay_is_deterministic_and_free_of_look_ahead() {
     write_trace(&full, 600, None);
     let trace = load(&full).unwrap();
     assert_eq!(trace.steps, 600);
-    let a = run(&mut Forestall::new(&trace, false, 0).unwrap(), &trace);
-    let b = run(&mut Forestall::new(&trace, false, 0).unwrap(), &trace);
+    let a = run(
+        &mut Forestall::new(&trace, false, &Options::default()).unwrap(),
+        &trace,
+    );
+    let b = run(
+        &mut Forestall::new(&trace, false, &Options::default()).unwrap(),
+        &trace,
+    );
     assert_eq!(a, b, "deterministic");
     for k in [130, 377] {
         let cut = root.path().join(format!("cut{k}"));
         write_trace(&cut, 600, Some(k));
         let t = load(&cut).unwrap();
         assert_eq!((t.usage.len(), t.steps), (k, k + 1));
-        let c = run(&mut Forestall::new(&t, false, 0).unwrap(), &t);
+        let c = run(
+            &mut Forestall::new(&t, false, &Options::default()).unwrap(),
+            &t,
+        );
         // Decisions up to and including step k (decided from steps < k) are the same.
         assert_eq!(c[..=k], a[..=k], "cut at {k}");
         for (i, mut baseline) in baselines(&t).into_iter().enumerate() {
@@ -79,7 +88,7 @@ fn replay_drives_the_recording_actuator_with_what_live_would_apply() {
     let root = tempfile::tempdir().unwrap();
     write_trace(root.path(), 400, None);
     let trace = load(root.path()).unwrap();
-    let mut f = Forestall::new(&trace, true, 0).unwrap();
+    let mut f = Forestall::new(&trace, true, &Options::default()).unwrap();
     let alloc = run(&mut f, &trace);
     let (recorded, targets) = f.recorded();
     assert!(!recorded.requests().is_empty());
@@ -137,7 +146,7 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     let dir = root.path().join("trace");
     write_trace(&dir, 480, None);
     let out = root.path().join("out/alloc.csv");
-    let report = replay(&dir, &out, 0, false).unwrap();
+    let report = replay(&dir, &out, &Options::default(), false).unwrap();
     for needle in [
         "forestall",
         "static",
@@ -154,7 +163,7 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
     assert!(written.lines().any(|l| l.starts_with("vm1,cpu,0,")));
     // With --contended the allocations written are the run within the pool: at every step
     // the components' allocations of each resource fit its capacity.
-    let report = replay(&dir, &out, 0, true).unwrap();
+    let report = replay(&dir, &out, &Options::default(), true).unwrap();
     assert!(report.contains("contended pool"), "{report}");
     let capacity = [
         ("cpu", 3000.0),
@@ -202,10 +211,12 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
         "step,timestamp,component,cpu,mem,net,disk\n0,0,nobody,1,1,1,1\n",
     )
     .unwrap();
-    let err = replay(&dir, &out, 0, false).unwrap_err().to_string();
+    let err = replay(&dir, &out, &Options::default(), false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unknown component"), "{err}");
     std::fs::remove_file(dir.join("meta.json")).unwrap();
-    assert!(replay(&dir, &out, 0, false).is_err());
+    assert!(replay(&dir, &out, &Options::default(), false).is_err());
     // A trace without a pool cannot be replayed --contended.
     let plain = root.path().join("plain");
     write_trace(&plain, 48, None);
@@ -218,6 +229,84 @@ fn replay_reports_every_allocator_and_writes_the_allocations() {
         serde_json::to_string(&meta).unwrap(),
     )
     .unwrap();
-    let err = replay(&plain, &out, 0, true).unwrap_err().to_string();
+    let err = replay(&plain, &out, &Options::default(), true)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("needs a pool"), "{err}");
+}
+
+/// Two components with the same relative noise (bursts of 1.6× in about one round of ten),
+/// one a hundred times the other's size, over `steps` rounds of which `visible` are seen.
+fn small_and_large(steps: usize, visible: usize) -> Trace {
+    let component = |name: &str| TraceComponent {
+        name: name.into(),
+        tier: "standard".into(),
+        weight: 3.0,
+        deferrable: false,
+    };
+    Trace {
+        components: vec![component("small"), component("large")],
+        usage: (0..visible)
+            .map(|t| {
+                let h = (t * 2_654_435_761) % 1000;
+                let level = (1.0 + 0.1 * (h % 17) as f64 / 17.0) * if h < 100 { 1.6 } else { 1.0 };
+                [50.0, 5000.0]
+                    .iter()
+                    .map(|size| [size * level, 64.0, 10.0, 10.0])
+                    .collect()
+            })
+            .collect(),
+        steps,
+        warmup: 240,
+        threshold: 0.9,
+        step_seconds: 300.0,
+        floors: [1.0, 64.0, 10.0, 10.0],
+        capacity: None,
+    }
+}
+
+/// With a price, headroom goes where it prevents violations cheaply: the small component
+/// ends with more headroom and fewer violations than the large one, whose every unit of
+/// headroom costs a hundred times more. The priced replay stays deterministic and free of
+/// look-ahead.
+#[test]
+fn a_priced_headroom_is_spent_where_it_prevents_most_violations() {
+    let options = Options {
+        headroom_price: 0.5,
+        ..Options::default()
+    };
+    let trace = small_and_large(1200, 1200);
+    let mut f = Forestall::new(&trace, false, &options).unwrap();
+    let alloc = run(&mut f, &trace);
+    let headroom = |c: usize| f.engine().feedback(c, Resource::Cpu).headroom;
+    assert!(headroom(0) > headroom(1), "{} {}", headroom(0), headroom(1));
+    let violations = |c: usize| {
+        (trace.warmup..trace.steps)
+            .filter(|&t| trace.usage[t][c][0] > 0.9 * alloc[t][c][0])
+            .count()
+    };
+    assert!(
+        violations(0) < violations(1),
+        "small {} large {}",
+        violations(0),
+        violations(1)
+    );
+    // The large component is not left bare: it still covers most rounds.
+    assert!(
+        violations(1) * 4 < trace.steps - trace.warmup,
+        "{}",
+        violations(1)
+    );
+    assert_eq!(
+        run(
+            &mut Forestall::new(&trace, false, &options).unwrap(),
+            &trace
+        ),
+        alloc,
+        "deterministic"
+    );
+    let k = 900;
+    let cut = small_and_large(k + 1, k);
+    let c = run(&mut Forestall::new(&cut, false, &options).unwrap(), &cut);
+    assert_eq!(c[..=k], alloc[..=k], "cut at {k}");
 }
