@@ -40,13 +40,18 @@ fn choices() -> impl Iterator<Item = f64> {
 /// usage `fleet`, judged on `pairs` of (base, usage): the request's size before headroom, and
 /// the usage of the round it was for. `None` without a pair with a positive base or without
 /// fleet usage.
-pub fn priced(pairs: &[(f64, f64)], theta: f64, price: f64, fleet: f64) -> Option<f64> {
+pub fn priced(
+    pairs: impl IntoIterator<Item = (f64, f64)>,
+    theta: f64,
+    price: f64,
+    fleet: f64,
+) -> Option<f64> {
     // Usage over base, with prefix sums of base and usage in that order: the unused
     // allocation at k is k × Σ base − Σ usage over the rounds whose ratio is below k.
     let mut rows: Vec<(f64, f64, f64)> = pairs
-        .iter()
+        .into_iter()
         .filter(|(b, u)| b.is_finite() && *b > 0.0 && u.is_finite())
-        .map(|&(b, u)| (u.max(0.0) / b, b, u.max(0.0)))
+        .map(|(b, u)| (u.max(0.0) / b, b, u.max(0.0)))
         .collect();
     if rows.is_empty() || !(fleet.is_finite() && fleet > 0.0) {
         return None;
@@ -86,8 +91,10 @@ pub struct PricedHeadroom {
     window: usize,
     /// Per component and resource: (base, usage) of the last `window` rounds.
     pairs: Vec<PerResource<VecDeque<(f64, f64)>>>,
-    /// Per resource: the fleet's total usage of each of the last `window` rounds.
+    /// Per resource: the fleet's total usage of each of the last `window` rounds, and its
+    /// mean.
     fleet: PerResource<VecDeque<f64>>,
+    fleet_mean: PerResource<f64>,
     /// The base each request of the current round was sized from, waiting for its usage.
     asked: Vec<PerResource<Option<f64>>>,
 }
@@ -109,6 +116,7 @@ impl PricedHeadroom {
             window,
             pairs: vec![Default::default(); components],
             fleet: Default::default(),
+            fleet_mean: [0.0; 4],
             asked: vec![[None; 4]; components],
         })
     }
@@ -144,19 +152,19 @@ impl PricedHeadroom {
             if self.fleet[r].len() > self.window {
                 self.fleet[r].pop_front();
             }
+            self.fleet_mean[r] = self.fleet[r].iter().sum::<f64>() / self.fleet[r].len() as f64;
         }
     }
 
     /// Component `c`'s headroom for `r` at utilisation threshold `theta`, once a quarter of
     /// the window has been seen (before that, `None`: the caller keeps what it had).
     pub fn headroom(&self, c: usize, r: Resource, theta: f64) -> Option<f64> {
-        let pairs: Vec<(f64, f64)> = self.pairs.get(c)?[r.index()].iter().copied().collect();
+        let pairs = &self.pairs.get(c)?[r.index()];
         if pairs.len() < self.window.div_ceil(4) {
             return None;
         }
-        let fleet = &self.fleet[r.index()];
-        let mean = fleet.iter().sum::<f64>() / fleet.len().max(1) as f64;
-        priced(&pairs, theta, self.price, mean)
+        let fleet = self.fleet_mean[r.index()];
+        priced(pairs.iter().copied(), theta, self.price, fleet)
     }
 }
 
@@ -179,8 +187,8 @@ mod tests {
     fn a_small_component_gets_more_headroom_than_a_large_one_with_the_same_noise() {
         let (small, large) = (noisy(10.0, 200), noisy(1000.0, 200));
         let fleet = 1010.0 * 0.7;
-        let k_small = priced(&small, 0.9, 0.5, fleet).unwrap();
-        let k_large = priced(&large, 0.9, 0.5, fleet).unwrap();
+        let k_small = priced(small.iter().copied(), 0.9, 0.5, fleet).unwrap();
+        let k_large = priced(large.iter().copied(), 0.9, 0.5, fleet).unwrap();
         // The small one covers its high rounds (1.2 × base over θ needs k ≥ 1.33); for the
         // large one, covering them costs more than one round in eight of violations is worth.
         assert!(k_small >= 1.2 / 0.9, "small {k_small}");
@@ -196,7 +204,7 @@ mod tests {
         let pairs = noisy(100.0, 400);
         let ks: Vec<f64> = [0.01, 0.3, 3.0, 100.0]
             .iter()
-            .map(|&p| priced(&pairs, 0.9, p, 100.0).unwrap())
+            .map(|&p| priced(pairs.iter().copied(), 0.9, p, 100.0).unwrap())
             .collect();
         assert!(ks.windows(2).all(|w| w[0] >= w[1]), "{ks:?}");
         assert!(ks[0] > ks[3], "{ks:?}");
@@ -208,9 +216,9 @@ mod tests {
 
     #[test]
     fn no_usage_to_judge_chooses_nothing() {
-        assert_eq!(priced(&[], 0.9, 1.0, 10.0), None);
-        assert_eq!(priced(&[(0.0, 3.0), (f64::NAN, 1.0)], 0.9, 1.0, 10.0), None);
-        assert_eq!(priced(&[(1.0, 0.5)], 0.9, 1.0, 0.0), None);
+        assert_eq!(priced([], 0.9, 1.0, 10.0), None);
+        assert_eq!(priced([(0.0, 3.0), (f64::NAN, 1.0)], 0.9, 1.0, 10.0), None);
+        assert_eq!(priced([(1.0, 0.5)], 0.9, 1.0, 0.0), None);
     }
 
     #[test]

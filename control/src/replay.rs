@@ -34,8 +34,8 @@ use forestall_actuators::alloc::{
 use forestall_actuators::stack::Units;
 use forestall_actuators::{DryRun, Target};
 
-use crate::round::{self as control, Controller, Timing};
-use forestall_models::forecast::ForecastConfig;
+use crate::config::{AllocationConfig, Amounts};
+use crate::round::{Controller, Timing};
 
 /// Steps of forecast a request covers (an hour of 5-minute steps).
 const HORIZON: usize = 12;
@@ -444,13 +444,24 @@ pub const TRACE_UNITS: Units = Units {
 impl Forestall {
     /// Forestall on `trace`, with the contended pool or without, with `options`.
     pub fn new(trace: &Trace, contended: bool, options: &Options) -> anyhow::Result<Self> {
-        // The live defaults at the trace's step: a request covers the next hour.
-        let timing = Timing {
-            horizon: Duration::from_secs_f64(HORIZON as f64 * trace.step_seconds),
+        // The live defaults at the trace's step (a request covers the next hour), derived as
+        // the server derives them.
+        let step = Duration::from_secs_f64(trace.step_seconds);
+        let config = AllocationConfig {
+            interval: step,
+            horizon: step * HORIZON as u32,
             release_after: options.release_after,
-            ..Timing::measured(Duration::from_secs_f64(trace.step_seconds))
+            threshold: trace.threshold,
+            min: Amounts {
+                cpu: Some(trace.floors[0]),
+                mem: Some(trace.floors[1]),
+                net: Some(trace.floors[2]),
+                disk: Some(trace.floors[3]),
+            },
+            headroom_price: options.headroom_price,
+            lstm_train_every: options.lstm_train_every,
+            ..AllocationConfig::default()
         };
-        let config = control::tuned(trace.threshold, trace.floors, &timing);
         let components: Vec<Component> = trace
             .components
             .iter()
@@ -466,27 +477,19 @@ impl Forestall {
             _ => [None; 4],
         };
         let initial = vec![trace.floors; components.len()];
-        let engine = Engine::new(config, components, capacity, initial)?;
+        let engine = Engine::new(config.engine_config(), components, capacity, initial)?;
         let targets = trace
             .components
             .iter()
             .map(|c| Target::new(&c.name, format!("forestall/{}", c.name)))
             .collect::<Result<_, _>>()?;
         let actuator = Arc::new(DryRun::default());
-        let mut controller = Controller::new(
+        let controller = config.controller(
             engine,
             targets,
             Box::new(Arc::clone(&actuator)),
             TRACE_UNITS,
-            ForecastConfig {
-                lstm_train_every: options.lstm_train_every,
-                ..timing.forecast()
-            },
         )?;
-        if options.headroom_price > 0.0 {
-            let window = timing.rounds(crate::config::HEADROOM_WINDOW) as usize;
-            controller.price_headroom(options.headroom_price, window)?;
-        }
         Ok(Self {
             controller,
             actuator,
