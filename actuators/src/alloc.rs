@@ -20,8 +20,9 @@
 //!   change, and by at most [`AllocConfig::max_step_down`] per round, so noisy forecasts do not
 //!   flap;
 //! * a raise is judged [`AllocConfig::rollback_after`] rounds later: if usage never came near
-//!   the old allocation, it did not help and is rolled back, and the feedback controller
-//!   shrinks that component's headroom; a violation (usage over θ × the allocation) grows
+//!   the old allocation, it did not help and is rolled back, and raising to that level again
+//!   is held off as long, unless usage presses on the allocation or a query's demand observes
+//!   a need above it; the feedback controller shrinks that component's headroom; a violation (usage over θ × the allocation) grows
 //!   it, and with [`AllocConfig::violation_share`] each round without one shrinks it a
 //!   little, so that it settles where violations take that share of rounds;
 //! * preferences always win: a cap is never exceeded, a floor never undercut, an opted-out
@@ -166,6 +167,10 @@ pub struct Request {
     pub need: f64,
     /// Risk in [0, 1]: orders requests of equal weight.
     pub risk: f64,
+    /// What a query's demand asks for now (0 without one): a need observed, such as the CPU
+    /// that brings latency back under its objective, not forecast. Above the allocation it
+    /// presses as usage over θ does, so a hold-off after a rolled-back raise does not delay it.
+    pub observed: f64,
 }
 
 /// What the engine did.
@@ -268,8 +273,11 @@ pub struct Engine {
     last_change: Vec<PerResource<Option<u64>>>,
     trials: Vec<PerResource<Option<Trial>>>,
     feedback: Vec<PerResource<Feedback>>,
-    /// After a rollback, raises wait until this round unless usage presses.
+    /// After a rollback, raises to `held_at` wait until this round unless usage presses.
     held_until: Vec<PerResource<u64>>,
+    /// The allocation a rolled-back raise was undone from: until `held_until`, raises to no
+    /// more than it are held off (that level was judged wrong; a larger one is a new claim).
+    held_at: Vec<PerResource<f64>>,
     /// Usage in the last round observed.
     last_usage: Vec<PerResource<f64>>,
     /// The last `cooldown` requests: a release goes only as low as their maximum (a
@@ -383,6 +391,9 @@ pub struct ComponentState {
     /// Headroom, effectiveness and judged raises per resource.
     pub feedback: PerResource<(f64, f64, u64)>,
     pub held_until: PerResource<u64>,
+    /// What the hold-off covers (states written before it was kept hold nothing off).
+    #[serde(default)]
+    pub held_at: PerResource<f64>,
     pub last_usage: PerResource<f64>,
     /// The stabilisation window per resource: requests seen, and the (index, amount) of
     /// those that can still be its maximum, oldest first.
@@ -454,6 +465,7 @@ impl Engine {
             trials: vec![[None; 4]; components.len()],
             feedback: vec![[Feedback::default(); 4]; components.len()],
             held_until: vec![[0; 4]; components.len()],
+            held_at: vec![[0.0; 4]; components.len()],
             last_usage: vec![[0.0; 4]; components.len()],
             recent: vec![Default::default(); components.len()],
             components,
@@ -584,6 +596,7 @@ impl Engine {
                 last_change: self.last_change[c],
                 feedback: self.feedback[c].map(|f| (f.headroom, f.effectiveness, f.judged)),
                 held_until: self.held_until[c],
+                held_at: self.held_at[c],
                 last_usage: self.last_usage[c],
                 recent: std::array::from_fn(|i| {
                     let w = &self.recent[c][i];
@@ -648,6 +661,7 @@ impl Engine {
                 };
                 self.last_change[c][i] = s.last_change[i];
                 self.held_until[c][i] = s.held_until[i];
+                self.held_at[c][i] = s.held_at[i];
                 self.last_usage[c][i] = s.last_usage[i];
                 let (seen, entries) = &s.recent[i];
                 self.recent[c][i] = Window {
@@ -842,7 +856,7 @@ impl Engine {
             let need = self.needs[c][r.index()];
             if asked[r.index()] > self.free(r)
                 && !self.untouchable(c, r)
-                && self.may_raise(round, c, r, need)
+                && self.may_raise(round, q, need)
             {
                 let current = self.alloc[c][r.index()];
                 self.raise(round, q, current, need, Part::Need);
@@ -856,7 +870,7 @@ impl Engine {
         let (c, r) = (q.component, q.resource);
         let current = self.alloc[c][r.index()];
         let target = self.bounded(c, r, q.amount);
-        if !self.may_raise(round, c, r, target) {
+        if !self.may_raise(round, q, target) {
             return false;
         }
         let target = self.raise_target(c, r, current, target);
@@ -943,11 +957,12 @@ impl Engine {
                     continue;
                 }
                 f.headroom = (f.headroom * 0.95).max(HEADROOM_RANGE.0);
-                // Undo the raise, and hold off the next one for as long again unless usage
-                // really presses: the forecast that asked for it was wrong.
+                // Undo the raise, and hold off raising to that level again for as long unless
+                // usage really presses: the forecast that asked for it was wrong.
                 let from = self.alloc[c][i];
                 let to = self.bounded(c, r, t.before).min(from);
                 self.held_until[c][i] = round + self.config.rollback_after;
+                self.held_at[c][i] = from;
                 if to < from * (1.0 - self.config.up_band) {
                     self.record(Decision {
                         round,
@@ -1076,12 +1091,17 @@ impl Engine {
         p.opt_out || p.unmanaged[r.index()]
     }
 
-    /// Whether `c`'s allocation of `r` should rise to `target`: past the raise band and not
-    /// held off after a rollback (unless usage presses), or below its floor.
-    fn may_raise(&self, round: u64, c: usize, r: Resource, target: f64) -> bool {
-        let (i, current) = (r.index(), self.alloc[c][r.index()]);
-        let pressed = self.last_usage[c][i] > self.config.threshold * current;
-        let held = round < self.held_until[c][i] && !pressed;
+    /// Whether `q`'s allocation should rise to `target`: past the raise band and not held off
+    /// after a rollback (a target no higher than the level rolled back from, unless usage or
+    /// an observed demand presses), or below its floor.
+    fn may_raise(&self, round: u64, q: &Request, target: f64) -> bool {
+        let (c, r, i) = (q.component, q.resource, q.resource.index());
+        let current = self.alloc[c][i];
+        let pressed = self.last_usage[c][i] > self.config.threshold * current
+            || q.observed > current * (1.0 + self.config.up_band);
+        let held = round < self.held_until[c][i]
+            && target <= self.held_at[c][i] * (1.0 + self.config.up_band)
+            && !pressed;
         (target > current * (1.0 + self.config.up_band) && !held) || current < self.bounds(c, r).0
     }
 

@@ -611,11 +611,13 @@ impl Controller {
                         amount: 0.0,
                         need: 0.0,
                         risk: risk[r.index()],
+                        observed: 0.0,
                     });
                     let before = q.amount;
                     if let Some(amount) = d.demand {
                         q.amount = q.amount.max(amount);
                         q.need = q.need.max(amount);
+                        q.observed = q.observed.max(amount);
                     }
                     if let Some(peak) = d.forecast {
                         q.amount = q.amount.max(self.engine.size(c, r, peak));
@@ -649,6 +651,10 @@ impl Controller {
             amount: self.engine.size(c, r, peak),
             need: expected / theta,
             risk,
+            observed: 0.0,
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                     amount,
                     need: amount * (0.6 + 0.3 * rand()),
                     risk: rand(),
+                    observed: 0.0,
                 }
             })
             .collect();
