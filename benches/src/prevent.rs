@@ -602,6 +602,24 @@ impl Workload {
     }
 }
 
+/// What one request cost on average over a run, in CPU-seconds: the metered usage
+/// (`(at, cores)` samples in order, each the mean since the one before, the first since the
+/// start) integrated over the run, over the `requests` it served. A surge's need is judged at
+/// this cost, not at the calibration's aim: the machine's speed drifts between the
+/// calibration and the run (by a third either way on this machine). `None` without usage or
+/// requests.
+pub fn request_cost(usage: &[(Duration, f64)], requests: usize) -> Option<f64> {
+    let mut since = Duration::ZERO;
+    let mut used = 0.0;
+    for &(at, cores) in usage {
+        if cores.is_finite() {
+            used += cores.max(0.0) * at.saturating_sub(since).as_secs_f64();
+        }
+        since = at;
+    }
+    (requests > 0 && used > 0.0).then(|| used / requests as f64)
+}
+
 /// Judges a run: `outcomes` of every request, the allocation over time (`(from, cores)`,
 /// in order; the first from zero), the recurring surges and their width, and the SLO.
 pub fn judge(
@@ -885,6 +903,21 @@ mod tests {
             ..w.clone()
         };
         assert_ne!(other.schedule().arrivals, w.schedule().arrivals);
+    }
+
+    #[test]
+    fn a_request_costs_the_metered_cpu_over_the_requests_served() {
+        let s = Duration::from_secs;
+        // Half a core for 2 s, then a whole one for 1 s (the sample at 3 s covers 2–3 s):
+        // 2 CPU-seconds over 400 requests.
+        let usage = [(s(1), 0.5), (s(2), 0.5), (s(3), 1.0)];
+        let cost = request_cost(&usage, 400).unwrap();
+        assert!((cost - 0.005).abs() < 1e-12, "{cost}");
+        assert_eq!(request_cost(&usage, 0), None);
+        assert_eq!(request_cost(&[], 10), None);
+        // A sample the meter could not read counts for nothing.
+        let gap = [(s(1), f64::NAN), (s(2), 1.0)];
+        assert_eq!(request_cost(&gap, 100), Some(0.01));
     }
 
     #[test]

@@ -55,7 +55,7 @@ enum Cmd {
     /// Replays a run's metered usage (`--usage <policy>-usage.csv`) through the Forestall
     /// policy's allocation loop offline, with the run's allocation settings, and prints the
     /// CPU-seconds it would have allocated and each recurring surge's lead (as a run is
-    /// judged, with the run's `--seed` and `--request-ms`).
+    /// judged: with the run's `--seed`, a request costing what the usage metered).
     Replay {
         #[arg(long)]
         usage: PathBuf,
@@ -70,8 +70,8 @@ enum Cmd {
         start_cores: f64,
         #[arg(long, default_value_t = 2.0)]
         pool_cores: f64,
-        /// The run's seed and request cost, to judge the replayed allocation's lead before
-        /// each recurring surge.
+        /// The run's seed, to judge the replayed allocation's lead before each recurring
+        /// surge; and a request's cost, should the usage meter none.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long, default_value_t = 5.0)]
@@ -93,7 +93,9 @@ struct RunArgs {
     day_secs: u64,
     #[arg(long, default_value_t = 6)]
     days: u32,
-    /// CPU time one request costs, in milliseconds (calibrated at start).
+    /// CPU time one request should cost, in milliseconds: what the hashing is calibrated to
+    /// at the start. Surges are judged at the cost the run metered (the machine's speed
+    /// drifts).
     #[arg(long, default_value_t = 5.0)]
     request_ms: f64,
     /// The latency objective, in milliseconds.
@@ -176,16 +178,19 @@ fn main() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&usage)
                 .with_context(|| format!("read {}", usage.display()))?;
             // `at_s,cores`, one row a second.
-            let cores: Vec<f64> = text
+            let metered: Vec<(Duration, f64)> = text
                 .lines()
                 .skip(1)
                 .map(|l| {
-                    l.split(',')
-                        .nth(1)
-                        .and_then(|v| v.trim().parse().ok())
+                    l.split_once(',')
+                        .and_then(|(at, c)| {
+                            let at = Duration::try_from_secs_f64(at.trim().parse().ok()?).ok()?;
+                            Some((at, c.trim().parse().ok()?))
+                        })
                         .with_context(|| format!("not an `at_s,cores` row: {l:?}"))
                 })
                 .collect::<anyhow::Result<_>>()?;
+            let cores: Vec<f64> = metered.iter().map(|&(_, c)| c).collect();
             let r = prevent::replay_usage(
                 &cores,
                 &prevent::LoopSettings {
@@ -213,7 +218,13 @@ fn main() -> anyhow::Result<()> {
                 .copied()
                 .filter(|&s| s < length)
                 .collect();
-            let surges = workload.surges(&onsets, &recurring, request_ms / 1000.0);
+            // Requests cost what the run metered, as a run is judged.
+            let served = workload
+                .schedule()
+                .arrivals
+                .partition_point(|&(at, _)| at < length);
+            let cost = prevent::request_cost(&metered, served).unwrap_or(request_ms / 1000.0);
+            let surges = workload.surges(&onsets, &recurring, cost);
             let judged = prevent::judge(
                 &[],
                 &r.allocation,
@@ -338,7 +349,8 @@ fn latency_query(slo: Duration) -> String {
 /// answers.
 fn start_forestall(setup: &ForestallSetup<'_>) -> anyhow::Result<ForestallRun> {
     let _ = std::fs::remove_dir_all(&setup.dir);
-    std::fs::create_dir_all(&setup.dir)?;
+    std::fs::create_dir_all(&setup.dir)
+        .with_context(|| format!("create the server's directory {}", setup.dir.display()))?;
     let free_port =
         || -> anyhow::Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
     let (http, pg) = (free_port()?, free_port()?);
@@ -744,7 +756,9 @@ fn conclude(
     let onsets = &schedule.onsets;
     // A surge recurs from its second day on: the first is news to every policy.
     let recurring = onsets.surges.get(1..).unwrap_or_default();
-    let surges = workload.surges(onsets, recurring, args.request_ms / 1000.0);
+    let served = outcomes.iter().filter(|o| o.1.is_some()).count();
+    let cost = prevent::request_cost(&held.usage, served).unwrap_or(args.request_ms / 1000.0);
+    let surges = workload.surges(onsets, recurring, cost);
     let f = prevent::judge(
         outcomes,
         &held.quota,
@@ -771,7 +785,7 @@ fn conclude(
         slo,
     );
     let mut summary = format!(
-        "{policy}: {} s with p99 over {slo:?} ({spike_seconds} s of them in spikes), {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {} quota changes, {:.0} % of recurring surges prepared (leads {})",
+        "{policy}: {} s with p99 over {slo:?} ({spike_seconds} s of them in spikes), {} of {} requests over it ({} failed), {:.0} CPU-seconds allocated, {} quota changes, {:.0} % of recurring surges prepared (leads {}; a request cost {:.2} ms of CPU, a surge's peak needs {:.2} cores)",
         f.seconds_over_slo,
         f.requests_over_slo,
         outcomes.len(),
@@ -780,6 +794,8 @@ fn conclude(
         held.quota.len().saturating_sub(1),
         100.0 * f.prepared,
         prevent::leads(&f.leads),
+        cost * 1000.0,
+        surges.iter().map(|s| s.need).fold(0.0, f64::max),
     );
     if !actuation.is_empty() {
         let mut v = actuation.clone();
@@ -798,6 +814,7 @@ fn conclude(
         "seconds_over_slo": f.seconds_over_slo,
         "seconds_over_slo_in_spikes": spike_seconds,
         "requests": outcomes.len(),
+        "request_cpu_ms": cost * 1000.0,
         "requests_over_slo": f.requests_over_slo,
         "failed": f.failed,
         "cpu_seconds": f.cpu_seconds,
