@@ -25,6 +25,19 @@ pub struct Units {
 }
 
 impl Units {
+    /// Allocations in the kernel's own units (cores, bytes, bytes per second), disk I/O left
+    /// alone, and `memory.high` at `memory_high_share` of the memory allocation.
+    pub fn native(memory_high_share: f64) -> Self {
+        Self {
+            cpu_per_core: 1.0,
+            mem_bytes: 1.0,
+            net_bytes_per_sec: 1.0,
+            disk_bytes_per_sec: 1.0,
+            disk_device: None,
+            memory_high_share,
+        }
+    }
+
     /// The limits that hold a component to `alloc`: a CPU quota, memory high and max,
     /// egress bandwidth (guaranteed and ceiling alike), and read and write bandwidth on the
     /// disk device. Non-finite or non-positive amounts leave that resource alone.

@@ -1367,14 +1367,7 @@ pub fn replay_usage(usage: &[f64], settings: &LoopSettings) -> anyhow::Result<Re
         [Some(settings.pool), None, None, None],
         vec![[settings.start, 1e9, 0.0, 0.0]],
     )?;
-    let units = Units {
-        cpu_per_core: 1.0,
-        mem_bytes: 1.0,
-        net_bytes_per_sec: 1.0,
-        disk_bytes_per_sec: 1.0,
-        disk_device: None,
-        memory_high_share: 0.9,
-    };
+    let units = Units::native(0.9);
     let mut controller = config.controller(
         engine,
         vec![Target::new("service", "prevent/service")?],

@@ -282,12 +282,8 @@ impl Allocations {
             .collect();
         let engine = Engine::new(config.engine_config(), components, capacity, initial)?;
         let units = Units {
-            cpu_per_core: 1.0,
-            mem_bytes: 1.0,
-            net_bytes_per_sec: 1.0,
-            disk_bytes_per_sec: 1.0,
             disk_device: config.disk_device.as_deref().map(device).transpose()?,
-            memory_high_share: config.threshold,
+            ..Units::native(config.threshold)
         };
         let n = targets.len();
         let mut controller = config.controller(engine, targets, actuator, units)?;

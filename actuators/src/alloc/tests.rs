@@ -415,14 +415,7 @@ fn unmanaged_resources_are_never_touched_and_pinned_cpus_come_with_the_limits() 
         );
     }
     assert_eq!(cpus(&e), vec![30.0, 70.0]);
-    let units = crate::stack::Units {
-        cpu_per_core: 1.0,
-        mem_bytes: 1.0,
-        net_bytes_per_sec: 1.0,
-        disk_bytes_per_sec: 1.0,
-        disk_device: None,
-        memory_high_share: 1.0,
-    };
+    let units = crate::stack::Units::native(1.0);
     let web = e.limits(1, &units);
     assert_eq!(web.cpu_millicores, None, "unmanaged CPU is left alone");
     assert_eq!(web.memory_max_bytes, Some(1));

@@ -114,12 +114,8 @@ fn live_round(n: usize) -> anyhow::Result<()> {
         .map(|i| Target::new(format!("c{i}"), format!("forestall/c{i}")))
         .collect::<Result<_, _>>()?;
     let units = Units {
-        cpu_per_core: 1.0,
-        mem_bytes: 1.0,
-        net_bytes_per_sec: 1.0,
-        disk_bytes_per_sec: 1.0,
         disk_device: Some((8, 0)),
-        memory_high_share: 0.8,
+        ..Units::native(0.8)
     };
     let mut controller = Controller::new(
         engine,

@@ -23,14 +23,7 @@ fn held(held_at: f64) -> Controller {
     state.components[0].held_until = [100; 4];
     state.components[0].held_at = [held_at; 4];
     assert_eq!(engine.resume(&state), 1);
-    let units = Units {
-        cpu_per_core: 1.0,
-        mem_bytes: 1.0,
-        net_bytes_per_sec: 1.0,
-        disk_bytes_per_sec: 1.0,
-        disk_device: None,
-        memory_high_share: 0.9,
-    };
+    let units = Units::native(0.9);
     Controller::new(
         engine,
         vec![Target::new("svc", "svc").unwrap()],
