@@ -22,9 +22,10 @@
 //! * a raise is judged [`AllocConfig::rollback_after`] rounds later: if usage never came near
 //!   the old allocation, it did not help and is rolled back, and raising to that level again
 //!   is held off as long, unless usage presses on the allocation or a query's demand observes
-//!   a need above it; the feedback controller shrinks that component's headroom; a violation (usage over θ × the allocation) grows
-//!   it, and with [`AllocConfig::violation_share`] each round without one shrinks it a
-//!   little, so that it settles where violations take that share of rounds;
+//!   a need above it; the feedback controller shrinks that component's headroom; a violation
+//!   (usage over θ × the allocation) grows it, and with [`AllocConfig::violation_share`]
+//!   each round without one shrinks it a little, so that it settles where violations take
+//!   that share of rounds;
 //! * preferences always win: a cap is never exceeded, a floor never undercut, an opted-out
 //!   component or an unmanaged resource is never touched, and pinned CPUs go with every
 //!   allocation ([`Engine::limits`]);
