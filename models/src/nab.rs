@@ -279,20 +279,145 @@ fn slots(labels: &Labels, p: &Profile) -> Vec<Option<Slot>> {
 
 /// A file's raw score with alarms at the rows where `alarm` is true.
 pub fn score_file(labels: &Labels, alarms: &[bool], p: &Profile) -> f64 {
+    file_tally(labels, alarms, p).raw
+}
+
+/// What a file's alarms earn and how they land.
+fn file_tally(labels: &Labels, alarms: &[bool], p: &Profile) -> Tally {
     let mut best: Vec<Option<f64>> = vec![None; labels.windows.len()];
-    let mut total = 0.0;
+    let (mut total, mut false_alarms) = (0.0, 0);
     for (slot, _) in slots(labels, p)
         .into_iter()
         .zip(alarms)
         .filter(|(_, a)| **a)
     {
         match slot {
-            Some(Slot::Outside(w)) => total += w,
+            Some(Slot::Outside(w)) => {
+                total += w;
+                false_alarms += 1;
+            }
             Some(Slot::Window(k, w)) => best[k] = Some(best[k].map_or(w, |b: f64| b.max(w))),
             None => {}
         }
     }
-    total + best.iter().map(|b| b.unwrap_or(-p.fn_)).sum::<f64>()
+    Tally {
+        raw: total + best.iter().map(|b| b.unwrap_or(-p.fn_)).sum::<f64>(),
+        normalized: None,
+        windows: labels.windows.len(),
+        detected: best.iter().flatten().count(),
+        false_alarms,
+    }
+}
+
+/// `100 × (S − S_null)/(tp × #windows − S_null)`; `None` without windows, where a detector
+/// can only lose (by its false alarms) and there is nothing to normalise by.
+fn normalize(raw: f64, windows: usize, p: &Profile) -> Option<f64> {
+    let null = -p.fn_ * windows as f64;
+    let perfect = p.tp * windows as f64;
+    (perfect - null > 0.0).then(|| 100.0 * (raw - null) / (perfect - null))
+}
+
+/// What alarms at one threshold earn on a corpus, and how they land.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tally {
+    pub raw: f64,
+    /// The normalised score; `None` for files without windows.
+    pub normalized: Option<f64>,
+    pub windows: usize,
+    /// Windows with at least one alarm inside.
+    pub detected: usize,
+    /// Alarms outside every window, after the probationary period (each row counts, as in
+    /// NAB).
+    pub false_alarms: usize,
+}
+
+/// Scores detector outputs (`scores[f][row]`) against labels at a given threshold: rows
+/// scoring at least `threshold` are alarms.
+pub fn tally(labels: &[Labels], scores: &[Vec<f64>], p: &Profile, threshold: f64) -> Tally {
+    let mut sum = Tally {
+        raw: 0.0,
+        normalized: None,
+        windows: 0,
+        detected: 0,
+        false_alarms: 0,
+    };
+    for (l, s) in labels.iter().zip(scores) {
+        let alarms: Vec<bool> = s.iter().map(|&x| x >= threshold).collect();
+        let t = file_tally(l, &alarms, p);
+        sum.raw += t.raw;
+        sum.windows += t.windows;
+        sum.detected += t.detected;
+        sum.false_alarms += t.false_alarms;
+    }
+    sum.normalized = normalize(sum.raw, sum.windows, p);
+    sum
+}
+
+/// A file's category: its name up to the first `/`.
+pub fn category(name: &str) -> &str {
+    name.split_once('/').map_or(name, |(c, _)| c)
+}
+
+/// One category scored at the threshold chosen on every other one, and at the pooled one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeftOut {
+    pub category: String,
+    pub files: usize,
+    /// The threshold the other categories chose.
+    pub threshold: f64,
+    /// The category's score at [`LeftOut::threshold`].
+    pub tally: Tally,
+    /// Its score at the threshold the whole corpus chose.
+    pub pooled: Tally,
+}
+
+/// Leave-one-category-out: for each category of `names` (in order of first appearance),
+/// chooses the threshold on the files of every other category, as [`score_corpus`] does, and
+/// scores the category's own files at it (and at the pooled threshold, for comparison). A
+/// detector whose threshold carries to series of a kind it was not chosen on scores about as
+/// well here as pooled.
+pub fn leave_one_category_out(
+    names: &[String],
+    labels: &[Labels],
+    scores: &[Vec<f64>],
+    p: &Profile,
+) -> Vec<LeftOut> {
+    let mut categories: Vec<&str> = Vec::new();
+    for n in names {
+        if !categories.contains(&category(n)) {
+            categories.push(category(n));
+        }
+    }
+    let split = |keep: &dyn Fn(&str) -> bool| -> (Vec<Labels>, Vec<Vec<f64>>) {
+        names
+            .iter()
+            .zip(labels.iter().zip(scores))
+            .filter(|(n, _)| keep(category(n)))
+            .map(|(_, (l, s))| (l.clone(), s.clone()))
+            .unzip()
+    };
+    let pooled = score_corpus(labels, scores, p).threshold;
+    categories
+        .into_iter()
+        .map(|c| {
+            let (rest_labels, rest_scores) = split(&|other| other != c);
+            let threshold = score_corpus(&rest_labels, &rest_scores, p).threshold;
+            let (own_labels, own_scores) = split(&|other| other == c);
+            LeftOut {
+                category: c.to_string(),
+                files: own_labels.len(),
+                threshold,
+                tally: tally(&own_labels, &own_scores, p, threshold),
+                pooled: tally(&own_labels, &own_scores, p, pooled),
+            }
+        })
+        .collect()
+}
+
+/// The mean normalised score of the left-out categories that have windows.
+pub fn mean_left_out(left_out: &[LeftOut]) -> Option<f64> {
+    let scored: Vec<f64> = left_out.iter().filter_map(|l| l.tally.normalized).collect();
+    (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64)
 }
 
 /// The result of scoring a corpus under one profile.
@@ -348,12 +473,7 @@ pub fn score_corpus(labels: &[Labels], scores: &[Vec<f64>], p: &Profile) -> Corp
             best_threshold = threshold;
         }
     }
-    let perfect = p.tp * windows as f64;
-    let normalized = if perfect - null > 0.0 {
-        100.0 * (best_total - null) / (perfect - null)
-    } else {
-        0.0
-    };
+    let normalized = normalize(best_total, windows, p).unwrap_or(0.0);
     CorpusScore {
         profile: p.name,
         threshold: best_threshold,

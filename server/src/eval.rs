@@ -51,13 +51,61 @@ pub fn nab(data: &Path, out: &Path) -> anyhow::Result<String> {
         files.len(),
         elapsed.as_secs_f64()
     );
-    for p in &PROFILES {
-        let r = nab::score_corpus(&labels, &scores, p);
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    let pooled: Vec<_> = PROFILES
+        .iter()
+        .map(|p| nab::score_corpus(&labels, &scores, p))
+        .collect();
+    let left_out: Vec<_> = PROFILES
+        .iter()
+        .map(|p| nab::leave_one_category_out(&names, &labels, &scores, p))
+        .collect();
+    writeln!(
+        report,
+        "{:<14} {:>7} {:>14}   pooled threshold",
+        "profile", "pooled", "left-out mean"
+    )?;
+    for (r, l) in pooled.iter().zip(&left_out) {
+        let mean = nab::mean_left_out(l).map_or("-".into(), |m| format!("{m:.2}"));
         writeln!(
             report,
-            "{:<14} {:>7.2}   (threshold {:.6})",
+            "{:<14} {:>7.2} {mean:>14}   {:.6}",
             r.profile, r.normalized, r.threshold
         )?;
+    }
+    // Per category, at the pooled threshold and at the one the other categories chose.
+    let cell = |t: &nab::Tally| {
+        format!(
+            "{:>6} {:>3}/{:<3} {:>5}",
+            t.normalized.map_or("-".into(), |n| format!("{n:.2}")),
+            t.detected,
+            t.windows,
+            t.false_alarms
+        )
+    };
+    for (p, l) in PROFILES.iter().zip(&left_out) {
+        writeln!(
+            report,
+            "\n{}: per category, at the pooled threshold and left out (at the threshold the \
+             other categories chose)",
+            p.name
+        )?;
+        writeln!(
+            report,
+            "{:<22} {:>5}  {:>6} {:>7} {:>5}  {:>9} {:>6} {:>7} {:>5}",
+            "category", "files", "pooled", "found", "false", "threshold", "score", "found", "false"
+        )?;
+        for c in l {
+            writeln!(
+                report,
+                "{:<22} {:>5}  {}  {:>9.6} {}",
+                c.category,
+                c.files,
+                cell(&c.pooled),
+                c.threshold,
+                cell(&c.tally)
+            )?;
+        }
     }
     Ok(report)
 }
@@ -203,6 +251,13 @@ mod tests {
         assert!(
             report.contains("standard") && report.contains("reward_low_FN"),
             "{report}"
+        );
+        // The one category, left out, has no other to choose its threshold: nothing alarms.
+        assert!(report.contains("left-out mean"), "{report}");
+        let line = report.lines().find(|l| l.starts_with("cat ")).unwrap();
+        assert!(
+            line.trim_end().ends_with("inf   0.00   0/1       0"),
+            "{line}"
         );
         let written = std::fs::read_to_string(out.path().join("cat/f.csv")).unwrap();
         let lines: Vec<&str> = written.lines().collect();

@@ -98,6 +98,65 @@ fn the_corpus_threshold_is_chosen_to_maximise_the_score() {
 }
 
 #[test]
+fn a_left_out_category_is_scored_at_the_threshold_the_others_chose() {
+    let with = |rows: &[(usize, f64)]| {
+        let mut s = vec![0.0; 100];
+        for &(r, x) in rows {
+            s[r] = x;
+        }
+        s
+    };
+    let quiet = Labels {
+        rows: 100,
+        windows: vec![],
+    };
+    let names: Vec<String> = ["a/1.csv", "b/1.csv", "c/1.csv"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let labels = [labels(), labels(), quiet];
+    let scores = [
+        with(&[(30, 0.95), (62, 0.9)]), // a false alarm, then the window (p = -0.8)
+        with(&[(60, 0.5)]),             // the window at its start, weakly
+        with(&[(50, 0.7)]),             // no windows: only a false alarm
+    ];
+    let out = leave_one_category_out(&names, &labels, &scores, &STD);
+    let cats: Vec<&str> = out.iter().map(|l| l.category.as_str()).collect();
+    assert_eq!(cats, ["a", "b", "c"]);
+    // Without a, b's weak hit sets the threshold (0.5, past c's false alarm); at 0.5 a's
+    // false alarm fires too.
+    assert_eq!(out[0].threshold, 0.5);
+    close(out[0].tally.raw, -0.11 + 0.977108);
+    close(
+        out[0].tally.normalized.unwrap(),
+        100.0 * (out[0].tally.raw + 1.0) / 2.0,
+    );
+    assert_eq!((out[0].tally.detected, out[0].tally.false_alarms), (1, 1));
+    // Without b, a's hit sets 0.9, at which b's window is missed.
+    assert_eq!(out[1].threshold, 0.9);
+    close(out[1].tally.raw, -1.0);
+    close(out[1].tally.normalized.unwrap(), 0.0);
+    assert_eq!((out[1].tally.detected, out[1].tally.false_alarms), (0, 0));
+    // Without c, 0.5 again: c has no windows, so no normalised score, and one false alarm.
+    assert_eq!(out[2].threshold, 0.5);
+    close(out[2].tally.raw, -0.11);
+    assert_eq!(out[2].tally.normalized, None);
+    assert_eq!(out[2].tally.false_alarms, 1);
+    // The mean is over the categories with windows.
+    close(
+        mean_left_out(&out).unwrap(),
+        (out[0].tally.normalized.unwrap() + 0.0) / 2.0,
+    );
+    // At the pooled threshold (0.5), the categories' raw scores add up to score_corpus's.
+    let pooled = score_corpus(&labels, &scores, &STD);
+    assert_eq!(pooled.threshold, 0.5);
+    close(out.iter().map(|l| l.pooled.raw).sum::<f64>(), pooled.raw);
+    let t = tally(&labels, &scores, &STD, pooled.threshold);
+    close(t.raw, pooled.raw);
+    close(t.normalized.unwrap(), pooled.normalized);
+}
+
+#[test]
 fn timestamps_and_windows_map_to_rows() {
     assert_eq!(
         parse_timestamp("2014-04-01 00:00:00"),
@@ -162,8 +221,8 @@ fn the_dev_corpus_loads_with_all_its_windows() {
 #[test]
 fn the_detector_meets_its_targets_on_the_dev_corpus() {
     // The default detector's scores on the 34-file dev set (realKnownCause, realTweets,
-    // realAdExchange and the artificial ones: 65.01 / 53.94 / 70.65 when pinned), one fresh
-    // detector per file: a change that loses detection quality fails here, not only in
+    // realAdExchange and the artificial ones: 65.01 / 53.94 / 70.65 pooled when pinned), one
+    // fresh detector per file: a change that loses detection quality fails here, not only in
     // `docs/BENCHMARKS.md`. On the first 18 files the detector met the anomaly issue's
     // targets (70 / 60 / 75); the generalisation issue's targets on all 34 (standard ≥ 72,
     // reward-low-FP ≥ 62) are not met yet. Raise these floors as the detector improves.
@@ -181,4 +240,11 @@ fn the_detector_meets_its_targets_on_the_dev_corpus() {
     for ((name, score), floor) in got.iter().zip([65.0, 53.93, 70.65]) {
         assert!(*score >= floor, "{name}: {score:.2} < {floor} ({got:?})");
     }
+    // Leave one category out (67.31 when pinned; the target is 68): the threshold
+    // chosen on four categories, scored on the fifth, averaged over those with windows.
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    let left_out = leave_one_category_out(&names, &labels, &scores, &PROFILES[0]);
+    assert_eq!(left_out.len(), 5);
+    let mean = mean_left_out(&left_out).unwrap();
+    assert!(mean >= 67.3, "left-out mean {mean:.2} ({left_out:?})");
 }
