@@ -4,7 +4,7 @@
 //! it. The error divided by the forecast's own spread (its 90% interval half-width in normal
 //! units) is the *surprise* `z`, clipped at [`DetectorParams::clip`]: beyond that, a bigger
 //! error says nothing more, and one huge outlier must not numb the likelihood for months.
-//! Three [`Likelihood`]s judge the series against its own history:
+//! Four [`Likelihood`]s judge the series against its own history:
 //! * an instant one, the surprise of this row: spikes and broken patterns;
 //! * a sustained one, the surprise's mean over the last rows: a series that keeps being a
 //!   little wrong, a changed regime;
@@ -13,9 +13,13 @@
 //!   their frequency (a spike the series has every few hours is not one in a billion);
 //! * a level one, the mean of the last values themselves, high or low: a slow drift to where
 //!   the series has not been, which a forecaster follows step by step without surprise (a
-//!   machine cooling over hours, a day of half the usual traffic, spikes coming denser).
+//!   machine cooling over hours, a day of half the usual traffic, spikes coming denser);
+//! * a novelty one, with a recurrence floor too: the distance from the last 24 values to the
+//!   nearest window of the previous 1,000 rows (as in KNN CAD, a nearest-neighbour novelty):
+//!   a shape the series has not drawn lately, though every value is in range and each step
+//!   was forecast well enough to pass alone.
 //!
-//! The score is the most significant of the three, and a refractory period halves scores that
+//! The score is the most significant of the four, and a refractory period halves scores that
 //! do not exceed the recent maximum by a margin, so the first alarm of an event stands out
 //! from the rest of it (a score creeping towards saturation is the same event).
 //!
@@ -27,8 +31,10 @@
 //! such a break, so a new series learns its range first, and a series still climbing to new
 //! highs (a trend, or one event rising in steps) reports that once, not at every step.
 //!
-//! Every step costs one forecaster update (O(models × log window)) and two ordered inserts
-//! into the likelihoods' histories (O(history) moves); nothing looks ahead.
+//! Every step costs one forecaster update (O(models × log window)), three ordered inserts
+//! into the likelihoods' histories (O(history) moves) and the novelty's search (O(novelty
+//! history × window) at worst, cut short once a window is farther than the nearest so far:
+//! about 13 µs a row); nothing looks ahead.
 
 use std::collections::VecDeque;
 
@@ -57,6 +63,11 @@ pub struct DetectorParams {
     /// The likelihoods' history, learning period and recurrence floor (their `short` is set
     /// by the detector; the level likelihood has no recurrence floor).
     pub likelihood: LikelihoodParams,
+    /// Values in the window the novelty likelihood compares with earlier ones (0: no novelty
+    /// likelihood).
+    pub novelty_window: usize,
+    /// Rows of earlier windows the novelty likelihood searches for the nearest.
+    pub novelty_history: usize,
 }
 
 impl Default for DetectorParams {
@@ -72,6 +83,8 @@ impl Default for DetectorParams {
                 recurring: 30,
                 ..LikelihoodParams::default()
             },
+            novelty_window: 24,
+            novelty_history: 1000,
         }
     }
 }
@@ -89,6 +102,55 @@ pub struct Detector {
     /// Finite values seen, and the range they span.
     seen: usize,
     range: Option<Range>,
+    novelty: Option<Novelty>,
+}
+
+/// How far the last `window` values are from the nearest window of the series' recent past,
+/// judged by a likelihood against the history of that distance: a shape the series has not
+/// drawn lately, though every value is in range and each step was forecast well enough.
+#[derive(Debug, Clone)]
+struct Novelty {
+    window: usize,
+    history: usize,
+    /// The recent values, oldest first; the front is dropped in batches.
+    values: Vec<f64>,
+    likelihood: Likelihood,
+}
+
+impl Novelty {
+    /// Takes the next value and returns the likelihood's tail for the distance (0.5 while
+    /// there are too few earlier windows, which the likelihood learns as distance 0).
+    fn update(&mut self, x: f64) -> f64 {
+        if !x.is_finite() {
+            return 1.0;
+        }
+        let w = self.window;
+        self.values.push(x);
+        let keep = self.history + 2 * w;
+        if self.values.len() >= 2 * keep {
+            self.values.drain(..self.values.len() - keep);
+        }
+        let start = self.values.len().saturating_sub(keep);
+        let v = &self.values[start..];
+        let n = v.len();
+        if n < 4 * w {
+            return self.likelihood.update(0.0);
+        }
+        let current = &v[n - w..];
+        // Earlier windows end at least `w` rows before this one, so none overlaps it.
+        let mut nearest = f64::INFINITY;
+        for end in w..=n - 2 * w {
+            let mut d = 0.0;
+            for (a, b) in current.iter().zip(&v[end - w..end]) {
+                d += (a - b) * (a - b);
+                if d >= nearest {
+                    break;
+                }
+            }
+            nearest = nearest.min(d);
+        }
+        self.likelihood.update(nearest.sqrt())
+    }
 }
 
 /// The lowest and highest finite values seen, and the last row (counted from 1) at which a
@@ -130,6 +192,17 @@ impl Detector {
                 ..params.likelihood
             })
         });
+        let novelty = (params.novelty_window > 0).then(|| Novelty {
+            window: params.novelty_window,
+            history: params.novelty_history.max(2 * params.novelty_window),
+            values: Vec::new(),
+            likelihood: Likelihood::new(LikelihoodParams {
+                short: 1,
+                // Distances are in the series' units, which may be tiny.
+                min_std: 0.0,
+                ..params.likelihood
+            }),
+        });
         Self {
             params,
             forecaster,
@@ -139,6 +212,7 @@ impl Detector {
             recent: VecDeque::new(),
             seen: 0,
             range: None,
+            novelty,
         }
     }
 
@@ -163,6 +237,9 @@ impl Detector {
             .min(self.sustained.update(surprise));
         if let Some(level) = &mut self.level {
             tail = tail.min(level.update(value));
+        }
+        if let Some(novelty) = &mut self.novelty {
+            tail = tail.min(novelty.update(value));
         }
         let score = significance(tail);
         let beyond = self.beyond_range(value);
@@ -356,6 +433,44 @@ mod tests {
         let (s, raw) = spikes(3.8);
         assert!(raw[3020] > raw[3000] + 0.05, "{}", raw[3020]);
         assert_eq!(s[3020], raw[3020]);
+    }
+
+    #[test]
+    fn a_shape_the_series_has_not_drawn_lately_is_novel_a_repeated_one_is_not() {
+        // A 50-row cycle with noise; at row 3000 one cycle runs at twice the speed, inside
+        // the same range.
+        let mut seed = 5u64;
+        let mut v: Vec<f64> = (0..4000)
+            .map(|i| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let noise = (seed >> 11) as f64 / (1u64 << 53) as f64 * 0.4;
+                50.0 + 10.0 * (i as f64 * std::f64::consts::TAU / 50.0).sin() + noise
+            })
+            .collect();
+        for (i, x) in v.iter_mut().enumerate().skip(3000).take(50) {
+            *x = 50.0 + 10.0 * (i as f64 * std::f64::consts::TAU / 25.0).sin();
+        }
+        let params = DetectorParams::default();
+        let mut novelty = Detector::new(params.clone()).novelty.unwrap();
+        let tails: Vec<f64> = v.iter().map(|&x| novelty.update(x)).collect();
+        let quiet = tails[1000..3000]
+            .iter()
+            .cloned()
+            .fold(f64::INFINITY, f64::min);
+        let changed = tails[3000..3060]
+            .iter()
+            .cloned()
+            .fold(f64::INFINITY, f64::min);
+        assert!(quiet > 1e-4, "a repeated cycle: {quiet}");
+        assert!(changed < 1e-8, "the faster cycle: {changed}");
+        // Without a window there is no novelty likelihood.
+        let without = DetectorParams {
+            novelty_window: 0,
+            ..params
+        };
+        assert!(Detector::new(without).novelty.is_none());
     }
 
     #[test]

@@ -221,10 +221,10 @@ fn the_dev_corpus_loads_with_all_its_windows() {
 #[test]
 fn the_detector_meets_its_targets_on_the_dev_corpus() {
     // The default detector's scores on the 34-file dev set (realKnownCause, realTweets,
-    // realAdExchange and the artificial ones: 65.01 / 53.94 / 70.65 pooled when pinned), one
-    // fresh detector per file: a change that loses detection quality fails here, not only in
-    // `docs/BENCHMARKS.md`. On the first 18 files the detector met the anomaly issue's
-    // targets (70 / 60 / 75); the generalisation issue's targets on all 34 (standard ≥ 72,
+    // realAdExchange and the artificial ones), one fresh detector per file: a change that
+    // loses detection quality fails here, not only in `docs/BENCHMARKS.md`. Pinned in session
+    // 19 with the novelty likelihood: 67.52 / 56.22 / 73.25 pooled (65.01 / 53.94 / 70.65
+    // before it). The generalisation issue's targets on all 34 (standard ≥ 72,
     // reward-low-FP ≥ 62) are not met yet. Raise these floors as the detector improves.
     let Some(files) = dev_corpus() else { return };
     let params = crate::detector::DetectorParams::default();
@@ -237,14 +237,15 @@ fn the_detector_meets_its_targets_on_the_dev_corpus() {
         .iter()
         .map(|p| (p.name, score_corpus(&labels, &scores, p).normalized))
         .collect();
-    for ((name, score), floor) in got.iter().zip([65.0, 53.93, 70.65]) {
+    for ((name, score), floor) in got.iter().zip([67.5, 56.2, 73.2]) {
         assert!(*score >= floor, "{name}: {score:.2} < {floor} ({got:?})");
     }
-    // Leave one category out (67.31 when pinned; the target is 68): the threshold
-    // chosen on four categories, scored on the fifth, averaged over those with windows.
+    // Leave one category out (68.64 when pinned, 67.31 before the novelty likelihood; the
+    // issue's target is 68): the threshold chosen on four categories, scored on the fifth,
+    // averaged over those with windows.
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
     let left_out = leave_one_category_out(&names, &labels, &scores, &PROFILES[0]);
     assert_eq!(left_out.len(), 5);
     let mean = mean_left_out(&left_out).unwrap();
-    assert!(mean >= 67.3, "left-out mean {mean:.2} ({left_out:?})");
+    assert!(mean >= 68.6, "left-out mean {mean:.2} ({left_out:?})");
 }
