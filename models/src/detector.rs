@@ -32,9 +32,8 @@
 //! highs (a trend, or one event rising in steps) reports that once, not at every step.
 //!
 //! Every step costs one forecaster update (O(models × log window)), three ordered inserts
-//! into the likelihoods' histories (O(history) moves) and the novelty's search (O(novelty
-//! history × window) at worst, cut short once a window is farther than the nearest so far:
-//! about 13 µs a row); nothing looks ahead.
+//! into the likelihoods' histories (O(history) moves) and the novelty's distance profile
+//! (O(novelty history), updated from the previous row's); nothing looks ahead.
 
 use std::collections::VecDeque;
 
@@ -114,6 +113,16 @@ struct Novelty {
     history: usize,
     /// The recent values, oldest first; the front is dropped in batches.
     values: Vec<f64>,
+    /// `profile[e]`: the squared distance from the current window to the one ending before
+    /// `values[e]`, for the earlier windows in reach (the distance profile). Each row updates
+    /// it from the previous row's in O(history), as matrix-profile algorithms do; it is
+    /// computed afresh when the front is dropped, which bounds the rounding that updates
+    /// accumulate.
+    profile: Vec<f64>,
+    /// Whether `profile` holds the previous row's distances.
+    ready: bool,
+    /// The last row's distance to the nearest earlier window (0 before there are enough).
+    distance: f64,
     likelihood: Likelihood,
 }
 
@@ -125,31 +134,52 @@ impl Novelty {
             return 1.0;
         }
         let w = self.window;
-        self.values.push(x);
         let keep = self.history + 2 * w;
+        self.values.push(x);
+        self.profile.push(0.0);
         if self.values.len() >= 2 * keep {
-            self.values.drain(..self.values.len() - keep);
+            let drop = self.values.len() - keep;
+            self.values.drain(..drop);
+            self.profile.drain(..drop);
+            self.ready = false;
         }
-        let start = self.values.len().saturating_sub(keep);
-        let v = &self.values[start..];
+        let v = &self.values;
         let n = v.len();
         if n < 4 * w {
+            self.distance = 0.0;
             return self.likelihood.update(0.0);
         }
+        // Earlier windows end at least `w` rows before this one, so none overlaps it, and
+        // start within the last `keep` values.
+        let (lo, hi) = ((n + w).saturating_sub(keep).max(w), n - 2 * w);
         let current = &v[n - w..];
-        // Earlier windows end at least `w` rows before this one, so none overlaps it.
-        let mut nearest = f64::INFINITY;
-        for end in w..=n - 2 * w {
-            let mut d = 0.0;
-            for (a, b) in current.iter().zip(&v[end - w..end]) {
-                d += (a - b) * (a - b);
-                if d >= nearest {
-                    break;
-                }
-            }
-            nearest = nearest.min(d);
+        let direct = |e: usize| -> f64 {
+            current
+                .iter()
+                .zip(&v[e - w..e])
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum()
+        };
+        // The previous row's reach began at `lo` or one before it.
+        let previous_lo = (n - 1 + w).saturating_sub(keep).max(w);
+        let (newest, oldest) = (v[n - 1], v[n - 1 - w]);
+        for e in (lo..=hi).rev() {
+            self.profile[e] = if self.ready && e > previous_lo {
+                // The window ending at `e` against the current one shares w − 1 pairs with
+                // the window ending at `e − 1` against the previous current one.
+                let (a, b) = (v[e - 1], v[e - 1 - w]);
+                self.profile[e - 1] + (newest - a) * (newest - a) - (oldest - b) * (oldest - b)
+            } else {
+                direct(e)
+            };
         }
-        self.likelihood.update(nearest.sqrt())
+        self.ready = true;
+        let nearest = self.profile[lo..=hi]
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        self.distance = nearest.max(0.0).sqrt();
+        self.likelihood.update(self.distance)
     }
 }
 
@@ -196,6 +226,9 @@ impl Detector {
             window: params.novelty_window,
             history: params.novelty_history.max(2 * params.novelty_window),
             values: Vec::new(),
+            profile: Vec::new(),
+            ready: false,
+            distance: 0.0,
             likelihood: Likelihood::new(LikelihoodParams {
                 short: 1,
                 // Distances are in the series' units, which may be tiny.
@@ -471,6 +504,51 @@ mod tests {
             ..params
         };
         assert!(Detector::new(without).novelty.is_none());
+    }
+
+    #[test]
+    fn the_updated_distance_profile_finds_the_nearest_window_as_a_full_search_does() {
+        // A short reach, so that the front is dropped (and the profile recomputed) often.
+        let (w, history) = (5, 40);
+        let params = DetectorParams {
+            novelty_window: w,
+            novelty_history: history,
+            ..DetectorParams::default()
+        };
+        let mut novelty = Detector::new(params).novelty.unwrap();
+        let mut seed = 9u64;
+        let v: Vec<f64> = (0..600)
+            .map(|i| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1e4 + (i % 17) as f64 + (seed >> 11) as f64 / (1u64 << 53) as f64
+            })
+            .collect();
+        for n in 1..=v.len() {
+            novelty.update(v[n - 1]);
+            let expected = if n < 4 * w {
+                0.0
+            } else {
+                let current = &v[n - w..n];
+                let first = (n + w).saturating_sub(history + 2 * w).max(w);
+                (first..=n - 2 * w)
+                    .map(|e| {
+                        current
+                            .iter()
+                            .zip(&v[e - w..e])
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum::<f64>()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+                    .sqrt()
+            };
+            assert!(
+                (novelty.distance - expected).abs() < 1e-6,
+                "row {n}: {} against {expected}",
+                novelty.distance
+            );
+        }
     }
 
     #[test]
