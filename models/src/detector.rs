@@ -341,6 +341,14 @@ pub fn score_series(values: &[f64], params: &DetectorParams) -> Vec<f64> {
 mod tests {
     use super::*;
 
+    /// The next uniform draw in [0, 1) of a seeded LCG.
+    fn uniform(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     fn sine(n: usize) -> Vec<f64> {
         (0..n)
             .map(|i| 50.0 + 10.0 * (i as f64 * std::f64::consts::TAU / 288.0).sin())
@@ -364,10 +372,7 @@ mod tests {
         let mut seed = 3u64;
         let mut v = vec![49.0; 6000];
         for (i, x) in v.iter_mut().enumerate() {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *x += (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0;
+            *x += uniform(&mut seed) * 2.0;
             if i >= 5000 {
                 *x -= 3.0 * ((i - 5000) as f64 / 600.0).min(1.0);
             }
@@ -433,10 +438,7 @@ mod tests {
         let mut seed = 3u64;
         let mut v = sine(4000);
         for x in &mut v {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *x += (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0;
+            *x += uniform(&mut seed) * 2.0;
         }
         let spikes = |second: f64| {
             let mut v = v.clone();
@@ -475,10 +477,7 @@ mod tests {
         let mut seed = 5u64;
         let mut v: Vec<f64> = (0..4000)
             .map(|i| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let noise = (seed >> 11) as f64 / (1u64 << 53) as f64 * 0.4;
+                let noise = uniform(&mut seed) * 0.4;
                 50.0 + 10.0 * (i as f64 * std::f64::consts::TAU / 50.0).sin() + noise
             })
             .collect();
@@ -518,12 +517,7 @@ mod tests {
         let mut novelty = Detector::new(params).novelty.unwrap();
         let mut seed = 9u64;
         let v: Vec<f64> = (0..600)
-            .map(|i| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                1e4 + (i % 17) as f64 + (seed >> 11) as f64 / (1u64 << 53) as f64
-            })
+            .map(|i| 1e4 + (i % 17) as f64 + uniform(&mut seed))
             .collect();
         for n in 1..=v.len() {
             novelty.update(v[n - 1]);
