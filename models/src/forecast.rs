@@ -38,6 +38,10 @@ pub struct ForecastConfig {
     /// models, taking one training step every this many rows: its CPU budget. 0 (the
     /// default) runs no LSTM.
     pub lstm_train_every: usize,
+    /// Keep a slot for a [`crate::global::GlobalLstm`] serving many series: its forecasts
+    /// are handed in by [`AutoForecaster::supply`] after each value, and compete with the
+    /// other models' like theirs.
+    pub global: bool,
 }
 
 impl Default for ForecastConfig {
@@ -48,6 +52,7 @@ impl Default for ForecastConfig {
             error_window: 256,
             choice_alpha: 0.02,
             lstm_train_every: 0,
+            global: false,
         }
     }
 }
@@ -281,6 +286,9 @@ pub enum Model {
     Ets(Ets),
     /// The LSTM, when [`ForecastConfig::lstm_train_every`] asks for it.
     Lstm(Box<Neural>),
+    /// The global LSTM's forecast after the newest value, as [`AutoForecaster::supply`]
+    /// handed it in; empty until it is (a value without one has no forecast from it).
+    Global(Vec<f64>),
 }
 
 /// The LSTM as one of an [`AutoForecaster`]'s models. Cloning copies its weights (through a
@@ -330,6 +338,7 @@ impl Model {
             Model::SeasonalNaive => "seasonal_naive",
             Model::Ets(e) => e.name,
             Model::Lstm(_) => "lstm",
+            Model::Global(_) => "global_lstm",
         }
     }
 
@@ -343,6 +352,7 @@ impl Model {
                     let _ = n.0.update(&[v]);
                 }
             }
+            Model::Global(path) => path.clear(),
             Model::SeasonalNaive => {}
         }
     }
@@ -372,6 +382,14 @@ impl Model {
                 }
                 _ => out.fill(f64::NAN),
             },
+            Model::Global(path) => {
+                for (o, p) in out
+                    .iter_mut()
+                    .zip(path.iter().copied().chain(std::iter::repeat(f64::NAN)))
+                {
+                    *o = p;
+                }
+            }
         }
     }
 }
@@ -516,6 +534,9 @@ fn models(config: &ForecastConfig) -> Result<Vec<Model>> {
             config.horizon,
             config.lstm_train_every,
         )?)));
+    }
+    if config.global {
+        models.push(Model::Global(Vec::new()));
     }
     Ok(models)
 }
@@ -664,6 +685,32 @@ impl AutoForecaster {
         }
     }
 
+    /// Hands in the global model's forecast for the steps after the newest value (medians,
+    /// `path[0]` the next row), to be scored and chosen like the other models'. Call it after
+    /// [`update`](Self::update); a value without it has no global forecast. Returns false,
+    /// and does nothing, when [`ForecastConfig::global`] is off.
+    pub fn supply(&mut self, path: &[f64]) -> bool {
+        let h = self.config.horizon;
+        let Some(t) = self
+            .models
+            .iter_mut()
+            .find(|t| matches!(t.model, Model::Global(_)))
+        else {
+            return false;
+        };
+        let fitted: Vec<f64> = path
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(f64::NAN))
+            .take(h)
+            .collect();
+        if let Some(newest) = t.pending.back_mut() {
+            newest.copy_from_slice(&fitted);
+        }
+        t.model = Model::Global(fitted);
+        true
+    }
+
     /// The rolling mean absolute error of each model at `step` ahead (1-based), `None` until
     /// it has made such a forecast and seen the outcome.
     pub fn rolling_error(&self, step: usize) -> Vec<Option<f64>> {
@@ -701,12 +748,21 @@ impl AutoForecaster {
         (0..steps)
             .map(|i| {
                 let step = i + 1;
-                let m = fixed.unwrap_or_else(|| self.choice(step));
-                if means[m].is_empty() {
-                    means[m] = vec![0.0; steps];
-                    self.models[m].model.forecast(&self.history, &mut means[m]);
+                let mut path = |m: usize| {
+                    if means[m].is_empty() {
+                        means[m] = vec![0.0; steps];
+                        self.models[m].model.forecast(&self.history, &mut means[m]);
+                    }
+                    means[m][i]
+                };
+                let mut m = fixed.unwrap_or_else(|| self.choice(step));
+                let mut mean = path(m);
+                // A neural model says nothing beyond its horizon, nor the global one for a
+                // value it was not handed a forecast for: seasonal naive answers there.
+                if !mean.is_finite() && fixed.is_none() {
+                    m = 0;
+                    mean = path(0);
                 }
-                let mean = means[m][i];
                 let (lo, hi) = self.interval(m, step, level);
                 Step {
                     mean,
@@ -765,7 +821,7 @@ impl AutoForecaster {
     }
 
     const MAGIC: [u8; 4] = *b"FSAF";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     /// The whole state as bytes; [`restore`](Self::restore) continues exactly from it.
     pub fn checkpoint(&self) -> Result<Vec<u8>> {
@@ -776,6 +832,7 @@ impl AutoForecaster {
         w.usize(c.error_window);
         w.f64(c.choice_alpha);
         w.usize(c.lstm_train_every);
+        w.usize(usize::from(c.global));
         let h = &self.history;
         w.f64s(h.values.iter());
         w.u64(h.seen);
@@ -792,6 +849,7 @@ impl AutoForecaster {
                     w.opt_f64(e.scale);
                 }
                 Model::Lstm(n) => w.bytes(&n.0.checkpoint()?),
+                Model::Global(path) => w.f64s(path.iter()),
                 Model::SeasonalNaive => {}
             }
             w.usize(t.pending.len());
@@ -819,6 +877,7 @@ impl AutoForecaster {
             error_window: r.usize(MAX)?,
             choice_alpha: r.f64()?,
             lstm_train_every: r.usize(MAX)?,
+            global: r.usize(1)? == 1,
         };
         let mut f = Self::new(config)?;
         let values = r.f64s(3 * config.max_period)?;
@@ -844,6 +903,7 @@ impl AutoForecaster {
                 Model::Lstm(n) => {
                     n.0 = crate::lstm::LstmForecaster::restore(r.bytes(1 << 30)?)?;
                 }
+                Model::Global(path) => *path = r.f64s(config.horizon)?,
                 Model::SeasonalNaive => {}
             }
             let pending = r.usize(config.horizon)?;

@@ -8,19 +8,22 @@
 //! A leaf crate: it works on plain slices and depends on no other Forestall crate.
 //!
 //! Modules: [`forecast`] (streaming forecasters with conformal intervals and the automatic
-//! choice, [`forecast::evaluation`]), [`lstm`] (the LSTM on candle, trained continuously),
-//! [`detector`] and [`likelihood`] (the anomaly score), [`bayes`] (Bayesian networks:
-//! inference, structure learning, explanations), [`risk`] (a component's risk network),
-//! [`codec`] (the checkpoint format) and [`nab`] (the NAB benchmark's layout and scorer). The
-//! LSTM is not yet one of the automatic choice's models (see the models issue).
+//! choice, [`forecast::evaluation`]), [`global`] (one LSTM for a fleet of series, whose
+//! forecasts compete in each series' automatic choice), [`lstm`] (a per-series LSTM on candle,
+//! trained continuously), [`detector`] and [`likelihood`] (the anomaly score), [`bayes`]
+//! (Bayesian networks: inference, structure learning, explanations), [`risk`] (a component's
+//! risk network), [`codec`] (the checkpoint format) and [`nab`] (the NAB benchmark's layout
+//! and scorer).
 
 pub mod bayes;
 pub mod codec;
 pub mod detector;
 pub mod forecast;
+pub mod global;
 pub mod likelihood;
 pub mod lstm;
 pub mod nab;
+mod nn;
 pub mod risk;
 
 use std::path::PathBuf;

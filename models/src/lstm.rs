@@ -14,11 +14,12 @@
 
 use std::collections::VecDeque;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::rnn::{LSTM, LSTMConfig, RNN};
 use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 
 use crate::codec::{Reader, Writer};
+use crate::nn::{Params, candle, next};
 use crate::{Error, Result};
 
 /// Settings of an [`LstmForecaster`].
@@ -78,12 +79,6 @@ impl LstmConfig {
     }
 }
 
-fn candle(e: candle_core::Error) -> Error {
-    Error::Model {
-        reason: e.to_string(),
-    }
-}
-
 /// Running mean and variance of each feature (Welford).
 #[derive(Debug, Clone, PartialEq)]
 struct Normaliser {
@@ -119,18 +114,14 @@ impl Normaliser {
 #[derive(Debug)]
 pub struct LstmForecaster {
     config: LstmConfig,
-    /// Trainable variables in a fixed order (sorted by name).
-    vars: Vec<(String, Var)>,
+    /// Trainable variables and Adam's state.
+    params: Params,
     lstm: LSTM,
     head: Linear,
     /// The weights as plain arrays, refreshed after every training step: inference runs on
     /// them (a 48-step window through candle's per-op dispatch took 4 ms; this takes tens of
     /// microseconds).
     plain: Plain,
-    /// Adam's moments, per variable, and its step count.
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    steps: u64,
     norm: Normaliser,
     history: VecDeque<Vec<f64>>,
     seen: u64,
@@ -167,36 +158,8 @@ impl LstmForecaster {
         .map_err(candle)?;
         let head =
             candle_nn::linear(config.hidden, 2 * config.horizon, vb.pp("head")).map_err(candle)?;
-        let mut vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Model {
-                reason: "variable map lock poisoned".into(),
-            })?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rng = config.seed ^ 0x9e37_79b9_7f4a_7c15;
-        // Uniform(−1/√fan_in, 1/√fan_in) from our own generator: deterministic under the seed.
-        for (name, var) in &vars {
-            let shape = var.as_tensor().dims().to_vec();
-            let fan_in = if name.contains("weight") {
-                *shape.last().unwrap_or(&1)
-            } else {
-                config.hidden
-            };
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n)
-                .map(|_| ((next(&mut rng) * 2.0 - 1.0) * bound) as f32)
-                .collect();
-            var.set(&Tensor::from_vec(values, shape.as_slice(), &device).map_err(candle)?)
-                .map_err(candle)?;
-        }
-        let zeros = |var: &Var| var.as_tensor().zeros_like().map_err(candle);
-        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?;
-        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?;
+        let params = Params::init(&varmap, &mut rng, config.hidden)?;
         let mut f = Self {
             plain: Plain::default(),
             norm: Normaliser {
@@ -205,12 +168,9 @@ impl LstmForecaster {
                 m2: vec![0.0; config.features],
             },
             config,
-            vars,
+            params,
             lstm,
             head,
-            m,
-            v,
-            steps: 0,
             history: VecDeque::with_capacity(config.memory + 1),
             seen: 0,
             rng,
@@ -221,19 +181,7 @@ impl LstmForecaster {
 
     /// Copies the weights out of candle for [`Plain::forward`].
     fn refresh_plain(&mut self) -> Result<()> {
-        let get = |suffix: &str| -> Result<Vec<f32>> {
-            let (_, var) = self
-                .vars
-                .iter()
-                .find(|(n, _)| n.ends_with(suffix))
-                .ok_or_else(|| Error::Model {
-                    reason: format!("no variable {suffix}"),
-                })?;
-            var.as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .map_err(candle)
-        };
+        let get = |suffix: &str| self.params.values(suffix);
         self.plain = Plain {
             w_ih: get("lstm.weight_ih_l0")?,
             w_hh: get("lstm.weight_hh_l0")?,
@@ -351,28 +299,7 @@ impl LstmForecaster {
         .map_err(candle)?
         .mean_all()
         .map_err(candle)?;
-        let grads = loss.backward().map_err(candle)?;
-        self.steps += 1;
-        let (b1, b2, eps): (f64, f64, f64) = (0.9, 0.999, 1e-8);
-        let t = i32::try_from(self.steps).unwrap_or(i32::MAX);
-        let lr = c.learning_rate * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
-        for (k, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            let m = ((&self.m[k] * b1).map_err(candle)? + (g * (1.0 - b1)).map_err(candle)?)
-                .map_err(candle)?;
-            let v = ((&self.v[k] * b2).map_err(candle)?
-                + (g.sqr().map_err(candle)? * (1.0 - b2)).map_err(candle)?)
-            .map_err(candle)?;
-            let step = ((&m * lr).map_err(candle)?
-                / (v.sqrt().map_err(candle)? + eps).map_err(candle)?)
-            .map_err(candle)?;
-            var.set(&(var.as_tensor() - step).map_err(candle)?)
-                .map_err(candle)?;
-            self.m[k] = m;
-            self.v[k] = v;
-        }
+        self.params.adam(&loss, c.learning_rate)?;
         self.refresh_plain()
     }
 
@@ -421,7 +348,7 @@ impl LstmForecaster {
         }
         w.f64(c.learning_rate);
         w.u64(c.seed);
-        w.u64(self.steps);
+        w.u64(self.params.steps);
         w.u64(self.seen);
         w.u64(self.rng);
         w.u64(self.norm.n);
@@ -431,17 +358,7 @@ impl LstmForecaster {
         for row in &self.history {
             w.f64s(row.iter());
         }
-        let mut tensor = |t: &Tensor| -> Result<()> {
-            let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(candle)?;
-            let v: Vec<f64> = v.into_iter().map(f64::from).collect();
-            w.f64s(v.iter());
-            Ok(())
-        };
-        for (k, (_, var)) in self.vars.iter().enumerate() {
-            tensor(var.as_tensor())?;
-            tensor(&self.m[k])?;
-            tensor(&self.v[k])?;
-        }
+        self.params.write(&mut w)?;
         Ok(w.finish(Self::MAGIC, Self::VERSION))
     }
 
@@ -461,7 +378,7 @@ impl LstmForecaster {
             seed: r.u64()?,
         };
         let mut f = Self::new(config)?;
-        f.steps = r.u64()?;
+        f.params.steps = r.u64()?;
         f.seen = r.u64()?;
         f.rng = r.u64()?;
         f.norm.n = r.u64()?;
@@ -482,23 +399,7 @@ impl LstmForecaster {
             }
             f.history.push_back(row);
         }
-        let device = Device::Cpu;
-        let mut tensor = |like: &Tensor| -> Result<Tensor> {
-            let v = r.f64s(MAX)?;
-            if v.len() != like.elem_count() {
-                return Err(Error::Checkpoint {
-                    reason: "a tensor does not match the model's shape".into(),
-                });
-            }
-            let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
-            Tensor::from_vec(v, like.dims(), &device).map_err(candle)
-        };
-        for k in 0..f.vars.len() {
-            let w = tensor(f.vars[k].1.as_tensor())?;
-            f.vars[k].1.set(&w).map_err(candle)?;
-            f.m[k] = tensor(&f.m[k])?;
-            f.v[k] = tensor(&f.v[k])?;
-        }
+        f.params.read(&mut r)?;
         r.end()?;
         f.refresh_plain()?;
         Ok(f)
@@ -557,14 +458,6 @@ impl Plain {
             })
             .collect()
     }
-}
-
-/// A uniform draw in [0, 1) from a 64-bit LCG state.
-fn next(state: &mut u64) -> f64 {
-    *state = state
-        .wrapping_mul(6_364_136_223_846_793_005)
-        .wrapping_add(1_442_695_040_888_963_407);
-    (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bayes::{Network, Variable};
-use crate::forecast::{AutoForecaster, ForecastConfig};
+use crate::forecast::{AutoForecaster, ForecastConfig, Step};
 use crate::{Error, Result};
 
 /// What a metric means for risk.
@@ -422,8 +422,25 @@ fn replay(metrics: &[MetricSpec], series: &[Vec<f64>], config: RiskConfig) -> Re
 
 /// What `f` expected for `value`, then learns it and looks `horizon` ahead.
 pub fn observe_metric(f: &mut AutoForecaster, value: f64, config: RiskConfig) -> Option<MetricObs> {
-    let before = f.forecast(1, config.level).first().copied();
+    let before = expected(f, config);
     f.update(value);
+    observed(f, before, value, config)
+}
+
+/// [`observe_metric`]'s first half: what `f` expects of the next value.
+pub fn expected(f: &AutoForecaster, config: RiskConfig) -> Option<Step> {
+    f.forecast(1, config.level).first().copied()
+}
+
+/// [`observe_metric`]'s second half, once `f` has learned `value` (and been handed what a
+/// global model forecasts after it): the metric's observation, from what was `before`
+/// [`expected`] and what `f` now sees `horizon` ahead.
+pub fn observed(
+    f: &AutoForecaster,
+    before: Option<Step>,
+    value: f64,
+    config: RiskConfig,
+) -> Option<MetricObs> {
     let ahead = f
         .forecast(config.horizon.max(1), config.level)
         .last()

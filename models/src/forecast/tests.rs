@@ -203,6 +203,43 @@ fn the_lstm_runs_beside_the_others_and_answers_where_it_is_best() {
 }
 
 #[test]
+fn a_supplied_global_forecast_is_scored_chosen_and_checkpointed() {
+    let s = seasonal(600, 36, 3.0, 0.0);
+    let config = ForecastConfig {
+        global: true,
+        ..ForecastConfig::default()
+    };
+    let h = config.horizon;
+    let mut f = AutoForecaster::new(config).unwrap();
+    assert_eq!(f.model_names().last(), Some(&"global_lstm"));
+    let global = f.model_names().len() - 1;
+    // An oracle: the true coming values. It must win every step ahead.
+    for i in 0..500 {
+        f.update(s[i]);
+        assert!(f.supply(&s[i + 1..i + 1 + h]));
+    }
+    for step in 1..=h {
+        assert_eq!(f.choice(step), global, "step {step}");
+    }
+    let path = f.forecast(h, 0.9);
+    for (k, p) in path.iter().enumerate() {
+        assert_eq!(p.model, global);
+        assert_eq!(p.mean, s[500 + k]);
+    }
+    let restored = AutoForecaster::restore(&f.checkpoint().unwrap()).unwrap();
+    assert_eq!(restored, f);
+    assert_eq!(restored.forecast(h, 0.9), path);
+    // A value it was handed no forecast for: the answer comes from a model that has one.
+    f.update(s[500]);
+    let path = f.forecast(2 * h, 0.9);
+    assert!(path.iter().all(|p| p.mean.is_finite() && p.model != global));
+    // Without the slot, a supplied forecast is refused.
+    let mut plain = AutoForecaster::new(ForecastConfig::default()).unwrap();
+    plain.update(1.0);
+    assert!(!plain.supply(&[1.0]));
+}
+
+#[test]
 fn bad_configs_are_refused() {
     for c in [
         ForecastConfig {
@@ -257,6 +294,58 @@ fn evaluation_scores_every_forecaster_on_rows_after_the_warmup() {
     let c90 = auto.coverage(1);
     assert!((0.85..=0.95).contains(&c90), "{c90}");
     assert!(auto.coverage(0) < auto.coverage(2));
+}
+
+#[test]
+fn a_fleet_evaluation_runs_one_global_model_for_every_series() {
+    use super::evaluation::{Input, evaluate_fleet};
+    use crate::global::GlobalConfig;
+    let data: Vec<Vec<f64>> = (0..3)
+        .map(|k| seasonal(700 + 50 * k, 24, 2.0, 0.0))
+        .collect();
+    let times: Vec<f64> = (0..800).map(|i| f64::from(i) * 3600.0).collect();
+    let inputs: Vec<Input<'_>> = data
+        .iter()
+        .map(|v| Input {
+            values: v,
+            times: &times,
+            kind: 0,
+            warmup: 300,
+        })
+        .collect();
+    let global = GlobalConfig {
+        window: 24,
+        hidden: 8,
+        batch: 8,
+        memory: 256,
+        ..GlobalConfig::default()
+    };
+    let (evals, cost) =
+        evaluate_fleet(&inputs, ForecastConfig::default(), Some(global), &[1, 12]).unwrap();
+    let cost = cost.unwrap();
+    assert_eq!(cost.stats.series, 3);
+    assert_eq!(cost.stats.rows, 700 + 750 + 800);
+    // One round per row of the longest series; a step from the first with a window and its
+    // horizon (24 + 12 rows).
+    assert_eq!(cost.stats.rounds, 800);
+    assert_eq!(cost.stats.steps, 800 - 36 + 1);
+    for (e, v) in evals.iter().zip(&data) {
+        assert_eq!(
+            e.forecasters,
+            ["seasonal_naive", "ets", "ets_smooth", "global_lstm", "auto"]
+        );
+        // Every model, the global one included, is scored on every row after the warmup.
+        for acc in &e.accuracy {
+            assert_eq!(acc[1].n, v.len() - 299 - 12);
+            assert!(acc[1].abs_error.is_finite());
+        }
+    }
+    // Without a global model the same series score as they do alone.
+    let (plain, cost) = evaluate_fleet(&inputs, ForecastConfig::default(), None, &[12]).unwrap();
+    assert!(cost.is_none());
+    let alone = super::evaluation::evaluate_series(&data[1], ForecastConfig::default(), &[12], 300)
+        .unwrap();
+    assert_eq!(plain[1], alone);
 }
 
 #[test]
