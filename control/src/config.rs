@@ -68,6 +68,10 @@ pub struct AllocationConfig {
     /// Run an LSTM beside each component's other forecasters, one training step every this
     /// many rounds (its CPU budget: about 0.2 ms per series per round at 32). Default 0: none.
     pub lstm_train_every: usize,
+    /// Run one global LSTM ([`forestall_models::global`]) for every component and resource,
+    /// trained a batch per round, beside each one's forecasters: it answers where its rolling
+    /// error is lowest. Default true.
+    pub global_lstm: bool,
     /// The tag that names a component in usage measurements. Default `component`.
     pub component_tag: String,
     /// Where cgroup controllers are mounted. Default `/sys/fs/cgroup`.
@@ -108,6 +112,7 @@ impl Default for AllocationConfig {
             headroom_price: 0.0,
             headroom_window: HEADROOM_WINDOW,
             lstm_train_every: 0,
+            global_lstm: true,
             component_tag: "component".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_version: CgroupVersion::Auto,
@@ -492,6 +497,7 @@ impl AllocationConfig {
             units,
             ForecastConfig {
                 lstm_train_every: self.lstm_train_every,
+                global: self.global_lstm,
                 ..timing.forecast()
             },
         )?;

@@ -134,7 +134,11 @@ impl Live {
         };
         let kept = serde_json::to_vec(&saved)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| write_atomically(&self.state_path, &bytes));
+            .and_then(|bytes| write_atomically(&self.state_path, &bytes))
+            .and_then(|()| match self.controller.global_checkpoint() {
+                Some(weights) => write_atomically(&global_path(&self.state_path), &weights?),
+                None => Ok(()),
+            });
         match kept {
             Ok(()) => self.last_saved = Some(Instant::now()),
             Err(e) => {
@@ -306,6 +310,26 @@ impl Allocations {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("read {}", state_path.display())),
+        }
+        // The global LSTM's weights: a restart resumes its training instead of starting it
+        // over (its series' rows come back with the warm start).
+        if config.global_lstm {
+            let path = global_path(&state_path);
+            match std::fs::read(&path) {
+                Ok(bytes) => match controller.resume_global(&bytes) {
+                    Ok(()) => tracing::info!(
+                        steps = controller.global_stats().map_or(0, |s| s.steps),
+                        "global LSTM resumed"
+                    ),
+                    Err(e) => tracing::warn!(
+                        path = %path.display(),
+                        error = %format!("{e:#}"),
+                        "global LSTM weights unusable; training afresh"
+                    ),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+            }
         }
         Ok(Self {
             inner: Arc::new(Mutex::new(Live {
@@ -783,19 +807,40 @@ impl Allocations {
                                 })
                             })
                             .collect();
+                        // Each model's rolling error at the first and the last step ahead:
+                        // why the model that answers a step was chosen.
+                        let h = c.horizon();
+                        let errors: serde_json::Map<String, serde_json::Value> = models
+                            .iter()
+                            .enumerate()
+                            .map(|(m, name)| {
+                                let at = |step| c.rolling_error(i, r, step)[m];
+                                (name.to_string(), json!({"step_1": at(1), "horizon": at(h)}))
+                            })
+                            .collect();
                         (
                             r.name().to_string(),
-                            json!({"request": request, "steps": steps}),
+                            json!({"request": request, "steps": steps, "rolling_error": errors}),
                         )
                     })
                     .collect();
                 json!({"component": comp.name, "resources": resources})
             })
             .collect();
+        let global = c.global_stats().map(|g| {
+            json!({
+                "series": g.series,
+                "rows": g.rows,
+                "rounds": g.rounds,
+                "training_steps": g.steps,
+                "loss": g.loss,
+            })
+        });
         json!({
             "interval": humantime::format_duration(live.config.interval).to_string(),
             "level": 0.95,
             "components": components,
+            "global_lstm": global,
         })
     }
 
@@ -894,6 +939,11 @@ pub enum SetError {
     Invalid(String),
     #[error("could not save preferences: {0}")]
     Io(String),
+}
+
+/// Where the global LSTM's weights are kept, beside the learned state.
+fn global_path(state: &Path) -> PathBuf {
+    state.with_file_name("global_lstm.ckpt")
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new one, whole.

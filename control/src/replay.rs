@@ -51,6 +51,8 @@ pub struct Trace {
     pub warmup: usize,
     pub threshold: f64,
     pub step_seconds: f64,
+    /// Unix time of step 0 (usage.csv's timestamp column; 0 when it has none that parse).
+    pub start: f64,
     pub floors: PerResource<f64>,
     /// The contended case's pool capacity.
     pub capacity: Option<PerResource<f64>>,
@@ -141,6 +143,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Trace> {
 
     let text = std::fs::read_to_string(dir.join("usage.csv")).context("read usage.csv")?;
     let mut usage = vec![vec![[f64::NAN; 4]; components.len()]; visible];
+    let mut start = None;
     for (n, line) in text
         .lines()
         .enumerate()
@@ -160,6 +163,11 @@ pub fn load(dir: &Path) -> anyhow::Result<Trace> {
         if step >= visible {
             continue;
         }
+        if start.is_none()
+            && let Ok(t) = f[1].parse::<f64>()
+        {
+            start = Some(t - step as f64 * num(&meta["step_seconds"], "step_seconds")?);
+        }
         for r in 0..4 {
             usage[step][c][r] = f[3 + r]
                 .parse()
@@ -173,6 +181,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Trace> {
         warmup: num(&meta["warmup_steps"], "warmup_steps")? as usize,
         threshold: num(&meta["threshold"], "threshold")?,
         step_seconds: num(&meta["step_seconds"], "step_seconds")?,
+        start: start.unwrap_or(0.0),
         floors,
         capacity,
     })
@@ -400,6 +409,8 @@ pub struct Options {
     /// Run the LSTM beside the other forecasters, one training step every this many rounds
     /// (0: none).
     pub lstm_train_every: usize,
+    /// Run the global LSTM (`allocation.global_lstm`).
+    pub global_lstm: bool,
     /// Price headroom per component ([`crate::headroom`]) over [`HEADROOM_WINDOW`]
     /// (0: the engine's feedback sets it).
     ///
@@ -414,6 +425,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             lstm_train_every: 0,
+            global_lstm: AllocationConfig::default().global_lstm,
             headroom_price: 0.0,
             release_after: Timing::measured(Duration::from_secs(60)).release_after,
         }
@@ -428,6 +440,9 @@ pub struct Forestall {
     /// What live would apply, recorded: every round's changed components go through
     /// `Engine::limits` to this actuator, as they would to a plugin stack.
     actuator: Arc<DryRun>,
+    /// The trace's clock: step t's usage is from `start + t × step_seconds`.
+    start: f64,
+    step_seconds: f64,
 }
 
 /// The trace's units as kernel terms: MHz counted as thousandths of a 1 GHz core, MB, KB/s
@@ -460,6 +475,7 @@ impl Forestall {
             },
             headroom_price: options.headroom_price,
             lstm_train_every: options.lstm_train_every,
+            global_lstm: options.global_lstm,
             ..AllocationConfig::default()
         };
         let components: Vec<Component> = trace
@@ -493,6 +509,8 @@ impl Forestall {
         Ok(Self {
             controller,
             actuator,
+            start: trace.start,
+            step_seconds: trace.step_seconds,
         })
     }
 
@@ -513,6 +531,9 @@ impl Allocator for Forestall {
 
     fn decide(&mut self, t: usize, last: Option<&[PerResource<f64>]>) -> Vec<PerResource<f64>> {
         if let Some(last) = last {
+            // `last` is step t − 1's usage.
+            let time = self.start + (t as f64 - 1.0) * self.step_seconds;
+            self.controller.set_clock(time);
             self.controller.observe(last);
         }
         let report = self.controller.round(t as u64);

@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 
 use crate::headroom::PricedHeadroom;
 use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
+use forestall_models::global::{GlobalConfig, GlobalLstm, GlobalStats, SeriesId, kind_of};
 use forestall_models::risk::{
     self as bayes_risk, MetricObs, MetricSpec, Observation, RiskConfig, RiskModel,
 };
@@ -35,6 +36,9 @@ use forestall_models::risk::{
 /// Rounds of usage each forecaster keeps (three of its longest seasonal period): what a warm
 /// start reads back.
 pub const HISTORY_ROUNDS: usize = 900;
+
+/// The most steps ahead the global LSTM forecasts (a head of twice this many outputs).
+const GLOBAL_HORIZON: usize = 96;
 
 /// How long the engine waits before acting, as durations; [`tuned`] turns them into rounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,6 +151,18 @@ pub struct Controller {
     /// With a price ([`Controller::price_headroom`]), each component's headroom is the one
     /// that spends the pool where it prevents most violations, set every round.
     priced: Option<PricedHeadroom>,
+    /// With [`ForecastConfig::global`], one global LSTM for every component and resource.
+    global: Option<Fleet>,
+    /// The time of the usage the next round is told, for the global model's time features
+    /// (`None`: the wall clock's).
+    clock: Option<f64>,
+}
+
+/// The global LSTM and the series it keeps for each component, per resource.
+#[derive(Debug)]
+struct Fleet {
+    model: GlobalLstm,
+    series: Vec<[SeriesId; 4]>,
 }
 
 /// A component's Bayesian network over its utilisation of each resource (usage over the
@@ -280,6 +296,27 @@ impl Controller {
                 ])
             })
             .collect::<anyhow::Result<_>>()?;
+        let global = if fc.global {
+            let config = GlobalConfig {
+                // Steps further ahead than this are left to the other models (a supplied
+                // forecast that stops short is not scored, nor chosen, beyond its end).
+                horizon: fc.horizon.min(GLOBAL_HORIZON),
+                ..GlobalConfig::default()
+            };
+            let mut model = GlobalLstm::new(GlobalConfig {
+                // Room for the longest period the forecasters look for, and a window in it.
+                memory: config
+                    .memory
+                    .max(fc.max_period + config.window + config.horizon),
+                ..config
+            })?;
+            let series = (0..n)
+                .map(|_| Resource::ALL.map(|r| model.add_series(kind_of(r.name()))))
+                .collect();
+            Some(Fleet { model, series })
+        } else {
+            None
+        };
         Ok(Self {
             forecasters,
             engine,
@@ -293,6 +330,8 @@ impl Controller {
             risk_config,
             health: vec![None; n],
             priced: None,
+            global,
+            clock: None,
         })
     }
 
@@ -388,11 +427,19 @@ impl Controller {
     pub fn observe(&mut self, usage: &[PerResource<f64>]) {
         let theta = self.engine.config().threshold;
         let h = self.horizon;
-        for (c, (fs, u)) in self.forecasters.iter_mut().zip(usage).enumerate() {
+        // What each forecaster expected, then the round learned by all (and by the global
+        // model, whose forecasts the evidence should see), then the evidence.
+        let before: Vec<[Option<Step>; 4]> = self
+            .forecasters
+            .iter()
+            .map(|fs| std::array::from_fn(|r| bayes_risk::expected(&fs[r], self.risk_config)))
+            .collect();
+        self.learn(usage);
+        for (c, (fs, u)) in self.forecasters.iter().zip(usage).enumerate() {
             let alloc = self.engine.allocation(c);
             let metrics = (0..4)
                 .map(|r| {
-                    let raw = bayes_risk::observe_metric(&mut fs[r], u[r], self.risk_config);
+                    let raw = bayes_risk::observed(&fs[r], before[c][r], u[r], self.risk_config);
                     let a = alloc[r];
                     Some(match raw {
                         Some(m) if a > 0.0 => MetricObs {
@@ -473,6 +520,65 @@ impl Controller {
                 f.update(*v);
             }
         }
+        let Some(g) = &mut self.global else { return };
+        // The global model's round: every series' row, a round's training budget, and every
+        // series forecast in one pass, handed to its forecaster to compete with the others.
+        let time = self.clock.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        });
+        for ((fs, u), ids) in self.forecasters.iter().zip(usage).zip(&g.series) {
+            for r in 0..4 {
+                // Every id was made by this model, so a push cannot fail.
+                let _ = g.model.push(ids[r], time, u[r], fs[r].history().period());
+            }
+        }
+        let paths = g.model.train().and_then(|_| g.model.forecast());
+        match paths {
+            Ok(paths) => {
+                for (fs, ids) in self.forecasters.iter_mut().zip(&g.series) {
+                    for r in 0..4 {
+                        if let Some(Some(path)) = paths.get(ids[r].0) {
+                            let medians: Vec<f64> = path.iter().map(|p| p.median).collect();
+                            fs[r].supply(&medians);
+                        }
+                    }
+                }
+            }
+            // The other models answer this round.
+            Err(e) => tracing::warn!(error = %e, "global LSTM round failed"),
+        }
+    }
+
+    /// Sets the time (Unix seconds) of the usage the next [`observe`](Self::observe) or
+    /// [`learn`](Self::learn) is told: a replay's trace time. Unset, the wall clock's.
+    pub fn set_clock(&mut self, unix_secs: f64) {
+        self.clock = Some(unix_secs);
+    }
+
+    /// The global LSTM's training record, when it runs.
+    pub fn global_stats(&self) -> Option<GlobalStats> {
+        self.global.as_ref().map(|g| g.model.stats())
+    }
+
+    /// The global LSTM's weights and training record ([`GlobalLstm::weights`]), when it runs.
+    pub fn global_checkpoint(&self) -> Option<anyhow::Result<Vec<u8>>> {
+        self.global
+            .as_ref()
+            .map(|g| g.model.weights().map_err(Into::into))
+    }
+
+    /// Carries on with the weights of a [`global_checkpoint`](Self::global_checkpoint) taken
+    /// before a restart; the series' rows come back from the warm start. Fails (and changes
+    /// nothing) when the checkpoint is damaged or of another shape.
+    pub fn resume_global(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let g = self
+            .global
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the global LSTM is off"))?;
+        g.model.resume_weights(bytes)?;
+        Ok(())
     }
 
     /// The forecast of component `c`'s `r` over the horizon (95% intervals): what its next
@@ -481,6 +587,19 @@ impl Controller {
         self.forecasters
             .get(c)
             .map_or_else(Vec::new, |fs| fs[r.index()].forecast(self.horizon, 0.95))
+    }
+
+    /// Forecast steps a request covers.
+    pub fn horizon(&self) -> usize {
+        self.horizon
+    }
+
+    /// The rolling mean absolute error of each model (as [`model_names`](Self::model_names)
+    /// orders them) forecasting component `c`'s `r` at `step` ahead; `None` until known.
+    pub fn rolling_error(&self, c: usize, r: Resource, step: usize) -> Vec<Option<f64>> {
+        self.forecasters
+            .get(c)
+            .map_or_else(Vec::new, |fs| fs[r.index()].rolling_error(step))
     }
 
     /// The name of each forecast model, as [`Step::model`] indexes them.

@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use forestall_models::detector::{DetectorParams, score_series};
 use forestall_models::forecast::ForecastConfig;
-use forestall_models::forecast::evaluation::{Accuracy, LEVELS, evaluate_series};
+use forestall_models::forecast::evaluation::{Accuracy, Input, LEVELS, evaluate_fleet};
+use forestall_models::global::{GlobalConfig, kind_of};
 use forestall_models::nab::{self, Labels, PROFILES};
 
 /// Runs a fresh detector over every file of a NAB-layout folder, writes
@@ -116,8 +117,14 @@ const FORECAST_STEPS: [usize; 2] = [1, 12];
 /// Streams every file of a NAB-layout folder through a fresh forecaster and returns the
 /// report: per file and overall, MASE and 80/90/95% interval coverage at 1 and 12 steps
 /// ahead, for every model and for the automatic choice. Rows before NAB's probationary end
-/// (`min(15% of rows, 750)`) only train.
-pub fn forecast(data: &Path, config: ForecastConfig) -> anyhow::Result<String> {
+/// (`min(15% of rows, 750)`) only train. With `global`, one global LSTM serves every file
+/// (row r of each in round r; its kind from the category's name, [`kind_of`]) and competes
+/// in each file's automatic choice; the report ends with what it cost.
+pub fn forecast(
+    data: &Path,
+    config: ForecastConfig,
+    global: Option<GlobalConfig>,
+) -> anyhow::Result<String> {
     let files =
         nab::load_corpus(data).with_context(|| format!("load the corpus in {}", data.display()))?;
     anyhow::ensure!(
@@ -161,9 +168,27 @@ pub fn forecast(data: &Path, config: ForecastConfig) -> anyhow::Result<String> {
     let mut pooled: Vec<Vec<Accuracy>> = Vec::new();
     let mut mase_sum: Vec<[f64; 2]> = Vec::new();
     let (mut scaled_files, mut rows, mut auto_wins) = (0usize, 0usize, 0usize);
-    for f in &files {
-        let warmup = (f.values.len() * 15 / 100).min(750);
-        let e = evaluate_series(&f.values, config, &FORECAST_STEPS, warmup)?;
+    let times: Vec<Vec<f64>> = files
+        .iter()
+        .map(|f| {
+            f.timestamps
+                .iter()
+                .map(|t| nab::parse_timestamp(t).unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+    let inputs: Vec<Input<'_>> = files
+        .iter()
+        .zip(&times)
+        .map(|(f, times)| Input {
+            values: &f.values,
+            times,
+            kind: kind_of(nab::category(&f.name)),
+            warmup: (f.values.len() * 15 / 100).min(750),
+        })
+        .collect();
+    let (evals, cost) = evaluate_fleet(&inputs, config, global, &FORECAST_STEPS)?;
+    for (f, e) in files.iter().zip(evals) {
         rows += f.values.len();
         if names.is_empty() {
             names = e.forecasters.clone();
@@ -215,6 +240,24 @@ pub fn forecast(data: &Path, config: ForecastConfig) -> anyhow::Result<String> {
         files.len(),
         100.0 * auto_wins as f64 / files.len() as f64
     )?;
+    if let Some(c) = cost {
+        let rounds = c.stats.rounds.max(1) as f64;
+        writeln!(
+            report,
+            "global_lstm: {} series, {} rounds, {} training steps, loss {}; CPU in training \
+             {:.2} s ({:.2} ms a round), in inference {:.2} s ({:.2} ms a round, {:.1} us a \
+             series)",
+            c.stats.series,
+            c.stats.rounds,
+            c.stats.steps,
+            c.stats.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            c.train.as_secs_f64(),
+            1e3 * c.train.as_secs_f64() / rounds,
+            c.infer.as_secs_f64(),
+            1e3 * c.infer.as_secs_f64() / rounds,
+            1e6 * c.infer.as_secs_f64() / rounds / c.stats.series.max(1) as f64,
+        )?;
+    }
     debug_assert_eq!(LEVELS.len(), 3);
     Ok(report)
 }
@@ -285,7 +328,7 @@ mod tests {
             }
             std::fs::write(cat.join(name), csv).unwrap();
         }
-        let report = forecast(data.path(), ForecastConfig::default()).unwrap();
+        let report = forecast(data.path(), ForecastConfig::default(), None).unwrap();
         for needle in [
             "cat/a.csv",
             "cat/b.csv",
@@ -301,8 +344,27 @@ mod tests {
             lstm_train_every: 64,
             ..ForecastConfig::default()
         };
-        let report = forecast(data.path(), with_lstm).unwrap();
+        let report = forecast(data.path(), with_lstm, None).unwrap();
         assert!(report.contains("lstm"), "{report}");
-        assert!(forecast(&data.path().join("missing"), ForecastConfig::default()).is_err());
+        let global = GlobalConfig {
+            window: 24,
+            hidden: 8,
+            batch: 8,
+            ..GlobalConfig::default()
+        };
+        let report = forecast(data.path(), ForecastConfig::default(), Some(global)).unwrap();
+        assert!(report.contains("global_lstm "), "{report}");
+        assert!(
+            report.contains("global_lstm: 2 series, 1500 rounds"),
+            "{report}"
+        );
+        assert!(
+            forecast(
+                &data.path().join("missing"),
+                ForecastConfig::default(),
+                None
+            )
+            .is_err()
+        );
     }
 }

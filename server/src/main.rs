@@ -64,6 +64,9 @@ enum Command {
         /// `allocation.release_after` does.
         #[arg(long, value_name = "HOURS", default_value_t = 4.0)]
         release_hours: f64,
+        /// Leave the global LSTM out, as `allocation.global_lstm = false` does.
+        #[arg(long)]
+        no_global_lstm: bool,
     },
 }
 
@@ -87,6 +90,16 @@ enum Eval {
         /// LSTM).
         #[arg(long, value_name = "N", default_value_t = 0)]
         lstm_train_every: usize,
+        /// Run one global LSTM for every series (DeepAR-style), trained as the rows arrive,
+        /// in each series' automatic choice.
+        #[arg(long)]
+        global_lstm: bool,
+        /// The global LSTM's Adam steps per round (its CPU budget).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        global_steps: usize,
+        /// The seed of the global LSTM's weights and of the windows it trains on.
+        #[arg(long, value_name = "N", default_value_t = 42)]
+        global_seed: u64,
     },
 }
 
@@ -110,13 +123,24 @@ fn main() -> anyhow::Result<()> {
                 Eval::Forecast {
                     data,
                     lstm_train_every,
+                    global_lstm,
+                    global_steps,
+                    global_seed,
                 },
         } => {
             let config = forestall_models::forecast::ForecastConfig {
                 lstm_train_every,
                 ..Default::default()
             };
-            print!("{}", forestall_server::eval::forecast(&data, config)?);
+            let global = global_lstm.then_some(forestall_models::global::GlobalConfig {
+                steps_per_round: global_steps,
+                seed: global_seed,
+                ..Default::default()
+            });
+            print!(
+                "{}",
+                forestall_server::eval::forecast(&data, config, global)?
+            );
             Ok(())
         }
         Command::Replay {
@@ -126,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             contended,
             headroom_price,
             release_hours,
+            no_global_lstm,
         } => {
             anyhow::ensure!(
                 release_hours.is_finite() && release_hours > 0.0,
@@ -137,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             );
             let options = forestall_control::replay::Options {
                 lstm_train_every,
+                global_lstm: !no_global_lstm,
                 headroom_price,
                 release_after: std::time::Duration::from_secs_f64(release_hours * 3600.0),
             };

@@ -692,6 +692,13 @@ async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
         batch < 0.2,
         "batch reports nothing and is never hot: {batch}"
     );
+    // Every model's rolling error shows why the answering one was chosen.
+    let errors = &a.forecasts()["components"][0]["resources"]["cpu"]["rolling_error"];
+    assert!(errors["seasonal_naive"]["step_1"].is_number(), "{errors}");
+    assert!(errors["ets"]["horizon"].is_number(), "{errors}");
+    assert!(errors.get("global_lstm").is_some(), "{errors}");
+    let rounds = a.forecasts()["global_lstm"]["rounds"].clone();
+    assert!(rounds.as_u64().unwrap() >= 30, "{rounds}");
     a.save();
     drop(a);
 
@@ -699,7 +706,19 @@ async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
     // reasons at once, not the prior's 0.5 until a horizon of new outcomes is counted.
     let b = Allocations::new(&cfg, &f.data_dir).unwrap();
     assert_eq!(b.risks(), risks);
+
+    // The global LSTM (on by default) serves all eight series, and its weights, kept beside
+    // the state, resume with their record; weights that are not a checkpoint cost the
+    // training, not the start.
+    assert_eq!(b.forecasts()["global_lstm"]["series"], 8);
+    assert_eq!(b.forecasts()["global_lstm"]["rounds"], rounds);
     drop(b);
+    let weights = f.data_dir.join("allocation/global_lstm.ckpt");
+    assert!(std::fs::metadata(&weights).unwrap().len() > 1000);
+    std::fs::write(&weights, b"not weights").unwrap();
+    let d = Allocations::new(&cfg, &f.data_dir).unwrap();
+    assert_eq!(d.forecasts()["global_lstm"]["rounds"], 0);
+    drop(d);
 
     // State saved before risks were kept still resumes the engine; the risks start afresh.
     let path = f.data_dir.join("allocation/state.json");
@@ -856,13 +875,20 @@ async fn a_demand_is_applied_as_soon_as_its_query_delivers_it() {
         format!("{} 100000", (cores * 1000.0).ceil() as u64 * 100),
         "{status:#}"
     );
-    // The audit says which query asked.
-    let rows = sql(
-        &f,
-        "SELECT action, reason FROM forestall_allocations \
-         WHERE component = 'web' AND resource = 'cpu' AND action = 'raise'",
-    )
-    .await;
+    // The audit says which query asked (its rows are stored just after the apply: wait).
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = sql(
+            &f,
+            "SELECT action, reason FROM forestall_allocations \
+             WHERE component = 'web' AND resource = 'cpu' AND action = 'raise'",
+        )
+        .await;
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(
         rows.iter()
             .any(|r| r[1].ends_with("asked by query web_latency")),

@@ -50,6 +50,9 @@ fn replay_is_deterministic_and_free_of_look_ahead() {
     write_trace(&full, 600, None);
     let trace = load(&full).unwrap();
     assert_eq!(trace.steps, 600);
+    // Step 0's time, for the global LSTM's time features (it is on, as by default).
+    assert_eq!(trace.start, 1_375_660_800.0);
+    assert!(Options::default().global_lstm);
     let a = run(
         &mut Forestall::new(&trace, false, &Options::default()).unwrap(),
         &trace,
@@ -122,6 +125,7 @@ fn figures_match_a_hand_computed_case() {
         warmup: 2,
         threshold: 0.9,
         step_seconds: 86_400.0 / 4.0,
+        start: 0.0,
         floors: [1.0; 4],
         capacity: None,
     };
@@ -260,6 +264,7 @@ fn small_and_large(steps: usize, visible: usize) -> Trace {
         warmup: 240,
         threshold: 0.9,
         step_seconds: 300.0,
+        start: 1_375_660_800.0,
         floors: [1.0, 64.0, 10.0, 10.0],
         capacity: None,
     }
