@@ -807,24 +807,56 @@ impl Allocations {
                                 })
                             })
                             .collect();
-                        // Each model's rolling error at the first and the last step ahead:
-                        // why the model that answers a step was chosen.
-                        let h = c.horizon();
-                        let errors: serde_json::Map<String, serde_json::Value> = models
-                            .iter()
-                            .enumerate()
-                            .map(|(m, name)| {
-                                let at = |step| c.rolling_error(i, r, step)[m];
-                                (name.to_string(), json!({"step_1": at(1), "horizon": at(h)}))
-                            })
-                            .collect();
                         (
                             r.name().to_string(),
-                            json!({"request": request, "steps": steps, "rolling_error": errors}),
+                            json!({"request": request, "steps": steps}),
                         )
                     })
                     .collect();
                 json!({"component": comp.name, "resources": resources})
+            })
+            .collect();
+        json!({
+            "interval": humantime::format_duration(live.config.interval).to_string(),
+            "level": 0.95,
+            "components": components,
+        })
+    }
+
+    /// `GET /api/v1/models`: the forecast models' accounts. Per component and resource,
+    /// which model answers each step ahead of the current forecast and every model's rolling
+    /// error there (the answer is the lowest, unless that model has no forecast for the step;
+    /// then seasonal naive answers); and the global LSTM's record (`null` when it is off): the
+    /// series it serves, rows and rounds seen, training steps, smoothed loss, and its age
+    /// (rounds times the interval).
+    pub fn models(&self) -> serde_json::Value {
+        let live = self.live();
+        let c = &live.controller;
+        let models = c.model_names();
+        let series: Vec<_> = (0..c.engine().components().len())
+            .flat_map(|i| Resource::ALL.map(|r| (i, r)))
+            .map(|(i, r)| {
+                let steps: Vec<_> = c
+                    .forecast(i, r)
+                    .iter()
+                    .enumerate()
+                    .map(|(k, s)| {
+                        let step = k + 1;
+                        let errors = c.rolling_error(i, r, step);
+                        let chosen = models.get(s.model).copied();
+                        let errors: serde_json::Map<String, serde_json::Value> = models
+                            .iter()
+                            .zip(&errors)
+                            .map(|(name, e)| (name.to_string(), json!(e)))
+                            .collect();
+                        json!({"step": step, "model": chosen, "rolling_error": errors})
+                    })
+                    .collect();
+                json!({
+                    "component": c.engine().components()[i].name,
+                    "resource": r.name(),
+                    "steps": steps,
+                })
             })
             .collect();
         let global = c.global_stats().map(|g| {
@@ -834,13 +866,15 @@ impl Allocations {
                 "rounds": g.rounds,
                 "training_steps": g.steps,
                 "loss": g.loss,
+                "age": humantime::format_duration(
+                    live.config.interval * u32::try_from(g.rounds).unwrap_or(u32::MAX)
+                ).to_string(),
             })
         });
         json!({
-            "interval": humantime::format_duration(live.config.interval).to_string(),
-            "level": 0.95,
-            "components": components,
+            "models": models,
             "global_lstm": global,
+            "series": series,
         })
     }
 

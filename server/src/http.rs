@@ -11,6 +11,7 @@
 //! | `GET`/`POST /api/v3/query_sql?q=…&format=json\|jsonl\|csv\|parquet\|pretty` | SQL (see [`query`]) |
 //! | `GET /api/v1/allocations` | the allocation loop's state (404 when it is off) |
 //! | `GET /api/v1/forecasts` | per component and resource, the forecast and the request the loop sizes from it |
+//! | `GET /api/v1/models` | per component and resource, the model answering each step ahead and every model's rolling error; the global LSTM's record |
 //! | `GET /api/v1/risks` | per component and resource, the Bayesian risk of passing θ within the horizon, with its reasons |
 //! | `GET /api/v1/preferences` | every component's preferences |
 //! | `PUT /api/v1/preferences/{component}` | replace a component's preferences (JSON, kept across restarts) |
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v3/query_sql", get(query::get).post(query::post))
         .route("/api/v1/allocations", get(allocations))
         .route("/api/v1/forecasts", get(forecasts))
+        .route("/api/v1/models", get(models))
         .route("/api/v1/risks", get(risks))
         .route("/api/v1/preferences", get(list_preferences))
         .route("/api/v1/preferences/{component}", put(set_preferences))
@@ -244,6 +246,10 @@ async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::V
 
 async fn forecasts(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     loop_view(&state, |a| a.forecasts()).await
+}
+
+async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    loop_view(&state, |a| a.models()).await
 }
 
 async fn risks(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -174,6 +174,16 @@ fn the_loop_gives_a_throttled_component_more_cpu_and_obeys_a_cap_set_over_the_ap
     assert_eq!(cpu["steps"].as_array().unwrap().len(), 5, "{fc:#}");
     assert!(cpu["request"]["amount"].as_f64().unwrap() > 0.3, "{fc:#}");
 
+    // And the models' accounts: who answers each of those steps, every model's rolling
+    // error, and the global LSTM (on by default) serving the component's four resources.
+    let (status, models) = get_json(&server.url("/api/v1/models"));
+    assert_eq!(status, 200);
+    let cpu = &models["series"][0];
+    assert_eq!(cpu["resource"], "cpu", "{models:#}");
+    assert_eq!(cpu["steps"].as_array().unwrap().len(), 5, "{models:#}");
+    assert!(cpu["steps"][0]["model"].is_string(), "{models:#}");
+    assert_eq!(models["global_lstm"]["series"], 4, "{models:#}");
+
     let (status, risks) = get_json(&server.url("/api/v1/risks"));
     assert_eq!(status, 200);
     let score = risks["components"][0]["resources"]["cpu"]["score"].as_f64();

@@ -692,12 +692,28 @@ async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
         batch < 0.2,
         "batch reports nothing and is never hot: {batch}"
     );
-    // Every model's rolling error shows why the answering one was chosen.
-    let errors = &a.forecasts()["components"][0]["resources"]["cpu"]["rolling_error"];
-    assert!(errors["seasonal_naive"]["step_1"].is_number(), "{errors}");
-    assert!(errors["ets"]["horizon"].is_number(), "{errors}");
-    assert!(errors.get("global_lstm").is_some(), "{errors}");
-    let rounds = a.forecasts()["global_lstm"]["rounds"].clone();
+    // The models' accounts: per component and resource, every step ahead is answered by the
+    // model with the lowest rolling error there, and the global LSTM has a record.
+    let models = a.models();
+    assert_eq!(models["series"].as_array().unwrap().len(), 2 * 4);
+    let web_cpu = &models["series"][0];
+    assert_eq!(
+        (&web_cpu["component"], &web_cpu["resource"]),
+        (&json!("web"), &json!("cpu"))
+    );
+    for step in web_cpu["steps"].as_array().unwrap() {
+        let errors = step["rolling_error"].as_object().unwrap();
+        assert!(errors.contains_key("global_lstm"), "{step}");
+        let least = errors
+            .values()
+            .filter_map(|e| e.as_f64())
+            .min_by(f64::total_cmp)
+            .unwrap();
+        // (Ties go to the first model in the list.)
+        let answering = step["model"].as_str().unwrap();
+        assert_eq!(errors[answering].as_f64(), Some(least), "{step}");
+    }
+    let rounds = models["global_lstm"]["rounds"].clone();
     assert!(rounds.as_u64().unwrap() >= 30, "{rounds}");
     a.save();
     drop(a);
@@ -710,14 +726,14 @@ async fn risks_learn_which_resource_runs_hot_and_keep_it_across_restarts() {
     // The global LSTM (on by default) serves all eight series, and its weights, kept beside
     // the state, resume with their record; weights that are not a checkpoint cost the
     // training, not the start.
-    assert_eq!(b.forecasts()["global_lstm"]["series"], 8);
-    assert_eq!(b.forecasts()["global_lstm"]["rounds"], rounds);
+    assert_eq!(b.models()["global_lstm"]["series"], 8);
+    assert_eq!(b.models()["global_lstm"]["rounds"], rounds);
     drop(b);
     let weights = f.data_dir.join("allocation/global_lstm.ckpt");
     assert!(std::fs::metadata(&weights).unwrap().len() > 1000);
     std::fs::write(&weights, b"not weights").unwrap();
     let d = Allocations::new(&cfg, &f.data_dir).unwrap();
-    assert_eq!(d.forecasts()["global_lstm"]["rounds"], 0);
+    assert_eq!(d.models()["global_lstm"]["rounds"], 0);
     drop(d);
 
     // State saved before risks were kept still resumes the engine; the risks start afresh.
