@@ -36,7 +36,7 @@ use candle_nn::rnn::{LSTM, LSTMConfig, RNN};
 use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 
 use crate::codec::{Reader, Writer};
-use crate::nn::{Params, candle, next};
+use crate::nn::{Params, candle, device, next};
 use crate::{Error, Result};
 
 /// The kinds of series the network tells apart; [`kind_of`] maps a name to one.
@@ -184,6 +184,8 @@ struct Series {
 #[derive(Debug)]
 pub struct GlobalLstm {
     config: GlobalConfig,
+    /// Where the tensors live: the CPU, or a GPU with the `cuda` feature.
+    device: Device,
     params: Params,
     lstm: LSTM,
     mid: Linear,
@@ -197,7 +199,7 @@ pub struct GlobalLstm {
 impl GlobalLstm {
     pub fn new(config: GlobalConfig) -> Result<Self> {
         config.validate()?;
-        let device = Device::Cpu;
+        let device = device();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let zero = Init::Const(0.0);
@@ -222,6 +224,7 @@ impl GlobalLstm {
         let params = Params::init(&varmap, &mut rng, config.hidden)?;
         Ok(Self {
             config,
+            device,
             params,
             lstm,
             mid,
@@ -368,7 +371,7 @@ impl GlobalLstm {
         if eligible.is_empty() || c.steps_per_round == 0 {
             return Ok(None);
         }
-        let device = Device::Cpu;
+        let device = self.device.clone();
         let mut total = 0.0;
         for _ in 0..c.steps_per_round {
             let draws: Vec<(usize, usize)> = (0..c.batch)
@@ -420,7 +423,7 @@ impl GlobalLstm {
             .filter(|&i| self.series[i].values.len() >= c.window)
             .collect();
         let mut out = vec![None; self.series.len()];
-        let device = Device::Cpu;
+        let device = self.device.clone();
         for chunk in ready.chunks(CHUNK) {
             let n = chunk.len();
             let mut x = Vec::with_capacity(n * c.window * INPUTS);

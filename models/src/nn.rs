@@ -17,6 +17,19 @@ pub(crate) fn candle(e: candle_core::Error) -> Error {
     }
 }
 
+/// The device the global LSTM runs on: with the `cuda` feature, the first CUDA GPU (if it
+/// cannot be opened, the CPU, with a warning on stderr); without it, the CPU.
+pub(crate) fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        match Device::new_cuda(0) {
+            Ok(d) => return d,
+            Err(e) => eprintln!("forestall-models: no CUDA device ({e}); the CPU runs the LSTM"),
+        }
+    }
+    Device::Cpu
+}
+
 /// A uniform draw in [0, 1) from a 64-bit LCG state.
 pub(crate) fn next(state: &mut u64) -> f64 {
     *state = state
@@ -61,7 +74,8 @@ impl Params {
             let values: Vec<f32> = (0..n)
                 .map(|_| ((next(rng) * 2.0 - 1.0) * bound) as f32)
                 .collect();
-            var.set(&Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).map_err(candle)?)
+            let device = var.as_tensor().device().clone();
+            var.set(&Tensor::from_vec(values, shape.as_slice(), &device).map_err(candle)?)
                 .map_err(candle)?;
         }
         let zeros = |var: &Var| var.as_tensor().zeros_like().map_err(candle);
@@ -144,7 +158,7 @@ impl Params {
                 });
             }
             let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
-            Tensor::from_vec(v, like.dims(), &Device::Cpu).map_err(candle)
+            Tensor::from_vec(v, like.dims(), like.device()).map_err(candle)
         };
         for k in 0..self.vars.len() {
             let w = tensor(self.vars[k].1.as_tensor())?;
