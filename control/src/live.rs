@@ -452,11 +452,23 @@ impl Allocations {
         let Some(first) = history.iter().position(known) else {
             return 0;
         };
-        let mut live = self.live();
-        for usage in &history[first..] {
-            live.controller.learn(usage);
+        // Off the async workers, and a round at a time under the lock: with the global LSTM
+        // a round costs a training step, and up to 900 of them must not hold the API up.
+        let this = self.clone();
+        let learned = tokio::task::spawn_blocking(move || {
+            for (k, usage) in history.iter().enumerate().skip(first) {
+                let mut live = this.live();
+                // Round k's usage is from the bucket that starts `rounds − k` strides ago.
+                let at = now - stride * (rounds - k) as i64;
+                live.controller.set_clock(at as f64 / 1e9);
+                live.controller.learn(usage);
+            }
+            this.live().last_round = Some(now);
+        })
+        .await;
+        if let Err(e) = learned {
+            tracing::warn!(error = %e, "warming the forecasters up failed");
         }
-        live.last_round = Some(now);
         rounds - first
     }
 

@@ -154,7 +154,7 @@ pub struct Controller {
     /// With [`ForecastConfig::global`], one global LSTM for every component and resource.
     global: Option<Fleet>,
     /// The time of the usage the next round is told, for the global model's time features
-    /// (`None`: the wall clock's).
+    /// (`None`: the wall clock's); used once.
     clock: Option<f64>,
 }
 
@@ -523,7 +523,7 @@ impl Controller {
         let Some(g) = &mut self.global else { return };
         // The global model's round: every series' row, a round's training budget, and every
         // series forecast in one pass, handed to its forecaster to compete with the others.
-        let time = self.clock.unwrap_or_else(|| {
+        let time = self.clock.take().unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
@@ -552,7 +552,8 @@ impl Controller {
     }
 
     /// Sets the time (Unix seconds) of the usage the next [`observe`](Self::observe) or
-    /// [`learn`](Self::learn) is told: a replay's trace time. Unset, the wall clock's.
+    /// [`learn`](Self::learn) is told (that one only): a replay's trace time, a warm start's
+    /// recorded round. Unset, the wall clock's.
     pub fn set_clock(&mut self, unix_secs: f64) {
         self.clock = Some(unix_secs);
     }

@@ -114,6 +114,8 @@ fn the_global_lstm_serves_every_component_and_resumes_its_training() {
         c.set_clock(1_375_660_800.0 + 3600.0 * t as f64);
         c.observe(&cycle(t));
     }
+    // A clock set is the time of the next round only; later rounds are the wall clock's.
+    assert!(c.clock.is_none());
     let stats = c.global_stats().unwrap();
     assert_eq!((stats.series, stats.rounds), (8, 120));
     // A step from the first round with a window and its horizon kept (48 + 6 rows).
