@@ -131,6 +131,12 @@ pub struct AllocConfig {
     /// take that share of rounds (on noisy usage it would otherwise only grow, up to 2×).
     /// 0: it only grows, and shrinks when a raise is rolled back.
     pub violation_share: f64,
+    /// Per resource, the rounds of usage whose peak an allocation is kept at or above (0:
+    /// none): every request asks at least that peak, so no release goes below what the
+    /// component used in that time and a round over the allocation raises it at once. For
+    /// memory, which is not compressible: usage over `memory.max` is an OOM kill, not a
+    /// slower round, and memory a workload used yesterday it tends to use again.
+    pub hold_peak: PerResource<u64>,
     /// Compute and audit decisions, change nothing.
     pub dry_run: bool,
 }
@@ -150,6 +156,7 @@ impl Default for AllocConfig {
             rollback_after: 24,
             age_after: 72,
             violation_share: 0.0,
+            hold_peak: [0; 4],
             dry_run: false,
         }
     }
@@ -284,6 +291,8 @@ pub struct Engine {
     /// The last `cooldown` requests: a release goes only as low as their maximum (a
     /// stabilisation window, like the Kubernetes autoscaler's for scaling down).
     recent: Vec<PerResource<Window>>,
+    /// Usage of the last [`AllocConfig::hold_peak`] rounds, for the resources that hold it.
+    usage_peak: Vec<PerResource<Window>>,
     deferred: Vec<Deferred>,
     /// The latest [`AUDIT_KEPT`] decisions (the durable audit is the caller's: the server
     /// stores it as a measurement).
@@ -368,7 +377,23 @@ impl Window {
         {
             self.entries.pop_front();
         }
+        self.max()
+    }
+
+    /// The largest amount in the window (`f64::MIN` when empty).
+    fn max(&self) -> f64 {
         self.entries.front().map_or(f64::MIN, |&(_, v)| v)
+    }
+
+    fn saved(&self) -> (u64, Vec<(u64, f64)>) {
+        (self.seen, self.entries.iter().copied().collect())
+    }
+
+    fn restored((seen, entries): &(u64, Vec<(u64, f64)>)) -> Self {
+        Self {
+            seen: *seen,
+            entries: entries.iter().copied().collect(),
+        }
     }
 }
 
@@ -401,6 +426,10 @@ pub struct ComponentState {
     pub recent: PerResource<(u64, Vec<(u64, f64)>)>,
     /// Raises under trial: (round, allocation before, peak usage since).
     pub trials: PerResource<Option<(u64, f64, Option<f64>)>>,
+    /// The usage whose peak is held, as `recent` (states written before it was kept hold
+    /// none until usage comes).
+    #[serde(default)]
+    pub usage_peak: PerResource<(u64, Vec<(u64, f64)>)>,
 }
 
 /// An engine's learned state: its components' and the deferred queue (by component name and
@@ -469,6 +498,7 @@ impl Engine {
             held_at: vec![[0.0; 4]; components.len()],
             last_usage: vec![[0.0; 4]; components.len()],
             recent: vec![Default::default(); components.len()],
+            usage_peak: vec![Default::default(); components.len()],
             components,
             capacity,
             deferred: Vec::new(),
@@ -599,11 +629,9 @@ impl Engine {
                 held_until: self.held_until[c],
                 held_at: self.held_at[c],
                 last_usage: self.last_usage[c],
-                recent: std::array::from_fn(|i| {
-                    let w = &self.recent[c][i];
-                    (w.seen, w.entries.iter().copied().collect())
-                }),
+                recent: std::array::from_fn(|i| self.recent[c][i].saved()),
                 trials: self.trials[c].map(|t| t.map(|t| (t.round, t.before, t.peak))),
+                usage_peak: std::array::from_fn(|i| self.usage_peak[c][i].saved()),
             })
             .collect();
         let deferred = self
@@ -664,11 +692,8 @@ impl Engine {
                 self.held_until[c][i] = s.held_until[i];
                 self.held_at[c][i] = s.held_at[i];
                 self.last_usage[c][i] = s.last_usage[i];
-                let (seen, entries) = &s.recent[i];
-                self.recent[c][i] = Window {
-                    seen: *seen,
-                    entries: entries.iter().copied().collect(),
-                };
+                self.recent[c][i] = Window::restored(&s.recent[i]);
+                self.usage_peak[c][i] = Window::restored(&s.usage_peak[i]);
                 self.trials[c][i] = s.trials[i].map(|(round, before, peak)| Trial {
                     round,
                     before,
@@ -733,6 +758,10 @@ impl Engine {
                 continue;
             }
             self.last_usage[component][i] = u;
+            let hold = self.config.hold_peak[i];
+            if hold > 0 {
+                self.usage_peak[component][i].push(u, hold);
+            }
             if let Some(t) = &mut self.trials[component][i] {
                 t.peak = Some(t.peak.map_or(u, |p| p.max(u)));
             }
@@ -991,6 +1020,10 @@ impl Engine {
         if self.untouchable(c, r) || !q.amount.is_finite() {
             return;
         }
+        let q = &Request {
+            amount: q.amount.max(self.held_peak(c, r)),
+            ..*q
+        };
         let current = self.alloc[c][i];
         let stable = self.recent[c][i].push(q.amount, self.config.cooldown.max(1));
         if !self.raise_whole(round, q) {
@@ -1084,6 +1117,14 @@ impl Engine {
             free += take;
         }
         free
+    }
+
+    /// The peak usage `c`'s `r` is held at ([`AllocConfig::hold_peak`]); 0 where none is.
+    fn held_peak(&self, c: usize, r: Resource) -> f64 {
+        if self.config.hold_peak[r.index()] == 0 {
+            return 0.0;
+        }
+        self.usage_peak[c][r.index()].max().max(0.0)
     }
 
     /// Whether the operator keeps the engine off `c`'s `r`.
@@ -1207,6 +1248,12 @@ impl Engine {
                         "need {:.1} (risk {:.2}) above the allocation on a short pool; needs first",
                         target, q.risk
                     ),
+                    Part::Whole if q.amount > 0.0 && q.amount <= self.held_peak(c, r) => {
+                        format!(
+                            "usage peaked at {:.1} in the last {} rounds, above the allocation",
+                            q.amount, self.config.hold_peak[i]
+                        )
+                    }
                     Part::Whole => format!(
                         "request {:.1} (risk {:.2}) above the allocation",
                         q.amount, q.risk

@@ -18,6 +18,11 @@ use forestall_actuators::alloc::Engine;
 use forestall_actuators::stack::Units;
 use forestall_models::forecast::ForecastConfig;
 
+/// The headroom price by default: on the dev trace, under half of every baseline's
+/// violations at its own slack, at slack 4.7 (docs/BENCHMARKS.md, "headroom priced per
+/// component").
+pub const HEADROOM_PRICE: f64 = 0.1;
+
 /// What a priced headroom is judged on by default: two days of requests and usage.
 pub const HEADROOM_WINDOW: Duration = Duration::from_secs(2 * 24 * 3600);
 
@@ -37,7 +42,7 @@ pub struct AllocationConfig {
     #[serde(with = "humantime_serde")]
     pub horizon: Duration,
     /// A release waits until every request of this long sits well below the allocation.
-    /// Default 4 hours.
+    /// Default 1 hour.
     #[serde(with = "humantime_serde")]
     pub release_after: Duration,
     /// A raise is judged this long after, and rolled back if usage never needed it.
@@ -47,6 +52,11 @@ pub struct AllocationConfig {
     /// A request deferred this long is served before other non-critical ones. Default 6 hours.
     #[serde(with = "humantime_serde")]
     pub age_after: Duration,
+    /// Memory is kept at or above the component's peak memory usage over this long: no
+    /// release goes below it, and a round that used more raises it at once (memory is not
+    /// compressible; over `memory.max` is an OOM kill). Zero: not held. Default 24 hours.
+    #[serde(with = "humantime_serde")]
+    pub memory_hold: Duration,
     /// Keep usage under this share of the allocation (θ). Default 0.8.
     pub threshold: f64,
     /// The share of rounds in which a component's usage may pass θ × its allocation: the
@@ -60,7 +70,8 @@ pub struct AllocationConfig {
     /// its unused allocation over the fleet's usage of that resource, judged on the last
     /// `headroom_window` of its requests and usage, so headroom goes where it prevents most
     /// violations (small components get more, large ones less). It then replaces
-    /// `violation_share`'s feedback. Higher holds less. Default 0: off.
+    /// `violation_share`'s feedback. Higher holds less; 0 turns it off. Default
+    /// [`HEADROOM_PRICE`].
     pub headroom_price: f64,
     /// The rounds a priced headroom is judged on. Default 2 days.
     #[serde(with = "humantime_serde")]
@@ -107,9 +118,10 @@ impl Default for AllocationConfig {
             release_after: timing.release_after,
             judge_after: timing.judge_after,
             age_after: timing.age_after,
+            memory_hold: timing.memory_hold,
             threshold: 0.8,
             violation_share: 0.0,
-            headroom_price: 0.0,
+            headroom_price: HEADROOM_PRICE,
             headroom_window: HEADROOM_WINDOW,
             lstm_train_every: 0,
             global_lstm: true,
@@ -516,6 +528,7 @@ impl AllocationConfig {
             release_after: self.release_after,
             judge_after: self.judge_after,
             age_after: self.age_after,
+            memory_hold: self.memory_hold,
         }
     }
 

@@ -419,6 +419,8 @@ pub struct Options {
     /// A release waits until every request of this long sits well below the allocation
     /// (`allocation.release_after`).
     pub release_after: Duration,
+    /// Memory is held at its peak usage of this long (`allocation.memory_hold`; zero: not).
+    pub memory_hold: Duration,
 }
 
 impl Default for Options {
@@ -426,8 +428,9 @@ impl Default for Options {
         Self {
             lstm_train_every: 0,
             global_lstm: AllocationConfig::default().global_lstm,
-            headroom_price: 0.0,
+            headroom_price: AllocationConfig::default().headroom_price,
             release_after: Timing::measured(Duration::from_secs(60)).release_after,
+            memory_hold: Timing::measured(Duration::from_secs(60)).memory_hold,
         }
     }
 }
@@ -466,6 +469,7 @@ impl Forestall {
             interval: step,
             horizon: step * HORIZON as u32,
             release_after: options.release_after,
+            memory_hold: options.memory_hold,
             threshold: trace.threshold,
             min: Amounts {
                 cpu: Some(trace.floors[0]),

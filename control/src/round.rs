@@ -53,6 +53,8 @@ pub struct Timing {
     pub judge_after: Duration,
     /// A request deferred this long goes before every other non-critical request.
     pub age_after: Duration,
+    /// Memory is kept at or above its peak usage of this long (zero: not held).
+    pub memory_hold: Duration,
 }
 
 impl Timing {
@@ -61,9 +63,10 @@ impl Timing {
         Self {
             interval,
             horizon: Duration::from_secs(3600),
-            release_after: Duration::from_secs(4 * 3600),
+            release_after: Duration::from_secs(3600),
             judge_after: Duration::from_secs(8 * 3600),
             age_after: Duration::from_secs(6 * 3600),
+            memory_hold: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -85,8 +88,9 @@ impl Timing {
 
 /// The engine settings measured on the dev trace: a 10% raise band with a 30% overshoot,
 /// releases only when every request of `release_after` sits 40% below the allocation (up to
-/// 90% at once, so a release is one change, not three), raises judged after `judge_after`.
-/// That held churn under 12 changes per component per day (docs/BENCHMARKS.md).
+/// 90% at once, so a release is one change, not three), raises judged after `judge_after`,
+/// memory held at its peak usage of `memory_hold`. That held churn under 12 changes per
+/// component per day (docs/BENCHMARKS.md).
 pub fn tuned(threshold: f64, min: PerResource<f64>, timing: &Timing) -> AllocConfig {
     AllocConfig {
         threshold,
@@ -98,6 +102,16 @@ pub fn tuned(threshold: f64, min: PerResource<f64>, timing: &Timing) -> AllocCon
         max_step_down: 0.9,
         rollback_after: timing.rounds(timing.judge_after),
         age_after: timing.rounds(timing.age_after),
+        hold_peak: [
+            0,
+            if timing.memory_hold.is_zero() {
+                0
+            } else {
+                timing.rounds(timing.memory_hold)
+            },
+            0,
+            0,
+        ],
         ..AllocConfig::default()
     }
 }

@@ -58,12 +58,16 @@ enum Command {
         #[arg(long)]
         contended: bool,
         /// Price headroom per component, as `allocation.headroom_price` does (0: off).
-        #[arg(long, value_name = "PRICE", default_value_t = 0.0)]
+        #[arg(long, value_name = "PRICE", default_value_t = forestall_control::config::HEADROOM_PRICE)]
         headroom_price: f64,
         /// Release only after this many hours of requests well below the allocation, as
         /// `allocation.release_after` does.
-        #[arg(long, value_name = "HOURS", default_value_t = 4.0)]
+        #[arg(long, value_name = "HOURS", default_value_t = 1.0)]
         release_hours: f64,
+        /// Hold memory at its peak usage of this many hours, as `allocation.memory_hold` does
+        /// (0: not held).
+        #[arg(long, value_name = "HOURS", default_value_t = 24.0)]
+        memory_hold_hours: f64,
         /// Leave the global LSTM out, as `allocation.global_lstm = false` does.
         #[arg(long)]
         no_global_lstm: bool,
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             contended,
             headroom_price,
             release_hours,
+            memory_hold_hours,
             no_global_lstm,
         } => {
             anyhow::ensure!(
@@ -160,11 +165,16 @@ fn main() -> anyhow::Result<()> {
                 headroom_price.is_finite() && headroom_price >= 0.0,
                 "--headroom-price must be a finite number of at least 0"
             );
+            anyhow::ensure!(
+                memory_hold_hours.is_finite() && memory_hold_hours >= 0.0,
+                "--memory-hold-hours must be a number of hours, at least 0"
+            );
             let options = forestall_control::replay::Options {
                 lstm_train_every,
                 global_lstm: !no_global_lstm,
                 headroom_price,
                 release_after: std::time::Duration::from_secs_f64(release_hours * 3600.0),
+                memory_hold: std::time::Duration::from_secs_f64(memory_hold_hours * 3600.0),
             };
             print!(
                 "{}",

@@ -752,3 +752,68 @@ fn a_critical_need_between_rounds_preempts_as_a_round_would() {
         cpus(&e)
     );
 }
+
+#[test]
+fn memory_is_held_at_its_recent_peak_usage_and_a_round_over_it_raises_at_once() {
+    let config = AllocConfig {
+        hold_peak: [0, 12, 0, 0],
+        ..AllocConfig::default()
+    };
+    let new = || {
+        Engine::new(
+            config,
+            vec![component("svc", 3.0, false)],
+            [None; 4],
+            vec![[100.0, 100.0, 1.0, 1.0]],
+        )
+        .unwrap()
+    };
+    // The forecast asks 20 of each; memory used 80 in the first round, 10 after.
+    let asks = [Resource::Cpu, Resource::Mem].map(|resource| Request {
+        resource,
+        ..cpu(0, 20.0)
+    });
+    let mut e = new();
+    let mut lowest_mem = f64::INFINITY;
+    let mut cpu_released_at = None;
+    for round in 0..12 {
+        e.observe(0, [10.0, if round == 0 { 80.0 } else { 10.0 }, 0.0, 0.0]);
+        e.round(round, &asks);
+        lowest_mem = lowest_mem.min(e.allocation(0)[1]);
+        if cpu_released_at.is_none() && e.allocation(0)[0] < 100.0 {
+            cpu_released_at = Some(round);
+        }
+    }
+    // CPU, which holds no peak, is released to the request after its window; memory only
+    // to the peak of the last 12 rounds.
+    assert!(cpu_released_at.is_some(), "CPU was released");
+    assert!(
+        (80.0..100.0).contains(&lowest_mem),
+        "memory held at its peak usage: {lowest_mem}"
+    );
+    // A restart carries the peak on.
+    let mut resumed = new();
+    resumed.resume(&e.learned());
+    assert_eq!(resumed.learned(), e.learned());
+    // Once the peak is older than 12 rounds, memory follows the requests down.
+    for round in 12..60 {
+        e.observe(0, [10.0; 4]);
+        e.round(round, &asks);
+    }
+    assert!(e.allocation(0)[1] < 40.0, "{:?}", e.allocation(0));
+    // A round over the allocation raises it the next round, whatever the forecast asks.
+    e.observe(0, [10.0, 90.0, 0.0, 0.0]);
+    let d = e.round(60, &asks);
+    let raise = d
+        .iter()
+        .find(|d| d.resource == Resource::Mem && d.action == Action::Raise)
+        .unwrap_or_else(|| panic!("{d:?}"));
+    assert!(raise.to >= 90.0, "{raise:?}");
+    assert!(
+        raise
+            .reason
+            .starts_with("usage peaked at 90.0 in the last 12 rounds"),
+        "{}",
+        raise.reason
+    );
+}

@@ -29,6 +29,7 @@ use clap::{Parser, Subcommand};
 use forestall_actuators::cgroup_v1::CgroupV1;
 use forestall_actuators::{Actuator, Limits, Meter, Target};
 use forestall_benches::prevent::{self, Hpa, Workload};
+use forestall_control::config::AllocationConfig;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -133,7 +134,7 @@ struct Allocation {
     horizon_hours: f64,
     /// Release after this many hours of a real day of requests below the allocation
     /// (scaled).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = AllocationConfig::default().release_after.as_secs_f64() / 3600.0)]
     release_hours: f64,
     /// θ: keep usage under this share of the allocation.
     #[arg(long, default_value_t = 0.8)]
@@ -142,7 +143,7 @@ struct Allocation {
     #[arg(long, default_value_t = 0.0)]
     violation_share: f64,
     /// `headroom_price`, judged over two days (scaled); 0: off.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = AllocationConfig::default().headroom_price)]
     headroom_price: f64,
 }
 
