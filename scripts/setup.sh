@@ -2,7 +2,8 @@
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
 # the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
-# (ip, tc) and util-linux (unshare) for the network-namespace tests.
+# (ip, tc) and util-linux (unshare) for the network-namespace tests, and Prometheus with
+# node_exporter for the remote-write test.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ command -v curl >/dev/null || need+=(curl)
 { command -v tc && command -v ip; } >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v unshare >/dev/null || need+=(util-linux)
+# A real Prometheus and node_exporter for the remote-write test.
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

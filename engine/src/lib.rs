@@ -30,6 +30,7 @@ pub mod index;
 mod last;
 pub mod line_protocol;
 pub mod metrics;
+pub mod prometheus;
 pub mod retention;
 pub mod scan;
 pub mod segment;

@@ -215,11 +215,11 @@ pub struct LineError {
     pub reason: String,
 }
 
-const MEASUREMENT_SPECIALS: &[u8] = b", \\";
-const TAG_SPECIALS: &[u8] = b",= \\";
+pub(crate) const MEASUREMENT_SPECIALS: &[u8] = b", \\";
+pub(crate) const TAG_SPECIALS: &[u8] = b",= \\";
 
 /// Appends `s` to `out`, escaping the characters that are special in its position.
-fn escape_into(out: &mut String, s: &str, specials: &[u8]) {
+pub(crate) fn escape_into(out: &mut String, s: &str, specials: &[u8]) {
     for c in s.chars() {
         if c.is_ascii() && specials.contains(&(c as u8)) {
             out.push('\\');

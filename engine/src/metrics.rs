@@ -33,6 +33,16 @@ metrics! {
     bytes_written_total: "counter",
     /// Lines rejected, each with its reason.
     lines_rejected_total: "counter",
+    /// Prometheus remote write samples stored.
+    remote_write_samples_total: "counter",
+    /// Prometheus remote write stale markers, dropped (there is no staleness to record).
+    remote_write_stale_markers_total: "counter",
+    /// Prometheus remote write NaN and ±Inf samples, dropped.
+    remote_write_non_finite_total: "counter",
+    /// Prometheus remote write native histogram samples, dropped (not stored yet).
+    remote_write_histograms_dropped_total: "counter",
+    /// Prometheus remote write series rejected (no or invalid names), each with its reason.
+    remote_write_series_rejected_total: "counter",
     /// Records appended to the WAL.
     wal_records_total: "counter",
     /// Bytes appended to the WAL.

@@ -20,6 +20,8 @@ pub enum ApiError {
     TooLarge(u64),
     #[error("unsupported Content-Encoding {0:?}: use gzip or identity")]
     UnsupportedEncoding(String),
+    #[error("{0}")]
+    UnsupportedMedia(String),
     #[error("the server is shutting down")]
     Unavailable,
     #[error("{0}")]
@@ -49,7 +51,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request too large"),
-            ApiError::UnsupportedEncoding(_) => {
+            ApiError::UnsupportedEncoding(_) | ApiError::UnsupportedMedia(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

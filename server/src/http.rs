@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /api/v2/write?org=&bucket=&precision=ns\|us\|ms\|s` | InfluxDB v2 line protocol write |
 //! | `POST /write?db=&precision=n\|ns\|u\|us\|ms\|s\|m\|h` | InfluxDB v1 line protocol write |
+//! | `POST /api/v1/write` | Prometheus remote write 1.0 (snappy protobuf; see [`remote_write`]) |
 //! | `POST /api/v1/admin/flush` | flush the buffer to segments now |
 //! | `POST /api/v1/admin/compact` | flush, then compact every partition that has more than one small segment |
 //! | `GET /api/v1/retention` | every measurement with its retention period |
@@ -48,6 +49,7 @@ use serde_json::json;
 use crate::error::ApiError;
 
 mod query;
+mod remote_write;
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -91,6 +93,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v2/write", post(write_v2))
         .route("/write", post(write_v1))
+        .route("/api/v1/write", post(remote_write::write))
         .route("/api/v1/admin/flush", post(admin_flush))
         .route("/api/v1/admin/compact", post(admin_compact))
         .route("/api/v1/retention", get(list_retention))

@@ -7,5 +7,6 @@ mod allocation;
 mod continuous;
 mod crash;
 mod pg;
+mod prometheus;
 mod query;
 mod serve;

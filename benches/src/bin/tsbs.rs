@@ -5,6 +5,7 @@
 //! tsbs generate --hosts 1000 --hours 24 --out FILE
 //! tsbs ingest   --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
 //! tsbs query    --hosts 1000 --hours 24 --work DIR --systems forestall,victoriametrics,influxdb
+//! tsbs remote-write --hosts 1000 --hours 2 --work DIR --systems forestall,victoriametrics
 //! ```
 //!
 //! `query` is described in its module. With `TSBS_VM_NO_CACHE=1` VictoriaMetrics runs with
@@ -37,6 +38,8 @@ use rand::{Rng, SeedableRng};
 mod cq;
 #[path = "tsbs/query.rs"]
 mod query;
+#[path = "tsbs/remote_write.rs"]
+mod remote_write;
 
 const START_SECS: i64 = 1_451_606_400; // 2016-01-01T00:00:00Z
 const FIELDS: [&str; 10] = [
@@ -103,6 +106,15 @@ enum Cmd {
         /// Timed runs of each query (after two warm-up runs).
         #[arg(long, default_value_t = 20)]
         reps: usize,
+    },
+    /// The data set as Prometheus remote write requests, to each system's `/api/v1/write`
+    /// (forestall and victoriametrics; InfluxDB 1.6 has no such endpoint).
+    RemoteWrite {
+        #[command(flatten)]
+        run: Run,
+        /// Samples per request (Prometheus' `max_samples_per_send`).
+        #[arg(long, default_value_t = 2000)]
+        samples: usize,
     },
     /// Ingest with and without continuous rollups, their lag and run cost, and an on-write
     /// query's write-to-sink latency (see `tsbs/cq.rs`).
@@ -211,6 +223,23 @@ fn main() -> Result<()> {
             batch: run.batch,
             clients: run.clients,
         }),
+        Cmd::RemoteWrite { run, samples } => {
+            let (data, systems) = run.prepare()?;
+            if systems.iter().any(|s| matches!(s, System::InfluxDb)) {
+                bail!(
+                    "InfluxDB 1.6 takes no remote write at /api/v1/write: leave it out of --systems"
+                );
+            }
+            remote_write::main(
+                &systems,
+                &remote_write::Options {
+                    work: &run.work,
+                    data: &data,
+                    samples,
+                    clients: run.clients,
+                },
+            )
+        }
         Cmd::Query { run, reps } => {
             let (data, systems) = run.prepare()?;
             query::main(

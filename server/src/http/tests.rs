@@ -512,3 +512,151 @@ async fn huge_results_are_refused_not_sent() {
     let (s, _, _) = get_text(&f.app, &q("SELECT * FROM m LIMIT 10", "json")).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+fn remote_write(body: Vec<u8>) -> Request<Body> {
+    Request::post("/api/v1/write")
+        .header(header::CONTENT_TYPE, "application/x-protobuf")
+        .header(header::CONTENT_ENCODING, "snappy")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn snappy(pb: &[u8]) -> Vec<u8> {
+    snap::raw::Encoder::new().compress_vec(pb).unwrap()
+}
+
+#[tokio::test]
+async fn prometheus_remote_write_stores_samples_that_sql_reads_back() {
+    use forestall_engine::prometheus::{STALE_NAN_BITS, encode};
+    let f = fixture(1 << 20);
+    let pb = encode(&[
+        (
+            vec![
+                ("__name__", "node_load1"),
+                ("instance", "h:9100"),
+                ("job", "node"),
+            ],
+            // Out of order; a stale marker and a NaN are dropped and counted.
+            vec![
+                (0.5, 1_700_000_060_000),
+                (0.25, 1_700_000_000_000),
+                (f64::from_bits(STALE_NAN_BITS), 1_700_000_120_000),
+                (f64::NAN, 1_700_000_180_000),
+            ],
+        ),
+        (
+            vec![("__name__", "up"), ("job", "node")],
+            vec![(1.0, 1_700_000_000_000)],
+        ),
+    ]);
+    let (s, body) = send(&f.app, remote_write(snappy(&pb))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(rows(&f.store, "node_load1"), 2);
+    assert_eq!(rows(&f.store, "up"), 1);
+    let (s, _, text) = get_text(
+        &f.app,
+        &q(
+            "SELECT time, instance, job, value FROM node_load1 ORDER BY time",
+            "csv",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(
+        text,
+        "time,instance,job,value\n2023-11-14T22:13:20,h:9100,node,0.25\n\
+         2023-11-14T22:14:20,h:9100,node,0.5\n"
+    );
+    let (_, _, metrics) = get_text(&f.app, "/metrics").await;
+    for line in [
+        "forestall_remote_write_samples_total 3",
+        "forestall_remote_write_stale_markers_total 1",
+        "forestall_remote_write_non_finite_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn remote_write_keeps_good_series_and_rejects_bad_input_whole() {
+    use forestall_engine::prometheus::encode;
+    let f = fixture(1 << 16);
+    // A series without a name is listed; the other is stored.
+    let pb = encode(&[
+        (vec![("job", "x")], vec![(1.0, 1_700_000_000_000)]),
+        (vec![("__name__", "ok")], vec![(2.0, 1_700_000_000_000)]),
+    ]);
+    let (s, body) = send(&f.app, remote_write(snappy(&pb))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["stored_samples"], 1, "{body}");
+    assert!(
+        body["rejected_series"][0]
+            .as_str()
+            .unwrap()
+            .contains("without a metric name"),
+        "{body}"
+    );
+    assert_eq!(rows(&f.store, "ok"), 1);
+    // A sample whose column already holds another type is rejected by the store.
+    let (s, _) = send(&f.app, post("/api/v2/write", "typed value=1i 1\n")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let pb = encode(&[(vec![("__name__", "typed")], vec![(2.5, 1_700_000_000_000)])]);
+    let (s, body) = send(&f.app, remote_write(snappy(&pb))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["stored_samples"], 0, "{body}");
+    assert!(body["sample_errors"][0].is_string(), "{body}");
+    // Not snappy, truncated snappy, snappy of a broken message, remote write 2.0, another
+    // encoding, and a snappy block that claims more than the limit: nothing stored.
+    let good = snappy(&encode(&[(vec![("__name__", "never")], vec![(1.0, 1)])]));
+    let mut claims_huge = vec![0xff, 0xff, 0xff, 0x7f];
+    claims_huge.extend_from_slice(&[0; 8]);
+    let cases: Vec<(Request<Body>, StatusCode)> = vec![
+        (
+            remote_write(b"not snappy at all".to_vec()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            remote_write(good[..good.len() - 3].to_vec()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            remote_write(snappy(&[0x0a, 0x05, 0x01])),
+            StatusCode::BAD_REQUEST,
+        ),
+        (remote_write(Vec::new()), StatusCode::BAD_REQUEST),
+        (remote_write(claims_huge), StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            remote_write(vec![0; 1 << 17]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            Request::post("/api/v1/write")
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/x-protobuf;proto=io.prometheus.write.v2.Request",
+                )
+                .header(header::CONTENT_ENCODING, "snappy")
+                .body(Body::from(good.clone()))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            Request::post("/api/v1/write")
+                .header(header::CONTENT_ENCODING, "gzip")
+                .body(Body::from(gzip(&good)))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+    ];
+    for (i, (req, want)) in cases.into_iter().enumerate() {
+        let (s, body) = send(&f.app, req).await;
+        assert_eq!(s, want, "case {i}: {body}");
+        assert!(body["error"].is_string(), "case {i}: {body}");
+    }
+    assert_eq!(rows(&f.store, "never"), 0);
+    // The server still takes a good request after all that.
+    let (s, _) = send(&f.app, remote_write(good)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(rows(&f.store, "never"), 1);
+}

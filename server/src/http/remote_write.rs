@@ -1,0 +1,104 @@
+//! `POST /api/v1/write`: Prometheus remote write 1.0 (VictoriaMetrics' path, which Prometheus
+//! users already configure). A snappy block of a `prometheus.WriteRequest`, turned into line
+//! protocol ([`forestall_engine::prometheus`]) and stored through the same write path as
+//! every line. 204 when every series was stored; 400 with the rejected series and lines when
+//! some were not (the others are stored, and Prometheus does not retry a 4xx, so nothing is
+//! written twice); 415 for remote write 2.0 or an encoding other than snappy.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use forestall_engine::line_protocol::Precision;
+use forestall_engine::prometheus;
+use forestall_engine::store::now_nanos;
+use serde_json::json;
+
+use super::{AppState, read_limited};
+use crate::error::ApiError;
+
+pub(super) async fn write(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let text = |name| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    };
+    if let Some(t) = text(header::CONTENT_TYPE)
+        && t.contains("io.prometheus.write.v2")
+    {
+        return Err(ApiError::UnsupportedMedia(
+            "remote write 2.0 is not supported: send 1.0 (prometheus.WriteRequest)".into(),
+        ));
+    }
+    match text(header::CONTENT_ENCODING).as_deref() {
+        None | Some("snappy") => {}
+        Some(e) => {
+            return Err(ApiError::UnsupportedMedia(format!(
+                "unsupported Content-Encoding {e:?}: remote write is snappy"
+            )));
+        }
+    }
+    let limit = state.max_body_bytes;
+    let raw = read_limited(body, limit).await?;
+    let store = Arc::clone(&state.store);
+    let now = now_nanos();
+    let (converted, outcome) = tokio::task::spawn_blocking(move || {
+        let size = snap::raw::decompress_len(&raw)
+            .map_err(|e| ApiError::Invalid(format!("invalid snappy body: {e}")))?;
+        if size as u64 > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        let request = snap::raw::Decoder::new()
+            .decompress_vec(&raw)
+            .map_err(|e| ApiError::Invalid(format!("invalid snappy body: {e}")))?;
+        let converted =
+            prometheus::convert(&request).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let outcome = if converted.lines.is_empty() {
+            Default::default()
+        } else {
+            store.write(converted.lines.as_bytes(), Precision::Milliseconds, now)?
+        };
+        let m = store.metrics();
+        let samples = outcome.accepted_lines as u64;
+        m.remote_write_samples_total
+            .fetch_add(samples, Ordering::Relaxed);
+        m.remote_write_stale_markers_total
+            .fetch_add(converted.stale_markers as u64, Ordering::Relaxed);
+        m.remote_write_non_finite_total
+            .fetch_add(converted.non_finite as u64, Ordering::Relaxed);
+        m.remote_write_histograms_dropped_total
+            .fetch_add(converted.histograms as u64, Ordering::Relaxed);
+        m.remote_write_series_rejected_total
+            .fetch_add(converted.rejected_series as u64, Ordering::Relaxed);
+        Ok((converted, outcome))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
+    if converted.rejected_series == 0 && outcome.rejected_lines == 0 {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // The lines are ours, not the client's: their reasons, without line numbers.
+    let sample_errors: Vec<_> = outcome.errors.iter().map(|e| e.reason.clone()).collect();
+    let body = json!({
+        "code": "invalid",
+        "error": format!(
+            "partial write: {} of {} series rejected, {} of {} samples rejected",
+            converted.rejected_series,
+            converted.series,
+            outcome.rejected_lines,
+            converted.samples,
+        ),
+        "rejected_series": converted.rejected,
+        "sample_errors": sample_errors,
+        "stored_samples": outcome.accepted_lines,
+    });
+    Ok((StatusCode::BAD_REQUEST, Json(body)).into_response())
+}
