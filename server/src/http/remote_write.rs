@@ -6,13 +6,13 @@
 //! written twice); 415 for remote write 2.0 or an encoding other than snappy.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use forestall_engine::Metrics;
 use forestall_engine::line_protocol::Precision;
 use forestall_engine::prometheus;
 use forestall_engine::store::now_nanos;
@@ -67,17 +67,21 @@ pub(super) async fn write(
             store.write(converted.lines.as_bytes(), Precision::Milliseconds, now)?
         };
         let m = store.metrics();
-        let samples = outcome.accepted_lines as u64;
-        m.remote_write_samples_total
-            .fetch_add(samples, Ordering::Relaxed);
-        m.remote_write_stale_markers_total
-            .fetch_add(converted.stale_markers as u64, Ordering::Relaxed);
-        m.remote_write_non_finite_total
-            .fetch_add(converted.non_finite as u64, Ordering::Relaxed);
-        m.remote_write_histograms_dropped_total
-            .fetch_add(converted.histograms as u64, Ordering::Relaxed);
-        m.remote_write_series_rejected_total
-            .fetch_add(converted.rejected_series as u64, Ordering::Relaxed);
+        for (counter, n) in [
+            (&m.remote_write_samples_total, outcome.accepted_lines),
+            (&m.remote_write_stale_markers_total, converted.stale_markers),
+            (&m.remote_write_non_finite_total, converted.non_finite),
+            (
+                &m.remote_write_histograms_dropped_total,
+                converted.histograms,
+            ),
+            (
+                &m.remote_write_series_rejected_total,
+                converted.rejected_series,
+            ),
+        ] {
+            Metrics::add(counter, n as u64);
+        }
         Ok((converted, outcome))
     })
     .await
