@@ -34,7 +34,7 @@ use forestall_actuators::tc::TrafficControl;
 use forestall_actuators::webhook::Webhook;
 use forestall_actuators::{Actuator, DryRun, Meter, Usage};
 use forestall_engine::Store;
-use forestall_engine::line_protocol::{FieldValue, ParsedLine, Precision};
+use forestall_engine::line_protocol::{FieldValue, Precision, write_point};
 use forestall_engine::store::now_nanos;
 use forestall_models::risk::Health;
 use forestall_query::QueryEngine;
@@ -559,23 +559,18 @@ impl Allocations {
                     ),
                 ),
             ];
-            let line = ParsedLine {
-                line_number: 0,
-                raw: "",
-                series_raw: "",
-                measurement: USAGE_MEASUREMENT.into(),
-                tags: vec![(
-                    live.config.component_tag.as_str().into(),
-                    component.as_str().into(),
-                )],
-                fields: fields
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((k.into(), FieldValue::Float(v?))))
-                    .collect(),
-                timestamp: now,
-            };
-            if !line.fields.is_empty() {
-                line.write_to(&mut lines);
+            let fields: Vec<(&str, FieldValue<'_>)> = fields
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, FieldValue::Float(v?))))
+                .collect();
+            if !fields.is_empty() {
+                write_point(
+                    &mut lines,
+                    USAGE_MEASUREMENT,
+                    [(live.config.component_tag.as_str(), component.as_str())],
+                    fields.iter().map(|(k, v)| (*k, v)),
+                    now,
+                );
                 lines.push('\n');
             }
         }
@@ -1013,21 +1008,18 @@ fn audit_lines(report: &RoundReport, names: &[String], actuate: bool, now: i64) 
                    resource: Option<Resource>,
                    action: &str,
                    fields: Vec<(&'static str, FieldValue<'_>)>| {
-        let mut tags = vec![("component".into(), component.into())];
+        let mut tags = vec![("component", component)];
         if let Some(r) = resource {
-            tags.push(("resource".into(), r.name().into()));
+            tags.push(("resource", r.name()));
         }
-        tags.push(("action".into(), action.into()));
-        ParsedLine {
-            line_number: 0,
-            raw: "",
-            series_raw: "",
-            measurement: AUDIT_MEASUREMENT.into(),
+        tags.push(("action", action));
+        write_point(
+            &mut out,
+            AUDIT_MEASUREMENT,
             tags,
-            fields: fields.into_iter().map(|(k, v)| (k.into(), v)).collect(),
-            timestamp: now,
-        }
-        .write_to(&mut out);
+            fields.iter().map(|(k, v)| (*k, v)),
+            now,
+        );
         out.push('\n');
     };
     for d in &report.decisions {

@@ -169,41 +169,59 @@ impl ParsedLine<'_> {
     /// Writes the line back as line protocol with a nanosecond timestamp. Parsing the output
     /// gives back an equal line (the round trip is property-tested).
     pub fn write_to(&self, out: &mut String) {
-        escape_into(out, &self.measurement, MEASUREMENT_SPECIALS);
-        for (k, v) in &self.tags {
-            out.push(',');
-            escape_into(out, k, TAG_SPECIALS);
-            out.push('=');
-            escape_into(out, v, TAG_SPECIALS);
-        }
-        out.push(' ');
-        for (i, (k, v)) in self.fields.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            escape_into(out, k, TAG_SPECIALS);
-            out.push('=');
-            // Writing to a String cannot fail.
-            let _ = match v {
-                FieldValue::Float(f) => write!(out, "{f:?}"),
-                FieldValue::Integer(i) => write!(out, "{i}i"),
-                FieldValue::UInteger(u) => write!(out, "{u}u"),
-                FieldValue::Boolean(b) => write!(out, "{b}"),
-                FieldValue::String(s) => {
-                    out.push('"');
-                    for c in s.chars() {
-                        if c == '"' || c == '\\' {
-                            out.push('\\');
-                        }
-                        out.push(c);
-                    }
-                    out.push('"');
-                    Ok(())
-                }
-            };
-        }
-        let _ = write!(out, " {}", self.timestamp);
+        write_point(
+            out,
+            &self.measurement,
+            self.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+            self.fields.iter().map(|(k, v)| (k.as_ref(), v)),
+            self.timestamp,
+        );
     }
+}
+
+/// Writes one point as a line of line protocol (without its newline), escaped as
+/// [`parse_lines`] reads it, the timestamp in nanoseconds.
+pub fn write_point<'t, 'f, 'v: 'f>(
+    out: &mut String,
+    measurement: &str,
+    tags: impl IntoIterator<Item = (&'t str, &'t str)>,
+    fields: impl IntoIterator<Item = (&'f str, &'f FieldValue<'v>)>,
+    timestamp: i64,
+) {
+    escape_into(out, measurement, MEASUREMENT_SPECIALS);
+    for (k, v) in tags {
+        out.push(',');
+        escape_into(out, k, TAG_SPECIALS);
+        out.push('=');
+        escape_into(out, v, TAG_SPECIALS);
+    }
+    out.push(' ');
+    for (i, (k, v)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        escape_into(out, k, TAG_SPECIALS);
+        out.push('=');
+        // Writing to a String cannot fail.
+        let _ = match v {
+            FieldValue::Float(f) => write!(out, "{f:?}"),
+            FieldValue::Integer(i) => write!(out, "{i}i"),
+            FieldValue::UInteger(u) => write!(out, "{u}u"),
+            FieldValue::Boolean(b) => write!(out, "{b}"),
+            FieldValue::String(s) => {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+                Ok(())
+            }
+        };
+    }
+    let _ = write!(out, " {timestamp}");
 }
 
 /// Why a line was rejected.

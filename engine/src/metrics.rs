@@ -43,6 +43,13 @@ metrics! {
     remote_write_histograms_dropped_total: "counter",
     /// Prometheus remote write series rejected (no or invalid names), each with its reason.
     remote_write_series_rejected_total: "counter",
+    /// Host collections made (`[collector]`).
+    collector_collections_total: "counter",
+    /// Host collector sources that could not be read or written, one per source and
+    /// collection.
+    collector_problems_total: "counter",
+    /// CPU time the host collector has used, reading and writing, in microseconds.
+    collector_cpu_microseconds_total: "counter",
     /// Records appended to the WAL.
     wal_records_total: "counter",
     /// Bytes appended to the WAL.

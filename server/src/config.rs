@@ -106,6 +106,61 @@ impl Default for QueryConfig {
     }
 }
 
+/// `[collector]`: the host's own metrics, written every `interval` through the normal write
+/// path, with Telegraf's measurement and field names (see [`crate::collector`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Collect. Default true.
+    pub enabled: bool,
+    /// Between collections, aligned to multiples of it. Default 10 s (1 s to 1 h).
+    #[serde(with = "humantime_serde")]
+    pub interval: std::time::Duration,
+    /// A `cpu` row per core besides `cpu-total`, as Telegraf's `percpu`. Default true.
+    pub per_cpu: bool,
+    /// Where cgroup controllers are mounted. Default `/sys/fs/cgroup`.
+    pub cgroup_root: PathBuf,
+    /// The cgroup whose children are metered into `cgroup` (`/` for the top-level ones,
+    /// `system.slice` for systemd's services); empty for none. Default `/`.
+    pub cgroup_parent: String,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: std::time::Duration::from_secs(10),
+            per_cpu: true,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_parent: "/".into(),
+        }
+    }
+}
+
+impl CollectorConfig {
+    /// Checks the section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let secs = self.interval.as_secs_f64();
+        if !(1.0..=3600.0).contains(&secs) {
+            return Err(ConfigError::Invalid(format!(
+                "collector.interval must be within 1s..=1h, not {}",
+                humantime::format_duration(self.interval)
+            )));
+        }
+        let parent = self.cgroup_parent.trim_matches('/');
+        if parent
+            .split('/')
+            .any(|p| p == "." || p == ".." || (p.is_empty() && !parent.is_empty()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "collector.cgroup_parent {:?} must be a cgroup path without empty, `.` or `..` parts",
+                self.cgroup_parent
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,6 +171,7 @@ pub struct ServerConfig {
     pub log: LogConfig,
     pub engine: EngineConfig,
     pub allocation: forestall_control::config::AllocationConfig,
+    pub collector: CollectorConfig,
     /// `[[continuous_queries]]`: queries declared here are created at start, replaced when
     /// changed, and dropped when no longer declared (those made over the API are kept).
     pub continuous_queries: Vec<forestall_query::continuous::DefinitionSpec>,
@@ -213,6 +269,7 @@ impl ServerConfig {
         self.engine
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.collector.validate()?;
         self.allocation
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("{e:#}")))
@@ -263,6 +320,11 @@ mod tests {
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:8181");
         assert_eq!(c.engine.data_dir, PathBuf::from("./forestall-data"));
         assert_eq!(c.engine.wal.sync, forestall_engine::SyncPolicy::Always);
+        assert!(
+            c.collector.enabled,
+            "the host collector is on out of the box"
+        );
+        assert_eq!(c.collector.interval, Duration::from_secs(10));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! # forestall-server
 //!
 //! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
-//! PostgreSQL wire ([`pg`]), the `forestall` binary's `serve` command ([`serve`]), which
-//! wires the store, the queries, the continuous queries and the allocation loop
-//! (`forestall-control`) together, and the model evaluations behind `forestall eval`
-//! ([`eval`]). It may depend on every Forestall crate, and none depends on it.
+//! PostgreSQL wire ([`pg`]), the host collector ([`collector`]), the `forestall` binary's
+//! `serve` command ([`serve`]), which wires the store, the queries, the continuous queries,
+//! the collector and the allocation loop (`forestall-control`) together, and the model
+//! evaluations behind `forestall eval` ([`eval`]). It may depend on every Forestall crate,
+//! and none depends on it.
 
+pub mod collector;
 pub mod config;
 pub mod continuous;
 
@@ -97,6 +99,13 @@ pub async fn serve(
         }
         None => None,
     };
+    let collector = config.collector.enabled.then(|| {
+        tokio::spawn(collector::run(
+            Arc::clone(&store),
+            config.collector.clone(),
+            shutdown.clone(),
+        ))
+    });
     let pg = if config.pg.enabled {
         let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)
             .await
@@ -126,6 +135,9 @@ pub async fn serve(
     }
     if let Some(allocation) = allocation {
         let _ = allocation.await;
+    }
+    if let Some(collector) = collector {
+        let _ = collector.await;
     }
     continuous.stop().await;
     drop(query_runtime);

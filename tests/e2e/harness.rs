@@ -31,6 +31,9 @@ impl Server {
         ])
         .arg(data_dir)
         .env("RUST_LOG", "info")
+        // The host collector would write `cpu`, `mem`, … into every test's store; the tests
+        // that want it turn it back on.
+        .env("FORESTALL__COLLECTOR__ENABLED", "false")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -4,6 +4,7 @@
 mod harness;
 
 mod allocation;
+mod collector;
 mod continuous;
 mod crash;
 mod pg;

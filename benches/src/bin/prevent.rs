@@ -365,6 +365,11 @@ fn start_forestall(setup: &ForestallSetup<'_>) -> anyhow::Result<ForestallRun> {
         r#"[log]
 filter = "info"
 
+# The host's metrics are not what this benchmark measures, and every run before the
+# collector existed ran without it.
+[collector]
+enabled = false
+
 [allocation]
 enabled = true
 actuate = true

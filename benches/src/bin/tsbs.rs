@@ -360,6 +360,9 @@ impl System {
                 ])
                 .arg(dir);
                 c.env("RUST_LOG", "warn");
+                // The host collector's `cpu` would collide with the data set's (Telegraf's
+                // float fields against TSBS's integers), and it is not what is measured.
+                c.env("FORESTALL__COLLECTOR__ENABLED", "false");
                 c
             }
             System::VictoriaMetrics => {

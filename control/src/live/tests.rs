@@ -2,7 +2,7 @@ use super::*;
 use forestall_actuators::Limits;
 use forestall_actuators::alloc::Decision;
 use forestall_engine::EngineConfig;
-use forestall_engine::line_protocol::parse_lines;
+use forestall_engine::line_protocol::{ParsedLine, parse_lines};
 use forestall_query::continuous::{
     ActionSink, AllocationRequest, ContinuousQueries, Notification, REQUESTS_MEASUREMENT,
 };
