@@ -2,8 +2,8 @@
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
 # the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
-# (ip, tc) and util-linux (unshare) for the network-namespace tests, and Prometheus with
-# node_exporter for the remote-write test.
+# (ip, tc) and util-linux (unshare) for the network-namespace tests, Prometheus with
+# node_exporter for the remote-write test, and the official influxdb-client (PyPI).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -34,5 +34,13 @@ if ! python3 -c 'import psycopg' 2>/dev/null; then
          $sudo apt-get update -qq
          DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-psycopg >/dev/null; }
   python3 -c 'import psycopg' || { echo "setup: psycopg is still missing" >&2; exit 1; }
+fi
+if ! python3 -c 'import influxdb_client' 2>/dev/null; then
+  echo "setup: installing influxdb-client" >&2
+  # The official InfluxDB v2 client is on PyPI only; Debian's externally managed Python
+  # needs pip told so.
+  python3 -m pip install -q --disable-pip-version-check influxdb-client >&2 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages influxdb-client >&2
+  python3 -c 'import influxdb_client' || { echo "setup: influxdb-client is still missing" >&2; exit 1; }
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing; install Rust with rustup" >&2; exit 1; }

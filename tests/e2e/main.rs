@@ -4,6 +4,7 @@
 mod harness;
 
 mod allocation;
+mod clients;
 mod collector;
 mod continuous;
 mod crash;
