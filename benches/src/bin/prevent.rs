@@ -840,8 +840,12 @@ fn conclude(
 }
 
 /// The write-to-actuation latencies (seconds) of the raises the latency query asked for:
-/// for each, from the write of the first line of the run of slow seconds before it (p99
-/// over half the SLO, as the query's condition) to the decision that applied it.
+/// for each, from the write of the line that carried it to the decision that applied it.
+/// The query runs on every write, and only a slow line (p99 over half the SLO, as the
+/// query's condition) asks for anything, so that line is the last slow one written before
+/// the raise and after the previous raise. (Until 2026-12-04 it was the *first* slow line of
+/// the run before the raise: a line whose demand the allocation already covered then counted
+/// the second until the next line as latency, and one raise of a run would measure ~1 s.)
 fn write_to_actuation(url: &str, written: &[(i64, bool)]) -> anyhow::Result<Vec<f64>> {
     let q = format!(
         "SELECT CAST(time AS BIGINT) AS t FROM forestall_allocations \
@@ -863,20 +867,18 @@ fn write_to_actuation(url: &str, written: &[(i64, bool)]) -> anyhow::Result<Vec<
     let mut out = Vec::new();
     let mut from = 0usize;
     for raise in raises {
-        // The slow lines written before this raise and after the previous one.
-        let mut first = None;
+        // The last slow line written before this raise and after the previous one.
+        let mut carried = None;
         for (k, (at, slow)) in written.iter().enumerate().skip(from) {
             if *at > raise {
                 break;
             }
             from = k + 1;
-            match (*slow, first) {
-                (true, None) => first = Some(*at),
-                (false, _) => first = None,
-                _ => {}
+            if *slow {
+                carried = Some(*at);
             }
         }
-        if let Some(at) = first {
+        if let Some(at) = carried {
             out.push((raise - at) as f64 / 1e9);
         }
     }
