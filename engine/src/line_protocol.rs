@@ -238,12 +238,20 @@ pub(crate) const TAG_SPECIALS: &[u8] = b",= \\";
 
 /// Appends `s` to `out`, escaping the characters that are special in its position.
 pub(crate) fn escape_into(out: &mut String, s: &str, specials: &[u8]) {
-    for c in s.chars() {
-        if c.is_ascii() && specials.contains(&(c as u8)) {
-            out.push('\\');
-        }
-        out.push(c);
+    // Text without any special (almost all of it) is one copy.
+    if !s.bytes().any(|b| matches!(b, b',' | b'=' | b' ' | b'\\')) {
+        out.push_str(s);
+        return;
     }
+    // The specials are ASCII, so every split below is at a character boundary.
+    let mut rest = s;
+    while let Some(i) = rest.bytes().position(|b| specials.contains(&b)) {
+        out.push_str(&rest[..i]);
+        out.push('\\');
+        out.push(char::from(rest.as_bytes()[i]));
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
 }
 
 /// Parses a request body. Yields one item per non-blank, non-comment line, in order: the

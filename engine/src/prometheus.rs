@@ -20,16 +20,21 @@
 //! twice) or that line protocol cannot carry (a line break in a label value) is rejected and
 //! reported, and the other series are still stored.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::line_protocol::{MEASUREMENT_SPECIALS, TAG_SPECIALS, escape_into};
+use crate::line_protocol::{
+    FieldValue, LineError, MEASUREMENT_SPECIALS, ParsedLine, Precision, TAG_SPECIALS, escape_into,
+};
 
 /// The bit pattern of Prometheus' stale marker (`value.StaleNaN`).
 pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
 
-/// A remote write request as line protocol, with what it could not carry.
+/// A remote write request as line protocol, with what it could not carry. The lines are
+/// also at hand already parsed ([`Converted::parsed`]), borrowing the request's labels, so
+/// the store admits them without parsing the text back; the text is what the WAL keeps.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Converted {
+pub struct Converted<'a> {
     /// One line per stored sample, timestamps in milliseconds.
     pub lines: String,
     pub series: usize,
@@ -43,6 +48,57 @@ pub struct Converted {
     /// Series rejected, with why (the first [`MAX_REJECTIONS`] listed).
     pub rejected: Vec<String>,
     pub rejected_series: usize,
+    /// The series that have lines: (metric name, the other labels sorted, empty ones out).
+    named: Vec<Labels<'a>>,
+    /// One per line of `lines`, in order.
+    points: Vec<Point>,
+}
+
+/// A series' metric name and its other labels, sorted.
+type Labels<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+
+/// Where a line is in [`Converted::lines`] and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Point {
+    /// Index into [`Converted::named`].
+    series: usize,
+    start: usize,
+    /// The end of its measurement and tags.
+    prefix_end: usize,
+    end: usize,
+    value: f64,
+    ms: i64,
+}
+
+impl Converted<'_> {
+    /// The lines as [`parse_lines`](crate::line_protocol::parse_lines) would read them
+    /// from [`Converted::lines`] at millisecond precision, without reading the text: the
+    /// same measurement, tags, field, timestamp, `raw` and `series_raw`.
+    pub fn parsed(&self) -> impl Iterator<Item = Result<ParsedLine<'_>, LineError>> + '_ {
+        self.points.iter().enumerate().map(|(i, p)| {
+            let line = i + 1;
+            let raw = &self.lines[p.start..p.end];
+            let timestamp =
+                p.ms.checked_mul(Precision::Milliseconds.multiplier())
+                    .ok_or_else(|| LineError {
+                        line,
+                        reason: format!("timestamp {} is out of range for precision", p.ms),
+                    })?;
+            let (name, tags) = &self.named[p.series];
+            Ok(ParsedLine {
+                line_number: line,
+                raw,
+                series_raw: &self.lines[p.start..p.prefix_end],
+                measurement: Cow::Borrowed(*name),
+                tags: tags
+                    .iter()
+                    .map(|&(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v)))
+                    .collect(),
+                fields: vec![(Cow::Borrowed("value"), FieldValue::Float(p.value))],
+                timestamp,
+            })
+        })
+    }
 }
 
 /// Rejected series listed in [`Converted::rejected`].
@@ -177,14 +233,17 @@ fn sample(buf: &[u8]) -> Result<(f64, i64), DecodeError> {
     Ok((value, ts))
 }
 
-/// Decodes a `WriteRequest` and writes its samples as line protocol.
-pub fn convert(request: &[u8]) -> Result<Converted, DecodeError> {
+/// Decodes a `WriteRequest` and writes its samples as line protocol: the series in
+/// metric-name order, each series' samples in the order sent.
+pub fn convert(request: &[u8]) -> Result<Converted<'_>, DecodeError> {
     let mut out = Converted::default();
     let mut r = Reader::new(request);
     // Reused per series.
     let mut labels: Vec<(&str, &str)> = Vec::new();
-    let mut samples: Vec<(f64, i64)> = Vec::new();
-    let mut prefix = String::new();
+    // The series to write, and their samples: series k's are all[from[k]..from[k + 1]].
+    let mut named: Vec<Labels<'_>> = Vec::new();
+    let mut from: Vec<usize> = Vec::new();
+    let mut all: Vec<(f64, i64)> = Vec::new();
     while let Some((n, v)) = r.field()? {
         let series = match (n, v) {
             (1, Value::Bytes(b)) => b,
@@ -192,13 +251,13 @@ pub fn convert(request: &[u8]) -> Result<Converted, DecodeError> {
             _ => continue, // metadata (3) and anything newer
         };
         labels.clear();
-        samples.clear();
+        let first = all.len();
         let mut histograms = 0;
         let mut s = Reader::new(series);
         while let Some((n, v)) = s.field()? {
             match (n, v) {
                 (1, Value::Bytes(b)) => labels.push(label(b)?),
-                (2, Value::Bytes(b)) => samples.push(sample(b)?),
+                (2, Value::Bytes(b)) => all.push(sample(b)?),
                 (4, Value::Bytes(_)) => histograms += 1,
                 (1 | 2 | 4, _) => return Err(wrong("a series' label, sample or histogram")),
                 _ => {} // exemplars (3)
@@ -206,32 +265,72 @@ pub fn convert(request: &[u8]) -> Result<Converted, DecodeError> {
         }
         out.series += 1;
         out.histograms += histograms;
-        if let Err(why) = line_prefix(&labels, &mut prefix) {
-            out.rejected_series += 1;
-            if out.rejected.len() < MAX_REJECTIONS {
-                out.rejected.push(why);
+        match name_and_tags(&labels) {
+            Ok(series_named) => {
+                from.push(first);
+                named.push(series_named);
             }
-            continue;
+            Err(why) => {
+                all.truncate(first);
+                out.rejected_series += 1;
+                if out.rejected.len() < MAX_REJECTIONS {
+                    out.rejected.push(why);
+                }
+            }
         }
-        for &(value, ts) in &samples {
+    }
+    from.push(all.len());
+    // Series in metric-name order (stable: one series sent twice keeps its order), so that
+    // lines of one measurement come together and the store admits them as a run.
+    let mut order: Vec<usize> = (0..named.len()).collect();
+    order.sort_by_key(|&k| named[k].0);
+    for k in order {
+        let mut prefix = None;
+        for &(value, ms) in &all[from[k]..from[k + 1]] {
             if value.to_bits() == STALE_NAN_BITS {
                 out.stale_markers += 1;
+                continue;
             } else if !value.is_finite() {
                 out.non_finite += 1;
-            } else {
-                out.samples += 1;
-                out.lines.push_str(&prefix);
-                // Writing to a String cannot fail.
-                let _ = writeln!(out.lines, " value={value:?} {ts}");
+                continue;
             }
+            out.samples += 1;
+            let start = out.lines.len();
+            // The first line of the series writes its measurement and tags; the others copy
+            // them.
+            let prefix_end = match prefix {
+                Some((from, to)) => {
+                    out.lines.extend_from_within(from..to);
+                    start + (to - from)
+                }
+                None => {
+                    write_prefix(&named[k], &mut out.lines);
+                    prefix = Some((start, out.lines.len()));
+                    out.lines.len()
+                }
+            };
+            // Writing to a String cannot fail.
+            let _ = write!(out.lines, " value={value:?} {ms}");
+            out.points.push(Point {
+                series: out.named.len(),
+                start,
+                prefix_end,
+                end: out.lines.len(),
+                value,
+                ms,
+            });
+            out.lines.push('\n');
+        }
+        if prefix.is_some() {
+            out.named.push(std::mem::take(&mut named[k]));
         }
     }
     Ok(out)
 }
 
-/// The measurement and tags of a series as line protocol (`name,k=v`), or why it has none.
-fn line_prefix(labels: &[(&str, &str)], out: &mut String) -> Result<(), String> {
-    out.clear();
+/// A series' metric name and its other non-empty labels, sorted, or why it cannot be
+/// stored.
+fn name_and_tags<'a>(labels: &[(&'a str, &'a str)]) -> Result<Labels<'a>, String> {
     let name = labels
         .iter()
         .find(|(k, _)| *k == "__name__")
@@ -254,22 +353,27 @@ fn line_prefix(labels: &[(&str, &str)], out: &mut String) -> Result<(), String> 
             describe(labels)
         ));
     }
-    escape_into(out, name, MEASUREMENT_SPECIALS);
-    let mut tags: Vec<&(&str, &str)> = labels
+    let mut tags: Vec<(&str, &str)> = labels
         .iter()
         .filter(|(k, v)| *k != "__name__" && !v.is_empty())
+        .copied()
         .collect();
     tags.sort_unstable();
-    for (i, (k, v)) in tags.iter().enumerate() {
-        if tags.get(i + 1).is_some_and(|(next, _)| next == k) {
-            return Err(format!("{name}: the label {k:?} twice"));
-        }
+    if let Some(w) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("{name}: the label {:?} twice", w[0].0));
+    }
+    Ok((name, tags))
+}
+
+/// The measurement and tags of a series as line protocol (`name,k=v`).
+fn write_prefix((name, tags): &Labels<'_>, out: &mut String) {
+    escape_into(out, name, MEASUREMENT_SPECIALS);
+    for (k, v) in tags {
         out.push(',');
         escape_into(out, k, TAG_SPECIALS);
         out.push('=');
         escape_into(out, v, TAG_SPECIALS);
     }
-    Ok(())
 }
 
 /// Prometheus' names: metric names `[a-zA-Z_:][a-zA-Z0-9_:]*`, label names without the colons.

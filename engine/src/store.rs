@@ -314,23 +314,31 @@ impl Store {
     /// get `now` (ns). Valid lines are stored even when others are rejected (InfluxDB's
     /// partial write); the outcome lists the rejections.
     pub fn write(&self, body: &[u8], precision: Precision, now: i64) -> Result<WriteOutcome> {
+        self.write_parsed(body, parse_lines(body, precision, now), precision, now)
+    }
+
+    /// [`Store::write`] of lines already parsed from `body`: `lines` must be what
+    /// [`parse_lines`]`(body, precision, now)` gives (each line's `raw` a line of `body`),
+    /// as a converter that wrote `body` itself can hand over without the text being read
+    /// back. `body` is what the WAL keeps.
+    pub fn write_parsed<'a>(
+        &self,
+        body: &'a [u8],
+        lines: impl Iterator<Item = std::result::Result<ParsedLine<'a>, LineError>>,
+        precision: Precision,
+        now: i64,
+    ) -> Result<WriteOutcome> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
         let mut outcome = WriteOutcome::default();
-        let accepted = admit_all(
-            &inner.catalog,
-            &inner.config,
-            parse_lines(body, precision, now),
-            now,
-            |e| {
-                outcome.rejected_lines += 1;
-                if outcome.errors.len() < MAX_LISTED_ERRORS {
-                    outcome.errors.push(e);
-                }
-            },
-        )?;
+        let accepted = admit_all(&inner.catalog, &inner.config, lines, now, |e| {
+            outcome.rejected_lines += 1;
+            if outcome.errors.len() < MAX_LISTED_ERRORS {
+                outcome.errors.push(e);
+            }
+        })?;
         Metrics::add(
             &inner.metrics.lines_rejected_total,
             outcome.rejected_lines as u64,

@@ -4,8 +4,12 @@ use crate::line_protocol::{FieldValue, Precision, parse_lines};
 /// A line parsed back: (measurement, sorted tags, value, time in ns).
 type Row = (String, Vec<(String, String)>, f64, i64);
 
-/// The lines of a conversion, parsed back.
-fn parsed(c: &Converted) -> Vec<Row> {
+/// The lines of a conversion, parsed back; and its lines already parsed, checked to be
+/// exactly what parsing the text gives.
+fn parsed(c: &Converted<'_>) -> Vec<Row> {
+    let direct: Vec<_> = c.parsed().collect();
+    let read: Vec<_> = parse_lines(c.lines.as_bytes(), Precision::Milliseconds, 0).collect();
+    assert_eq!(direct, read, "{}", c.lines);
     parse_lines(c.lines.as_bytes(), Precision::Milliseconds, 0)
         .map(|l| {
             let l = l.unwrap_or_else(|e| panic!("{e}: {}", c.lines));
@@ -160,7 +164,7 @@ fn unknown_fields_metadata_exemplars_and_histograms_are_skipped() {
     let c = convert(&request).unwrap();
     assert_eq!((c.series, c.samples, c.histograms), (2, 2, 1));
     let names: Vec<String> = parsed(&c).into_iter().map(|r| r.0).collect();
-    assert_eq!(names, ["m", "h"]);
+    assert_eq!(names, ["h", "m"], "in metric-name order");
 }
 
 #[test]

@@ -50,7 +50,7 @@ pub(super) async fn write(
     let raw = read_limited(body, limit).await?;
     let store = Arc::clone(&state.store);
     let now = now_nanos();
-    let (converted, outcome) = tokio::task::spawn_blocking(move || {
+    let (summary, outcome) = tokio::task::spawn_blocking(move || {
         let size = snap::raw::decompress_len(&raw)
             .map_err(|e| ApiError::Invalid(format!("invalid snappy body: {e}")))?;
         if size as u64 > limit {
@@ -64,7 +64,12 @@ pub(super) async fn write(
         let outcome = if converted.lines.is_empty() {
             Default::default()
         } else {
-            store.write(converted.lines.as_bytes(), Precision::Milliseconds, now)?
+            store.write_parsed(
+                converted.lines.as_bytes(),
+                converted.parsed(),
+                Precision::Milliseconds,
+                now,
+            )?
         };
         let m = store.metrics();
         for (counter, n) in [
@@ -82,11 +87,17 @@ pub(super) async fn write(
         ] {
             Metrics::add(counter, n as u64);
         }
-        Ok((converted, outcome))
+        let summary = Summary {
+            series: converted.series,
+            samples: converted.samples,
+            rejected_series: converted.rejected_series,
+            rejected: converted.rejected,
+        };
+        Ok((summary, outcome))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
-    if converted.rejected_series == 0 && outcome.rejected_lines == 0 {
+    if summary.rejected_series == 0 && outcome.rejected_lines == 0 {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // The lines are ours, not the client's: their reasons, without line numbers.
@@ -95,14 +106,22 @@ pub(super) async fn write(
         "code": "invalid",
         "error": format!(
             "partial write: {} of {} series rejected, {} of {} samples rejected",
-            converted.rejected_series,
-            converted.series,
+            summary.rejected_series,
+            summary.series,
             outcome.rejected_lines,
-            converted.samples,
+            summary.samples,
         ),
-        "rejected_series": converted.rejected,
+        "rejected_series": summary.rejected,
         "sample_errors": sample_errors,
         "stored_samples": outcome.accepted_lines,
     });
     Ok((StatusCode::BAD_REQUEST, Json(body)).into_response())
+}
+
+/// What the response says of a conversion (which borrows the request, gone by then).
+struct Summary {
+    series: usize,
+    samples: usize,
+    rejected_series: usize,
+    rejected: Vec<String>,
 }
