@@ -156,13 +156,11 @@ impl ParsedLine<'_> {
         let mut tags: Vec<_> = self.tags.iter().collect();
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         let mut key = String::with_capacity(self.series_raw.len());
-        escape_into(&mut key, &self.measurement, MEASUREMENT_SPECIALS);
-        for (k, v) in tags {
-            key.push(',');
-            escape_into(&mut key, k, TAG_SPECIALS);
-            key.push('=');
-            escape_into(&mut key, v, TAG_SPECIALS);
-        }
+        write_series(
+            &mut key,
+            &self.measurement,
+            tags.into_iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        );
         key
     }
 
@@ -188,13 +186,7 @@ pub fn write_point<'t, 'f, 'v: 'f>(
     fields: impl IntoIterator<Item = (&'f str, &'f FieldValue<'v>)>,
     timestamp: i64,
 ) {
-    escape_into(out, measurement, MEASUREMENT_SPECIALS);
-    for (k, v) in tags {
-        out.push(',');
-        escape_into(out, k, TAG_SPECIALS);
-        out.push('=');
-        escape_into(out, v, TAG_SPECIALS);
-    }
+    write_series(out, measurement, tags);
     out.push(' ');
     for (i, (k, v)) in fields.into_iter().enumerate() {
         if i > 0 {
@@ -222,6 +214,21 @@ pub fn write_point<'t, 'f, 'v: 'f>(
         };
     }
     let _ = write!(out, " {timestamp}");
+}
+
+/// Writes a measurement and its tags as they begin a line (`cpu,host=a`), escaped.
+pub(crate) fn write_series<'t>(
+    out: &mut String,
+    measurement: &str,
+    tags: impl IntoIterator<Item = (&'t str, &'t str)>,
+) {
+    escape_into(out, measurement, MEASUREMENT_SPECIALS);
+    for (k, v) in tags {
+        out.push(',');
+        escape_into(out, k, TAG_SPECIALS);
+        out.push('=');
+        escape_into(out, v, TAG_SPECIALS);
+    }
 }
 
 /// Why a line was rejected.

@@ -23,9 +23,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::line_protocol::{
-    FieldValue, LineError, MEASUREMENT_SPECIALS, ParsedLine, Precision, TAG_SPECIALS, escape_into,
-};
+use crate::line_protocol::{FieldValue, LineError, ParsedLine, Precision, write_series};
 
 /// The bit pattern of Prometheus' stale marker (`value.StaleNaN`).
 pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
@@ -304,7 +302,8 @@ pub fn convert(request: &[u8]) -> Result<Converted<'_>, DecodeError> {
                     start + (to - from)
                 }
                 None => {
-                    write_prefix(&named[k], &mut out.lines);
+                    let (name, tags) = &named[k];
+                    write_series(&mut out.lines, name, tags.iter().copied());
                     prefix = Some((start, out.lines.len()));
                     out.lines.len()
                 }
@@ -363,17 +362,6 @@ fn name_and_tags<'a>(labels: &[(&'a str, &'a str)]) -> Result<Labels<'a>, String
         return Err(format!("{name}: the label {:?} twice", w[0].0));
     }
     Ok((name, tags))
-}
-
-/// The measurement and tags of a series as line protocol (`name,k=v`).
-fn write_prefix((name, tags): &Labels<'_>, out: &mut String) {
-    escape_into(out, name, MEASUREMENT_SPECIALS);
-    for (k, v) in tags {
-        out.push(',');
-        escape_into(out, k, TAG_SPECIALS);
-        out.push('=');
-        escape_into(out, v, TAG_SPECIALS);
-    }
 }
 
 /// Prometheus' names: metric names `[a-zA-Z_:][a-zA-Z0-9_:]*`, label names without the colons.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Server, eventually, get_json, put, sql};
+use crate::harness::{Server, eventually, get_json, put, remove_cgroup, sql};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "blkio"];
@@ -90,15 +90,7 @@ impl Drop for Burner {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for c in CONTROLLERS {
-            let dir = self.dir(c);
-            // The kernel removes a cgroup only once its last process is gone.
-            for _ in 0..50 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = std::fs::remove_dir(dir.parent().unwrap());
+            remove_cgroup(&self.dir(c));
         }
     }
 }

@@ -2,9 +2,7 @@
 //! which scripts/setup.sh installs): its batching write API with gzip, its synchronous write
 //! and its error on a partial write, against a real `forestall serve`.
 
-use std::process::Command;
-
-use crate::harness::{Server, sql};
+use crate::harness::{Server, python_ok, sql};
 
 const SCRIPT: &str = r#"
 import sys
@@ -43,17 +41,10 @@ print("ok" if not failures else "; ".join(failures))
 fn the_official_influxdb_python_client_writes_in_batches_with_gzip() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
-    let out = Command::new("python3")
-        .args(["-c", SCRIPT, &format!("http://{}", server.addr)])
-        .output()
-        .expect("run python3 (scripts/setup.sh installs influxdb-client)");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "{stdout}\n{stderr}"
+    python_ok(
+        SCRIPT,
+        &[&format!("http://{}", server.addr)],
+        "influxdb-client",
     );
     let rows = sql(
         &server,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::harness::{Server, eventually, get_text, post, sql};
+use crate::harness::{Server, eventually, get_text, post, remove_cgroup, sql};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 2] = ["cpuacct", "memory"];
@@ -56,14 +56,7 @@ impl Drop for Busy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for c in CONTROLLERS {
-            let dir = self.dir(c);
-            for _ in 0..50 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = std::fs::remove_dir(dir.parent().unwrap());
+            remove_cgroup(&self.dir(c));
         }
     }
 }

@@ -298,3 +298,36 @@ pub fn psql(server: &Server, sql: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Removes a cgroup directory once the kernel lets it go (only when its last process is
+/// gone), then its parent if that is empty.
+pub fn remove_cgroup(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+/// Runs a Python `script` with `args` and asserts it printed `ok` (a client library's
+/// test; `needs` names what scripts/setup.sh installs for it).
+pub fn python_ok(script: &str, args: &[&str], needs: &str) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run python3 (scripts/setup.sh installs {needs}): {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{stdout}\n{stderr}"
+    );
+}

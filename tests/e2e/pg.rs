@@ -1,9 +1,7 @@
 //! The PostgreSQL wire protocol with real clients: `psql` and a Python `psycopg` script read
 //! back rows that were written over HTTP.
 
-use std::process::Command;
-
-use crate::harness::{Server, post, psql};
+use crate::harness::{Server, post, psql, python_ok};
 
 /// 2026-01-01T00:00:00Z
 const T0: i64 = 1_767_225_600_000_000_000;
@@ -128,16 +126,5 @@ fn psycopg_reads_rows_with_parameters_and_binary_results_and_survives_a_hang_up(
     let server = Server::start(dir.path(), &[]);
     write_sample(&server);
     let (host, port) = server.pg_addr.rsplit_once(':').unwrap();
-    let out = Command::new("python3")
-        .args(["-c", PSYCOPG_SCRIPT, host, port])
-        .output()
-        .expect("run python3 (scripts/setup.sh installs psycopg)");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "{stdout}\n{stderr}"
-    );
+    python_ok(PSYCOPG_SCRIPT, &[host, port], "psycopg");
 }
