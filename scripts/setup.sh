@@ -39,6 +39,12 @@ if ! python3 -c 'import influxdb_client' 2>/dev/null; then
   echo "setup: installing influxdb-client" >&2
   # The official InfluxDB v2 client is on PyPI only; Debian's externally managed Python
   # needs pip told so.
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    # Debian's Python comes without pip.
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip >/dev/null
+  fi
   python3 -m pip install -q --disable-pip-version-check influxdb-client >&2 2>/dev/null \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages influxdb-client >&2
   python3 -c 'import influxdb_client' || { echo "setup: influxdb-client is still missing" >&2; exit 1; }
