@@ -552,6 +552,73 @@ pub fn second_line(
     Some(line)
 }
 
+/// The requests in flight as the load balancer in front of the service sees them: arrived
+/// by the schedule and not yet answered. Their count and the age of the oldest are known
+/// while a request still waits, where its latency is known only when it is answered, so
+/// they show a queue building within a fraction of a second.
+#[derive(Debug, Clone)]
+pub struct InFlight<'a> {
+    arrivals: &'a [Duration],
+    done: Vec<bool>,
+    answered: usize,
+    oldest: usize,
+}
+
+impl<'a> InFlight<'a> {
+    /// Over `arrivals` (offsets from the start, in order), none answered yet.
+    pub fn new(arrivals: &'a [Duration]) -> Self {
+        Self {
+            arrivals,
+            done: vec![false; arrivals.len()],
+            answered: 0,
+            oldest: 0,
+        }
+    }
+
+    /// The request scheduled at `at` was answered (or failed).
+    pub fn answered(&mut self, at: Duration) {
+        let mut i = self.arrivals.partition_point(|&a| a < at);
+        while i < self.arrivals.len() && self.arrivals[i] == at {
+            if !self.done[i] {
+                self.done[i] = true;
+                self.answered += 1;
+                break;
+            }
+            i += 1;
+        }
+        while self.done.get(self.oldest) == Some(&true) {
+            self.oldest += 1;
+        }
+    }
+
+    /// At `now` (from the start): how many requests are in flight, and how long the oldest
+    /// of them has waited (zero when none is).
+    pub fn at(&self, now: Duration) -> (usize, Duration) {
+        let arrived = self.arrivals.partition_point(|&a| a <= now);
+        let age = match self.arrivals.get(self.oldest) {
+            Some(&a) if a <= now => now - a,
+            _ => Duration::ZERO,
+        };
+        (arrived.saturating_sub(self.answered), age)
+    }
+}
+
+/// The in-flight figures at a moment as a line of `prevent_queue,policy=<policy>`: the
+/// requests in flight, the oldest one's age (seconds) and the requests that arrived since
+/// the last such line.
+pub fn queue_line(
+    policy: &str,
+    in_flight: usize,
+    oldest: Duration,
+    arrived: usize,
+    at_ns: i64,
+) -> String {
+    format!(
+        "prevent_queue,policy={policy} inflight={in_flight}i,oldest={},arrived={arrived}i {at_ns}",
+        oldest.as_secs_f64()
+    )
+}
+
 /// What a run is judged by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Figures {
@@ -1226,6 +1293,40 @@ mod tests {
         assert_eq!(
             stalled,
             "prevent,policy=x rps=0i,arrived=40i,failed=0i,over_slo=0i 0"
+        );
+    }
+
+    #[test]
+    fn a_queue_shows_in_flight_before_its_requests_are_answered() {
+        let ms = Duration::from_millis;
+        // Two requests share a scheduled time; the one at 30 ms is answered out of order.
+        let arrivals = [ms(10), ms(20), ms(20), ms(30), ms(40)];
+        let mut q = InFlight::new(&arrivals);
+        assert_eq!(q.at(ms(5)), (0, ms(0)), "nothing has arrived");
+        assert_eq!(q.at(ms(35)), (4, ms(25)));
+        q.answered(ms(30));
+        q.answered(ms(10));
+        // The oldest is now one of the two at 20 ms.
+        assert_eq!(q.at(ms(35)), (2, ms(15)));
+        q.answered(ms(20));
+        assert_eq!(
+            q.at(ms(35)),
+            (1, ms(15)),
+            "the other one at 20 ms still waits"
+        );
+        q.answered(ms(20));
+        // The 30 ms request was answered: the queue is empty until 40 ms arrives.
+        assert_eq!(q.at(ms(35)), (0, ms(0)));
+        assert_eq!(q.at(ms(100)), (1, ms(60)));
+        // An answer for a time never scheduled, or twice, changes nothing.
+        q.answered(ms(25));
+        q.answered(ms(30));
+        assert_eq!(q.at(ms(100)), (1, ms(60)));
+        q.answered(ms(40));
+        assert_eq!(q.at(ms(100)), (0, ms(0)));
+        assert_eq!(
+            queue_line("forestall", 3, ms(125), 9, 7),
+            "prevent_queue,policy=forestall inflight=3i,oldest=0.125,arrived=9i 7"
         );
     }
 

@@ -9,7 +9,7 @@
 //! seeded open-loop workload and prints what the run is judged by; each request's scheduled
 //! time and latency go to `OUT/<policy>.csv`, the quota over time to
 //! `OUT/<policy>-allocation.csv`; with `--forestall URL`, each second's p50, p95, p99 and
-//! throughput are written there as the run goes. The policies: `static` (the mean demand
+//! throughput, and every 100 ms the requests in flight, are written there as the run goes. The policies: `static` (the mean demand
 //! plus 30 % headroom, as an operator would size it), `reactive` (the HPA's rule with its
 //! defaults, [`Hpa`], starting from the static quota) and `forestall` (a `forestall serve`
 //! actuating the service's cgroup, fed each second's figures and an allocation query over
@@ -109,6 +109,10 @@ struct RunArgs {
     /// http://127.0.0.1:8181. The forestall policy writes them to its own.
     #[arg(long)]
     forestall: Option<String>,
+    /// How often the requests in flight (`prevent_queue,policy=…` inflight, oldest,
+    /// arrived) are written beside the per-second lines, in milliseconds; 0: not at all.
+    #[arg(long, default_value_t = 100)]
+    queue_ms: u64,
     /// The forestall policy's server binary [default: `forestall` beside this one].
     #[arg(long)]
     forestall_bin: Option<PathBuf>,
@@ -316,31 +320,56 @@ struct ForestallSetup<'a> {
     day: Duration,
     interval: Duration,
     slo: Duration,
+    queue: Duration,
     allocation: Allocation,
 }
 
 /// The allocation query the Forestall policy runs on every write of the latency figures:
-/// when the last seconds' p99 passes half the SLO (or requests failed), the service asks for
-/// half as much CPU again as the requests arriving cost: the last lines' arrivals times the
-/// CPU a request took over the last minute (metered usage over throughput). Read from the
-/// line that carried the slow second, not from the next metering; and from arrivals, not
-/// completions, which a throttled service caps at what its quota allows (a demand sized from
-/// them asked for 1.5 × the quota in place, and a spike took a second raise). Its usage
-/// forecast (the loop's own, from the metered cgroup) asks for what the coming minutes need.
+/// when the last seconds' p99 passes half the SLO (or requests failed), or the oldest
+/// request in flight has waited a quarter of it, the service asks for half as much CPU
+/// again as its requests cost: those arriving (the more of the last second's arrivals and
+/// the rate of the last few in-flight lines) plus those in flight, to be served within
+/// half a second, times the CPU a request took over the last minute (metered usage over
+/// throughput). Read from the line that carried the signal, not from the next metering;
+/// from arrivals, not completions, which a throttled service caps at what its quota allows
+/// (a demand sized from them asked for 1.5 × the quota in place, and a spike took a second
+/// raise); and from the queue as well as from latency, which is known only once a request
+/// is answered: a spike the standing quota cannot absorb shows in the queue a few hundred
+/// milliseconds before it shows in a second's p99, and by then that second was lost. Its
+/// usage forecast (the loop's own, from the metered cgroup) asks for what the coming
+/// minutes need.
 pub const LATENCY_QUERY: &str = "prevent_latency";
 
-fn latency_query(slo: Duration) -> String {
+fn latency_query(slo: Duration, queue: Duration) -> String {
+    // The in-flight lines of the last three ticks (at least 300 ms): the rate over them,
+    // the queue at its longest.
+    let window = (queue * 3).max(Duration::from_millis(300));
+    let in_flight = if queue.is_zero() {
+        "(SELECT 0.0 AS oldest, 0.0 AS inflight, 0.0 AS rate)".to_owned()
+    } else {
+        format!(
+            "(SELECT coalesce(max(oldest), 0.0) AS oldest, \
+                     coalesce(CAST(max(inflight) AS DOUBLE), 0.0) AS inflight, \
+                     coalesce(CAST(sum(arrived) AS DOUBLE), 0.0) / {window_s} AS rate \
+              FROM prevent_queue WHERE time > now() - INTERVAL '{window_ms} milliseconds')",
+            window_s = window.as_secs_f64(),
+            window_ms = window.as_millis(),
+        )
+    };
     format!(
         "SELECT 'service' AS component, 'cpu' AS resource, \
-         CASE WHEN l.p99 > {threshold} OR l.failed > 0 THEN l.arrived * u.cores / r.rps * 1.5 END AS demand \
+         CASE WHEN l.p99 > {threshold} OR l.failed > 0 OR q.oldest > {queued} \
+              THEN (greatest(l.arrived, q.rate) + q.inflight * 2.0) * u.cores / r.rps * 1.5 END AS demand \
          FROM (SELECT coalesce(max(p99), 0.0) AS p99, coalesce(sum(failed), 0) AS failed, \
-                      CAST(max(arrived) AS DOUBLE) AS arrived \
+                      coalesce(CAST(max(arrived) AS DOUBLE), 0.0) AS arrived \
                FROM prevent WHERE time > now() - INTERVAL '2 seconds') AS l, \
+              {in_flight} AS q, \
               (SELECT avg(cpu) AS cores FROM forestall_usage \
                WHERE component = 'service' AND time > now() - INTERVAL '1 minute') AS u, \
               (SELECT CAST(avg(rps) AS DOUBLE) AS rps FROM prevent \
                WHERE time > now() - INTERVAL '1 minute') AS r",
         threshold = slo.as_secs_f64() / 2.0,
+        queued = slo.as_secs_f64() / 4.0,
     )
 }
 
@@ -411,7 +440,7 @@ query = """{query}"""
         pool = setup.pool,
         cgroup = setup.cgroup,
         name = LATENCY_QUERY,
-        query = latency_query(setup.slo),
+        query = latency_query(setup.slo, setup.queue),
     );
     let file = setup.dir.join("forestall.toml");
     std::fs::write(&file, config)?;
@@ -513,6 +542,7 @@ fn start_policy(
                 day: workload.day,
                 interval: Duration::from_millis(args.interval_ms),
                 slo,
+                queue: Duration::from_millis(args.queue_ms),
                 allocation: args.allocation,
             })?;
             if let Some(cap) = args.cap_cores {
@@ -531,6 +561,7 @@ fn start_policy(
 fn run(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
     let (policy, out, request_ms) = (args.policy.as_str(), args.out.as_path(), args.request_ms);
     let slo = Duration::from_millis(args.slo_ms);
+    let queue = Duration::from_millis(args.queue_ms);
     let cgroup_root = args.cgroup_root.clone();
     let schedule = workload.schedule();
     let length = workload.length();
@@ -656,7 +687,7 @@ fn run(args: &RunArgs, workload: &Workload) -> anyhow::Result<()> {
             (
                 Some(tx),
                 Some(std::thread::spawn(move || {
-                    report(&url, &policy, &rx, slo, &arrivals, start)
+                    report(&url, &policy, &rx, slo, queue, &arrivals, start)
                 })),
             )
         }
@@ -886,15 +917,17 @@ fn write_to_actuation(url: &str, written: &[(i64, bool)]) -> anyhow::Result<Vec<
 }
 
 /// Writes one line of figures a second, over the requests that completed in it and those of
-/// `arrivals` (the schedule, from `start`) that arrived in it, to the Forestall at `url`,
-/// until the driver hangs up. Returns when each line was written (ns since the epoch, just
-/// before the request) and whether it was slow as the latency query judges (p99 over half
-/// the SLO, or a failure).
+/// `arrivals` (the schedule, from `start`) that arrived in it, and every `queue` one line of
+/// the requests in flight (`prevent::queue_line`), to the Forestall at `url`, until the
+/// driver hangs up. Returns when each line was written (ns since the epoch, just before the
+/// request) and whether it was slow as the latency query judges (p99 over half the SLO or
+/// a failure; the oldest request in flight older than a quarter of it).
 fn report(
     url: &str,
     policy: &str,
     outcomes: &std::sync::mpsc::Receiver<prevent::Outcome>,
     slo: Duration,
+    queue: Duration,
     arrivals: &[Duration],
     start: Instant,
 ) -> anyhow::Result<Vec<(i64, bool)>> {
@@ -904,21 +937,43 @@ fn report(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64)
     };
+    let post = |line: &str| {
+        ureq::post(&write)
+            .send_string(line)
+            .map(|_| ())
+            .with_context(|| format!("write to {write}"))
+    };
+    let step = queue.as_nanos().max(1) as i64;
     let mut second = now_ns() / 1_000_000_000;
+    let mut tick = now_ns() / step;
     let mut completed: Vec<prevent::Outcome> = Vec::new();
-    let mut arrived = 0;
+    let mut in_flight = prevent::InFlight::new(arrivals);
+    let (mut arrived, mut queued) = (0, 0);
     let mut written = Vec::new();
     loop {
         let next = (second + 1) * 1_000_000_000;
-        let wait = Duration::from_nanos((next - now_ns()).max(0) as u64);
+        let next_tick = (tick + 1) * step;
+        let wait = Duration::from_nanos((next.min(next_tick) - now_ns()).max(0) as u64);
         let hung_up = match outcomes.recv_timeout(wait) {
             Ok(o) => {
+                in_flight.answered(o.0);
                 completed.push(o);
                 false
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
         };
+        if !queue.is_zero() && now_ns() >= next_tick && !hung_up {
+            let elapsed = start.elapsed();
+            let upto = arrivals.partition_point(|&at| at <= elapsed);
+            let (n, oldest) = in_flight.at(elapsed);
+            let line =
+                prevent::queue_line(policy, n, oldest, upto.saturating_sub(queued), now_ns());
+            queued = upto.max(queued);
+            written.push((now_ns(), oldest > slo / 4));
+            post(&line)?;
+            tick = now_ns() / step;
+        }
         if now_ns() >= next || hung_up {
             let upto = arrivals.partition_point(|&at| at < start.elapsed());
             let line = prevent::second_line(
@@ -937,9 +992,7 @@ fn report(
                 let failed = ok.len() < completed.len();
                 let p99 = prevent::percentiles(&mut ok).map_or(0.0, |p| p[2]);
                 written.push((now_ns(), failed || p99 > slo.as_secs_f64() / 2.0));
-                ureq::post(&write)
-                    .send_string(&line)
-                    .with_context(|| format!("write to {write}"))?;
+                post(&line)?;
             }
             completed.clear();
             second = now_ns() / 1_000_000_000;
