@@ -43,6 +43,13 @@ metrics! {
     remote_write_histograms_dropped_total: "counter",
     /// Prometheus remote write series rejected (no or invalid names), each with its reason.
     remote_write_series_rejected_total: "counter",
+    /// Scrapes of `[[scrape]]` targets made.
+    scrapes_total: "counter",
+    /// Scrapes that failed (`up` 0): no answer, a status other than 200, a timeout, a body
+    /// over the limit or text that is not an exposition.
+    scrape_failures_total: "counter",
+    /// Samples read by scrapes.
+    scrape_samples_total: "counter",
     /// Host collections made (`[collector]`).
     collector_collections_total: "counter",
     /// Host collector sources that could not be read or written, one per source and

@@ -1,6 +1,8 @@
 //! Prometheus remote write 1.0: a `prometheus.WriteRequest` (protobuf, already out of its
 //! snappy block) turned into line protocol for [`Store::write`](crate::Store::write), so a
 //! remote write goes through the one write path (WAL, buffer, observers) as every line does.
+//! A scrape's samples ([`text`] reads the exposition formats) take the same way, through
+//! [`Builder`].
 //!
 //! The mapping, as VictoriaMetrics and InfluxDB's Prometheus endpoints make it: the metric
 //! name (`__name__`) is the measurement, the other labels are tags (an empty label is an
@@ -24,6 +26,8 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use crate::line_protocol::{FieldValue, LineError, ParsedLine, Precision, write_series};
+
+pub mod text;
 
 /// The bit pattern of Prometheus' stale marker (`value.StaleNaN`).
 pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
@@ -234,14 +238,11 @@ fn sample(buf: &[u8]) -> Result<(f64, i64), DecodeError> {
 /// Decodes a `WriteRequest` and writes its samples as line protocol: the series in
 /// metric-name order, each series' samples in the order sent.
 pub fn convert(request: &[u8]) -> Result<Converted<'_>, DecodeError> {
-    let mut out = Converted::default();
+    let mut out = Builder::default();
     let mut r = Reader::new(request);
     // Reused per series.
     let mut labels: Vec<(&str, &str)> = Vec::new();
-    // The series to write, and their samples: series k's are all[from[k]..from[k + 1]].
-    let mut named: Vec<Labels<'_>> = Vec::new();
-    let mut from: Vec<usize> = Vec::new();
-    let mut all: Vec<(f64, i64)> = Vec::new();
+    let mut samples: Vec<(f64, i64)> = Vec::new();
     while let Some((n, v)) = r.field()? {
         let series = match (n, v) {
             (1, Value::Bytes(b)) => b,
@@ -249,82 +250,120 @@ pub fn convert(request: &[u8]) -> Result<Converted<'_>, DecodeError> {
             _ => continue, // metadata (3) and anything newer
         };
         labels.clear();
-        let first = all.len();
-        let mut histograms = 0;
+        samples.clear();
         let mut s = Reader::new(series);
         while let Some((n, v)) = s.field()? {
             match (n, v) {
                 (1, Value::Bytes(b)) => labels.push(label(b)?),
-                (2, Value::Bytes(b)) => all.push(sample(b)?),
-                (4, Value::Bytes(_)) => histograms += 1,
+                (2, Value::Bytes(b)) => samples.push(sample(b)?),
+                (4, Value::Bytes(_)) => out.out.histograms += 1,
                 (1 | 2 | 4, _) => return Err(wrong("a series' label, sample or histogram")),
                 _ => {} // exemplars (3)
             }
         }
-        out.series += 1;
-        out.histograms += histograms;
-        match name_and_tags(&labels) {
-            Ok(series_named) => {
-                from.push(first);
-                named.push(series_named);
+        out.series(&labels, samples.drain(..));
+    }
+    Ok(out.finish())
+}
+
+/// Series of samples turned into lines, as [`convert`] does for a remote write and a scrape
+/// does for an exposition: give each series with [`Builder::series`], then
+/// [`Builder::finish`].
+#[derive(Debug, Default)]
+pub struct Builder<'a> {
+    out: Converted<'a>,
+    /// The series to write, and their samples: series k's are all[from[k]..from[k + 1]].
+    named: Vec<Labels<'a>>,
+    from: Vec<usize>,
+    all: Vec<(f64, i64)>,
+}
+
+impl<'a> Builder<'a> {
+    /// A series: its labels (`__name__` among them; an empty value is an absent label) and
+    /// its (value, milliseconds) samples. A series Prometheus would not take is counted and
+    /// listed in [`Converted::rejected`], and its samples dropped; returns whether it was
+    /// taken.
+    pub fn series(
+        &mut self,
+        labels: &[(&'a str, &'a str)],
+        samples: impl IntoIterator<Item = (f64, i64)>,
+    ) -> bool {
+        self.out.series += 1;
+        match name_and_tags(labels) {
+            Ok(named) => {
+                self.from.push(self.all.len());
+                self.named.push(named);
+                self.all.extend(samples);
+                true
             }
             Err(why) => {
-                all.truncate(first);
-                out.rejected_series += 1;
-                if out.rejected.len() < MAX_REJECTIONS {
-                    out.rejected.push(why);
+                self.out.rejected_series += 1;
+                if self.out.rejected.len() < MAX_REJECTIONS {
+                    self.out.rejected.push(why);
                 }
+                false
             }
         }
     }
-    from.push(all.len());
-    // Series in metric-name order (stable: one series sent twice keeps its order), so that
-    // lines of one measurement come together and the store admits them as a run.
-    let mut order: Vec<usize> = (0..named.len()).collect();
-    order.sort_by_key(|&k| named[k].0);
-    for k in order {
-        let mut prefix = None;
-        for &(value, ms) in &all[from[k]..from[k + 1]] {
-            if value.to_bits() == STALE_NAN_BITS {
-                out.stale_markers += 1;
-                continue;
-            } else if !value.is_finite() {
-                out.non_finite += 1;
-                continue;
+
+    /// The lines: the series in metric-name order (stable: one series given twice keeps its
+    /// order), each series' samples in the order given, stale markers and other non-finite
+    /// values counted and left out.
+    pub fn finish(self) -> Converted<'a> {
+        let Self {
+            mut out,
+            mut named,
+            mut from,
+            all,
+        } = self;
+        from.push(all.len());
+        // Lines of one measurement come together, so the store admits them as a run.
+        let mut order: Vec<usize> = (0..named.len()).collect();
+        order.sort_by_key(|&k| named[k].0);
+        for k in order {
+            let mut prefix = None;
+            for &(value, ms) in &all[from[k]..from[k + 1]] {
+                if value.to_bits() == STALE_NAN_BITS {
+                    out.stale_markers += 1;
+                    continue;
+                } else if !value.is_finite() {
+                    out.non_finite += 1;
+                    continue;
+                }
+                out.samples += 1;
+                let start = out.lines.len();
+                // The first line of the series writes its measurement and tags; the others
+                // copy them.
+                let prefix_end = match prefix {
+                    Some((from, to)) => {
+                        out.lines.extend_from_within(from..to);
+                        start + (to - from)
+                    }
+                    None => {
+                        let (name, tags) = &named[k];
+                        write_series(&mut out.lines, name, tags.iter().copied());
+                        prefix = Some((start, out.lines.len()));
+                        out.lines.len()
+                    }
+                };
+                // Writing to a String cannot fail.
+                let _ = write!(out.lines, " value={value:?} {ms}");
+                out.points.push(Point {
+                    series: out.named.len(),
+                    start,
+                    prefix_end,
+                    end: out.lines.len(),
+                    value,
+                    ms,
+                });
+                out.lines.push('\n');
             }
-            out.samples += 1;
-            let start = out.lines.len();
-            // The first line of the series writes its measurement and tags; the others copy
-            // them.
-            let prefix_end = match prefix {
-                Some((from, to)) => {
-                    out.lines.extend_from_within(from..to);
-                    start + (to - from)
-                }
-                None => {
-                    let (name, tags) = &named[k];
-                    write_series(&mut out.lines, name, tags.iter().copied());
-                    prefix = Some((start, out.lines.len()));
-                    out.lines.len()
-                }
-            };
-            // Writing to a String cannot fail.
-            let _ = write!(out.lines, " value={value:?} {ms}");
-            out.points.push(Point {
-                series: out.named.len(),
-                start,
-                prefix_end,
-                end: out.lines.len(),
-                value,
-                ms,
-            });
-            out.lines.push('\n');
+            if prefix.is_some() {
+                out.named.push(std::mem::take(&mut named[k]));
+            }
         }
-        if prefix.is_some() {
-            out.named.push(std::mem::take(&mut named[k]));
-        }
+        out
     }
-    Ok(out)
 }
 
 /// A series' metric name and its other non-empty labels, sorted, or why it cannot be

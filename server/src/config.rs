@@ -3,6 +3,7 @@
 //!
 //! Every section is documented in `docs/forestall.example.toml`, which a test parses.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -161,6 +162,114 @@ impl CollectorConfig {
     }
 }
 
+/// `[[scrape]]`: a job of Prometheus targets Forestall scrapes itself (see
+/// [`crate::scrape`]), with Prometheus' meaning for every setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScrapeConfig {
+    /// The `job` label of every series scraped. Required.
+    pub job: String,
+    /// `host:port` (or `http://host:port`) of each target; its `instance` label.
+    pub targets: Vec<String>,
+    /// Between scrapes of a target. Default 15 s (1 s to 1 h).
+    #[serde(with = "humantime_serde")]
+    pub interval: std::time::Duration,
+    /// A scrape that takes longer fails. Default 10 s, at most `interval`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+    /// Default `/metrics`.
+    pub metrics_path: String,
+    /// Labels added to every series of the job (a scraped label of the same name is kept as
+    /// `exported_<name>`, as Prometheus does with `honor_labels = false`).
+    pub labels: BTreeMap<String, String>,
+    /// Use the timestamps the exposition gives (else the scrape's). Default true.
+    pub honor_timestamps: bool,
+    /// More samples than this fail the scrape (0: no limit, Prometheus' default).
+    pub sample_limit: usize,
+    /// A larger body fails the scrape. Default 64 MiB.
+    pub body_size_limit: u64,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self {
+            job: String::new(),
+            targets: Vec::new(),
+            interval: std::time::Duration::from_secs(15),
+            timeout: std::time::Duration::from_secs(10),
+            metrics_path: "/metrics".into(),
+            labels: BTreeMap::new(),
+            honor_timestamps: true,
+            sample_limit: 0,
+            body_size_limit: 64 << 20,
+        }
+    }
+}
+
+impl ScrapeConfig {
+    /// Checks one `[[scrape]]` job.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |what: String| {
+            Err(ConfigError::Invalid(format!(
+                "scrape job {:?}: {what}",
+                self.job
+            )))
+        };
+        if self.job.is_empty() {
+            return Err(ConfigError::Invalid(
+                "every [[scrape]] names its job".into(),
+            ));
+        }
+        if self.targets.is_empty() {
+            return bad("lists no targets".into());
+        }
+        let secs = self.interval.as_secs_f64();
+        if !(1.0..=3600.0).contains(&secs) {
+            return bad(format!(
+                "interval must be within 1s..=1h, not {}",
+                humantime::format_duration(self.interval)
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            return bad(format!(
+                "timeout must be above zero and at most the interval ({}), not {}",
+                humantime::format_duration(self.interval),
+                humantime::format_duration(self.timeout)
+            ));
+        }
+        if !self.metrics_path.starts_with('/') {
+            return bad(format!(
+                "metrics_path {:?} must start with /",
+                self.metrics_path
+            ));
+        }
+        if self.body_size_limit == 0 {
+            return bad("body_size_limit must be above zero".into());
+        }
+        for t in &self.targets {
+            if let Err(why) = crate::scrape::target_url(t, &self.metrics_path) {
+                return bad(why);
+            }
+        }
+        for (k, v) in &self.labels {
+            let name_ok = k
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_ok || k.starts_with("__") || matches!(k.as_str(), "job" | "instance") {
+                return bad(format!(
+                    "{k:?} cannot be a label here (a label name, not job, instance or __*)"
+                ));
+            }
+            if v.contains(['\n', '\r']) {
+                return bad(format!("the value of label {k} has a line break"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -175,6 +284,8 @@ pub struct ServerConfig {
     /// `[[continuous_queries]]`: queries declared here are created at start, replaced when
     /// changed, and dropped when no longer declared (those made over the API are kept).
     pub continuous_queries: Vec<forestall_query::continuous::DefinitionSpec>,
+    /// `[[scrape]]`: Prometheus targets to scrape.
+    pub scrape: Vec<ScrapeConfig>,
 }
 
 /// Values given on the command line; they win over everything else.
@@ -270,6 +381,16 @@ impl ServerConfig {
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.collector.validate()?;
+        let mut jobs = BTreeSet::new();
+        for job in &self.scrape {
+            job.validate()?;
+            if !jobs.insert(job.job.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[scrape]] jobs are named {:?}",
+                    job.job
+                )));
+            }
+        }
         self.allocation
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("{e:#}")))
@@ -403,6 +524,65 @@ mod tests {
         let c = ServerConfig::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
         let d = ServerConfig::default();
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+
+    #[test]
+    fn scrape_jobs_take_prometheus_defaults_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            ServerConfig::load(Some(&file), env(&[]), &Overrides::default())
+        };
+        let c = load("[[scrape]]\njob = \"node\"\ntargets = [\"127.0.0.1:9100\"]\n").unwrap();
+        let job = &c.scrape[0];
+        assert_eq!(job.interval, std::time::Duration::from_secs(15));
+        assert_eq!(job.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(job.metrics_path, "/metrics");
+        assert!(job.honor_timestamps);
+        for (text, why) in [
+            ("[[scrape]]\ntargets = [\"a:1\"]", "names its job"),
+            ("[[scrape]]\njob = \"j\"", "no targets"),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a\"]",
+                "not host:port",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"https://a:1\"]",
+                "only http",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\ninterval = \"5s\"\ntimeout = \"6s\"",
+                "at most the interval",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\ninterval = \"100ms\"",
+                "1s..=1h",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\nmetrics_path = \"m\"",
+                "start with /",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\nlabels = { job = \"x\" }",
+                "cannot be a label",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\nlabels = { \"a-b\" = \"x\" }",
+                "cannot be a label",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\nscheme = \"http\"",
+                "unknown field",
+            ),
+            (
+                "[[scrape]]\njob = \"j\"\ntargets = [\"a:1\"]\n[[scrape]]\njob = \"j\"\ntargets = [\"b:1\"]",
+                "two [[scrape]] jobs",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]

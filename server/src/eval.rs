@@ -16,6 +16,15 @@ use forestall_models::nab::{self, Labels, PROFILES};
 /// `OUT/<category>/<file>.csv` (`timestamp,value,anomaly_score`, same rows, same order) and
 /// returns the report: the score under each NAB profile.
 pub fn nab(data: &Path, out: &Path) -> anyhow::Result<String> {
+    nab_with_progress(data, out, |_, _| {})
+}
+
+/// [`nab`], telling `progress` (files done, files) after each file.
+pub fn nab_with_progress(
+    data: &Path,
+    out: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> anyhow::Result<String> {
     let files = nab::load_corpus(data)
         .with_context(|| format!("load the NAB corpus in {}", data.display()))?;
     anyhow::ensure!(
@@ -43,6 +52,7 @@ pub fn nab(data: &Path, out: &Path) -> anyhow::Result<String> {
         w.flush()?;
         labels.push(Labels::from(f));
         scores.push(s);
+        progress(scores.len(), files.len());
     }
     let elapsed = started.elapsed();
     let rows: usize = files.iter().map(|f| f.values.len()).sum();

@@ -62,6 +62,8 @@ pub struct AppState {
     pub allocations: Option<forestall_control::live::Allocations>,
     /// The continuous queries, when running.
     pub continuous: Option<forestall_query::continuous::ContinuousQueries>,
+    /// The `[[scrape]]` targets (none when none are configured).
+    pub scraper: crate::scrape::Scraper,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
             max_body_bytes: config.http.max_body_bytes,
             allocations: None,
             continuous: None,
+            scraper: Default::default(),
         }
     }
 }
@@ -117,6 +120,7 @@ pub fn router(state: AppState) -> Router {
             post(crate::continuous::run),
         )
         .route("/api/v1/health", get(crate::continuous::health))
+        .route("/api/v1/targets", get(targets))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -245,6 +249,11 @@ async fn loop_view(
 
 async fn allocations(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     loop_view(&state, |a| a.status()).await
+}
+
+/// The `[[scrape]]` targets and their last scrapes, as Prometheus' `GET /api/v1/targets`.
+async fn targets(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.scraper.status())
 }
 
 async fn forecasts(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,12 +1,14 @@
 //! # forestall-server
 //!
 //! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
-//! PostgreSQL wire ([`pg`]), the host collector ([`collector`]), the `forestall` binary's
-//! `serve` command ([`serve`]), which wires the store, the queries, the continuous queries,
-//! the collector and the allocation loop (`forestall-control`) together, and the model
+//! PostgreSQL wire ([`pg`]), the host collector ([`collector`]), Prometheus scraping
+//! ([`scrape`]), the `forestall` binary's `serve` command ([`serve`]), which wires the store,
+//! the queries, the continuous queries, the collector, the scrapes and the allocation loop
+//! (`forestall-control`) together, the client commands (`query`, `write`, `status`: [`cli`]), and the model
 //! evaluations behind `forestall eval` ([`eval`]). It may depend on every Forestall crate,
 //! and none depends on it.
 
+pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod continuous;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod http;
 pub mod pg;
+pub mod scrape;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +109,13 @@ pub async fn serve(
             shutdown.clone(),
         ))
     });
+    state.scraper = scrape::Scraper::new(&config.scrape)
+        .map_err(|e| anyhow::anyhow!("the [[scrape]] jobs: {e}"))?;
+    let scraper = (!state.scraper.targets().is_empty()).then(|| {
+        let (scraper, store, shutdown) =
+            (state.scraper.clone(), Arc::clone(&store), shutdown.clone());
+        tokio::spawn(async move { scraper.run(store, shutdown).await })
+    });
     let pg = if config.pg.enabled {
         let pg_listener = tokio::net::TcpListener::bind(config.pg.addr)
             .await
@@ -138,6 +148,9 @@ pub async fn serve(
     }
     if let Some(collector) = collector {
         let _ = collector.await;
+    }
+    if let Some(scraper) = scraper {
+        let _ = scraper.await;
     }
     continuous.stop().await;
     drop(query_runtime);

@@ -36,6 +36,34 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         pg_addr: Option<SocketAddr>,
     },
+    /// Run SQL on a running server and print the answer.
+    Query {
+        /// The SQL.
+        sql: String,
+        /// json, jsonl, csv, pretty, parquet or arrow.
+        #[arg(long, default_value = "pretty")]
+        format: String,
+        #[command(flatten)]
+        host: Host,
+    },
+    /// Write line protocol from FILE (or stdin: `-`, the default) to a running server, in
+    /// batches of whole lines. Refused lines are listed with their line numbers; the others
+    /// are stored.
+    Write {
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// The timestamps' unit: ns, us, ms or s.
+        #[arg(long, default_value = "ns")]
+        precision: String,
+        #[command(flatten)]
+        host: Host,
+    },
+    /// A running server's health, data, continuous queries, scrape targets and allocation
+    /// loop at a glance.
+    Status {
+        #[command(flatten)]
+        host: Host,
+    },
     /// Evaluate the models on benchmark data.
     Eval {
         #[command(subcommand)]
@@ -72,6 +100,18 @@ enum Command {
         #[arg(long)]
         no_global_lstm: bool,
     },
+}
+
+/// Where the server the client commands talk to is.
+#[derive(Debug, clap::Args)]
+struct Host {
+    /// The server's HTTP address.
+    #[arg(
+        long = "host",
+        env = "FORESTALL_HOST",
+        default_value = "http://127.0.0.1:8181"
+    )]
+    url: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,10 +156,63 @@ fn main() -> anyhow::Result<()> {
     single_threaded_tensor_math();
     let cli = Cli::parse();
     match cli.command {
+        Command::Query { sql, format, host } => {
+            let client = forestall_server::cli::Client::new(&host.url);
+            client.query(&sql, &format, &mut std::io::stdout().lock())
+        }
+        Command::Write {
+            file,
+            precision,
+            host,
+        } => {
+            let client = forestall_server::cli::Client::new(&host.url);
+            let (input, len): (Box<dyn std::io::Read>, Option<u64>) = if file.as_os_str() == "-" {
+                (Box::new(std::io::stdin().lock()), None)
+            } else {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("open {}", file.display()))?;
+                let len = f.metadata().ok().map(|m| m.len());
+                (Box::new(f), len)
+            };
+            let bar = forestall_server::cli::progress(len, "writing");
+            let written = client.write(input, &precision, |sent| bar.set_position(sent))?;
+            bar.finish_and_clear();
+            for e in written.errors.iter().take(20) {
+                eprintln!("line {}: {}", e.line, e.error);
+            }
+            if written.errors.len() > 20 {
+                eprintln!("… and {} more", written.errors.len() - 20);
+            }
+            eprintln!(
+                "{} lines written, {} refused",
+                written.lines, written.rejected
+            );
+            anyhow::ensure!(
+                written.rejected == 0,
+                "{} lines were refused",
+                written.rejected
+            );
+            Ok(())
+        }
+        Command::Status { host } => {
+            let client = forestall_server::cli::Client::new(&host.url);
+            print!("{}", client.status()?);
+            Ok(())
+        }
         Command::Eval {
             what: Eval::Nab { data, out },
         } => {
-            print!("{}", forestall_server::eval::nab(&data, &out)?);
+            let bar = forestall_server::cli::progress(None, "scoring NAB files");
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")?
+                    .progress_chars("=> "),
+            );
+            let report = forestall_server::eval::nab_with_progress(&data, &out, |done, all| {
+                bar.set_length(all as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            print!("{report}");
             Ok(())
         }
         Command::Eval {
@@ -141,10 +234,10 @@ fn main() -> anyhow::Result<()> {
                 seed: global_seed,
                 ..Default::default()
             });
-            print!(
-                "{}",
-                forestall_server::eval::forecast(&data, config, global)?
-            );
+            let bar = forestall_server::cli::spinner("evaluating the forecasters");
+            let report = forestall_server::eval::forecast(&data, config, global)?;
+            bar.finish_and_clear();
+            print!("{report}");
             Ok(())
         }
         Command::Replay {
@@ -176,10 +269,10 @@ fn main() -> anyhow::Result<()> {
                 release_after: std::time::Duration::from_secs_f64(release_hours * 3600.0),
                 memory_hold: std::time::Duration::from_secs_f64(memory_hold_hours * 3600.0),
             };
-            print!(
-                "{}",
-                forestall_control::replay::replay(&trace, &out, &options, contended)?
-            );
+            let bar = forestall_server::cli::spinner("replaying the trace");
+            let report = forestall_control::replay::replay(&trace, &out, &options, contended)?;
+            bar.finish_and_clear();
+            print!("{report}");
             Ok(())
         }
         Command::Serve {

@@ -4,6 +4,7 @@
 mod harness;
 
 mod allocation;
+mod cli;
 mod clients;
 mod collector;
 mod continuous;

@@ -142,3 +142,171 @@ remote_write:
         "{metrics}"
     );
 }
+
+/// Forestall scraping a real node_exporter itself, with no Prometheus in between, beside a
+/// target that hangs and one that answers garbage: node_exporter's series come back through
+/// SQL as it exposes them, and the bad targets are down with their reasons while it is up.
+#[test]
+fn forestall_scrapes_node_exporter_itself_and_bad_targets_do_not_stop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("forestall");
+    std::fs::create_dir_all(&data).unwrap();
+    let exporter_port = free_port();
+    let _exporter = spawn(
+        "prometheus-node-exporter",
+        &[format!("--web.listen-address=127.0.0.1:{exporter_port}")],
+    );
+    // A target that accepts and never answers, and one that answers HTML.
+    let hangs = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (hangs_addr, garbage_addr) = (hangs.local_addr().unwrap(), garbage.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hangs.incoming().map_while(Result::ok) {
+            held.push(c);
+        }
+    });
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in garbage.incoming().map_while(Result::ok) {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let body = "<html><body>502 Bad Gateway</body></html>\n";
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let config = dir.path().join("forestall.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[[scrape]]
+job = "node"
+targets = ["127.0.0.1:{exporter_port}", "{hangs_addr}", "{garbage_addr}"]
+interval = "1s"
+timeout = "800ms"
+labels = {{ env = "test" }}
+"#
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let server = Server::start(&data, &[("FORESTALL_CONFIG", config.as_str())]);
+    let exporter = format!("127.0.0.1:{exporter_port}");
+    let count = |q: &str| -> i64 {
+        let (status, body) = crate::harness::post(
+            &server.url("/api/v3/query_sql?format=json"),
+            format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
+        );
+        if status != 200 {
+            return 0; // before the first scrape the table does not exist
+        }
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        rows[0]["n"].as_i64().unwrap_or(0)
+    };
+    eventually(
+        "two scrapes of every target",
+        Duration::from_secs(60),
+        || {
+            count(&format!(
+                "SELECT count(*) AS n FROM up WHERE instance = '{exporter}' AND value = 1"
+            )) >= 2
+                && count(&format!(
+                    "SELECT count(*) AS n FROM up WHERE instance = '{hangs_addr}' AND value = 0"
+                )) >= 2
+                && count(&format!(
+                    "SELECT count(*) AS n FROM up WHERE instance = '{garbage_addr}' AND value = 0"
+                )) >= 2
+        },
+    );
+    // The series node_exporter exposes are the series Forestall has.
+    let (status, exposition) = crate::harness::get_text(&format!("http://{exporter}/metrics"));
+    assert_eq!(status, 200);
+    let mut want: Vec<(String, String)> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("node_cpu_seconds_total{"))
+        .map(|l| {
+            let label = |k: &str| {
+                let from = l.find(&format!("{k}=\"")).unwrap() + k.len() + 2;
+                l[from..from + l[from..].find('"').unwrap()].to_string()
+            };
+            (label("cpu"), label("mode"))
+        })
+        .collect();
+    want.sort();
+    assert!(!want.is_empty());
+    let got: Vec<(String, String)> = sql(
+        &server,
+        &format!(
+            "SELECT DISTINCT cpu, mode FROM node_cpu_seconds_total \
+             WHERE job = 'node' AND instance = '{exporter}' AND env = 'test' ORDER BY cpu, mode"
+        ),
+    )
+    .iter()
+    .map(|r| {
+        (
+            r["cpu"].as_str().unwrap().into(),
+            r["mode"].as_str().unwrap().into(),
+        )
+    })
+    .collect();
+    assert_eq!(got, want);
+    // Counters only grow from scrape to scrape.
+    let rows = sql(
+        &server,
+        "SELECT min(value) AS lo, max(value) AS hi, count(*) AS n FROM node_cpu_seconds_total \
+         WHERE mode = 'idle' AND cpu = '0'",
+    );
+    let (lo, hi) = (
+        rows[0]["lo"].as_f64().unwrap(),
+        rows[0]["hi"].as_f64().unwrap(),
+    );
+    assert!(
+        lo > 0.0 && hi >= lo && rows[0]["n"].as_i64().unwrap() >= 2,
+        "{rows:?}"
+    );
+    // Nothing of the bad targets was stored but their up.
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) AS n FROM scrape_samples_scraped \
+             WHERE instance = '{garbage_addr}' AND value > 0"
+        )),
+        0
+    );
+    // The targets page says which is which, and why.
+    let (status, targets) = get_json(&server.url("/api/v1/targets"));
+    assert_eq!(status, 200, "{targets}");
+    let of = |addr: &str| {
+        targets["data"]["activeTargets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["labels"]["instance"] == addr)
+            .unwrap_or_else(|| panic!("{addr} in {targets}"))
+            .clone()
+    };
+    assert_eq!(of(&exporter)["health"], "up", "{targets}");
+    assert_eq!(of(&hangs_addr.to_string())["health"], "down");
+    assert!(
+        of(&hangs_addr.to_string())["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{targets}"
+    );
+    assert!(
+        of(&garbage_addr.to_string())["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("parsing the exposition: line 1"),
+        "{targets}"
+    );
+    let (_, metrics) = crate::harness::get_text(&server.url("/metrics"));
+    assert!(
+        metrics.contains("forestall_scrape_failures_total"),
+        "{metrics}"
+    );
+}
