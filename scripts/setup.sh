@@ -3,7 +3,8 @@
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
 # the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
 # (ip, tc) and util-linux (unshare) for the network-namespace tests, Prometheus with
-# node_exporter for the remote-write test, and the official influxdb-client (PyPI).
+# node_exporter for the remote-write test, the official influxdb-client (PyPI), and
+# Chromium with its WebDriver for the web console's test.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -19,6 +20,9 @@ command -v unshare >/dev/null || need+=(util-linux)
 # A real Prometheus and node_exporter for the remote-write test.
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
+# Headless Chromium and its WebDriver for the web console's test.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

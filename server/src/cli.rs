@@ -244,10 +244,7 @@ impl Client {
         line(
             &mut out,
             "continuous queries",
-            match failing.len() {
-                0 => format!("{}, none failing", cqs.len()),
-                _ => format!("{}, failing: {}", cqs.len(), failing.join("; ")),
-            },
+            tally(cqs.len(), &failing, "failing"),
         );
         let targets = self.get_json("/api/v1/targets")?;
         let targets = targets["data"]["activeTargets"]
@@ -269,10 +266,7 @@ impl Client {
             line(
                 &mut out,
                 "scrape targets",
-                match down.len() {
-                    0 => format!("{}, none down", targets.len()),
-                    _ => format!("{}, down: {}", targets.len(), down.join("; ")),
-                },
+                tally(targets.len(), &down, "down"),
             );
         }
         let allocation = match self.get_json("/api/v1/allocations") {
@@ -319,6 +313,14 @@ pub struct Written {
 pub struct LineError {
     pub line: usize,
     pub error: String,
+}
+
+/// "3, none down" or "3, down: a (why); b (why)".
+fn tally(all: usize, bad: &[String], what: &str) -> String {
+    match bad.len() {
+        0 => format!("{all}, none {what}"),
+        _ => format!("{all}, {what}: {}", bad.join("; ")),
+    }
 }
 
 fn url_encode(s: &str) -> String {

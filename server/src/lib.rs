@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod collector;
 pub mod config;
+pub mod console;
 pub mod continuous;
 
 pub mod error;

@@ -7,6 +7,7 @@ mod allocation;
 mod cli;
 mod clients;
 mod collector;
+mod console;
 mod continuous;
 mod crash;
 mod pg;

@@ -16,6 +16,20 @@ impl Drop for Process {
     }
 }
 
+/// The `n` of a `SELECT count(*) AS n …`, 0 while the table does not exist (before the
+/// first write).
+fn count(server: &Server, q: &str) -> i64 {
+    let (status, body) = crate::harness::post(
+        &server.url("/api/v3/query_sql?format=json"),
+        format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
+    );
+    if status != 200 {
+        return 0;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    rows[0]["n"].as_i64().unwrap_or(0)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -75,18 +89,7 @@ remote_write:
             format!("--web.listen-address=127.0.0.1:{prom_port}"),
         ],
     );
-    let count = |q: &str| -> i64 {
-        // Before the first write the table does not exist.
-        let (status, body) = crate::harness::post(
-            &server.url("/api/v3/query_sql?format=json"),
-            format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
-        );
-        if status != 200 {
-            return 0;
-        }
-        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-        rows[0]["n"].as_i64().unwrap_or(0)
-    };
+    let count = |q: &str| count(&server, q);
     eventually(
         "node_exporter's samples reach Forestall through Prometheus",
         Duration::from_secs(120),
@@ -196,17 +199,7 @@ labels = {{ env = "test" }}
     let config = config.display().to_string();
     let server = Server::start(&data, &[("FORESTALL_CONFIG", config.as_str())]);
     let exporter = format!("127.0.0.1:{exporter_port}");
-    let count = |q: &str| -> i64 {
-        let (status, body) = crate::harness::post(
-            &server.url("/api/v3/query_sql?format=json"),
-            format!(r#"{{"q": {}}}"#, serde_json::to_string(q).unwrap()).as_bytes(),
-        );
-        if status != 200 {
-            return 0; // before the first scrape the table does not exist
-        }
-        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-        rows[0]["n"].as_i64().unwrap_or(0)
-    };
+    let count = |q: &str| count(&server, q);
     eventually(
         "two scrapes of every target",
         Duration::from_secs(60),
