@@ -119,6 +119,16 @@ impl Driver {
         }
     }
 
+    /// Types `query` into the SQL box and submits it.
+    fn submit_sql(&self, query: &str) {
+        let script = format!(
+            "document.querySelector('#sql-text').value = {}; \
+             document.querySelector('#sql-form').requestSubmit()",
+            serde_json::to_string(query).unwrap()
+        );
+        self.run(&script);
+    }
+
     fn screenshot(&self, name: &str) {
         use base64::Engine as _;
         let png = self.call("GET", "/screenshot", None);
@@ -203,10 +213,7 @@ fn the_console_charts_a_series_with_its_band_lists_risks_and_shows_sql_errors() 
 
     // SQL: a bad query's error is shown to the user, and a good one's rows.
     d.run("document.querySelector('button[data-tab=sql]').click()");
-    d.run(
-        "document.querySelector('#sql-text').value = 'SELECT no_such_column FROM cpu'; \
-         document.querySelector('#sql-form').requestSubmit()",
-    );
+    d.submit_sql("SELECT no_such_column FROM cpu");
     let error = d.until(
         "the SQL error is shown",
         "const e = document.querySelector('#sql-error'); return !e.hidden && e.textContent",
@@ -216,10 +223,7 @@ fn the_console_charts_a_series_with_its_band_lists_risks_and_shows_sql_errors() 
         "{error}"
     );
     d.screenshot("sql-error");
-    d.run(
-        "document.querySelector('#sql-text').value = 'SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host'; \
-         document.querySelector('#sql-form').requestSubmit()",
-    );
+    d.submit_sql("SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host");
     let table = d.until(
         "the rows are shown",
         "const e = document.querySelector('#sql-error'); \

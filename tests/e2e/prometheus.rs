@@ -283,20 +283,13 @@ labels = {{ env = "test" }}
     };
     assert_eq!(of(&exporter)["health"], "up", "{targets}");
     assert_eq!(of(&hangs_addr.to_string())["health"], "down");
-    assert!(
-        of(&hangs_addr.to_string())["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("timed out"),
-        "{targets}"
-    );
-    assert!(
-        of(&garbage_addr.to_string())["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("parsing the exposition: line 1"),
-        "{targets}"
-    );
+    for (addr, why) in [
+        (hangs_addr, "timed out"),
+        (garbage_addr, "parsing the exposition: line 1"),
+    ] {
+        let error = of(&addr.to_string())["lastError"].clone();
+        assert!(error.as_str().unwrap().contains(why), "{targets}");
+    }
     let (_, metrics) = crate::harness::get_text(&server.url("/metrics"));
     assert!(
         metrics.contains("forestall_scrape_failures_total"),
