@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -76,6 +76,20 @@ pub trait WriteObserver: Send + Sync + std::fmt::Debug {
 pub struct Entries(Arc<Index>);
 
 impl Entries {
+    /// The entries of the store in `data_dir`, opened without the rest of it, for offline
+    /// tools (`forestall token create --data-dir`). Fails while a server has the store open
+    /// (RocksDB's lock), and when `data_dir` holds no store.
+    pub fn open_offline(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join("index");
+        if !path.join("CURRENT").exists() {
+            return Err(Error::Config(format!(
+                "{} holds no Forestall store (no index/)",
+                data_dir.display()
+            )));
+        }
+        Ok(Self(Arc::new(Index::open(&path)?)))
+    }
+
     /// Applies every change (a value to put, `None` to delete) atomically and durably.
     pub fn put(&self, changes: &[(String, Option<Vec<u8>>)]) -> Result<()> {
         self.0.put_entries(changes)

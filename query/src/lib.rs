@@ -30,7 +30,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext, SessionState};
 use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use forestall_engine::Store;
@@ -58,6 +58,9 @@ pub enum Error {
     /// What the statement names does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not do this (see [`QueryEngine::refusing_changes`]).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl From<DataFusionError> for Error {
@@ -92,6 +95,9 @@ pub struct QueryEngine {
     runtime: Option<tokio::runtime::Handle>,
     /// Answers continuous-query statements (see [`QueryEngine::with_continuous`]).
     continuous: Option<continuous::ContinuousQueries>,
+    /// Why continuous-query statements that change something are refused, when they are
+    /// (see [`QueryEngine::refusing_changes`]).
+    changes_refused: Option<Arc<str>>,
 }
 
 impl QueryEngine {
@@ -146,6 +152,7 @@ impl QueryEngine {
             base: ctx.state(),
             runtime: None,
             continuous: None,
+            changes_refused: None,
         }
     }
 
@@ -168,11 +175,28 @@ impl QueryEngine {
         self
     }
 
+    /// The same engine, refusing the continuous-query statements that change something
+    /// (`CREATE`, `DROP`) with `why`: for callers allowed to query but not to administer.
+    pub fn refusing_changes(mut self, why: impl Into<Arc<str>>) -> Self {
+        self.changes_refused = Some(why.into());
+        self
+    }
+
     /// Runs `sql` if it is a continuous-query statement: `None` when it is not one.
     pub async fn continuous_statement(&self, sql: &str) -> Option<Result<continuous::Outcome>> {
         let statement = continuous::statement::parse(sql)?;
         Some(match (statement, &self.continuous) {
             (Err(e), _) => Err(e),
+            (Ok(continuous::Statement::Create { .. } | continuous::Statement::Drop { .. }), _)
+                if self.changes_refused.is_some() =>
+            {
+                Err(Error::Forbidden(
+                    self.changes_refused
+                        .as_deref()
+                        .unwrap_or_default()
+                        .to_string(),
+                ))
+            }
             (Ok(_), None) => Err(Error::Execution(
                 "continuous queries are not running in this process".into(),
             )),
@@ -247,13 +271,23 @@ impl QueryEngine {
         SessionContext::new_with_state(self.base.clone())
     }
 
+    /// The DataFrame of `sql` in a new session. SQL reads only: DataFusion's DDL
+    /// (`CREATE EXTERNAL TABLE` would read any file the server can) and DML (`COPY … TO`
+    /// would write one, `INSERT`) are refused; `SET` is allowed and lasts for the session.
+    async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
+        Ok(self
+            .session()
+            .sql_with_options(sql, read_only_sql())
+            .await?)
+    }
+
     /// Plans and runs `sql`, collecting the result.
     pub async fn sql(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         if let Some(outcome) = self.continuous_statement(sql).await {
             let batch = outcome?.into_batch();
             return Ok((batch.schema(), vec![batch]));
         }
-        let df = self.session().sql(sql).await?;
+        let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok((schema, batches))
@@ -262,7 +296,7 @@ impl QueryEngine {
     /// The physical plan of `sql` (not a continuous-query statement), its result's schema and
     /// the context to execute it in, for callers that look at the plan before running it.
     pub(crate) async fn plan(&self, sql: &str) -> Result<Planned> {
-        let df = self.session().sql(sql).await?;
+        let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let context = Arc::new(df.task_ctx());
         let plan = df.create_physical_plan().await?;
@@ -287,10 +321,20 @@ impl QueryEngine {
                 Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
             ));
         }
-        let df = self.session().sql(sql).await?;
+        let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         Ok((schema, Self::execute(df)))
     }
+}
+
+/// What SQL may do here: read. DataFusion's DDL (`CREATE EXTERNAL TABLE` reads any file the
+/// server can) and DML (`COPY … TO` writes one; `INSERT`) are refused; `SET` is allowed and
+/// lasts for the session. Every SQL surface (HTTP, PostgreSQL, continuous queries) checks its
+/// plans with it.
+pub fn read_only_sql() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //!   (a file of any size, with a progress bar on a terminal); a line the server refuses is
 //!   reported with its line number in the input, and the other lines are still stored;
 //! * `forestall status`: the server's health, data, continuous queries, scrape targets and
-//!   allocation loop at a glance.
+//!   allocation loop at a glance;
+//! * `forestall token create|list|revoke`: tokens ([`crate::auth`]), on a running server or,
+//!   with `--data-dir`, in a stopped server's store.
 //!
-//! Each takes `--host` (default `http://127.0.0.1:8181`, or `FORESTALL_HOST`). A server that
-//! cannot be reached or answers an error is a message on stderr and exit status 1.
+//! Each takes `--host` (default `http://127.0.0.1:8181`, or `FORESTALL_HOST`) and `--token`
+//! (or `FORESTALL_TOKEN`). A server that cannot be reached or answers an error is a message
+//! on stderr and exit status 1.
 
 use std::io::{BufRead, Read, Write};
 use std::time::Duration;
@@ -16,11 +19,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-/// Where the server is.
+/// Where the server is, and the token to show it.
 #[derive(Debug, Clone)]
 pub struct Client {
     host: String,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer` when set.
+    token: Option<String>,
 }
 
 /// A batch of a write: at most this many bytes of whole lines (the server's body limit is
@@ -28,8 +33,9 @@ pub struct Client {
 pub const WRITE_BATCH_BYTES: usize = 4 << 20;
 
 impl Client {
-    pub fn new(host: &str) -> Self {
+    pub fn new(host: &str, token: Option<&str>) -> Self {
         Self {
+            token: token.map(str::to_string).filter(|t| !t.is_empty()),
             host: host.trim_end_matches('/').to_string(),
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(10))
@@ -42,6 +48,15 @@ impl Client {
         format!("{}{path}", self.host)
     }
 
+    /// A request to `path`, with the token.
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.agent.request(method, &self.url(path));
+        match &self.token {
+            Some(t) => request.set("Authorization", &format!("Bearer {t}")),
+            None => request,
+        }
+    }
+
     /// The server's error for a failed request: its `error` message when it sent one.
     fn failed(&self, path: &str, e: ureq::Error) -> anyhow::Error {
         match e {
@@ -51,7 +66,15 @@ impl Client {
                     .ok()
                     .and_then(|v| v["error"].as_str().map(str::to_string))
                     .unwrap_or(body);
-                anyhow::anyhow!("{} answered {code}: {}", self.url(path), message.trim())
+                let hint = match (code, &self.token) {
+                    (401, None) => " (give a token: --token or FORESTALL_TOKEN)",
+                    _ => "",
+                };
+                anyhow::anyhow!(
+                    "{} answered {code}: {}{hint}",
+                    self.url(path),
+                    message.trim()
+                )
             }
             ureq::Error::Transport(t) => anyhow::anyhow!(
                 "cannot reach Forestall at {} ({t}); is `forestall serve` running there? (--host)",
@@ -62,20 +85,44 @@ impl Client {
 
     fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let response = self
-            .agent
-            .get(&self.url(path))
+            .request("GET", path)
             .call()
             .map_err(|e| self.failed(path, e))?;
         serde_json::from_reader(response.into_reader())
             .with_context(|| format!("{} did not answer JSON", self.url(path)))
     }
 
+    /// `POST /api/v1/tokens`: the new token, with its secret.
+    pub fn create_token(&self, spec: &crate::auth::TokenSpec) -> anyhow::Result<Value> {
+        let path = "/api/v1/tokens";
+        let response = self
+            .request("POST", path)
+            .set("Content-Type", "application/json")
+            .send_string(&serde_json::to_string(spec)?)
+            .map_err(|e| self.failed(path, e))?;
+        serde_json::from_reader(response.into_reader())
+            .with_context(|| format!("{} did not answer JSON", self.url(path)))
+    }
+
+    /// `GET /api/v1/tokens`: every token, without secrets.
+    pub fn tokens(&self) -> anyhow::Result<Value> {
+        Ok(self.get_json("/api/v1/tokens")?["tokens"].take())
+    }
+
+    /// `DELETE /api/v1/tokens/{name}`.
+    pub fn revoke_token(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/api/v1/tokens/{name}");
+        self.request("DELETE", &path)
+            .call()
+            .map_err(|e| self.failed(&path, e))?;
+        Ok(())
+    }
+
     /// Runs `sql` and copies the answer, in `format`, to `out` as it streams in.
     pub fn query(&self, sql: &str, format: &str, out: &mut impl Write) -> anyhow::Result<()> {
         let path = "/api/v3/query_sql";
         let response = self
-            .agent
-            .post(&self.url(path))
+            .request("POST", path)
             .set("Content-Type", "application/json")
             .send_string(&serde_json::json!({ "q": sql, "format": format }).to_string())
             .map_err(|e| self.failed(path, e))?;
@@ -140,7 +187,7 @@ impl Client {
         if lines == 0 {
             return Ok(());
         }
-        match self.agent.post(&self.url(path)).send_bytes(batch) {
+        match self.request("POST", path).send_bytes(batch) {
             Ok(_) => {
                 written.lines += lines;
                 Ok(())

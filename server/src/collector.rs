@@ -33,6 +33,7 @@ use forestall_actuators::{Meter, Target};
 use forestall_engine::line_protocol::{FieldValue, Precision, write_point};
 use forestall_engine::store::now_nanos;
 use forestall_engine::{Metrics, Store};
+use forestall_query::continuous::{DefinitionSpec, HealthSpec};
 
 use crate::config::CollectorConfig;
 use procfs::CpuTimes;
@@ -438,6 +439,69 @@ fn disk(mounts: &str, filesystems: &str, out: &mut Rows<'_>) {
     if !failed.is_empty() {
         out.problem("disk", failed.join("; "));
     }
+}
+
+/// Built-in health queries are named this, then what they check (`forestall_host_cpu`).
+pub const BUILTIN_PREFIX: &str = "forestall_host_";
+
+/// The built-in `HEALTH` queries over what the collector writes (`[collector] health`), with
+/// the host name as their component: each runs every three collections over the last six
+/// (every 30 s over a minute by default), late by half a collection so the last one is in.
+/// Their thresholds are the `[collector]` section's documented ones; a user who wants others
+/// replaces the query (`CREATE OR REPLACE`) and keeps it.
+pub fn builtin_queries(config: &CollectorConfig) -> Vec<DefinitionSpec> {
+    if !config.enabled || !config.health {
+        return Vec::new();
+    }
+    let every = config.interval * 3;
+    let window = format!(
+        "INTERVAL '{} milliseconds'",
+        (config.interval * 6).as_millis()
+    );
+    let check = |what: &str, warn: u32, fail: u32, hold: &str, query: String| DefinitionSpec {
+        name: Some(format!("{BUILTIN_PREFIX}{what}")),
+        every: Some(humantime::format_duration(every).to_string()),
+        lateness: Some(humantime::format_duration(config.interval / 2).to_string()),
+        health: Some(HealthSpec {
+            warn: Some(format!("value > {warn}")),
+            fail: Some(format!("value > {fail}")),
+            hold: Some(hold.into()),
+        }),
+        query,
+        ..Default::default()
+    };
+    vec![
+        check(
+            "cpu",
+            90,
+            98,
+            "5m",
+            format!(
+                "SELECT host AS component, 100 - avg(usage_idle) AS value FROM cpu \
+                 WHERE cpu = 'cpu-total' AND time > now() - {window} GROUP BY host"
+            ),
+        ),
+        check(
+            "memory",
+            90,
+            97,
+            "2m",
+            format!(
+                "SELECT host AS component, 100 - min(available_percent) AS value FROM mem \
+                 WHERE time > now() - {window} GROUP BY host"
+            ),
+        ),
+        check(
+            "disk",
+            85,
+            95,
+            "5m",
+            format!(
+                "SELECT host AS component, path, max(used_percent) AS value FROM disk \
+                 WHERE mode = 'rw' AND time > now() - {window} GROUP BY host, path"
+            ),
+        ),
+    ]
 }
 
 /// The names of the directories in `dir`, sorted.

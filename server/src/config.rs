@@ -54,7 +54,8 @@ impl Default for HttpConfig {
 pub struct PgConfig {
     /// Serve the Postgres protocol. Default true.
     pub enabled: bool,
-    /// Listen address. Default `127.0.0.1:5433` (no authentication yet: keep it on loopback).
+    /// Listen address. Default `127.0.0.1:5433`. With `[auth]` on, clients send a token as
+    /// their password.
     pub addr: SocketAddr,
 }
 
@@ -124,6 +125,9 @@ pub struct CollectorConfig {
     /// The cgroup whose children are metered into `cgroup` (`/` for the top-level ones,
     /// `system.slice` for systemd's services); empty for none. Default `/`.
     pub cgroup_parent: String,
+    /// Built-in `HEALTH` continuous queries over what the collector writes: the host's CPU,
+    /// memory and filesystems (see [`crate::collector::builtin_queries`]). Default true.
+    pub health: bool,
 }
 
 impl Default for CollectorConfig {
@@ -134,6 +138,7 @@ impl Default for CollectorConfig {
             per_cpu: true,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "/".into(),
+            health: true,
         }
     }
 }
@@ -286,6 +291,17 @@ pub struct ServerConfig {
     pub continuous_queries: Vec<forestall_query::continuous::DefinitionSpec>,
     /// `[[scrape]]`: Prometheus targets to scrape.
     pub scrape: Vec<ScrapeConfig>,
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: whether requests need a token (see [`crate::auth`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `true`: every endpoint but `/health` needs a token; `false`: none does, wherever
+    /// the server listens (`serve --without-auth`). Unset (the default): off on loopback,
+    /// and a server listening anywhere else refuses to start until it is set.
+    pub enabled: Option<bool>,
 }
 
 /// Values given on the command line; they win over everything else.
@@ -294,9 +310,36 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
     pub pg_addr: Option<SocketAddr>,
+    /// `serve --auth` (`Some(true)`) or `--without-auth` (`Some(false)`).
+    pub auth: Option<bool>,
 }
 
 impl ServerConfig {
+    /// Whether requests need a token: `[auth] enabled` when set; otherwise off, which is
+    /// refused unless every address the server listens on is loopback.
+    pub fn auth_enabled(&self) -> Result<bool, ConfigError> {
+        if let Some(enabled) = self.auth.enabled {
+            return Ok(enabled);
+        }
+        let mut exposed = Vec::new();
+        if !self.http.addr.ip().is_loopback() {
+            exposed.push(format!("HTTP on {}", self.http.addr));
+        }
+        if self.pg.enabled && !self.pg.addr.ip().is_loopback() {
+            exposed.push(format!("PostgreSQL on {}", self.pg.addr));
+        }
+        if exposed.is_empty() {
+            return Ok(false);
+        }
+        Err(ConfigError::Invalid(format!(
+            "Forestall would listen for {} without authentication: anyone who reaches it could \
+             read and write every series and steer allocations. Start it with --auth (or \
+             [auth] enabled = true) and create the first token with `forestall token create \
+             --admin`, or accept the risk with --without-auth",
+            exposed.join(" and ")
+        )))
+    }
+
     /// Loads the layers: defaults, then `file` (if any), then the environment `env` (pass
     /// `std::env::vars()`), then `overrides`; and validates the result.
     pub fn load(
@@ -356,6 +399,9 @@ impl ServerConfig {
         if let Some(addr) = overrides.pg_addr {
             config.pg.addr = addr;
         }
+        if let Some(auth) = overrides.auth {
+            config.auth.enabled = Some(auth);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -381,6 +427,7 @@ impl ServerConfig {
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.collector.validate()?;
+        self.auth_enabled()?;
         let mut jobs = BTreeSet::new();
         for job in &self.scrape {
             job.validate()?;
@@ -449,6 +496,66 @@ mod tests {
     }
 
     #[test]
+    fn auth_is_required_off_loopback_unless_turned_off_on_purpose() {
+        let load = |vars: &[(&str, &str)], auth: Option<bool>| {
+            ServerConfig::load(
+                None,
+                env(vars),
+                &Overrides {
+                    auth,
+                    ..Default::default()
+                },
+            )
+        };
+        // Loopback: off unless asked for.
+        assert!(!load(&[], None).unwrap().auth_enabled().unwrap());
+        assert!(load(&[], Some(true)).unwrap().auth_enabled().unwrap());
+        // Any other address: refused, naming it and the two ways out...
+        for (var, addr, what) in [
+            (
+                "FORESTALL__HTTP__ADDR",
+                "0.0.0.0:8181",
+                "HTTP on 0.0.0.0:8181",
+            ),
+            (
+                "FORESTALL__PG__ADDR",
+                "10.1.2.3:5433",
+                "PostgreSQL on 10.1.2.3:5433",
+            ),
+        ] {
+            let e = load(&[(var, addr)], None).unwrap_err().to_string();
+            assert!(
+                e.contains(what) && e.contains("--auth") && e.contains("--without-auth"),
+                "{e}"
+            );
+            // ...which both work.
+            assert!(
+                load(&[(var, addr)], Some(true))
+                    .unwrap()
+                    .auth_enabled()
+                    .unwrap()
+            );
+            assert!(
+                !load(&[(var, addr)], Some(false))
+                    .unwrap()
+                    .auth_enabled()
+                    .unwrap()
+            );
+            let on = load(&[(var, addr), ("FORESTALL__AUTH__ENABLED", "true")], None).unwrap();
+            assert!(on.auth_enabled().unwrap());
+        }
+        // A pg address off loopback does not matter when pg is off.
+        let c = load(
+            &[
+                ("FORESTALL__PG__ADDR", "0.0.0.0:5433"),
+                ("FORESTALL__PG__ENABLED", "false"),
+            ],
+            None,
+        );
+        assert!(!c.unwrap().auth_enabled().unwrap());
+    }
+
+    #[test]
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
@@ -467,8 +574,7 @@ mod tests {
             ]),
             &Overrides {
                 data_dir: Some("/from/flag".into()),
-                http_addr: None,
-                pg_addr: None,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -73,6 +73,7 @@ pub(crate) fn query_error(e: forestall_query::Error) -> ApiError {
         E::Query(m) => ApiError::Invalid(m),
         E::Exists(m) => ApiError::Conflict(m),
         E::NotFound(m) => ApiError::NotFound(m),
+        E::Forbidden(m) => ApiError::Forbidden(m),
         e @ E::Execution(_) => ApiError::Internal(e.to_string()),
     }
 }

@@ -12,6 +12,12 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// No token, or one that is not valid: 401 with `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token without the permission.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Conflict(String),
     #[error("method not allowed on this endpoint")]
@@ -48,6 +54,8 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not found"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request too large"),
@@ -71,6 +79,13 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (status, Json(json!({"code": code, "error": message}))).into_response()
+        let mut response = (status, Json(json!({"code": code, "error": message}))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"forestall\""),
+            );
+        }
+        response
     }
 }

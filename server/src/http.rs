@@ -19,6 +19,7 @@
 //! | `GET`, `PUT`, `DELETE /api/v1/continuous_queries[/{name}]` | continuous queries (see [`crate::continuous`]) |
 //! | `POST /api/v1/continuous_queries/{name}/run` | run one now; its status after the run |
 //! | `GET /api/v1/health` | each component's health from the health-check queries |
+//! | `GET`, `POST /api/v1/tokens`, `DELETE /api/v1/tokens/{name}` | tokens (see [`crate::auth`]): list without secrets, create (the secret is in the answer, once), revoke |
 //! | `GET /health` | liveness and version |
 //! | `GET /metrics` | Forestall's own metrics, Prometheus text format |
 //!
@@ -28,6 +29,9 @@
 //! valid lines of such a request are stored (InfluxDB's partial write). Bodies may be gzip
 //! (`Content-Encoding: gzip`); the size limit applies before and after decompression.
 //! Every error is JSON: `{"code": ..., "error": ...}`.
+//!
+//! With auth on ([`crate::auth`]), a layer checks every request's token against what its
+//! route needs before the handler runs: 401 without a valid one, 403 without the permission.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -35,17 +39,18 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::Path;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use forestall_engine::Store;
-use forestall_engine::line_protocol::Precision;
+use forestall_engine::line_protocol::{LineError, ParsedLine, Precision, parse_lines};
 use forestall_engine::store::{WriteOutcome, now_nanos};
 use http_body_util::BodyExt;
 use serde_json::json;
 
+use crate::auth::{self, Identity, Need};
 use crate::error::ApiError;
 
 mod query;
@@ -64,6 +69,10 @@ pub struct AppState {
     pub continuous: Option<forestall_query::continuous::ContinuousQueries>,
     /// The `[[scrape]]` targets (none when none are configured).
     pub scraper: crate::scrape::Scraper,
+    /// The tokens, when loaded (the server always loads them; handler tests may not).
+    pub tokens: Option<crate::auth::Tokens>,
+    /// Whether every request but `/health` needs a token.
+    pub auth_required: bool,
 }
 
 impl AppState {
@@ -80,6 +89,8 @@ impl AppState {
             allocations: None,
             continuous: None,
             scraper: Default::default(),
+            tokens: None,
+            auth_required: false,
         }
     }
 }
@@ -124,11 +135,162 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(crate::console::index))
         .route("/console/app.js", get(crate::console::script))
         .route("/console/app.css", get(crate::console::style))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// The auth layer: the request's [`Identity`] (anonymous with every permission when auth is
+/// off) goes into its extensions for the handlers, or the request ends here.
+async fn authorize(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match identify(&state, &request) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn identify(state: &AppState, request: &axum::extract::Request) -> Result<Identity, ApiError> {
+    if !state.auth_required {
+        return Ok(Identity::anonymous());
+    }
+    let tokens = state
+        .tokens
+        .as_ref()
+        .ok_or_else(|| ApiError::Internal("auth is on but no tokens are loaded".into()))?;
+    let (method, path) = (request.method(), request.uri().path());
+    let need = auth::required(method, path);
+    let secret = auth::secret_of(request.headers(), request.uri().query());
+    if secret.is_none()
+        && need == Need::All
+        && method == axum::http::Method::POST
+        && path == "/api/v1/tokens"
+        && !tokens.has_admin()
+    {
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        return match peer {
+            Some(peer) if peer.0.ip().is_loopback() => Ok(Identity::first_token()),
+            _ => Err(ApiError::Unauthorized(
+                "no admin token exists yet: create the first with `forestall token create --admin` on the server's own host (loopback), or with --data-dir while it is stopped".into(),
+            )),
+        };
+    }
+    tokens
+        .check(secret.as_deref(), need)
+        .map_err(|refused| match refused {
+            auth::Refused::Forbidden { .. } => ApiError::Forbidden(refused.to_string()),
+            other => ApiError::Unauthorized(other.to_string()),
+        })
+}
+
+fn tokens(state: &AppState) -> Result<&auth::Tokens, ApiError> {
+    state
+        .tokens
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("tokens are not loaded in this process".into()))
+}
+
+fn token_json(t: &auth::Token) -> serde_json::Value {
+    json!({
+        "name": t.name,
+        "permissions": t.permissions,
+        "created": t.created,
+        "expires": t.expires,
+    })
+}
+
+/// `GET /api/v1/tokens`: every token, without secrets (only hashes are kept).
+async fn list_tokens(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let list: Vec<_> = tokens(&state)?.list().iter().map(token_json).collect();
+    Ok(Json(json!({ "tokens": list })))
+}
+
+/// `POST /api/v1/tokens` `{"name": "ci", "permissions": ["write:cpu"], "expires": "30d"}`:
+/// the new token with its secret, which is never shown again.
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let spec: auth::TokenSpec = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Invalid(format!(
+            "expected {{\"name\": \"ci\", \"permissions\": [\"write\", \"query\"], \"expires\": \"30d\"}}: {e}"
+        ))
+    })?;
+    let tokens = tokens(&state)?.clone();
+    let first = identity.first_token;
+    let (secret, token) = tokio::task::spawn_blocking(move || tokens.create(&spec, first))
+        .await
+        .map_err(|e| ApiError::Internal(format!("token task failed: {e}")))?
+        .map_err(token_error)?;
+    tracing::info!(token = %token.name, permissions = ?token.permissions, by = %identity.name, "token created");
+    let mut body = token_json(&token);
+    body["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `DELETE /api/v1/tokens/{name}`: requests with it are refused from now on.
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tokens = tokens(&state)?.clone();
+    let revoked = name.clone();
+    tokio::task::spawn_blocking(move || tokens.revoke(&revoked))
+        .await
+        .map_err(|e| ApiError::Internal(format!("token task failed: {e}")))?
+        .map_err(token_error)?;
+    tracing::info!(token = %name, by = %identity.name, "token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn token_error(e: auth::TokenError) -> ApiError {
+    use auth::TokenError as E;
+    match e {
+        E::Invalid(m) => ApiError::Invalid(m),
+        e @ E::Exists(_) => ApiError::Conflict(e.to_string()),
+        e @ E::NotFound(_) => ApiError::NotFound(e.to_string()),
+        E::Forbidden(m) => ApiError::Forbidden(m),
+        E::Store(e) => ApiError::from(e),
+    }
+}
+
+/// Refuses a write (403, nothing of it stored) with a line of a measurement `identity` may
+/// not write. The lines are the engine's own parse, so what is checked is what would be
+/// stored.
+pub(crate) fn check_measurements<'a>(
+    identity: &Identity,
+    lines: impl Iterator<Item = Result<ParsedLine<'a>, LineError>>,
+) -> Result<(), ApiError> {
+    if identity.writes_anything() {
+        return Ok(());
+    }
+    for line in lines.flatten() {
+        if !identity.may_write(&line.measurement) {
+            return Err(ApiError::Forbidden(format!(
+                "the token {:?} may not write measurement {:?} (line {}); nothing was stored",
+                identity.name, line.measurement, line.line_number
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn not_found() -> ApiError {
@@ -329,22 +491,24 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn write_v2(
     State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let precision = precision(&q, &["ns", "us", "ms", "s"])?;
-    write(state, precision, headers, body).await
+    write(state, identity, precision, headers, body).await
 }
 
 async fn write_v1(
     State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let precision = precision(&q, &["n", "ns", "u", "us", "ms", "s", "m", "h"])?;
-    write(state, precision, headers, body).await
+    write(state, identity, precision, headers, body).await
 }
 
 /// The `precision` parameter, one of `allowed` (nanoseconds when absent).
@@ -366,6 +530,7 @@ fn precision(q: &HashMap<String, String>, allowed: &[&str]) -> Result<Precision,
 
 async fn write(
     state: AppState,
+    identity: Identity,
     precision: Precision,
     headers: HeaderMap,
     body: Body,
@@ -383,9 +548,12 @@ async fn write(
     };
     let store = Arc::clone(&state.store);
     let now = now_nanos();
-    let outcome = tokio::task::spawn_blocking(move || store.write(&body, precision, now))
-        .await
-        .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
+    let outcome = tokio::task::spawn_blocking(move || {
+        check_measurements(&identity, parse_lines(&body, precision, now))?;
+        Ok::<_, ApiError>(store.write(&body, precision, now)?)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
     Ok(write_response(outcome))
 }
 

@@ -1,6 +1,6 @@
 //! # forestall-server
 //!
-//! The process around the engine: configuration ([`config`]), the HTTP API ([`http`]), the
+//! The process around the engine: configuration ([`config`]), tokens ([`auth`]), the HTTP API ([`http`]), the
 //! PostgreSQL wire ([`pg`]), the host collector ([`collector`]), Prometheus scraping
 //! ([`scrape`]), the `forestall` binary's `serve` command ([`serve`]), which wires the store,
 //! the queries, the continuous queries, the collector, the scrapes and the allocation loop
@@ -8,6 +8,7 @@
 //! evaluations behind `forestall eval` ([`eval`]). It may depend on every Forestall crate,
 //! and none depends on it.
 
+pub mod auth;
 pub mod cli;
 pub mod collector;
 pub mod config;
@@ -49,6 +50,25 @@ pub async fn serve(
     let query_runtime = QueryRuntime(Some(query_runtime(config.query.nice)?));
     let mut state = http::AppState::new(Arc::clone(&store), &config);
     state.query = state.query.on_runtime(query_runtime.handle());
+    let tokens = auth::Tokens::load(store.entries()).context("load the tokens")?;
+    state.auth_required = config.auth_enabled()?;
+    if state.auth_required {
+        let count = tokens.list().len();
+        tracing::info!(
+            tokens = count,
+            "auth is on: every endpoint but /health needs a token"
+        );
+        if !tokens.has_admin() {
+            tracing::warn!(
+                "no admin token yet: create one on this host with `forestall token create --admin`"
+            );
+        }
+    } else if !config.http.addr.ip().is_loopback()
+        || (config.pg.enabled && !config.pg.addr.ip().is_loopback())
+    {
+        tracing::warn!("auth is off (--without-auth) on an address other than loopback");
+    }
+    state.tokens = Some(tokens.clone());
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let allocations = if config.allocation.enabled {
         let allocations =
@@ -73,15 +93,17 @@ pub async fn serve(
         .reconcile(config.continuous_queries.clone())
         .await
         .context("the [[continuous_queries]] of the config")?;
-    // The loop's usage queries (none, and any left from before dropped, without the loop).
-    let builtin = match config.allocation.enabled {
+    // Forestall's own queries: the loop's usage queries and the collector's health checks
+    // (any left from before that are no longer wanted are dropped).
+    let mut builtin = match config.allocation.enabled {
         true => forestall_control::usage::builtin_queries(&config.allocation),
         false => Vec::new(),
     };
+    builtin.extend(collector::builtin_queries(&config.collector));
     continuous
         .reconcile_builtin(builtin)
         .await
-        .context("the allocation loop's usage queries")?;
+        .context("the built-in continuous queries")?;
     state.query = state.query.with_continuous(continuous.clone());
     state.continuous = Some(continuous.clone());
     let allocation = match allocations {
@@ -128,6 +150,7 @@ pub async fn serve(
             pg_listener,
             state.query.clone(),
             state.query_limits,
+            state.auth_required.then(|| tokens.clone()),
             shutdown.clone(),
         )))
     } else {
@@ -138,6 +161,8 @@ pub async fn serve(
     // --http-addr 127.0.0.1:0); the Postgres line, if any, came before it.
     println!("forestall listening on http://{addr}");
     let app = http::router(state);
+    // The peer's address tells the auth layer whether a first token may be made.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

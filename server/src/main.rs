@@ -35,6 +35,19 @@ enum Command {
         /// PostgreSQL wire protocol listen address [default: 127.0.0.1:5433].
         #[arg(long, value_name = "ADDR")]
         pg_addr: Option<SocketAddr>,
+        /// Every endpoint but /health needs a token, on loopback too ([auth] enabled = true).
+        #[arg(long, conflicts_with = "without_auth")]
+        auth: bool,
+        /// No endpoint needs a token, even when listening on an address other than loopback
+        /// (which is refused without this or --auth).
+        #[arg(long)]
+        without_auth: bool,
+    },
+    /// Create, list or revoke tokens, on a running server (--host, --token) or in a stopped
+    /// server's store (--data-dir).
+    Token {
+        #[command(subcommand)]
+        what: TokenCommand,
     },
     /// Run SQL on a running server and print the answer.
     Query {
@@ -112,6 +125,152 @@ struct Host {
         default_value = "http://127.0.0.1:8181"
     )]
     url: String,
+    /// The token to send (when the server's auth is on).
+    #[arg(long, env = "FORESTALL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Host {
+    fn client(&self) -> forestall_server::cli::Client {
+        forestall_server::cli::Client::new(&self.url, self.token.as_deref())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret, once (only its hash is kept).
+    Create {
+        /// Its name, unique.
+        #[arg(long)]
+        name: String,
+        /// Every permission, including managing tokens (the first token needs none:
+        /// create it on the server's host, or with --data-dir).
+        #[arg(long, conflicts_with = "permission")]
+        admin: bool,
+        /// write, write:<measurement>, query, admin or actuate (repeat for more).
+        #[arg(long, value_name = "P", required_unless_present = "admin")]
+        permission: Vec<String>,
+        /// When it stops working: a duration from now (30d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        #[command(flatten)]
+        place: TokenPlace,
+    },
+    /// List the tokens (names, permissions, expiry; never secrets).
+    List {
+        #[command(flatten)]
+        place: TokenPlace,
+    },
+    /// Revoke a token: requests with it are refused from now on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        place: TokenPlace,
+    },
+}
+
+/// A running server, or a stopped one's data directory.
+#[derive(Debug, clap::Args)]
+struct TokenPlace {
+    #[command(flatten)]
+    host: Host,
+    /// Work on the store in DIR directly (its server must be stopped).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// The tokens of a stopped server's store.
+fn offline_tokens(dir: &std::path::Path) -> anyhow::Result<forestall_server::auth::Tokens> {
+    let entries = forestall_engine::Entries::open_offline(dir).with_context(|| {
+        format!(
+            "open the store in {} (is its server still running?)",
+            dir.display()
+        )
+    })?;
+    Ok(forestall_server::auth::Tokens::load(entries)?)
+}
+
+fn token_command(what: TokenCommand) -> anyhow::Result<()> {
+    use forestall_server::auth::TokenSpec;
+    match what {
+        TokenCommand::Create {
+            name,
+            admin,
+            permission,
+            expires,
+            place,
+        } => {
+            let spec = TokenSpec {
+                name,
+                permissions: if admin { vec!["*".into()] } else { permission },
+                expires,
+            };
+            let (secret, token) = match &place.data_dir {
+                Some(dir) => {
+                    let (secret, token) = offline_tokens(dir)?.create(&spec, false)?;
+                    (secret, serde_json::to_value(&token)?)
+                }
+                None => {
+                    let mut token = place.host.client().create_token(&spec)?;
+                    let secret = token["token"].as_str().unwrap_or_default().to_string();
+                    token["token"].take();
+                    (secret, token)
+                }
+            };
+            eprintln!(
+                "token {} created with {}; keep its secret now, it is never shown again:",
+                token["name"].as_str().unwrap_or("?"),
+                token["permissions"]
+            );
+            println!("{secret}");
+            Ok(())
+        }
+        TokenCommand::List { place } => {
+            let tokens = match &place.data_dir {
+                Some(dir) => serde_json::to_value(offline_tokens(dir)?.list())?,
+                None => place.host.client().tokens()?,
+            };
+            println!(
+                "{:<24} {:<32} {:<20} expires",
+                "name", "permissions", "created"
+            );
+            for t in tokens.as_array().into_iter().flatten() {
+                let time = |v: &serde_json::Value| {
+                    v.as_i64()
+                        .map(|ns| {
+                            humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_nanos(ns.max(0) as u64),
+                            )
+                            .to_string()
+                        })
+                        .unwrap_or_else(|| "never".into())
+                };
+                let permissions: Vec<&str> = t["permissions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str())
+                    .collect();
+                println!(
+                    "{:<24} {:<32} {:<20} {}",
+                    t["name"].as_str().unwrap_or("?"),
+                    permissions.join(","),
+                    time(&t["created"]),
+                    time(&t["expires"])
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { name, place } => {
+            match &place.data_dir {
+                Some(dir) => offline_tokens(dir)?.revoke(&name)?,
+                None => place.host.client().revoke_token(&name)?,
+            }
+            eprintln!("token {name} revoked");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,8 +315,9 @@ fn main() -> anyhow::Result<()> {
     single_threaded_tensor_math();
     let cli = Cli::parse();
     match cli.command {
+        Command::Token { what } => token_command(what),
         Command::Query { sql, format, host } => {
-            let client = forestall_server::cli::Client::new(&host.url);
+            let client = host.client();
             client.query(&sql, &format, &mut std::io::stdout().lock())
         }
         Command::Write {
@@ -165,7 +325,7 @@ fn main() -> anyhow::Result<()> {
             precision,
             host,
         } => {
-            let client = forestall_server::cli::Client::new(&host.url);
+            let client = host.client();
             let (input, len): (Box<dyn std::io::Read>, Option<u64>) = if file.as_os_str() == "-" {
                 (Box::new(std::io::stdin().lock()), None)
             } else {
@@ -195,7 +355,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { host } => {
-            let client = forestall_server::cli::Client::new(&host.url);
+            let client = host.client();
             print!("{}", client.status()?);
             Ok(())
         }
@@ -280,6 +440,8 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             http_addr,
             pg_addr,
+            auth,
+            without_auth,
         } => {
             let config = ServerConfig::load(
                 config.as_deref(),
@@ -288,6 +450,11 @@ fn main() -> anyhow::Result<()> {
                     data_dir,
                     http_addr,
                     pg_addr,
+                    auth: match (auth, without_auth) {
+                        (true, _) => Some(true),
+                        (_, true) => Some(false),
+                        _ => None,
+                    },
                 },
             )?;
             init_logging(&config.log.filter);

@@ -15,8 +15,10 @@
 //! * Errors are Postgres error responses with a SQLSTATE: `42601` syntax, `42P01` unknown
 //!   table, `42703` unknown column, `42000` other planning errors, `57014` timeout, `54000`
 //!   the result-size limit, `XX000` internal.
-//! * No authentication yet: any user name, no password. Listen on loopback only until it
-//!   comes.
+//! * With auth on ([`crate::auth`]), the password is a token with the `query` permission
+//!   (any user name), sent in cleartext (`AuthenticationCleartextPassword`): off the host,
+//!   tunnel or terminate TLS in front. Creating or dropping a continuous query also needs
+//!   `admin`. Without auth, any user name and no password.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -38,17 +40,24 @@ use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use forestall_query::QueryEngine;
 use futures::{Sink, StreamExt, stream};
+use pgwire::api::auth::mechanism::{AuthMechanism, AuthState};
+use pgwire::api::auth::{
+    AuthDriver, AuthOutcome, DefaultServerParameterProvider, StartupHandler, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, NoopHandler, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
+use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
+use crate::auth::{Identity, Need, Tokens};
 use crate::http::QueryLimits;
 
 /// Serves the Postgres protocol on `listener` until `shutdown` resolves. Connections already
@@ -57,6 +66,7 @@ pub async fn serve(
     listener: TcpListener,
     query: QueryEngine,
     limits: QueryLimits,
+    tokens: Option<Tokens>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let handlers = Arc::new(Handlers {
@@ -66,6 +76,11 @@ pub async fn serve(
             }),
             query,
             limits,
+            auth: tokens.is_some(),
+        }),
+        startup: Arc::new(Startup {
+            tokens,
+            driver: AuthDriver::new(DefaultServerParameterProvider::default()),
         }),
     });
     tokio::pin!(shutdown);
@@ -93,6 +108,7 @@ pub async fn serve(
 
 struct Handlers {
     backend: Arc<Backend>,
+    startup: Arc<Startup>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -103,12 +119,120 @@ impl PgWireServerHandlers for Handlers {
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
         Arc::clone(&self.backend)
     }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.startup)
+    }
+}
+
+/// The connection's start: without auth, pgwire's no-op handshake (no password); with it, a
+/// cleartext password that must be a token with the query permission, whose identity is kept
+/// in the session's extensions ([`ConnIdentity`]).
+struct Startup {
+    tokens: Option<Tokens>,
+    driver: AuthDriver<DefaultServerParameterProvider, Identity>,
+}
+
+/// The token a connection authenticated with.
+struct ConnIdentity(Identity);
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let Some(tokens) = &self.tokens else {
+            return NoopHandler.on_startup(client, message).await;
+        };
+        let outcome = match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                let mechanism = Box::new(TokenPassword(tokens.clone()));
+                self.driver.begin_authentication(client, mechanism).await?
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(m) => {
+                self.driver.advance_authentication(client, m).await?
+            }
+            _ => return Ok(()),
+        };
+        if let AuthOutcome::Authenticated {
+            identity,
+            final_message,
+        } = outcome
+        {
+            if let Some(identity) = identity {
+                client
+                    .session_extensions()
+                    .get_or_insert_with(|| ConnIdentity(identity));
+            }
+            self.driver
+                .complete_authentication(client, final_message)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A cleartext password checked as a token with the query permission.
+struct TokenPassword(Tokens);
+
+#[async_trait]
+impl AuthMechanism<Identity> for TokenPassword {
+    async fn begin(
+        &mut self,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> PgWireResult<AuthState<Identity>> {
+        Ok(AuthState::InProgress(Authentication::CleartextPassword))
+    }
+
+    async fn next(
+        &mut self,
+        _client: &(dyn ClientInfo + Send + Sync),
+        message: PasswordMessageFamily,
+    ) -> PgWireResult<AuthState<Identity>> {
+        let password = message.into_password()?;
+        Ok(match self.0.check(Some(&password.password), Need::Query) {
+            Ok(identity) => AuthState::Ok {
+                final_message: None,
+                identity: Some(identity),
+            },
+            Err(refused) => AuthState::Failed(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".into(),
+                "28P01".into(),
+                format!(
+                    "{refused} (send a Forestall token with the query permission as the password)"
+                ),
+            )))),
+        })
+    }
 }
 
 struct Backend {
     query: QueryEngine,
     limits: QueryLimits,
     parser: Arc<Parser>,
+    /// Whether connections authenticated with a token ([`ConnIdentity`]).
+    auth: bool,
+}
+
+impl Backend {
+    /// Whether `client` may create and drop continuous queries: always without auth, with
+    /// it when its token has the admin permission.
+    fn may_administer<C: ClientInfo>(&self, client: &C) -> bool {
+        !self.auth
+            || client
+                .session_extensions()
+                .get::<ConnIdentity>()
+                .is_some_and(|id| id.0.allows(Need::Admin))
+    }
 }
 
 /// The connection's DataFusion session, kept in its extensions.
@@ -142,6 +266,7 @@ fn continuous_error(e: forestall_query::Error) -> PgWireError {
         E::Query(m) => user_error("42601", m),
         E::Exists(m) => user_error("42710", m),
         E::NotFound(m) => user_error("42704", m),
+        E::Forbidden(m) => user_error("42501", m),
         E::Execution(m) => {
             tracing::error!(error = %m, "continuous-query statement failed");
             user_error("XX000", "internal error; see the server log")
@@ -214,6 +339,9 @@ async fn plan(ctx: &SessionContext, statement: DfStatement) -> PgWireResult<Stmt
         .statement_to_plan(statement)
         .await
         .map_err(df_error)?;
+    forestall_query::read_only_sql()
+        .verify_plan(&plan)
+        .map_err(df_error)?;
     Ok(match plan {
         LogicalPlan::Statement(Statement::TransactionStart(_)) => Stmt::Begin,
         LogicalPlan::Statement(Statement::TransactionEnd(end)) => match end.conclusion {
@@ -237,13 +365,14 @@ impl Backend {
         stmt: Stmt,
         params: Option<ParamValues>,
         format: &Format,
+        admin: bool,
     ) -> PgWireResult<Response> {
         let plan = match stmt {
             Stmt::Begin => return Ok(Response::TransactionStart(Tag::new("BEGIN"))),
             Stmt::Commit => return Ok(Response::TransactionEnd(Tag::new("COMMIT"))),
             Stmt::Rollback => return Ok(Response::TransactionEnd(Tag::new("ROLLBACK"))),
             Stmt::Set => return Ok(Response::Execution(Tag::new("SET"))),
-            Stmt::Continuous(sql) => return self.continuous(&sql, format).await,
+            Stmt::Continuous(sql) => return self.continuous(&sql, format, admin).await,
             Stmt::Plan(plan) => *plan,
         };
         let plan = match params {
@@ -278,8 +407,14 @@ impl Backend {
 
 impl Backend {
     /// Runs a continuous-query statement: `SHOW` as rows, the others as a command tag.
-    async fn continuous(&self, sql: &str, format: &Format) -> PgWireResult<Response> {
-        let outcome = match self.query.continuous_statement(sql).await {
+    async fn continuous(&self, sql: &str, format: &Format, admin: bool) -> PgWireResult<Response> {
+        let engine = match admin {
+            true => self.query.clone(),
+            false => self.query.clone().refusing_changes(
+                "creating or dropping a continuous query needs a token with the admin permission",
+            ),
+        };
+        let outcome = match engine.continuous_statement(sql).await {
             Some(Ok(o)) => o,
             Some(Err(e)) => return Err(continuous_error(e)),
             None => return Err(user_error("XX000", "not a continuous-query statement")),
@@ -658,6 +793,7 @@ impl SimpleQueryHandler for Backend {
                     stmt,
                     None,
                     &Format::UnifiedText,
+                    self.may_administer(client),
                 )
                 .await?,
             ]);
@@ -668,7 +804,11 @@ impl SimpleQueryHandler for Backend {
         let mut out = Vec::new();
         for statement in split(query)? {
             let stmt = plan_on(&self.query, &ctx, statement).await?;
-            out.push(self.run(&ctx, stmt, None, &Format::UnifiedText).await?);
+            let admin = self.may_administer(client);
+            out.push(
+                self.run(&ctx, stmt, None, &Format::UnifiedText, admin)
+                    .await?,
+            );
         }
         Ok(out)
     }
@@ -781,7 +921,8 @@ impl ExtendedQueryHandler for Backend {
             Stmt::Plan(plan) if portal.parameter_len() > 0 => Some(params(portal, plan)?),
             _ => None,
         };
-        self.run(&ctx, stmt, params, &portal.result_column_format)
+        let admin = self.may_administer(client);
+        self.run(&ctx, stmt, params, &portal.result_column_format, admin)
             .await
     }
 }

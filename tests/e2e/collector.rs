@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use crate::harness::{Server, eventually, get_text, post, remove_cgroup, sql};
+use crate::harness::{Server, eventually, get_json, get_text, post, put, remove_cgroup, sql};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 2] = ["cpuacct", "memory"];
@@ -127,5 +127,113 @@ fn the_host_collector_writes_the_hosts_metrics_and_its_cgroups() {
         .unwrap_or(0);
     assert!(collections >= 2, "{metrics}");
     assert!(metrics.contains("forestall_collector_cpu_microseconds_total"));
+    server.terminate();
+}
+
+/// `check`'s entry for `host` in `GET /api/v1/health`, once it has one.
+fn check(server: &Server, host: &str, check: &str) -> Option<serde_json::Value> {
+    let (_, health) = get_json(&server.url("/api/v1/health"));
+    health["components"][host]["checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["check"] == check)
+        .cloned()
+}
+
+#[test]
+fn a_fresh_server_judges_the_hosts_health_from_what_it_collects() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("FORESTALL__COLLECTOR__ENABLED", "true"),
+        ("FORESTALL__COLLECTOR__INTERVAL", "1s"),
+        ("FORESTALL__COLLECTOR__CGROUP_PARENT", ""),
+    ];
+    let server = Server::start(dir.path(), &env);
+    // The three built-in checks are listed as Forestall's own.
+    let (_, listed) = get_json(&server.url("/api/v1/continuous_queries"));
+    let builtin: Vec<&str> = listed["continuous_queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["definition"]["builtin"] == true)
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    let names = [
+        "forestall_host_cpu",
+        "forestall_host_disk",
+        "forestall_host_memory",
+    ];
+    assert_eq!(builtin, names, "{listed}");
+    eventually("a mem row", Duration::from_secs(30), || {
+        !rows(&server, "SELECT host FROM mem").is_empty()
+    });
+    let host = sql(&server, "SELECT host FROM mem LIMIT 1")[0]["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Each check judges the host from the collector's rows: a percentage, and a status that
+    // follows from it (pass below the warn threshold).
+    for (name, warn) in [
+        ("forestall_host_cpu", 90.0),
+        ("forestall_host_memory", 90.0),
+    ] {
+        eventually(name, Duration::from_secs(60), || {
+            check(&server, &host, name).is_some_and(|c| c["value"].is_number())
+        });
+        let c = check(&server, &host, name).unwrap();
+        let value = c["value"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&value), "{c}");
+        if value < warn {
+            assert_eq!(c["status"], "pass", "{c}");
+        }
+    }
+    // The memory figure is the collector's: 100 - available_percent.
+    let available = sql(
+        &server,
+        "SELECT min(available_percent) AS a FROM mem WHERE time > now() - INTERVAL '6 seconds'",
+    )[0]["a"]
+        .as_f64()
+        .unwrap();
+    let used = check(&server, &host, "forestall_host_memory").unwrap()["value"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (used - (100.0 - available)).abs() < 10.0,
+        "{used} vs {available}"
+    );
+    // A user replaces one with a stricter check: it is theirs, judged at once...
+    let (status, body) = put(
+        &server.url("/api/v1/continuous_queries/forestall_host_memory"),
+        serde_json::json!({
+            "every": "1s",
+            "health": {"warn": "value > 0"},
+            "query": "SELECT host AS component, 100 - min(available_percent) AS value FROM mem WHERE time > now() - INTERVAL '10 seconds' GROUP BY host",
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually("the user's check warns", Duration::from_secs(30), || {
+        check(&server, &host, "forestall_host_memory").is_some_and(|c| c["status"] == "warn")
+    });
+    server.terminate();
+    // ...and kept across a restart, even with the built-in checks turned off, which drops
+    // the other two.
+    let mut off = env.to_vec();
+    off.push(("FORESTALL__COLLECTOR__HEALTH", "false"));
+    let server = Server::start(dir.path(), &off);
+    let (_, listed) = get_json(&server.url("/api/v1/continuous_queries"));
+    let left: Vec<(&str, bool)> = listed["continuous_queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["name"].as_str().unwrap(),
+                q["definition"]["builtin"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(left, [("forestall_host_memory", false)], "{listed}");
     server.terminate();
 }

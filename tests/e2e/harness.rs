@@ -17,26 +17,37 @@ pub struct Server {
     stderr: Receiver<String>,
 }
 
+/// `forestall serve` on `data_dir` with `args`, on free loopback ports unless `args` name
+/// addresses, with the collector off.
+pub fn serve_command(data_dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forestall"));
+    cmd.arg("serve");
+    for flag in ["--http-addr", "--pg-addr"] {
+        if !args.contains(&flag) {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
+    }
+    cmd.args(args).arg("--data-dir").arg(data_dir);
+    cmd
+}
+
 impl Server {
     /// Starts `forestall serve` on a free port with `data_dir` and extra environment.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forestall"));
-        cmd.args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--pg-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        // The host collector would write `cpu`, `mem`, … into every test's store; the tests
-        // that want it turn it back on.
-        .env("FORESTALL__COLLECTOR__ENABLED", "false")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        Self::start_with(data_dir, env, &[])
+    }
+
+    /// [`Server::start`] with more `serve` arguments (`--auth`; an `--http-addr` or
+    /// `--pg-addr` of their own replaces the free loopback port).
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        let mut cmd = serve_command(data_dir, args);
+        cmd.env("RUST_LOG", "info")
+            // The host collector would write `cpu`, `mem`, … into every test's store; the tests
+            // that want it turn it back on.
+            .env("FORESTALL__COLLECTOR__ENABLED", "false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -275,9 +286,28 @@ pub fn delete(url: &str) -> u16 {
 
 /// Runs `psql -c sql`; returns (success, stdout, stderr).
 pub fn psql(server: &Server, sql: &str) -> (bool, String, String) {
+    psql_as(server, None, sql)
+}
+
+/// [`psql`] with a password (`PGPASSWORD`); it never prompts for one.
+pub fn psql_as(server: &Server, password: Option<&str>, sql: &str) -> (bool, String, String) {
     let (host, port) = server.pg_addr.rsplit_once(':').unwrap();
-    let out = Command::new("psql")
-        .args(["-h", host, "-p", port, "-U", "grafana", "-d", "forestall"])
+    let mut cmd = Command::new("psql");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let out = cmd
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-U",
+            "grafana",
+            "-d",
+            "forestall",
+            "-w",
+        ])
         .args([
             "-X",
             "-A",

@@ -4,6 +4,7 @@
 mod harness;
 
 mod allocation;
+mod auth;
 mod cli;
 mod clients;
 mod collector;

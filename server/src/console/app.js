@@ -19,8 +19,23 @@ const svg = (tag, attrs = {}) => {
 const lit = (s) => "'" + String(s).replaceAll("'", "''") + "'";
 const ident = (s) => '"' + String(s).replaceAll('"', '""') + '"';
 
+// With the server's auth on, every call carries the token the user entered (kept for this
+// tab only, in sessionStorage); a 401 asks for one.
+async function call(path, init = {}) {
+  const token = sessionStorage.getItem("forestall-token");
+  const headers = { ...(init.headers || {}) };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const r = await fetch(path, { ...init, headers });
+  if (r.status === 401) {
+    $("#login").hidden = false;
+    sessionStorage.removeItem("forestall-token");
+    throw new Error(token ? "the token was refused: enter another above" : "this server needs a token: enter one above");
+  }
+  return r;
+}
+
 async function api(path) {
-  const r = await fetch(path, { headers: { Accept: "application/json" } });
+  const r = await call(path, { headers: { Accept: "application/json" } });
   const body = await r.text();
   let json = null;
   try { json = JSON.parse(body); } catch (_) { /* not JSON */ }
@@ -29,7 +44,7 @@ async function api(path) {
 }
 
 async function sql(q) {
-  const r = await fetch("/api/v3/query_sql", {
+  const r = await call("/api/v3/query_sql", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ q, format: "json" }),
@@ -289,6 +304,14 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#measurement").addEventListener("change", () => pickMeasurement().catch((e) => showError("#explore-error", e)));
   for (const id of ["#field", "#series", "#range", "#horizon"]) $(id).addEventListener("change", () => draw());
   $("#sql-form").addEventListener("submit", runSql);
+  $("#login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem("forestall-token", $("#token").value.trim());
+    $("#token").value = "";
+    $("#login").hidden = true;
+    const active = document.querySelector("#tabs button.active");
+    show(active ? active.dataset.tab : "explore");
+  });
   $("#server").textContent = location.host;
   const tab = location.hash.slice(1);
   show(loaders[tab] ? tab : "explore");

@@ -11,13 +11,14 @@ use std::collections::HashMap;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
 
 use super::AppState;
+use crate::auth::{Identity, Need};
 use crate::error::ApiError;
 
 #[derive(Debug, Deserialize)]
@@ -32,22 +33,44 @@ struct QueryBody {
 
 pub(super) async fn get(
     State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let sql = q
         .get("q")
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| ApiError::Invalid("missing query parameter q".into()))?;
-    run(state, sql, q.get("format").map(String::as_str)).await
+    run(
+        as_caller(state, &identity),
+        sql,
+        q.get("format").map(String::as_str),
+    )
+    .await
 }
 
-pub(super) async fn post(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub(super) async fn post(
+    State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::Invalid(format!(
             "expected a JSON body {{\"q\": \"SELECT ...\", \"format\": \"json\"}}: {e}"
         ))
     })?;
-    run(state, &body.q, body.format.as_deref()).await
+    run(as_caller(state, &identity), &body.q, body.format.as_deref()).await
+}
+
+/// The state with a query engine that does what `identity` may: creating and dropping
+/// continuous queries in SQL needs the admin permission, as their HTTP API does.
+fn as_caller(mut state: AppState, identity: &Identity) -> AppState {
+    if !identity.allows(Need::Admin) {
+        state.query = state.query.refusing_changes(format!(
+            "the token {:?} may query but not create or drop continuous queries: that needs the admin permission",
+            identity.name
+        ));
+    }
+    state
 }
 
 #[derive(Debug, Clone, Copy)]

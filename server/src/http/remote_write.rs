@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use forestall_engine::Metrics;
@@ -19,10 +19,12 @@ use forestall_engine::store::now_nanos;
 use serde_json::json;
 
 use super::{AppState, read_limited};
+use crate::auth::Identity;
 use crate::error::ApiError;
 
 pub(super) async fn write(
     State(state): State<AppState>,
+    Extension(identity): Extension<Identity>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -61,6 +63,7 @@ pub(super) async fn write(
             .map_err(|e| ApiError::Invalid(format!("invalid snappy body: {e}")))?;
         let converted =
             prometheus::convert(&request).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        super::check_measurements(&identity, converted.parsed())?;
         let outcome = if converted.lines.is_empty() {
             Default::default()
         } else {

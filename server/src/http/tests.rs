@@ -660,3 +660,203 @@ async fn remote_write_keeps_good_series_and_rejects_bad_input_whole() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(rows(&f.store, "never"), 1);
 }
+
+/// A fixture whose every request needs a token, with one token per permission.
+struct Guarded {
+    fixture: Fixture,
+    tokens: crate::auth::Tokens,
+}
+
+fn guarded() -> Guarded {
+    let fixture = fixture(1 << 20);
+    let tokens = crate::auth::Tokens::load(fixture.store.entries()).unwrap();
+    let config = crate::config::ServerConfig::default();
+    let mut state = AppState::new(Arc::clone(&fixture.store), &config);
+    state.tokens = Some(tokens.clone());
+    state.auth_required = true;
+    Guarded {
+        fixture: Fixture {
+            app: router(state),
+            ..fixture
+        },
+        tokens,
+    }
+}
+
+impl Guarded {
+    fn token(&self, name: &str, permissions: &[&str]) -> String {
+        let spec = crate::auth::TokenSpec {
+            name: name.into(),
+            permissions: permissions.iter().map(|p| p.to_string()).collect(),
+            expires: None,
+        };
+        self.tokens.create(&spec, false).unwrap().0
+    }
+
+    async fn call(&self, method: &str, uri: &str, token: Option<&str>, body: &str) -> StatusCode {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Body::from(body.to_string())).unwrap();
+        let resp = self.fixture.app.clone().oneshot(req).await.unwrap();
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            assert!(
+                resp.headers().contains_key(header::WWW_AUTHENTICATE),
+                "{method} {uri}"
+            );
+        }
+        resp.status()
+    }
+}
+
+#[tokio::test]
+async fn with_auth_on_every_endpoint_but_health_checks_the_token_and_its_permission() {
+    let g = guarded();
+    let root = g.token("root", &["*"]);
+    let write = g.token("w", &["write"]);
+    let query = g.token("q", &["query"]);
+    let admin = g.token("a", &["admin"]);
+    let actuate = g.token("act", &["actuate"]);
+    let revoked = g.token("gone", &["*"]);
+    g.tokens.revoke("gone").unwrap();
+    let sql = r#"{"q": "SELECT 1"}"#;
+    // (method, path, body, the one scoped token that may)
+    let routes: &[(&str, &str, &str, &str)] = &[
+        ("POST", "/api/v2/write", "m f=1", &write),
+        ("POST", "/write", "m f=1", &write),
+        ("POST", "/api/v1/write", "", &write),
+        ("GET", "/api/v3/query_sql?q=SELECT%201", "", &query),
+        ("POST", "/api/v3/query_sql", sql, &query),
+        ("GET", "/metrics", "", &query),
+        ("GET", "/api/v1/retention", "", &query),
+        ("GET", "/api/v1/continuous_queries", "", &query),
+        ("GET", "/api/v1/health", "", &query),
+        ("GET", "/api/v1/targets", "", &query),
+        ("GET", "/api/v1/risks", "", &query),
+        ("GET", "/api/v1/preferences", "", &query),
+        ("POST", "/api/v1/admin/flush", "", &admin),
+        ("POST", "/api/v1/admin/compact", "", &admin),
+        ("PUT", "/api/v1/retention/m", r#"{"period": null}"#, &admin),
+        ("PUT", "/api/v1/continuous_queries/x", "{}", &admin),
+        ("DELETE", "/api/v1/continuous_queries/x", "", &admin),
+        ("POST", "/api/v1/continuous_queries/x/run", "", &admin),
+        ("PUT", "/api/v1/preferences/web", "{}", &actuate),
+        ("GET", "/api/v1/tokens", "", &root),
+        ("POST", "/api/v1/tokens", "{}", &root),
+        ("DELETE", "/api/v1/tokens/nobody", "", &root),
+    ];
+    let scoped = [write.as_str(), &query, &admin, &actuate];
+    for &(method, path, body, allowed) in routes {
+        let what = format!("{method} {path}");
+        assert_eq!(
+            g.call(method, path, None, body).await,
+            StatusCode::UNAUTHORIZED,
+            "{what}"
+        );
+        assert_eq!(
+            g.call(method, path, Some("fst_not_a_token"), body).await,
+            StatusCode::UNAUTHORIZED,
+            "{what}"
+        );
+        assert_eq!(
+            g.call(method, path, Some(&revoked), body).await,
+            StatusCode::UNAUTHORIZED,
+            "{what}"
+        );
+        for token in scoped.iter().filter(|t| **t != allowed) {
+            assert_eq!(
+                g.call(method, path, Some(token), body).await,
+                StatusCode::FORBIDDEN,
+                "{what} with another scope"
+            );
+        }
+        for token in [allowed, root.as_str()] {
+            let status = g.call(method, path, Some(token), body).await;
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{what}: {status}"
+            );
+        }
+    }
+    // /health and the console's files need nothing.
+    for path in ["/health", "/", "/console/app.js", "/console/app.css"] {
+        assert_eq!(
+            g.call("GET", path, None, "").await,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    // Without a loopback peer (this test has none), even the first token needs a token.
+    let g = guarded();
+    let body = r#"{"name": "root", "permissions": ["*"]}"#;
+    assert_eq!(
+        g.call("POST", "/api/v1/tokens", None, body).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn a_write_token_for_some_measurements_writes_those_and_nothing_else() {
+    let g = guarded();
+    let cpu = g.token("cpu-only", &["write:cpu", "write:disk io"]);
+    let write = |body: &'static str| {
+        let g = &g;
+        let cpu = cpu.clone();
+        async move { g.call("POST", "/api/v2/write", Some(&cpu), body).await }
+    };
+    assert_eq!(
+        write("cpu u=1 1\ndisk\\ io r=2 1").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(rows(&g.fixture.store, "cpu"), 1);
+    assert_eq!(rows(&g.fixture.store, "disk io"), 1);
+    // One line of another measurement refuses the whole body: nothing of it is stored.
+    assert_eq!(
+        write("cpu u=2 2\nmem used=1 2").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(rows(&g.fixture.store, "cpu"), 1);
+    assert_eq!(rows(&g.fixture.store, "mem"), 0);
+    // Escapes are read as the store reads them: `cp\u` is not `cpu`.
+    assert_eq!(write("cp\\u u=3 3").await, StatusCode::FORBIDDEN);
+    // A malformed line is the usual partial write, not a permission question.
+    assert_eq!(write("cpu u=4 4\ncpu").await, StatusCode::BAD_REQUEST);
+    assert_eq!(rows(&g.fixture.store, "cpu"), 2);
+}
+
+#[tokio::test]
+async fn a_query_token_cannot_create_continuous_queries_in_sql_nor_ddl_or_copy_anyone() {
+    let g = guarded();
+    let query = g.token("q", &["query"]);
+    let root = g.token("root", &["*"]);
+    let create = r#"{"q": "CREATE CONTINUOUS QUERY x EVERY '1m' INTO y AS SELECT date_bin(INTERVAL '1 minute', time) AS time, avg(u) AS u FROM cpu GROUP BY 1"}"#;
+    assert_eq!(
+        g.call("POST", "/api/v3/query_sql", Some(&query), create)
+            .await,
+        StatusCode::FORBIDDEN
+    );
+    // DataFusion's own DDL and DML are refused for every caller: they would read and write
+    // files on the server.
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.csv");
+    for sql in [
+        format!(
+            "COPY (SELECT 1 AS a) TO '{}' STORED AS CSV",
+            target.display()
+        ),
+        "CREATE EXTERNAL TABLE p STORED AS CSV LOCATION '/etc/passwd'".to_string(),
+        "CREATE TABLE t AS SELECT 1".to_string(),
+    ] {
+        let body = serde_json::json!({ "q": sql }).to_string();
+        for token in [&query, &root] {
+            assert_eq!(
+                g.call("POST", "/api/v3/query_sql", Some(token), &body)
+                    .await,
+                StatusCode::BAD_REQUEST,
+                "{sql}"
+            );
+        }
+    }
+    assert!(!target.exists());
+}
