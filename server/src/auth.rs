@@ -137,6 +137,15 @@ impl Identity {
         }
     }
 
+    /// A caller of what needs nothing (`/health`, the console's files): no permission.
+    pub fn nobody() -> Self {
+        Self {
+            name: String::new(),
+            permissions: BTreeSet::new(),
+            first_token: false,
+        }
+    }
+
     /// A loopback caller creating the first `*` token (see the module's doc).
     pub fn first_token() -> Self {
         Self {
@@ -372,7 +381,7 @@ impl Tokens {
     /// Checks a request's token (if any) against `need`.
     pub fn check(&self, secret: Option<&str>, need: Need) -> Result<Identity, Refused> {
         if need == Need::Nothing {
-            return Ok(Identity::anonymous());
+            return Ok(Identity::nobody());
         }
         let identity = self.authenticate(secret.ok_or(Refused::Missing)?)?;
         if !identity.allows(need) {
@@ -415,8 +424,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The token of an HTTP request: `Authorization: Bearer|Token <t>`, Basic's password, or
-/// InfluxDB v1's `p` query parameter.
-pub fn secret_of(headers: &axum::http::HeaderMap, query: Option<&str>) -> Option<String> {
+/// InfluxDB v1's `p` query parameter (decoded as the handlers decode their parameters).
+pub fn secret_of(headers: &axum::http::HeaderMap, uri: &axum::http::Uri) -> Option<String> {
     if let Some(value) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -435,34 +444,10 @@ pub fn secret_of(headers: &axum::http::HeaderMap, query: Option<&str>) -> Option
         }
         return None;
     }
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "p").then(|| percent_decode(v))
-    })
-}
-
-/// `%XX` and `+` decoding of a query parameter's value.
-fn percent_decode(v: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(high), Some(low)) => {
-                    out.push(high * 16 + low);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let axum::extract::Query(mut params) =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+            .ok()?;
+    params.remove("p")
 }
 
 /// What a request to `path` with `method` needs.

@@ -174,7 +174,7 @@ fn identify(state: &AppState, request: &axum::extract::Request) -> Result<Identi
         .ok_or_else(|| ApiError::Internal("auth is on but no tokens are loaded".into()))?;
     let (method, path) = (request.method(), request.uri().path());
     let need = auth::required(method, path);
-    let secret = auth::secret_of(request.headers(), request.uri().query());
+    let secret = auth::secret_of(request.headers(), request.uri());
     if secret.is_none()
         && need == Need::All
         && method == axum::http::Method::POST

@@ -408,11 +408,15 @@ impl Backend {
 impl Backend {
     /// Runs a continuous-query statement: `SHOW` as rows, the others as a command tag.
     async fn continuous(&self, sql: &str, format: &Format, admin: bool) -> PgWireResult<Response> {
+        let refusing;
         let engine = match admin {
-            true => self.query.clone(),
-            false => self.query.clone().refusing_changes(
-                "creating or dropping a continuous query needs a token with the admin permission",
-            ),
+            true => &self.query,
+            false => {
+                refusing = self.query.clone().refusing_changes(
+                    "creating or dropping a continuous query needs a token with the admin permission",
+                );
+                &refusing
+            }
         };
         let outcome = match engine.continuous_statement(sql).await {
             Some(Ok(o)) => o,

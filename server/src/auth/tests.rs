@@ -183,6 +183,8 @@ fn without_a_token_only_the_first_admin_token_can_be_made() {
 
 #[test]
 fn a_secret_comes_from_bearer_token_basic_or_the_v1_parameter() {
+    let root: axum::http::Uri = "/write".parse().unwrap();
+    let query = |q: &str| -> axum::http::Uri { format!("/write?{q}").parse().unwrap() };
     let with = |value: &str| {
         let mut h = HeaderMap::new();
         h.insert(
@@ -192,36 +194,36 @@ fn a_secret_comes_from_bearer_token_basic_or_the_v1_parameter() {
         h
     };
     assert_eq!(
-        secret_of(&with("Bearer fst_a"), None).as_deref(),
+        secret_of(&with("Bearer fst_a"), &root).as_deref(),
         Some("fst_a")
     );
     assert_eq!(
-        secret_of(&with("Token fst_b"), None).as_deref(),
+        secret_of(&with("Token fst_b"), &root).as_deref(),
         Some("fst_b")
     );
     assert_eq!(
-        secret_of(&with("bearer  fst_c "), None).as_deref(),
+        secret_of(&with("bearer  fst_c "), &root).as_deref(),
         Some("fst_c")
     );
     // Basic: user:token, base64.
     let basic = base64::engine::general_purpose::STANDARD.encode("me:fst_d");
     assert_eq!(
-        secret_of(&with(&format!("Basic {basic}")), None).as_deref(),
+        secret_of(&with(&format!("Basic {basic}")), &root).as_deref(),
         Some("fst_d")
     );
-    assert_eq!(secret_of(&with("Basic !!!"), None), None);
-    assert_eq!(secret_of(&with("Digest x"), None), None);
+    assert_eq!(secret_of(&with("Basic !!!"), &root), None);
+    assert_eq!(secret_of(&with("Digest x"), &root), None);
     // InfluxDB v1: ?u=me&p=token, percent-decoded; a header wins.
     assert_eq!(
-        secret_of(&HeaderMap::new(), Some("db=x&u=me&p=fst_e%2Bf")).as_deref(),
+        secret_of(&HeaderMap::new(), &query("db=x&u=me&p=fst_e%2Bf")).as_deref(),
         Some("fst_e+f")
     );
     assert_eq!(
-        secret_of(&HeaderMap::new(), Some("p=%zz%4")).as_deref(),
+        secret_of(&HeaderMap::new(), &query("p=%zz%4")).as_deref(),
         Some("%zz%4")
     );
-    assert_eq!(secret_of(&HeaderMap::new(), Some("db=x")), None);
-    assert_eq!(secret_of(&HeaderMap::new(), None), None);
+    assert_eq!(secret_of(&HeaderMap::new(), &query("db=x")), None);
+    assert_eq!(secret_of(&HeaderMap::new(), &root), None);
 }
 
 #[test]
