@@ -141,6 +141,10 @@ impl QueryEngine {
             Arc::new(models::ForecastFunction::new(Arc::clone(&store))),
         );
         ctx.register_udtf(
+            "forecast_models",
+            Arc::new(models::ForecastFunction::accounts(Arc::clone(&store))),
+        );
+        ctx.register_udtf(
             "risk",
             Arc::new(models::RiskFunction::new(Arc::clone(&store))),
         );

@@ -9,6 +9,10 @@
 //!   goes through an [`AutoForecaster`] and the next `horizon` steps come back as rows: the
 //!   series' tags, `time` (spaced like the series' recent rows), `mean`, `lower` and `upper`
 //!   (a 90% interval) and the `model` that answered.
+//! * `forecast_models('cpu', 'usage_user', 12 [, predicate])`: the accounts behind
+//!   `forecast` with the same arguments, one row per series, step ahead and model: the series'
+//!   tags, `step`, `model`, its `rolling_error` there (NULL until it has been scored) and
+//!   whether it `answers` that step, so that a forecast can be checked rather than trusted.
 //! * `risk('cpu', 'usage_user > 90 AS cpu, mem_used > 85 AS memory' [, predicate [, tag]])`:
 //!   per component (the tag `component`, else `host`, or the one named), the metrics' history
 //!   is replayed into the component's Bayesian network ([`forestall_models::risk::assess`]),
@@ -25,8 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Float64Builder, RecordBatch, StringBuilder,
-    TimestampNanosecondBuilder,
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Array, Float64Builder, Int64Builder,
+    RecordBatch, StringBuilder, TimestampNanosecondBuilder,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, TimeUnit};
@@ -45,7 +49,7 @@ use forestall_engine::Store;
 use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::line_protocol::FieldType;
 use forestall_models::detector::{Detector, DetectorParams};
-use forestall_models::forecast::{AutoForecaster, ForecastConfig};
+use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
 use forestall_models::risk::{MetricSpec, RiskConfig, assess};
 use futures::StreamExt;
 
@@ -368,37 +372,62 @@ fn tags_checking_fields(
         .collect())
 }
 
-/// `forecast(measurement, field, horizon [, predicate])`.
+/// `forecast(measurement, field, horizon [, predicate])`, or with
+/// [`ForecastFunction::accounts`], `forecast_models` with the same arguments.
 #[derive(Debug)]
 pub struct ForecastFunction {
     store: Arc<Store>,
+    accounts: bool,
 }
 
 impl ForecastFunction {
+    /// `forecast`: the next steps of every matching series.
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            accounts: false,
+        }
+    }
+
+    /// `forecast_models`: which model answers each of those steps, and every model's
+    /// rolling error there.
+    pub fn accounts(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            accounts: true,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        if self.accounts {
+            "forecast_models"
+        } else {
+            "forecast"
+        }
     }
 }
 
-const FORECAST_USAGE: &str = "forecast takes a measurement, a numeric field, a horizon in steps and an optional SQL predicate: forecast('cpu', 'usage_user', 12, 'host = ''a''')";
-
 impl TableFunctionImpl for ForecastFunction {
     fn call_with_args(&self, args: TableFunctionArgs<'_, '_>) -> DfResult<Arc<dyn TableProvider>> {
+        let name = self.name();
+        let usage = || {
+            DataFusionError::Plan(format!(
+                "{name} takes a measurement, a numeric field, a horizon in steps and an optional SQL predicate: {name}('cpu', 'usage_user', 12, 'host = ''a''')"
+            ))
+        };
         let exprs = args.exprs();
         if !(3..=4).contains(&exprs.len()) {
-            return plan_err!("{FORECAST_USAGE}");
+            return Err(usage());
         }
         let (Some(measurement), Some(field), Some(horizon)) = (
             string_arg(&exprs[0]),
             string_arg(&exprs[1]),
             integer_arg(&exprs[2]),
         ) else {
-            return plan_err!("{FORECAST_USAGE}");
+            return Err(usage());
         };
         let predicate = match exprs.get(3) {
-            Some(e) => {
-                Some(string_arg(e).ok_or_else(|| DataFusionError::Plan(FORECAST_USAGE.into()))?)
-            }
+            Some(e) => Some(string_arg(e).ok_or_else(usage)?),
             None => None,
         };
         let horizon = usize::try_from(horizon)
@@ -406,7 +435,7 @@ impl TableFunctionImpl for ForecastFunction {
             .filter(|h| (1..=MAX_HORIZON).contains(h))
             .ok_or_else(|| {
                 DataFusionError::Plan(format!(
-                    "forecast horizon must be between 1 and {MAX_HORIZON}"
+                    "{name} horizon must be between 1 and {MAX_HORIZON}"
                 ))
             })?;
         let tags = tags_checking_fields(&self.store, &measurement, std::slice::from_ref(&field))?;
@@ -414,15 +443,22 @@ impl TableFunctionImpl for ForecastFunction {
             .iter()
             .map(|t| Field::new(t, DataType::Utf8, true))
             .collect();
-        columns.push(Field::new(
-            TIME_COLUMN,
-            DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-            false,
-        ));
-        for c in ["mean", "lower", "upper"] {
-            columns.push(Field::new(c, DataType::Float64, false));
+        if self.accounts {
+            columns.push(Field::new("step", DataType::Int64, false));
+            columns.push(Field::new("model", DataType::Utf8, false));
+            columns.push(Field::new("rolling_error", DataType::Float64, true));
+            columns.push(Field::new("answers", DataType::Boolean, false));
+        } else {
+            columns.push(Field::new(
+                TIME_COLUMN,
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+                false,
+            ));
+            for c in ["mean", "lower", "upper"] {
+                columns.push(Field::new(c, DataType::Float64, false));
+            }
+            columns.push(Field::new("model", DataType::Utf8, false));
         }
-        columns.push(Field::new("model", DataType::Utf8, false));
         Ok(Arc::new(ModelTable {
             schema: Arc::new(Schema::new(columns)),
             kind: ModelQuery::Forecast {
@@ -431,6 +467,7 @@ impl TableFunctionImpl for ForecastFunction {
                 horizon,
                 predicate,
                 tags,
+                accounts: self.accounts,
             },
         }))
     }
@@ -532,6 +569,8 @@ enum ModelQuery {
         horizon: usize,
         predicate: Option<String>,
         tags: Vec<String>,
+        /// `forecast_models`: the models' accounts instead of the forecast.
+        accounts: bool,
     },
     Risk {
         measurement: String,
@@ -539,6 +578,15 @@ enum ModelQuery {
         predicate: Option<String>,
         component: String,
     },
+}
+
+/// One series' history replayed through an [`AutoForecaster`].
+struct Replayed {
+    names: Vec<&'static str>,
+    forecast: Vec<Step>,
+    /// `errors[step - 1][model]`: every model's rolling error at each step of `forecast`
+    /// (only for `forecast_models`).
+    errors: Vec<Vec<Option<f64>>>,
 }
 
 /// The result of a model table function, computed when the query runs.
@@ -565,6 +613,7 @@ impl ModelTable {
                 horizon,
                 predicate,
                 tags,
+                accounts,
             } => {
                 let history = read_history(
                     state,
@@ -574,58 +623,89 @@ impl ModelTable {
                     predicate.as_deref(),
                 )
                 .await?;
-                let mut tag_builders: Vec<StringBuilder> =
-                    tags.iter().map(|_| StringBuilder::new()).collect();
-                let mut time = TimestampNanosecondBuilder::new().with_timezone("UTC");
-                let (mut mean, mut lower, mut upper) = (
-                    Float64Builder::new(),
-                    Float64Builder::new(),
-                    Float64Builder::new(),
-                );
-                let mut model = StringBuilder::new();
                 let config = ForecastConfig {
                     // Errors are tracked up to 96 steps; longer forecasts widen the last.
                     horizon: (*horizon).min(96),
                     ..ForecastConfig::default()
                 };
-                let steps = *horizon;
+                let (steps, accounts) = (*horizon, *accounts);
                 let history = Arc::new(history);
-                let forecasts = per_group(Arc::clone(&history), move |g| {
+                let replayed = per_group(Arc::clone(&history), move |g| {
                     let mut f = AutoForecaster::new(config).map_err(external)?;
                     for &v in &g.values[0] {
                         f.update(v);
                     }
-                    let names = f.model_names();
-                    Ok(f.forecast(steps, FORECAST_LEVEL)
-                        .into_iter()
-                        .map(|p| (p, names[p.model]))
-                        .collect::<Vec<_>>())
+                    let forecast = f.forecast(steps, FORECAST_LEVEL);
+                    let errors: Vec<Vec<Option<f64>>> = if accounts {
+                        (1..=forecast.len()).map(|s| f.rolling_error(s)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Replayed {
+                        names: f.model_names(),
+                        forecast,
+                        errors,
+                    })
                 })
                 .await?;
-                for (g, forecast) in history.iter().zip(forecasts) {
-                    let (Some(&last), step) = (g.times.last(), step_of(&g.times)) else {
-                        continue;
-                    };
-                    for (i, (p, name)) in forecast.iter().enumerate() {
-                        for (b, k) in tag_builders.iter_mut().zip(&g.tags) {
-                            b.append_option(k.as_deref());
+                let mut tag_builders: Vec<StringBuilder> =
+                    tags.iter().map(|_| StringBuilder::new()).collect();
+                let mut columns: Vec<ArrayRef> = Vec::new();
+                if accounts {
+                    let mut step = Int64Builder::new();
+                    let mut model = StringBuilder::new();
+                    let mut error = Float64Builder::new();
+                    let mut answers = BooleanBuilder::new();
+                    for (g, r) in history.iter().zip(&replayed) {
+                        for (k, (p, errors)) in r.forecast.iter().zip(&r.errors).enumerate() {
+                            for (m, (name, e)) in r.names.iter().zip(errors).enumerate() {
+                                for (b, t) in tag_builders.iter_mut().zip(&g.tags) {
+                                    b.append_option(t.as_deref());
+                                }
+                                step.append_value(k as i64 + 1);
+                                model.append_value(name);
+                                error.append_option(*e);
+                                answers.append_value(m == p.model);
+                            }
                         }
-                        time.append_value(last.saturating_add(step.saturating_mul(i as i64 + 1)));
-                        mean.append_value(p.mean);
-                        lower.append_value(p.lower);
-                        upper.append_value(p.upper);
-                        model.append_value(*name);
                     }
+                    columns.extend(tag_builders.iter_mut().map(|b| Arc::new(b.finish()) as _));
+                    columns.push(Arc::new(step.finish()));
+                    columns.push(Arc::new(model.finish()));
+                    columns.push(Arc::new(error.finish()));
+                    columns.push(Arc::new(answers.finish()));
+                } else {
+                    let mut time = TimestampNanosecondBuilder::new().with_timezone("UTC");
+                    let (mut mean, mut lower, mut upper) = (
+                        Float64Builder::new(),
+                        Float64Builder::new(),
+                        Float64Builder::new(),
+                    );
+                    let mut model = StringBuilder::new();
+                    for (g, r) in history.iter().zip(&replayed) {
+                        let (Some(&last), step) = (g.times.last(), step_of(&g.times)) else {
+                            continue;
+                        };
+                        for (i, p) in r.forecast.iter().enumerate() {
+                            for (b, k) in tag_builders.iter_mut().zip(&g.tags) {
+                                b.append_option(k.as_deref());
+                            }
+                            time.append_value(
+                                last.saturating_add(step.saturating_mul(i as i64 + 1)),
+                            );
+                            mean.append_value(p.mean);
+                            lower.append_value(p.lower);
+                            upper.append_value(p.upper);
+                            model.append_value(r.names[p.model]);
+                        }
+                    }
+                    columns.extend(tag_builders.iter_mut().map(|b| Arc::new(b.finish()) as _));
+                    columns.push(Arc::new(time.finish()));
+                    columns.push(Arc::new(mean.finish()));
+                    columns.push(Arc::new(lower.finish()));
+                    columns.push(Arc::new(upper.finish()));
+                    columns.push(Arc::new(model.finish()));
                 }
-                let mut columns: Vec<ArrayRef> = tag_builders
-                    .iter_mut()
-                    .map(|b| Arc::new(b.finish()) as ArrayRef)
-                    .collect();
-                columns.push(Arc::new(time.finish()));
-                columns.push(Arc::new(mean.finish()));
-                columns.push(Arc::new(lower.finish()));
-                columns.push(Arc::new(upper.finish()));
-                columns.push(Arc::new(model.finish()));
                 Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
             }
             ModelQuery::Risk {

@@ -657,6 +657,98 @@ async fn forecast_returns_the_next_steps_of_every_matching_series() {
     }
 }
 
+#[tokio::test]
+async fn forecast_models_accounts_for_every_step_that_forecast_answers() {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type};
+    let (_dir, store) = store();
+    fill_models(&store, 2000);
+    let engine = QueryEngine::new(Arc::clone(&store));
+    let (batches, text) = batches_and_table(
+        &engine,
+        "SELECT host, step, model, rolling_error, answers FROM forecast_models('cpu', 'usage', 12, 'host = ''h0''') ORDER BY step, model",
+    )
+    .await;
+    let models = strings(&batches, "model");
+    let steps: Vec<i64> = column_as(&batches, "step", &DataType::Int64)
+        .iter()
+        .flat_map(|a| a.as_primitive::<Int64Type>().values().to_vec())
+        .collect();
+    let errors: Vec<Option<f64>> = column_as(&batches, "rolling_error", &DataType::Float64)
+        .iter()
+        .flat_map(|a| a.as_primitive::<Float64Type>().iter().collect::<Vec<_>>())
+        .collect();
+    let answers: Vec<bool> = column_as(&batches, "answers", &DataType::Boolean)
+        .iter()
+        .flat_map(|a| {
+            a.as_boolean()
+                .iter()
+                .map(|b| b == Some(true))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let per_step = models.len() / 12;
+    assert!(per_step >= 2 && models.len() == 12 * per_step, "{text}");
+    // What forecast() says answered each step is what forecast_models() says answers it.
+    let (fb, ftext) = batches_and_table(
+        &engine,
+        "SELECT model FROM forecast('cpu', 'usage', 12, 'host = ''h0''') ORDER BY time",
+    )
+    .await;
+    let answered = strings(&fb, "model");
+    for step in 1..=12i64 {
+        let rows: Vec<usize> = (0..steps.len()).filter(|&i| steps[i] == step).collect();
+        assert_eq!(rows.len(), per_step, "{text}");
+        let answering: Vec<usize> = rows.iter().copied().filter(|&i| answers[i]).collect();
+        assert_eq!(answering.len(), 1, "step {step}\n{text}");
+        let a = answering[0];
+        assert_eq!(
+            models[a],
+            answered[step as usize - 1],
+            "step {step}\n{text}\n{ftext}"
+        );
+        // It answers because its rolling error there is the lowest.
+        let best = rows
+            .iter()
+            .filter_map(|&i| errors[i])
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(errors[a], Some(best), "step {step}\n{text}");
+    }
+    // A clean 60-minute sine after 2,000 rows: some model has learnt it.
+    assert!(errors.iter().flatten().any(|&e| e < 0.5), "{text}");
+    // Every series, and the same argument checks as forecast().
+    assert_eq!(
+        scalar(
+            &engine,
+            "SELECT count(DISTINCT host) FROM forecast_models('cpu', 'usage', 3) WHERE answers"
+        )
+        .await,
+        "2"
+    );
+    for (sql, needle) in [
+        (
+            "SELECT * FROM forecast_models('cpu')",
+            "forecast_models takes",
+        ),
+        (
+            "SELECT * FROM forecast_models('cpu', 'usage', 0)",
+            "forecast_models horizon",
+        ),
+        (
+            "SELECT * FROM forecast_models('cpu', 'host', 5)",
+            "is a tag",
+        ),
+        (
+            "SELECT * FROM forecast_models('nope', 'usage', 5)",
+            "not found",
+        ),
+    ] {
+        let err = engine.sql(sql).await.unwrap_err();
+        assert!(matches!(err, Error::Query(_)), "{sql}: {err:?}");
+        assert!(err.to_string().contains(needle), "{sql}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forecasts_of_many_series_each_follow_their_own_series() {
     // More series than cores: the series are forecast in shares on several threads, and
