@@ -36,6 +36,7 @@ use candle_nn::rnn::{LSTM, LSTMConfig, RNN};
 use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 
 use crate::codec::{Reader, Writer};
+use crate::forecast::{AutoForecaster, ForecastConfig};
 use crate::nn::{Params, candle, device, next};
 use crate::{Error, Result};
 
@@ -59,6 +60,10 @@ pub fn kind_of(name: &str) -> usize {
         4
     }
 }
+
+/// [`GlobalLstm::pretrained`]'s weights (a [`GlobalLstm::weights`] file, for
+/// [`GlobalLstm::resume_weights`]).
+pub const PRETRAINED: &[u8] = include_bytes!("global/pretrained.bin");
 
 /// Features per input row (see the module's comment).
 const INPUTS: usize = 6;
@@ -489,6 +494,14 @@ impl GlobalLstm {
         Ok(())
     }
 
+    /// The network Forestall ships: trained on the 20 development VMs' cpu, mem, net and
+    /// disk series (one pass, 2,016 rounds, seed 42; `docs/BENCHMARKS.md` says how to make it
+    /// again), with no series. It forecasts series it never saw, which is what SQL's
+    /// `forecast()` asks of it.
+    pub fn pretrained() -> Result<Self> {
+        Self::restore(PRETRAINED)
+    }
+
     const MAGIC: [u8; 4] = *b"FSGL";
     const VERSION: u32 = 1;
 
@@ -581,6 +594,78 @@ impl GlobalLstm {
         r.end()?;
         Ok(g)
     }
+}
+
+/// One series for [`replay`]: its values, their times (Unix seconds) and its kind (an index
+/// into [`KINDS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    pub values: &'a [f64],
+    pub times: &'a [f64],
+    pub kind: usize,
+}
+
+/// Streams every series' history through a fresh [`AutoForecaster`] (with `config`'s
+/// global slot on), and has `model` forecast the last `scored` rows of every series, all
+/// series in one batched pass per row, so that its forecasts are scored and chosen per step
+/// ahead like the other models'. The model only infers (it is not trained) and gets the
+/// series as new ones. Returns the forecasters after each series' last row, in order:
+/// what a one-off query needs of a network trained elsewhere, at `scored` forward passes
+/// however long the histories.
+pub fn replay(
+    model: &mut GlobalLstm,
+    series: &[Replay<'_>],
+    config: ForecastConfig,
+    scored: usize,
+) -> Result<Vec<AutoForecaster>> {
+    let config = ForecastConfig {
+        global: true,
+        ..config
+    };
+    let mut forecasters = series
+        .iter()
+        .map(|_| AutoForecaster::new(config))
+        .collect::<Result<Vec<_>>>()?;
+    let ids: Vec<SeriesId> = series.iter().map(|s| model.add_series(s.kind)).collect();
+    let memory = model.config.memory;
+    let learn = |f: &mut AutoForecaster, model: &mut GlobalLstm, id, s: &Replay<'_>, r: usize| {
+        let v = s.values[r];
+        f.update(v);
+        // Rows older than the model keeps need not reach it.
+        if r + scored + memory >= s.values.len() {
+            let t = s.times.get(r).copied().unwrap_or(0.0);
+            model.push(id, t, v, f.history().period())?;
+        }
+        Ok::<_, Error>(())
+    };
+    for ((f, s), &id) in forecasters.iter_mut().zip(series).zip(&ids) {
+        for r in 0..s.values.len().saturating_sub(scored) {
+            learn(f, model, id, s, r)?;
+        }
+    }
+    // Row `back` before the end of every series in one round, oldest first.
+    for back in (0..scored).rev() {
+        let mut any = false;
+        for ((f, s), &id) in forecasters.iter_mut().zip(series).zip(&ids) {
+            if let Some(r) = s.values.len().checked_sub(back + 1) {
+                learn(f, model, id, s, r)?;
+                any = true;
+            }
+        }
+        if !any {
+            continue;
+        }
+        let paths = model.forecast()?;
+        for ((f, s), id) in forecasters.iter_mut().zip(series).zip(&ids) {
+            if s.values.len() > back
+                && let Some(Some(path)) = paths.get(id.0)
+            {
+                let medians: Vec<f64> = path.iter().map(|p| p.median).collect();
+                f.supply(&medians);
+            }
+        }
+    }
+    Ok(forecasters)
 }
 
 #[cfg(test)]

@@ -102,17 +102,23 @@ pub struct QueryEngine {
 
 impl QueryEngine {
     pub fn new(store: Arc<Store>) -> Self {
-        Self::build(store, true)
+        Self::build(store, true, true)
     }
 
     /// An engine that leaves every aggregate to DataFusion ([`pushdown`] off), for tests
     /// that compare the two.
     #[cfg(test)]
     pub(crate) fn without_pushdown(store: Arc<Store>) -> Self {
-        Self::build(store, false)
+        Self::build(store, false, true)
     }
 
-    fn build(store: Arc<Store>, pushdown: bool) -> Self {
+    /// An engine whose `forecast` leaves the global network out, for tests that compare.
+    #[cfg(test)]
+    pub(crate) fn without_global_forecasts(store: Arc<Store>) -> Self {
+        Self::build(store, true, false)
+    }
+
+    fn build(store: Arc<Store>, pushdown: bool, global: bool) -> Self {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
@@ -138,11 +144,14 @@ impl QueryEngine {
         ctx.register_udwf(models::anomaly_score());
         ctx.register_udtf(
             "forecast",
-            Arc::new(models::ForecastFunction::new(Arc::clone(&store))),
+            Arc::new(models::ForecastFunction::new(Arc::clone(&store), global)),
         );
         ctx.register_udtf(
             "forecast_models",
-            Arc::new(models::ForecastFunction::accounts(Arc::clone(&store))),
+            Arc::new(models::ForecastFunction::accounts(
+                Arc::clone(&store),
+                global,
+            )),
         );
         ctx.register_udtf(
             "risk",

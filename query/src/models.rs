@@ -50,6 +50,7 @@ use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::line_protocol::FieldType;
 use forestall_models::detector::{Detector, DetectorParams};
 use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
+use forestall_models::global::{GlobalLstm, KINDS, Replay, kind_of, replay};
 use forestall_models::risk::{MetricSpec, RiskConfig, assess};
 use futures::StreamExt;
 
@@ -262,6 +263,17 @@ async fn per_group<R: Send + 'static>(
     groups: Arc<Vec<Group>>,
     work: impl Fn(&Group) -> DfResult<R> + Send + Sync + 'static,
 ) -> DfResult<Vec<R>> {
+    per_batch(groups, 1, move |batch| batch.iter().map(&work).collect()).await
+}
+
+/// [`per_group`] for work that takes up to `size` groups at once (one batched forward pass
+/// for all of them, say) and returns a result per group, in order; a dropped query stops at
+/// the next batch.
+async fn per_batch<R: Send + 'static>(
+    groups: Arc<Vec<Group>>,
+    size: usize,
+    work: impl Fn(&[Group]) -> DfResult<Vec<R>> + Send + Sync + 'static,
+) -> DfResult<Vec<R>> {
     struct CancelOnDrop(Arc<AtomicBool>);
     impl Drop for CancelOnDrop {
         fn drop(&mut self) {
@@ -273,6 +285,7 @@ async fn per_group<R: Send + 'static>(
     let work = Arc::new(work);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let share = groups.len().div_ceil(threads).max(1);
+    let size = size.max(1);
     let tasks: Vec<_> = (0..groups.len())
         .step_by(share)
         .map(|start| {
@@ -283,15 +296,14 @@ async fn per_group<R: Send + 'static>(
             );
             tokio::task::spawn_blocking(move || {
                 let end = (start + share).min(groups.len());
-                groups[start..end]
-                    .iter()
-                    .map(|g| {
-                        if cancelled.load(Ordering::Relaxed) {
-                            return Err(DataFusionError::Execution("query cancelled".into()));
-                        }
-                        work(g)
-                    })
-                    .collect::<DfResult<Vec<R>>>()
+                let mut out = Vec::with_capacity(end - start);
+                for batch in groups[start..end].chunks(size) {
+                    if cancelled.load(Ordering::Relaxed) {
+                        return Err(DataFusionError::Execution("query cancelled".into()));
+                    }
+                    out.extend(work(batch)?);
+                }
+                Ok(out)
             })
         })
         .collect();
@@ -378,23 +390,28 @@ fn tags_checking_fields(
 pub struct ForecastFunction {
     store: Arc<Store>,
     accounts: bool,
+    /// Whether the shipped global network ([`GlobalLstm::pretrained`]) competes with each
+    /// series' own models.
+    global: bool,
 }
 
 impl ForecastFunction {
     /// `forecast`: the next steps of every matching series.
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(store: Arc<Store>, global: bool) -> Self {
         Self {
             store,
             accounts: false,
+            global,
         }
     }
 
     /// `forecast_models`: which model answers each of those steps, and every model's
     /// rolling error there.
-    pub fn accounts(store: Arc<Store>) -> Self {
+    pub fn accounts(store: Arc<Store>, global: bool) -> Self {
         Self {
             store,
             accounts: true,
+            global,
         }
     }
 
@@ -468,6 +485,7 @@ impl TableFunctionImpl for ForecastFunction {
                 predicate,
                 tags,
                 accounts: self.accounts,
+                global: self.global,
             },
         }))
     }
@@ -571,6 +589,8 @@ enum ModelQuery {
         tags: Vec<String>,
         /// `forecast_models`: the models' accounts instead of the forecast.
         accounts: bool,
+        /// The shipped global network competes (see [`ForecastFunction`]).
+        global: bool,
     },
     Risk {
         measurement: String,
@@ -579,6 +599,13 @@ enum ModelQuery {
         component: String,
     },
 }
+
+/// Rows at the end of each series that `forecast` has the global network forecast, so that
+/// its forecasts are scored beside the other models' before the choice: past its 12 steps
+/// ahead, about 50 scored rows each, the rolling errors' memory (`choice_alpha` 0.02).
+const GLOBAL_ROWS: usize = 64;
+/// Series per batched forward pass of the global network in `forecast`.
+const GLOBAL_BATCH: usize = 256;
 
 /// One series' history replayed through an [`AutoForecaster`].
 struct Replayed {
@@ -614,6 +641,7 @@ impl ModelTable {
                 predicate,
                 tags,
                 accounts,
+                global,
             } => {
                 let history = read_history(
                     state,
@@ -629,25 +657,56 @@ impl ModelTable {
                     ..ForecastConfig::default()
                 };
                 let (steps, accounts) = (*horizon, *accounts);
-                let history = Arc::new(history);
-                let replayed = per_group(Arc::clone(&history), move |g| {
-                    let mut f = AutoForecaster::new(config).map_err(external)?;
-                    for &v in &g.values[0] {
-                        f.update(v);
-                    }
+                let answer = move |f: &AutoForecaster| {
                     let forecast = f.forecast(steps, FORECAST_LEVEL);
                     let errors: Vec<Vec<Option<f64>>> = if accounts {
                         (1..=forecast.len()).map(|s| f.rolling_error(s)).collect()
                     } else {
                         Vec::new()
                     };
-                    Ok(Replayed {
+                    Replayed {
                         names: f.model_names(),
                         forecast,
                         errors,
+                    }
+                };
+                let history = Arc::new(history);
+                let replayed = if *global {
+                    // The kind the network was told of: the measurement's, else the field's.
+                    let kind = match kind_of(measurement) {
+                        k if k == KINDS.len() - 1 => kind_of(field),
+                        k => k,
+                    };
+                    per_batch(Arc::clone(&history), GLOBAL_BATCH, move |groups| {
+                        let mut model = GlobalLstm::pretrained().map_err(external)?;
+                        let times: Vec<Vec<f64>> = groups
+                            .iter()
+                            .map(|g| g.times.iter().map(|&t| t as f64 / 1e9).collect())
+                            .collect();
+                        let series: Vec<Replay<'_>> = groups
+                            .iter()
+                            .zip(&times)
+                            .map(|(g, times)| Replay {
+                                values: &g.values[0],
+                                times,
+                                kind,
+                            })
+                            .collect();
+                        let forecasters =
+                            replay(&mut model, &series, config, GLOBAL_ROWS).map_err(external)?;
+                        Ok(forecasters.iter().map(answer).collect())
                     })
-                })
-                .await?;
+                    .await?
+                } else {
+                    per_group(Arc::clone(&history), move |g| {
+                        let mut f = AutoForecaster::new(config).map_err(external)?;
+                        for &v in &g.values[0] {
+                            f.update(v);
+                        }
+                        Ok(answer(&f))
+                    })
+                    .await?
+                };
                 let mut tag_builders: Vec<StringBuilder> =
                     tags.iter().map(|_| StringBuilder::new()).collect();
                 let mut columns: Vec<ArrayRef> = Vec::new();

@@ -716,6 +716,20 @@ async fn forecast_models_accounts_for_every_step_that_forecast_answers() {
     }
     // A clean 60-minute sine after 2,000 rows: some model has learnt it.
     assert!(errors.iter().flatten().any(|&e| e < 0.5), "{text}");
+    // The shipped global network competes: scored at the 12 steps ahead it forecasts, not
+    // beyond them; and not at all in an engine without it.
+    let scored = "SELECT count(*) FROM forecast_models('cpu', 'usage', 24, 'host = ''h0''') WHERE model = 'global_lstm' AND rolling_error IS NOT NULL";
+    assert_eq!(scalar(&engine, scored).await, "12");
+    let plain = QueryEngine::without_global_forecasts(Arc::clone(&store));
+    assert_eq!(scalar(&plain, scored).await, "0");
+    assert_eq!(
+        scalar(
+            &plain,
+            "SELECT count(DISTINCT model) FROM forecast_models('cpu', 'usage', 3, 'host = ''h0''')"
+        )
+        .await,
+        (per_step - 1).to_string()
+    );
     // Every series, and the same argument checks as forecast().
     assert_eq!(
         scalar(

@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use forestall_models::detector::{DetectorParams, score_series};
 use forestall_models::forecast::ForecastConfig;
-use forestall_models::forecast::evaluation::{Accuracy, Input, LEVELS, evaluate_fleet};
-use forestall_models::global::{GlobalConfig, kind_of};
+use forestall_models::forecast::evaluation::{Accuracy, Input, LEVELS, evaluate_fleet_with};
+use forestall_models::global::{GlobalLstm, kind_of};
 use forestall_models::nab::{self, Labels, PROFILES};
 
 /// Runs a fresh detector over every file of a NAB-layout folder, writes
@@ -127,14 +127,15 @@ const FORECAST_STEPS: [usize; 2] = [1, 12];
 /// Streams every file of a NAB-layout folder through a fresh forecaster and returns the
 /// report: per file and overall, MASE and 80/90/95% interval coverage at 1 and 12 steps
 /// ahead, for every model and for the automatic choice. Rows before NAB's probationary end
-/// (`min(15% of rows, 750)`) only train. With `global`, one global LSTM serves every file
-/// (row r of each in round r; its kind from the category's name, [`kind_of`]) and competes
-/// in each file's automatic choice; the report ends with what it cost.
+/// (`min(15% of rows, 750)`) only train. With `global`, that global LSTM (fresh or already
+/// trained) serves every file (row r of each in round r; its kind from the category's name,
+/// [`kind_of`]) and competes in each file's automatic choice; the report ends with what it
+/// cost, and the model comes back, trained further by its budget.
 pub fn forecast(
     data: &Path,
     config: ForecastConfig,
-    global: Option<GlobalConfig>,
-) -> anyhow::Result<String> {
+    global: Option<GlobalLstm>,
+) -> anyhow::Result<(String, Option<GlobalLstm>)> {
     let files =
         nab::load_corpus(data).with_context(|| format!("load the corpus in {}", data.display()))?;
     anyhow::ensure!(
@@ -197,7 +198,7 @@ pub fn forecast(
             warmup: (f.values.len() * 15 / 100).min(750),
         })
         .collect();
-    let (evals, cost) = evaluate_fleet(&inputs, config, global, &FORECAST_STEPS)?;
+    let (evals, cost, global) = evaluate_fleet_with(&inputs, config, global, &FORECAST_STEPS)?;
     for (f, e) in files.iter().zip(evals) {
         rows += f.values.len();
         if names.is_empty() {
@@ -269,12 +270,13 @@ pub fn forecast(
         )?;
     }
     debug_assert_eq!(LEVELS.len(), 3);
-    Ok(report)
+    Ok((report, global))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use forestall_models::global::GlobalConfig;
 
     #[test]
     fn writes_one_scored_csv_per_file_with_the_same_rows() {
@@ -338,7 +340,7 @@ mod tests {
             }
             std::fs::write(cat.join(name), csv).unwrap();
         }
-        let report = forecast(data.path(), ForecastConfig::default(), None).unwrap();
+        let (report, _) = forecast(data.path(), ForecastConfig::default(), None).unwrap();
         for needle in [
             "cat/a.csv",
             "cat/b.csv",
@@ -354,7 +356,7 @@ mod tests {
             lstm_train_every: 64,
             ..ForecastConfig::default()
         };
-        let report = forecast(data.path(), with_lstm, None).unwrap();
+        let (report, _) = forecast(data.path(), with_lstm, None).unwrap();
         assert!(report.contains("lstm"), "{report}");
         let global = GlobalConfig {
             window: 24,
@@ -362,10 +364,27 @@ mod tests {
             batch: 8,
             ..GlobalConfig::default()
         };
-        let report = forecast(data.path(), ForecastConfig::default(), Some(global)).unwrap();
+        let model = GlobalLstm::new(global).unwrap();
+        let (report, model) =
+            forecast(data.path(), ForecastConfig::default(), Some(model)).unwrap();
         assert!(report.contains("global_lstm "), "{report}");
         assert!(
-            report.contains("global_lstm: 2 series, 1500 rounds"),
+            report.contains("global_lstm: 2 series, 1500 rounds, 1500 training steps"),
+            "{report}"
+        );
+        // The trained model comes back; from its weights, a second pass carries on (its
+        // record continues) and, with no training budget, only infers.
+        let mut again = GlobalLstm::new(GlobalConfig {
+            steps_per_round: 0,
+            ..global
+        })
+        .unwrap();
+        again
+            .resume_weights(&model.unwrap().weights().unwrap())
+            .unwrap();
+        let (report, _) = forecast(data.path(), ForecastConfig::default(), Some(again)).unwrap();
+        assert!(
+            report.contains("global_lstm: 2 series, 3000 rounds, 1500 training steps"),
             "{report}"
         );
         assert!(

@@ -303,6 +303,14 @@ enum Eval {
         /// The seed of the global LSTM's weights and of the windows it trains on.
         #[arg(long, value_name = "N", default_value_t = 42)]
         global_seed: u64,
+        /// Start the global LSTM from these weights (a file --save-global wrote, or
+        /// `pretrained`: the network SQL's forecast() uses) instead of untrained ones. With
+        /// --global-steps 0 it is measured as it is, on series it may never have seen.
+        #[arg(long, value_name = "FILE|pretrained")]
+        global_from: Option<String>,
+        /// Write the global LSTM's weights here afterwards (what --global-from reads).
+        #[arg(long, value_name = "FILE")]
+        save_global: Option<PathBuf>,
     },
 }
 
@@ -383,21 +391,43 @@ fn main() -> anyhow::Result<()> {
                     global_lstm,
                     global_steps,
                     global_seed,
+                    global_from,
+                    save_global,
                 },
         } => {
+            use forestall_models::global::{GlobalConfig, GlobalLstm, PRETRAINED};
             let config = forestall_models::forecast::ForecastConfig {
                 lstm_train_every,
                 ..Default::default()
             };
-            let global = global_lstm.then_some(forestall_models::global::GlobalConfig {
-                steps_per_round: global_steps,
-                seed: global_seed,
-                ..Default::default()
-            });
+            let global = if global_lstm || global_from.is_some() || save_global.is_some() {
+                let mut model = GlobalLstm::new(GlobalConfig {
+                    steps_per_round: global_steps,
+                    seed: global_seed,
+                    ..Default::default()
+                })?;
+                match global_from.as_deref() {
+                    None => {}
+                    Some("pretrained") => model.resume_weights(PRETRAINED)?,
+                    Some(path) => model
+                        .resume_weights(
+                            &std::fs::read(path).with_context(|| format!("read {path}"))?,
+                        )
+                        .with_context(|| format!("load the global LSTM's weights from {path}"))?,
+                }
+                Some(model)
+            } else {
+                None
+            };
             let bar = forestall_server::cli::spinner("evaluating the forecasters");
-            let report = forestall_server::eval::forecast(&data, config, global)?;
+            let (report, model) = forestall_server::eval::forecast(&data, config, global)?;
             bar.finish_and_clear();
             print!("{report}");
+            if let (Some(path), Some(model)) = (save_global, model) {
+                std::fs::write(&path, model.weights()?)
+                    .with_context(|| format!("write {}", path.display()))?;
+                eprintln!("saved the global LSTM's weights to {}", path.display());
+            }
             Ok(())
         }
         Command::Replay {

@@ -113,8 +113,22 @@ pub fn evaluate_fleet(
     global: Option<GlobalConfig>,
     steps: &[usize],
 ) -> Result<(Vec<SeriesEval>, Option<GlobalCost>)> {
+    let model = global.map(GlobalLstm::new).transpose()?;
+    let (evals, cost, _) = evaluate_fleet_with(series, config, model, steps)?;
+    Ok((evals, cost))
+}
+
+/// [`evaluate_fleet`] with a global model that may already be trained (its series are
+/// kept; the fleet's are added), which is handed back afterwards: to carry on training it,
+/// to save it, or, with `steps_per_round` 0, to measure it on series it never trained on.
+pub fn evaluate_fleet_with(
+    series: &[Input<'_>],
+    config: ForecastConfig,
+    mut model: Option<GlobalLstm>,
+    steps: &[usize],
+) -> Result<(Vec<SeriesEval>, Option<GlobalCost>, Option<GlobalLstm>)> {
     let config = ForecastConfig {
-        global: global.is_some(),
+        global: model.is_some(),
         ..config
     };
     let mut forecasters = series
@@ -125,7 +139,6 @@ pub fn evaluate_fleet(
     names.push("auto");
     let mut accuracy =
         vec![vec![vec![Accuracy::default(); steps.len()]; names.len()]; series.len()];
-    let mut model = global.map(GlobalLstm::new).transpose()?;
     let ids: Vec<SeriesId> = match &mut model {
         Some(g) => series.iter().map(|s| g.add_series(s.kind)).collect(),
         None => Vec::new(),
@@ -173,12 +186,12 @@ pub fn evaluate_fleet(
             scale: mase_scale(s.values),
         })
         .collect();
-    let cost = model.map(|g| GlobalCost {
+    let cost = model.as_ref().map(|g| GlobalCost {
         stats: g.stats(),
         train,
         infer,
     });
-    Ok((evals, cost))
+    Ok((evals, cost, model))
 }
 
 /// Scores the forecasts `f` makes after row `i` of `values`, by every model and the

@@ -273,3 +273,110 @@ fn a_restart_resumes_the_weights_and_keeps_its_own_series() {
     assert!(other.resume_weights(&bytes[..bytes.len() / 2]).is_err());
     assert_eq!(other.stats(), before);
 }
+
+#[test]
+fn replay_scores_a_trained_network_beside_each_series_own_models_without_training_it() {
+    // A network trained on eight series of one shape, then asked about three it never saw
+    // (one shorter than the rows it is scored on), as SQL's forecast() asks it.
+    let data: Vec<_> = (0..8)
+        .map(|i| series(480, 1.0 + i as f64, i as u64 + 1))
+        .collect();
+    let mut g = GlobalLstm::new(small()).unwrap();
+    let ids: Vec<_> = (0..data.len()).map(|_| g.add_series(0)).collect();
+    run(&mut g, &ids, &data, 0..480);
+    let trained = g.weights().unwrap();
+    let frozen = || {
+        let mut m = GlobalLstm::new(GlobalConfig {
+            steps_per_round: 0,
+            ..small()
+        })
+        .unwrap();
+        m.resume_weights(&trained).unwrap();
+        m
+    };
+    let fresh = [
+        series(600, 5.0, 11),
+        series(600, 50.0, 12),
+        series(40, 2.0, 13),
+    ];
+    let (times, values): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+        fresh.iter().map(|s| s.iter().copied().unzip()).unzip();
+    let input: Vec<Replay<'_>> = times
+        .iter()
+        .zip(&values)
+        .map(|(times, values)| Replay {
+            values,
+            times,
+            kind: 0,
+        })
+        .collect();
+    let config = ForecastConfig {
+        horizon: 6,
+        ..ForecastConfig::default()
+    };
+    let mut model = frozen();
+    let before = model.stats();
+    let fs = replay(&mut model, &input, config, 64).unwrap();
+    assert_eq!(fs.len(), 3);
+    let after = model.stats();
+    assert_eq!(
+        (after.steps, after.series),
+        (before.steps, 3),
+        "not trained"
+    );
+    let names = fs[0].model_names();
+    let global = names.iter().position(|n| *n == "global_lstm").unwrap();
+    for ((f, times), values) in fs.iter().zip(&times).zip(&values) {
+        // Its forecasts were scored at every step ahead, like the series' own models'.
+        for step in 1..=6 {
+            assert!(f.rolling_error(step)[global].is_some_and(f64::is_finite));
+        }
+        // And the one it answers with now is the network's own for this series' rows.
+        let mut alone = frozen();
+        let id = alone.add_series(0);
+        for (&t, &v) in times.iter().zip(values) {
+            alone.push(id, t, v, f.history().period()).unwrap();
+        }
+        let path = alone.forecast().unwrap().remove(0).unwrap();
+        let supplied = f.forecast_model(global, 6, 0.9);
+        for (p, s) in path.iter().zip(&supplied) {
+            assert!((p.median - s.mean).abs() < 1e-9, "{p:?} against {s:?}");
+        }
+    }
+    // Scored on none of the rows, the network answers nothing: each forecast is what the
+    // series' own models say.
+    let fs = replay(&mut frozen(), &input, config, 0).unwrap();
+    for (f, values) in fs.iter().zip(&values) {
+        assert!(f.rolling_error(1)[global].is_none());
+        let mut own = AutoForecaster::new(config).unwrap();
+        for &v in values {
+            own.update(v);
+        }
+        let strip = |steps: Vec<crate::forecast::Step>| -> Vec<(f64, f64, f64)> {
+            steps.iter().map(|s| (s.mean, s.lower, s.upper)).collect()
+        };
+        assert_eq!(strip(f.forecast(6, 0.9)), strip(own.forecast(6, 0.9)));
+    }
+}
+
+#[test]
+fn the_shipped_network_loads_and_forecasts_a_series_it_never_saw() {
+    let mut model = GlobalLstm::pretrained().unwrap();
+    assert!(model.stats().steps > 1000, "{:?}", model.stats());
+    assert_eq!(model.stats().series, 0);
+    let s = series(400, 20.0, 5);
+    let (times, values): (Vec<f64>, Vec<f64>) = s.into_iter().unzip();
+    let input = [Replay {
+        values: &values,
+        times: &times,
+        kind: 0,
+    }];
+    let fs = replay(&mut model, &input, ForecastConfig::default(), 64).unwrap();
+    let global = fs[0]
+        .model_names()
+        .iter()
+        .position(|n| *n == "global_lstm")
+        .unwrap();
+    assert!(fs[0].rolling_error(12)[global].is_some_and(f64::is_finite));
+    assert!(fs[0].forecast(12, 0.9).iter().all(|s| s.mean.is_finite()));
+}
