@@ -96,6 +96,23 @@ pub struct QueryConfig {
     /// Niceness (0–19) of the threads queries run on: above 0, ingestion wins the CPU when
     /// both want it. Default 10.
     pub nice: i32,
+    /// SQL queries that run at once, over HTTP and PostgreSQL together; more wait for a
+    /// turn. Default (unset): twice the cores, at least 4.
+    pub max_concurrent: Option<usize>,
+    /// How long a query waits for a turn before it is refused (HTTP 503 with
+    /// `Retry-After`, PostgreSQL SQLSTATE 53000). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: std::time::Duration,
+}
+
+impl QueryConfig {
+    /// [`QueryConfig::max_concurrent`], or its default for this machine.
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (2 * cores).max(4)
+        })
+    }
 }
 
 impl Default for QueryConfig {
@@ -104,6 +121,8 @@ impl Default for QueryConfig {
             timeout: std::time::Duration::from_secs(60),
             max_result_rows: 1_000_000,
             nice: 10,
+            max_concurrent: None,
+            queue_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -413,9 +432,13 @@ impl ServerConfig {
                 "query.nice must be within 0..=19".into(),
             ));
         }
-        if self.query.timeout.is_zero() || self.query.max_result_rows == 0 {
+        if self.query.timeout.is_zero()
+            || self.query.max_result_rows == 0
+            || self.query.max_concurrent == Some(0)
+        {
             return Err(ConfigError::Invalid(
-                "query.timeout and query.max_result_rows must be positive".into(),
+                "query.timeout, query.max_result_rows and query.max_concurrent must be positive"
+                    .into(),
             ));
         }
         if self.http.max_body_bytes < 1024 {

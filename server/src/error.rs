@@ -80,6 +80,14 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({"code": code, "error": message}))).into_response();
+        if matches!(self, ApiError::Overloaded(_)) {
+            // Clients with a retry policy (Prometheus' remote write, the InfluxDB clients)
+            // back off and come back.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

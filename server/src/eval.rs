@@ -369,7 +369,7 @@ mod tests {
             forecast(data.path(), ForecastConfig::default(), Some(model)).unwrap();
         assert!(report.contains("global_lstm "), "{report}");
         assert!(
-            report.contains("global_lstm: 2 series, 1500 rounds, 1500 training steps"),
+            report.contains("global_lstm: 2 series, 1500 rounds, 1465 training steps"),
             "{report}"
         );
         // The trained model comes back; from its weights, a second pass carries on (its
@@ -384,7 +384,7 @@ mod tests {
             .unwrap();
         let (report, _) = forecast(data.path(), ForecastConfig::default(), Some(again)).unwrap();
         assert!(
-            report.contains("global_lstm: 2 series, 3000 rounds, 1500 training steps"),
+            report.contains("global_lstm: 2 series, 3000 rounds, 1465 training steps"),
             "{report}"
         );
         assert!(

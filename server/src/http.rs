@@ -84,6 +84,7 @@ impl AppState {
             query_limits: QueryLimits {
                 timeout: config.query.timeout,
                 max_result_rows: config.query.max_result_rows,
+                slots: QuerySlots::new(config.query.max_concurrent(), config.query.queue_timeout),
             },
             max_body_bytes: config.http.max_body_bytes,
             allocations: None,
@@ -95,11 +96,55 @@ impl AppState {
     }
 }
 
-/// Limits on one SQL query.
-#[derive(Debug, Clone, Copy)]
+/// Limits on SQL queries.
+#[derive(Debug, Clone)]
 pub struct QueryLimits {
     pub timeout: std::time::Duration,
     pub max_result_rows: usize,
+    /// Queries running at once, over HTTP and PostgreSQL together.
+    pub slots: QuerySlots,
+}
+
+/// How many SQL queries may run at once, and how long one waits for a turn (as
+/// VictoriaMetrics' `-search.maxConcurrentRequests` and `-search.maxQueueDuration`): beyond
+/// that a query is refused at once with "try again", instead of every query slowing down
+/// until they all time out and the server runs out of memory. A query holds its slot until
+/// its last row is sent or its client goes away.
+#[derive(Debug, Clone)]
+pub struct QuerySlots {
+    semaphore: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    wait: std::time::Duration,
+}
+
+/// A query's turn: the slot is free again when this is dropped.
+pub type QuerySlot = tokio::sync::OwnedSemaphorePermit;
+
+impl QuerySlots {
+    pub fn new(max: usize, wait: std::time::Duration) -> Self {
+        let max = max.max(1);
+        Self {
+            semaphore: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            wait,
+        }
+    }
+
+    /// Waits up to the queue timeout for a slot; the error says why there was none.
+    pub async fn acquire(&self) -> Result<QuerySlot, String> {
+        let busy = || {
+            format!(
+                "{} queries are running, the most this server runs at once (query.max_concurrent), and none finished within {} (query.queue_timeout); try again",
+                self.max,
+                humantime::format_duration(self.wait)
+            )
+        };
+        match tokio::time::timeout(self.wait, Arc::clone(&self.semaphore).acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => Err(busy()),
+        }
+    }
 }
 
 /// The router with every route.

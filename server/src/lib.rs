@@ -149,7 +149,7 @@ pub async fn serve(
         Some(tokio::spawn(pg::serve(
             pg_listener,
             state.query.clone(),
-            state.query_limits,
+            state.query_limits.clone(),
             state.auth_required.then(|| tokens.clone()),
             shutdown.clone(),
         )))

@@ -14,7 +14,8 @@
 //!   Unsigned 64-bit fields are sent as `int8`; a value above `i64::MAX` is an error.
 //! * Errors are Postgres error responses with a SQLSTATE: `42601` syntax, `42P01` unknown
 //!   table, `42703` unknown column, `42000` other planning errors, `57014` timeout, `54000`
-//!   the result-size limit, `XX000` internal.
+//!   the result-size limit, `53000` no turn among the queries running at once
+//!   (`query.max_concurrent`, `query.queue_timeout`), `XX000` internal.
 //! * With auth on ([`crate::auth`]), the password is a token with the `query` permission
 //!   (any user name), sent in cleartext (`AuthenticationCleartextPassword`): off the host,
 //!   tunnel or terminate TLS in front. Creating or dropping a continuous query also needs
@@ -58,7 +59,7 @@ use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 
 use crate::auth::{Identity, Need, Tokens};
-use crate::http::QueryLimits;
+use crate::http::{QueryLimits, QuerySlot};
 
 /// Serves the Postgres protocol on `listener` until `shutdown` resolves. Connections already
 /// open end with the process.
@@ -394,13 +395,23 @@ impl Backend {
                 .map_err(df_error)?;
             return Ok(Response::Execution(Tag::new(tag)));
         }
+        // A turn among the queries running at once, held until the last row is sent.
+        let slot = self
+            .limits
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| user_error("53000", e))?;
         let df = ctx.execute_logical_plan(plan).await.map_err(df_error)?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
         let batches = QueryEngine::execute(df);
         // The scans run and rows are encoded on the query runtime, at the queries' priority.
-        let rows = self
-            .query
-            .forward(row_stream(batches, Arc::clone(&fields), self.limits));
+        let rows = self.query.forward(row_stream(
+            batches,
+            Arc::clone(&fields),
+            &self.limits,
+            Some(slot),
+        ));
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 }
@@ -436,7 +447,7 @@ impl Backend {
                         stream::once(async move { Ok(batch) }),
                     ),
                 );
-                let rows = row_stream(batches, Arc::clone(&fields), self.limits);
+                let rows = row_stream(batches, Arc::clone(&fields), &self.limits, None);
                 Ok(Response::Query(QueryResponse::new(fields, rows)))
             }
         }
@@ -453,15 +464,19 @@ fn timed_out(limit: Duration) -> PgWireError {
     )
 }
 
-/// Encodes batches into data rows as they come, enforcing the timeout and the row limit.
+/// Encodes batches into data rows as they come, enforcing the timeout and the row limit;
+/// the query's `slot`, if it has one, is held until the stream ends or is dropped.
 fn row_stream(
     batches: SendableRecordBatchStream,
     fields: Arc<Vec<FieldInfo>>,
-    limits: QueryLimits,
+    limits: &QueryLimits,
+    slot: Option<QuerySlot>,
 ) -> impl futures::Stream<Item = PgWireResult<DataRow>> + Send + 'static {
-    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let (timeout, max_result_rows) = (limits.timeout, limits.max_result_rows);
+    let deadline = tokio::time::Instant::now() + timeout;
     let state = (batches, 0usize, false);
     stream::unfold(state, move |(mut batches, rows, done)| {
+        let _running = &slot;
         let fields = Arc::clone(&fields);
         async move {
             if done {
@@ -469,19 +484,18 @@ fn row_stream(
             }
             let next = match tokio::time::timeout_at(deadline, batches.next()).await {
                 Err(_) => {
-                    return Some((vec![Err(timed_out(limits.timeout))], (batches, rows, true)));
+                    return Some((vec![Err(timed_out(timeout))], (batches, rows, true)));
                 }
                 Ok(None) => return None,
                 Ok(Some(Err(e))) => return Some((vec![Err(df_error(e))], (batches, rows, true))),
                 Ok(Some(Ok(b))) => b,
             };
             let rows = rows + next.num_rows();
-            if rows > limits.max_result_rows {
+            if rows > max_result_rows {
                 let e = user_error(
                     "54000",
                     format!(
-                        "the result has more than {} rows; add a LIMIT or aggregate",
-                        limits.max_result_rows
+                        "the result has more than {max_result_rows} rows; add a LIMIT or aggregate"
                     ),
                 );
                 return Some((vec![Err(e)], (batches, rows, true)));

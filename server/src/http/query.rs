@@ -102,18 +102,21 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
             )));
         }
     };
-    let limits = state.query_limits;
-    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let limits = state.query_limits.clone();
+    // The slot is held by the response's stream, until the last row is sent or the client
+    // goes away.
+    let slot = limits.slots.acquire().await.map_err(ApiError::Overloaded)?;
+    let (timeout, max_result_rows) = (limits.timeout, limits.max_result_rows);
+    let deadline = tokio::time::Instant::now() + timeout;
     let timed_out = move || {
         ApiError::Invalid(format!(
             "query timed out after {}",
-            humantime::format_duration(limits.timeout)
+            humantime::format_duration(timeout)
         ))
     };
     let too_many = move || {
         ApiError::Invalid(format!(
-            "the result has more than {} rows; add a LIMIT or aggregate",
-            limits.max_result_rows
+            "the result has more than {max_result_rows} rows; add a LIMIT or aggregate"
         ))
     };
     // Planning, the scans and encoding all run in one task on the query runtime (a result
@@ -145,7 +148,7 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
                         Ok(Some(Err(e))) => (Err(query_error(e.into())), Step::Done),
                         Ok(Some(Ok(batch))) => {
                             let rows = rows + batch.num_rows();
-                            if rows > limits.max_result_rows {
+                            if rows > max_result_rows {
                                 (Err(too_many()), Step::Done)
                             } else {
                                 match encoder.batch(&batch) {
@@ -189,11 +192,14 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
         }
     }
     // Stream the rest; an error after the first byte can only cut the response short.
-    let rest = chunks.map(|chunk| match chunk {
-        Ok(Chunk::Rows(bytes, _) | Chunk::End(bytes)) => Ok(Bytes::from(bytes)),
-        Err(e) => {
-            tracing::warn!(error = %e, "query stream cut short");
-            Err(std::io::Error::other(e.to_string()))
+    let rest = chunks.map(move |chunk| {
+        let _running = &slot;
+        match chunk {
+            Ok(Chunk::Rows(bytes, _) | Chunk::End(bytes)) => Ok(Bytes::from(bytes)),
+            Err(e) => {
+                tracing::warn!(error = %e, "query stream cut short");
+                Err(std::io::Error::other(e.to_string()))
+            }
         }
     });
     let body = futures::stream::once(async move { Ok(Bytes::from(head)) }).chain(rest);

@@ -860,3 +860,57 @@ async fn a_query_token_cannot_create_continuous_queries_in_sql_nor_ddl_or_copy_a
     }
     assert!(!target.exists());
 }
+
+#[tokio::test]
+async fn a_query_beyond_the_concurrent_limit_waits_its_turn_then_gets_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::config::ServerConfig {
+        engine: EngineConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        },
+        query: crate::config::QueryConfig {
+            max_concurrent: Some(1),
+            queue_timeout: std::time::Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let store = Arc::new(Store::open(config.engine.clone()).unwrap());
+    let app = router(AppState::new(Arc::clone(&store), &config));
+    // More rows than the response buffers, so the first query's result streams and the
+    // query keeps its slot while its client has not read it.
+    let body: String = (0..20_000)
+        .map(|i| format!("cpu,host=h{} v={i} {}\n", i % 10, 1_700_000_000 + i))
+        .collect();
+    let (s, _) = send(&app, post("/api/v2/write?precision=s", body)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let query = || {
+        Request::get("/api/v3/query_sql?format=csv&q=SELECT%20*%20FROM%20cpu")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let streaming = app.clone().oneshot(query()).await.unwrap();
+    assert_eq!(streaming.status(), StatusCode::OK);
+    // The one slot is taken: the next query waits 200 ms for it, then is refused.
+    let refused = app.clone().oneshot(query()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+    let error = refused.into_body().collect().await.unwrap().to_bytes();
+    let error = String::from_utf8_lossy(&error);
+    assert!(
+        error.contains("query.max_concurrent") && error.contains("try again"),
+        "{error}"
+    );
+    // Other endpoints do not queue behind queries.
+    let (s, _) = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    // Reading the whole result frees the slot; so does a client that goes away.
+    let all = streaming.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(all.iter().filter(|&&b| b == b'\n').count(), 20_001);
+    let unread = app.clone().oneshot(query()).await.unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    drop(unread);
+    let (s, _) = send(&app, query()).await;
+    assert_eq!(s, StatusCode::OK);
+}
