@@ -4,7 +4,9 @@
 //! `csv` (with a header), `parquet`, `arrow` (an Arrow IPC stream) or `pretty` (a text table). `POST` takes the same as a
 //! JSON body (`{"q": "...", "format": "csv"}`). `db` is accepted and ignored (one namespace).
 //! A wrong query is a 400 with the planner's message; a query that runs longer than
-//! `query.timeout` or returns more than `query.max_result_rows` rows is stopped.
+//! `query.timeout` or returns more than `query.max_result_rows` rows is stopped. A query
+//! waits for a turn among those running ([`super::QuerySlots`]) and gets a 503 with
+//! `Retry-After` when none comes within `query.queue_timeout`.
 
 use std::collections::HashMap;
 
