@@ -596,6 +596,12 @@ impl GlobalLstm {
     }
 }
 
+/// Rows at the end of each series that a one-off query ([`replay`] in SQL's `forecast()`)
+/// has the network forecast, so that its forecasts are scored beside the other models'
+/// before the choice: past its 12 steps ahead, about 50 scored rows each, the rolling
+/// errors' memory (`choice_alpha` 0.02).
+pub const SCORED_ROWS: usize = 64;
+
 /// One series for [`replay`]: its values, their times (Unix seconds) and its kind (an index
 /// into [`KINDS`]).
 #[derive(Debug, Clone, Copy)]

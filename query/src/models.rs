@@ -50,7 +50,7 @@ use forestall_engine::catalog::{ColumnKind, TIME_COLUMN};
 use forestall_engine::line_protocol::FieldType;
 use forestall_models::detector::{Detector, DetectorParams};
 use forestall_models::forecast::{AutoForecaster, ForecastConfig, Step};
-use forestall_models::global::{GlobalLstm, KINDS, Replay, kind_of, replay};
+use forestall_models::global::{GlobalLstm, KINDS, Replay, SCORED_ROWS, kind_of, replay};
 use forestall_models::risk::{MetricSpec, RiskConfig, assess};
 use futures::StreamExt;
 
@@ -600,10 +600,6 @@ enum ModelQuery {
     },
 }
 
-/// Rows at the end of each series that `forecast` has the global network forecast, so that
-/// its forecasts are scored beside the other models' before the choice: past its 12 steps
-/// ahead, about 50 scored rows each, the rolling errors' memory (`choice_alpha` 0.02).
-const GLOBAL_ROWS: usize = 64;
 /// Series per batched forward pass of the global network in `forecast`.
 const GLOBAL_BATCH: usize = 256;
 
@@ -693,7 +689,7 @@ impl ModelTable {
                             })
                             .collect();
                         let forecasters =
-                            replay(&mut model, &series, config, GLOBAL_ROWS).map_err(external)?;
+                            replay(&mut model, &series, config, SCORED_ROWS).map_err(external)?;
                         Ok(forecasters.iter().map(answer).collect())
                     })
                     .await?

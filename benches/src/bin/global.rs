@@ -11,6 +11,13 @@
 //! math runs on one thread (as `forestall` runs it), so wall time is CPU time on a quiet
 //! machine. Runs with `forestall`'s allocator (mimalloc). Reports the median and 99th
 //! percentile of each part of a round.
+//!
+//! With `--query`, what SQL's `forecast()` pays for the shipped network instead: the first
+//! `--series` series of the folder replayed through their own models, then the same with
+//! the frozen network scored on their last rows (`global::replay`), each timed over
+//! `--rounds` repetitions (the fastest kept; the read from the store is the same in both).
+//! Run it with `--release`: in the dev profile Forestall's own models are unoptimised and
+//! the ratio means nothing.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,6 +44,9 @@ struct Args {
     /// Adam steps per round.
     #[arg(long, default_value_t = 1)]
     steps: usize,
+    /// Time a query's model work with and without the shipped network instead.
+    #[arg(long)]
+    query: bool,
 }
 
 /// The allocator `forestall` runs with: candle allocates a tensor per operation, and the
@@ -59,6 +69,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let files = nab::load_corpus(&args.data)?;
     anyhow::ensure!(!files.is_empty(), "no series under {}", args.data.display());
+    if args.query {
+        return query(&files, &args);
+    }
     let mut model = GlobalLstm::new(GlobalConfig {
         steps_per_round: args.steps,
         ..GlobalConfig::default()
@@ -121,5 +134,57 @@ fn main() -> Result<()> {
             1e3 * p50 / args.series as f64
         );
     }
+    Ok(())
+}
+
+/// `--query`: one query's model work over the first `--series` files, as `forecast()` does it
+/// with and without the shipped network.
+fn query(files: &[nab::NabFile], args: &Args) -> Result<()> {
+    use forestall_models::forecast::{AutoForecaster, ForecastConfig};
+    use forestall_models::global::{Replay, SCORED_ROWS, replay};
+    let files = &files[..args.series.min(files.len())];
+    let times: Vec<Vec<f64>> = files
+        .iter()
+        .map(|f| {
+            f.timestamps
+                .iter()
+                .map(|t| nab::parse_timestamp(t).unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+    let config = ForecastConfig::default();
+    let (mut own, mut with) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.rounds.max(1) {
+        let started = Instant::now();
+        for f in files {
+            let mut a = AutoForecaster::new(config)?;
+            for &v in &f.values {
+                a.update(v);
+            }
+            std::hint::black_box(a.forecast(12, 0.9));
+        }
+        own = own.min(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let mut model = GlobalLstm::pretrained()?;
+        let series: Vec<Replay<'_>> = files
+            .iter()
+            .zip(&times)
+            .map(|(f, times)| Replay {
+                values: &f.values,
+                times,
+                kind: kind_of(nab::category(&f.name)),
+            })
+            .collect();
+        let forecasters = replay(&mut model, &series, config, SCORED_ROWS)?;
+        std::hint::black_box(forecasters[0].forecast(12, 0.9));
+        with = with.min(started.elapsed().as_secs_f64());
+    }
+    println!(
+        "a query's model work, {} series: own models {:.1} ms, with the shipped network {:.1} ms ({:.2}x)",
+        files.len(),
+        own * 1e3,
+        with * 1e3,
+        with / own
+    );
     Ok(())
 }
