@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Forestall needs on a fresh Debian machine: Debian's
 # RocksDB (linked instead of compiling its C++; see ../shared/BUILD.md), libclang for bindgen,
-# the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), and iproute2
-# (ip, tc) and util-linux (unshare) for the network-namespace tests, Prometheus with
+# the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), openssl for
+# the TLS tests' certificates, iproute2 (ip, tc) and util-linux (unshare) for the
+# network-namespace tests, Prometheus with
 # node_exporter for the remote-write test, the official influxdb-client (PyPI), and
 # Chromium with its WebDriver for the web console's test.
 # Idempotent: does nothing when everything is already there.
@@ -14,6 +15,8 @@ for pkg in librocksdb-dev libclang-dev; do
 done
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v curl >/dev/null || need+=(curl)
+# Certificates for the TLS tests.
+command -v openssl >/dev/null || need+=(openssl)
 { command -v tc && command -v ip; } >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v unshare >/dev/null || need+=(util-linux)

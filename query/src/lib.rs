@@ -31,11 +31,16 @@ use arrow::record_batch::RecordBatch;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext, SessionState};
-use datafusion::execution::{FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::{
+    FunctionRegistry, SendableRecordBatchStream, SessionStateBuilder, TaskContext,
+};
+use datafusion::logical_expr::{LogicalPlan, Statement};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use forestall_engine::Store;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 
 pub use provider::{MeasurementTable, ScanExec, StoreSchema};
 
@@ -61,6 +66,9 @@ pub enum Error {
     /// The caller may not do this (see [`QueryEngine::refusing_changes`]).
     #[error("{0}")]
     Forbidden(String),
+    /// The query needed more memory than its limit (see [`QueryEngine::with_memory_limit`]).
+    #[error("the query needs more memory than one query may hold ([query] memory_limit): {0}")]
+    ResourcesExhausted(String),
 }
 
 impl From<DataFusionError> for Error {
@@ -70,6 +78,7 @@ impl From<DataFusionError> for Error {
             | DataFusionError::Plan(_)
             | DataFusionError::SchemaError(..)
             | DataFusionError::NotImplemented(_) => Error::Query(e.strip_backtrace()),
+            DataFusionError::ResourcesExhausted(m) => Error::ResourcesExhausted(m.clone()),
             _ => Error::Execution(e.strip_backtrace()),
         }
     }
@@ -98,6 +107,8 @@ pub struct QueryEngine {
     /// Why continuous-query statements that change something are refused, when they are
     /// (see [`QueryEngine::refusing_changes`]).
     changes_refused: Option<Arc<str>>,
+    /// The memory one session's queries may hold (see [`QueryEngine::with_memory_limit`]).
+    memory_limit: Option<usize>,
 }
 
 impl QueryEngine {
@@ -166,7 +177,19 @@ impl QueryEngine {
             runtime: None,
             continuous: None,
             changes_refused: None,
+            memory_limit: None,
         }
+    }
+
+    /// Each query run by [`QueryEngine::execute`] gets a memory pool of `bytes`: a sort
+    /// past it spills to disk, and an aggregation or join that needs more fails with
+    /// [`Error::ResourcesExhausted`] instead of growing until the kernel kills the process.
+    /// With at most `max_concurrent` queries at once, the queries together hold at most that
+    /// many times `bytes`, as PostgreSQL's `work_mem` bounds each operation. Without it
+    /// (tests, tools), a query's memory is unbounded.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// An engine that also answers `CREATE`, `DROP` and `SHOW CONTINUOUS QUERIES` with
@@ -228,9 +251,14 @@ impl QueryEngine {
     /// Runs a planned query: the physical plan is made and the scans run as the returned
     /// stream is polled, so callers poll it inside [`QueryEngine::forward`], together with
     /// whatever they do with each batch (one task on the query runtime, not one per stage).
-    pub fn execute(df: DataFrame) -> SendableRecordBatchStream {
+    pub fn execute(&self, df: DataFrame) -> SendableRecordBatchStream {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = futures::stream::once(df.execute_stream()).flat_map(|r| match r {
+        let context = Arc::new(self.task_context(&df));
+        let run = async move {
+            let plan = df.create_physical_plan().await?;
+            datafusion::physical_plan::execute_stream(plan, context)
+        };
+        let batches = futures::stream::once(run).flat_map(|r| match r {
             Ok(s) => s.left_stream(),
             Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
         });
@@ -284,14 +312,35 @@ impl QueryEngine {
         SessionContext::new_with_state(self.base.clone())
     }
 
-    /// The DataFrame of `sql` in a new session. SQL reads only: DataFusion's DDL
-    /// (`CREATE EXTERNAL TABLE` would read any file the server can) and DML (`COPY … TO`
-    /// would write one, `INSERT`) are refused; `SET` is allowed and lasts for the session.
+    /// The context `df` runs in: its session's, with a memory pool of its own when the
+    /// engine has a limit ([`QueryEngine::with_memory_limit`]). Made per query (a few
+    /// `Arc`s), not per session: rebuilding a session's state costs tens of microseconds.
+    fn task_context(&self, df: &DataFrame) -> TaskContext {
+        let context = df.task_ctx();
+        let Some(limit) = self.memory_limit else {
+            return context;
+        };
+        let shared = context.runtime_env();
+        // The pool names its three largest consumers when it refuses. The disk manager
+        // (spills) and the caches stay shared.
+        let pool = TrackConsumersPool::new(
+            GreedyMemoryPool::new(limit),
+            std::num::NonZeroUsize::MIN.saturating_add(2),
+        );
+        context.with_runtime(Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(pool),
+            disk_manager: Arc::clone(&shared.disk_manager),
+            cache_manager: Arc::clone(&shared.cache_manager),
+            object_store_registry: Arc::clone(&shared.object_store_registry),
+        }))
+    }
+
+    /// The DataFrame of `sql` in a new session, checked by [`verify_read_only`].
     async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
-        Ok(self
-            .session()
-            .sql_with_options(sql, read_only_sql())
-            .await?)
+        let ctx = self.session();
+        let plan = ctx.state().create_logical_plan(sql).await?;
+        verify_read_only(&plan)?;
+        Ok(ctx.execute_logical_plan(plan).await?)
     }
 
     /// Plans and runs `sql`, collecting the result.
@@ -302,7 +351,7 @@ impl QueryEngine {
         }
         let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
+        let batches = self.execute(df).try_collect().await?;
         Ok((schema, batches))
     }
 
@@ -311,7 +360,7 @@ impl QueryEngine {
     pub(crate) async fn plan(&self, sql: &str) -> Result<Planned> {
         let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let context = Arc::new(df.task_ctx());
+        let context = Arc::new(self.task_context(&df));
         let plan = df.create_physical_plan().await?;
         Ok(Planned {
             schema,
@@ -336,18 +385,37 @@ impl QueryEngine {
         }
         let df = self.dataframe(sql).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        Ok((schema, Self::execute(df)))
+        Ok((schema, self.execute(df)))
     }
 }
 
 /// What SQL may do here: read. DataFusion's DDL (`CREATE EXTERNAL TABLE` reads any file the
 /// server can) and DML (`COPY … TO` writes one; `INSERT`) are refused; `SET` is allowed and
 /// lasts for the session. Every SQL surface (HTTP, PostgreSQL, continuous queries) checks its
-/// plans with it.
-pub fn read_only_sql() -> SQLOptions {
+/// plans with [`verify_read_only`].
+fn read_only_sql() -> SQLOptions {
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
+}
+
+/// Checks a plan against [`read_only_sql`], and refuses `SET datafusion.runtime.…`, which
+/// would choose where the session spills (any directory the server may write) and its
+/// caches; a query's memory is the server's to set ([`QueryEngine::with_memory_limit`]).
+pub fn verify_read_only(plan: &LogicalPlan) -> datafusion::error::Result<()> {
+    read_only_sql().verify_plan(plan)?;
+    if let LogicalPlan::Statement(Statement::SetVariable(set)) = plan
+        && set
+            .variable
+            .to_ascii_lowercase()
+            .starts_with("datafusion.runtime.")
+    {
+        return Err(DataFusionError::Plan(format!(
+            "{} is set by the server ([query] memory_limit), not by a query",
+            set.variable
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! on stderr and exit status 1.
 
 use std::io::{BufRead, Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -42,6 +43,34 @@ impl Client {
                 .user_agent(concat!("forestall-cli/", env!("CARGO_PKG_VERSION")))
                 .build(),
         }
+    }
+
+    /// The same client, trusting only the CA certificates in the PEM file `ca` for HTTPS
+    /// (as `curl --cacert`), for servers whose certificate no public CA signed.
+    pub fn trusting(mut self, ca: &std::path::Path) -> anyhow::Result<Self> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("read the CA certificates in {}", ca.display()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            anyhow::bail!("{} holds no usable PEM certificate", ca.display());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        self.agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .user_agent(concat!("forestall-cli/", env!("CARGO_PKG_VERSION")))
+            .tls_config(Arc::new(tls))
+            .build();
+        Ok(self)
     }
 
     fn url(&self, path: &str) -> String {

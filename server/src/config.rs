@@ -37,6 +37,17 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     /// Largest request body accepted, before and after decompression. Default 32 MiB.
     pub max_body_bytes: u64,
+    /// A request's head (line and headers) must arrive within this, and a keep-alive
+    /// connection idle this long is closed. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: std::time::Duration,
+    /// A request's body must arrive within this of its head, or the request gets 408 and
+    /// the connection closes. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: std::time::Duration,
+    /// Connections open at once; one more gets 503 with `Retry-After` and is closed.
+    /// Default (unset): half the open-file limit after 1,024 for the store, 64 to 10,000.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for HttpConfig {
@@ -44,6 +55,9 @@ impl Default for HttpConfig {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8181)),
             max_body_bytes: 32 << 20,
+            header_read_timeout: std::time::Duration::from_secs(30),
+            body_read_timeout: std::time::Duration::from_secs(60),
+            max_connections: None,
         }
     }
 }
@@ -57,6 +71,9 @@ pub struct PgConfig {
     /// Listen address. Default `127.0.0.1:5433`. With `[auth]` on, clients send a token as
     /// their password.
     pub addr: SocketAddr,
+    /// Connections open at once; one more gets SQLSTATE 53300. Default (unset): as
+    /// `[http] max_connections`.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for PgConfig {
@@ -64,6 +81,31 @@ impl Default for PgConfig {
         Self {
             enabled: true,
             addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            max_connections: None,
+        }
+    }
+}
+
+/// `[tls]`: a certificate for both listeners. With it, the HTTP port speaks HTTPS only,
+/// and the PostgreSQL port takes TLS when a client asks (and passwords only then).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the server's certificate, followed by its chain.
+    pub cert: Option<PathBuf>,
+    /// PEM file of its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The certificate and key files, when TLS is on.
+    pub fn files(&self) -> Result<Option<(&Path, &Path)>, ConfigError> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::Invalid(
+                "[tls] needs both cert and key (PEM files), or neither".into(),
+            )),
         }
     }
 }
@@ -103,6 +145,13 @@ pub struct QueryConfig {
     /// `Retry-After`, PostgreSQL SQLSTATE 53000). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: std::time::Duration,
+    /// Bytes of memory one query (one PostgreSQL connection's queries) may hold for sorts,
+    /// aggregations and joins: a sort past it spills to disk, anything else fails with an
+    /// error (HTTP 400, SQLSTATE 53200) instead of running the process out of memory.
+    /// Default (unset): half of the memory the process may use (the host's, or its
+    /// cgroup's `memory.max` if lower) shared among `max_concurrent` queries, at least
+    /// 32 MiB.
+    pub memory_limit: Option<u64>,
 }
 
 impl QueryConfig {
@@ -113,6 +162,37 @@ impl QueryConfig {
             (2 * cores).max(4)
         })
     }
+
+    /// [`QueryConfig::memory_limit`], or its default for this machine.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit.unwrap_or_else(|| {
+            let share = usable_memory() / 2 / self.max_concurrent().max(1) as u64;
+            share.max(32 << 20)
+        })
+    }
+}
+
+/// The memory this process may use: the host's (`MemTotal`), or less if its cgroup (v2)
+/// has a lower `memory.max`.
+pub fn usable_memory() -> u64 {
+    let host = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(u64::MAX);
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            let path = t.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+            let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim()))
+                .ok()?;
+            max.trim().parse::<u64>().ok()
+        })
+        .unwrap_or(u64::MAX);
+    host.min(cgroup)
 }
 
 impl Default for QueryConfig {
@@ -123,6 +203,7 @@ impl Default for QueryConfig {
             nice: 10,
             max_concurrent: None,
             queue_timeout: std::time::Duration::from_secs(10),
+            memory_limit: None,
         }
     }
 }
@@ -311,6 +392,7 @@ pub struct ServerConfig {
     /// `[[scrape]]`: Prometheus targets to scrape.
     pub scrape: Vec<ScrapeConfig>,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
 }
 
 /// `[auth]`: whether requests need a token (see [`crate::auth`]).
@@ -446,6 +528,19 @@ impl ServerConfig {
                 "http.max_body_bytes must be at least 1024".into(),
             ));
         }
+        if self.http.header_read_timeout.is_zero()
+            || self.http.body_read_timeout.is_zero()
+            || self.http.max_connections == Some(0)
+            || self.pg.max_connections == Some(0)
+            || self.query.memory_limit.is_some_and(|b| b < 1 << 20)
+        {
+            return Err(ConfigError::Invalid(
+                "http.header_read_timeout, http.body_read_timeout and the max_connections must \
+                 be positive, and query.memory_limit at least 1 MiB"
+                    .into(),
+            ));
+        }
+        self.tls.files()?;
         self.engine
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -653,6 +748,43 @@ mod tests {
         let c = ServerConfig::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
         let d = ServerConfig::default();
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
+    }
+
+    #[test]
+    fn tls_needs_a_cert_and_a_key_and_limits_must_be_positive() {
+        let load = |vars: &[(&str, &str)]| {
+            ServerConfig::load(None, env(vars), &Overrides::default()).map_err(|e| e.to_string())
+        };
+        let e = load(&[("FORESTALL__TLS__CERT", "/etc/cert.pem")]).unwrap_err();
+        assert!(e.contains("both cert and key"), "{e}");
+        let c = load(&[
+            ("FORESTALL__TLS__CERT", "/etc/cert.pem"),
+            ("FORESTALL__TLS__KEY", "/etc/key.pem"),
+        ])
+        .unwrap();
+        assert!(c.tls.files().unwrap().is_some());
+        for (var, value) in [
+            ("FORESTALL__HTTP__HEADER_READ_TIMEOUT", "0s"),
+            ("FORESTALL__HTTP__BODY_READ_TIMEOUT", "0s"),
+            ("FORESTALL__HTTP__MAX_CONNECTIONS", "0"),
+            ("FORESTALL__PG__MAX_CONNECTIONS", "0"),
+            ("FORESTALL__QUERY__MEMORY_LIMIT", "1000"),
+        ] {
+            let e = load(&[(var, value)]).unwrap_err();
+            assert!(e.contains("must"), "{var}={value}: {e}");
+        }
+        // Unset, a query's memory is a share of what the process may use, never nothing.
+        let q = QueryConfig {
+            max_concurrent: Some(4),
+            ..Default::default()
+        };
+        assert!(q.memory_limit() >= 32 << 20);
+        assert!(q.memory_limit() <= usable_memory() / 8 || q.memory_limit() == 32 << 20);
+        let set = QueryConfig {
+            memory_limit: Some(5 << 20),
+            ..q
+        };
+        assert_eq!(set.memory_limit(), 5 << 20);
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub(crate) fn query_error(e: forestall_query::Error) -> ApiError {
         E::Exists(m) => ApiError::Conflict(m),
         E::NotFound(m) => ApiError::NotFound(m),
         E::Forbidden(m) => ApiError::Forbidden(m),
+        e @ E::ResourcesExhausted(_) => ApiError::ResourcesExhausted(e.to_string()),
         e @ E::Execution(_) => ApiError::Internal(e.to_string()),
     }
 }

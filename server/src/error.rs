@@ -28,10 +28,17 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("{0}")]
     UnsupportedMedia(String),
+    /// The client did not send the request in time (`[http] body_read_timeout`).
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("the server is shutting down")]
     Unavailable,
     #[error("{0}")]
     Overloaded(String),
+    /// A query that needs more memory than one may hold: 400, as retrying will not help
+    /// (narrow it, or raise `[query] memory_limit`).
+    #[error("{0}")]
+    ResourcesExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,8 +69,10 @@ impl ApiError {
             ApiError::UnsupportedEncoding(_) | ApiError::UnsupportedMedia(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
             }
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request timeout"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::ResourcesExhausted(_) => (StatusCode::BAD_REQUEST, "resources exhausted"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }

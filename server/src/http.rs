@@ -631,6 +631,9 @@ async fn read_limited(body: Body, limit: u64) -> Result<Bytes, ApiError> {
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(limit)),
+        Err(e) if crate::listen::body_timed_out(e.as_ref()) => {
+            Err(ApiError::RequestTimeout(e.to_string()))
+        }
         Err(e) => Err(ApiError::Invalid(format!(
             "could not read the request body: {e}"
         ))),

@@ -1,7 +1,7 @@
 //! # forestall-server
 //!
 //! The process around the engine: configuration ([`config`]), tokens ([`auth`]), the HTTP API ([`http`]), the
-//! PostgreSQL wire ([`pg`]), the host collector ([`collector`]), Prometheus scraping
+//! PostgreSQL wire ([`pg`]), how both take connections ([`listen`]: TLS and limits), the host collector ([`collector`]), Prometheus scraping
 //! ([`scrape`]), the `forestall` binary's `serve` command ([`serve`]), which wires the store,
 //! the queries, the continuous queries, the collector, the scrapes and the allocation loop
 //! (`forestall-control`) together, the client commands (`query`, `write`, `status`: [`cli`]), and the model
@@ -18,6 +18,7 @@ pub mod continuous;
 pub mod error;
 pub mod eval;
 pub mod http;
+pub mod listen;
 pub mod pg;
 pub mod scrape;
 
@@ -40,6 +41,14 @@ pub async fn serve(
         .await?
         .with_context(|| format!("open the store in {}", config.engine.data_dir.display()))?;
     let store = Arc::new(store);
+    let open_files = listen::raise_open_files();
+    let tls = match config.tls.files()? {
+        Some((cert, key)) => Some((
+            listen::tls_acceptor(cert, key, &[b"http/1.1"])?,
+            listen::tls_acceptor(cert, key, &[])?,
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await
         .with_context(|| format!("listen on {}", config.http.addr))?;
@@ -49,7 +58,26 @@ pub async fn serve(
     // another one panics).
     let query_runtime = QueryRuntime(Some(query_runtime(config.query.nice)?));
     let mut state = http::AppState::new(Arc::clone(&store), &config);
-    state.query = state.query.on_runtime(query_runtime.handle());
+    let memory_limit = config.query.memory_limit();
+    state.query = state
+        .query
+        .on_runtime(query_runtime.handle())
+        .with_memory_limit(usize::try_from(memory_limit).unwrap_or(usize::MAX));
+    let max_connections = |set: Option<usize>| {
+        listen::Connections::new(set.unwrap_or_else(listen::default_max_connections))
+    };
+    let (http_connections, pg_connections) = (
+        max_connections(config.http.max_connections),
+        max_connections(config.pg.max_connections),
+    );
+    tracing::info!(
+        query_memory_limit_mib = memory_limit >> 20,
+        http_max_connections = http_connections.max(),
+        pg_max_connections = pg_connections.max(),
+        open_files,
+        tls = tls.is_some(),
+        "limits"
+    );
     let tokens = auth::Tokens::load(store.entries()).context("load the tokens")?;
     state.auth_required = config.auth_enabled()?;
     if state.auth_required {
@@ -151,6 +179,8 @@ pub async fn serve(
             state.query.clone(),
             state.query_limits.clone(),
             state.auth_required.then(|| tokens.clone()),
+            pg_connections,
+            tls.as_ref().map(|(_, pg)| pg.clone()),
             shutdown.clone(),
         )))
     } else {
@@ -159,13 +189,15 @@ pub async fn serve(
     tracing::info!(%addr, data_dir = %config.engine.data_dir.display(), "forestall is serving HTTP");
     // Tests and scripts wait for this line, printed last, to learn the port (with
     // --http-addr 127.0.0.1:0); the Postgres line, if any, came before it.
-    println!("forestall listening on http://{addr}");
-    let app = http::router(state);
-    // The peer's address tells the auth layer whether a first token may be made.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("forestall listening on {scheme}://{addr}");
+    let settings = listen::HttpListener {
+        connections: http_connections,
+        header_read_timeout: config.http.header_read_timeout,
+        body_read_timeout: config.http.body_read_timeout,
+        tls: tls.map(|(http, _)| http),
+    };
+    listen::serve_http(listener, http::router(state), settings, shutdown).await;
     if let Some(pg) = pg {
         let _ = pg.await;
     }
@@ -182,7 +214,6 @@ pub async fn serve(
     drop(query_runtime);
     tracing::info!("HTTP stopped; flushing the store");
     let flushed = tokio::task::spawn_blocking(move || store.shutdown()).await?;
-    served.context("HTTP server")?;
     flushed.context("flush at shutdown")?;
     tracing::info!("forestall stopped cleanly");
     Ok(())

@@ -128,11 +128,19 @@ struct Host {
     /// The token to send (when the server's auth is on).
     #[arg(long, env = "FORESTALL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// For an https:// host: trust only the CA certificates in this PEM file (the server's
+    /// own certificate, when it is self-signed), instead of the public CAs.
+    #[arg(long, env = "FORESTALL_CACERT")]
+    cacert: Option<PathBuf>,
 }
 
 impl Host {
-    fn client(&self) -> forestall_server::cli::Client {
-        forestall_server::cli::Client::new(&self.url, self.token.as_deref())
+    fn client(&self) -> anyhow::Result<forestall_server::cli::Client> {
+        let client = forestall_server::cli::Client::new(&self.url, self.token.as_deref());
+        match &self.cacert {
+            Some(ca) => client.trusting(ca),
+            None => Ok(client),
+        }
     }
 }
 
@@ -211,7 +219,7 @@ fn token_command(what: TokenCommand) -> anyhow::Result<()> {
                     (secret, serde_json::to_value(&token)?)
                 }
                 None => {
-                    let mut token = place.host.client().create_token(&spec)?;
+                    let mut token = place.host.client()?.create_token(&spec)?;
                     let secret = token["token"].as_str().unwrap_or_default().to_string();
                     token["token"].take();
                     (secret, token)
@@ -228,7 +236,7 @@ fn token_command(what: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List { place } => {
             let tokens = match &place.data_dir {
                 Some(dir) => serde_json::to_value(offline_tokens(dir)?.list())?,
-                None => place.host.client().tokens()?,
+                None => place.host.client()?.tokens()?,
             };
             println!(
                 "{:<24} {:<32} {:<20} expires",
@@ -265,7 +273,7 @@ fn token_command(what: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Revoke { name, place } => {
             match &place.data_dir {
                 Some(dir) => offline_tokens(dir)?.revoke(&name)?,
-                None => place.host.client().revoke_token(&name)?,
+                None => place.host.client()?.revoke_token(&name)?,
             }
             eprintln!("token {name} revoked");
             Ok(())
@@ -325,7 +333,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Token { what } => token_command(what),
         Command::Query { sql, format, host } => {
-            let client = host.client();
+            let client = host.client()?;
             client.query(&sql, &format, &mut std::io::stdout().lock())
         }
         Command::Write {
@@ -333,7 +341,7 @@ fn main() -> anyhow::Result<()> {
             precision,
             host,
         } => {
-            let client = host.client();
+            let client = host.client()?;
             let (input, len): (Box<dyn std::io::Read>, Option<u64>) = if file.as_os_str() == "-" {
                 (Box::new(std::io::stdin().lock()), None)
             } else {
@@ -363,7 +371,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { host } => {
-            let client = host.client();
+            let client = host.client()?;
             print!("{}", client.status()?);
             Ok(())
         }

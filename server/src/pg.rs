@@ -15,11 +15,16 @@
 //! * Errors are Postgres error responses with a SQLSTATE: `42601` syntax, `42P01` unknown
 //!   table, `42703` unknown column, `42000` other planning errors, `57014` timeout, `54000`
 //!   the result-size limit, `53000` no turn among the queries running at once
-//!   (`query.max_concurrent`, `query.queue_timeout`), `XX000` internal.
+//!   (`query.max_concurrent`, `query.queue_timeout`), `53200` more memory than a session may
+//!   hold (`query.memory_limit`), `XX000` internal.
 //! * With auth on ([`crate::auth`]), the password is a token with the `query` permission
-//!   (any user name), sent in cleartext (`AuthenticationCleartextPassword`): off the host,
-//!   tunnel or terminate TLS in front. Creating or dropping a continuous query also needs
-//!   `admin`. Without auth, any user name and no password.
+//!   (any user name), sent as `AuthenticationCleartextPassword` asks. With `[tls]`
+//!   configured, connections may ask for TLS (`sslmode=require` or `verify-full`), and a
+//!   password is taken only over TLS; without it, off the host, tunnel or terminate TLS in
+//!   front. Creating or dropping a continuous query also needs `admin`. Without auth, any
+//!   user name and no password.
+//! * At most `[pg] max_connections` connections at once; one more gets SQLSTATE 53300
+//!   ([`crate::listen`]).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -57,9 +62,11 @@ use pgwire::messages::data::DataRow;
 use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Identity, Need, Tokens};
 use crate::http::{QueryLimits, QuerySlot};
+use crate::listen::Connections;
 
 /// Serves the Postgres protocol on `listener` until `shutdown` resolves. Connections already
 /// open end with the process.
@@ -68,6 +75,8 @@ pub async fn serve(
     query: QueryEngine,
     limits: QueryLimits,
     tokens: Option<Tokens>,
+    connections: Connections,
+    tls: Option<TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let handlers = Arc::new(Handlers {
@@ -81,6 +90,7 @@ pub async fn serve(
         }),
         startup: Arc::new(Startup {
             tokens,
+            password_needs_tls: tls.is_some(),
             driver: AuthDriver::new(DefaultServerParameterProvider::default()),
         }),
     });
@@ -98,9 +108,14 @@ pub async fn serve(
             },
         };
         let _ = socket.set_nodelay(true);
-        let handlers = Arc::clone(&handlers);
+        let Some(permit) = connections.admit() else {
+            tokio::spawn(crate::listen::refuse_pg(socket));
+            continue;
+        };
+        let (handlers, tls) = (Arc::clone(&handlers), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+            let _permit = permit;
+            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                 tracing::debug!(error = %e, "pg connection ended with an error");
             }
         });
@@ -131,6 +146,8 @@ impl PgWireServerHandlers for Handlers {
 /// in the session's extensions ([`ConnIdentity`]).
 struct Startup {
     tokens: Option<Tokens>,
+    /// Whether the listener has TLS, and so takes passwords only over it.
+    password_needs_tls: bool,
     driver: AuthDriver<DefaultServerParameterProvider, Identity>,
 }
 
@@ -154,6 +171,15 @@ impl StartupHandler for Startup {
         };
         let outcome = match message {
             PgWireFrontendMessage::Startup(ref startup) => {
+                if self.password_needs_tls && !client.is_secure() {
+                    return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                        "FATAL".into(),
+                        "28000".into(),
+                        "this server takes tokens only over TLS: connect with sslmode=require \
+                         (or verify-full)"
+                            .into(),
+                    ))));
+                }
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
                 let mechanism = Box::new(TokenPassword(tokens.clone()));
@@ -268,6 +294,7 @@ fn continuous_error(e: forestall_query::Error) -> PgWireError {
         E::Exists(m) => user_error("42710", m),
         E::NotFound(m) => user_error("42704", m),
         E::Forbidden(m) => user_error("42501", m),
+        e @ E::ResourcesExhausted(_) => user_error("53200", e.to_string()),
         E::Execution(m) => {
             tracing::error!(error = %m, "continuous-query statement failed");
             user_error("XX000", "internal error; see the server log")
@@ -292,7 +319,11 @@ fn df_error(e: DataFusionError) -> PgWireError {
         DataFusionError::Plan(m) if m.contains("table") && m.contains("not found") => "42P01",
         DataFusionError::SchemaError(..) => "42703",
         DataFusionError::Plan(_) | DataFusionError::NotImplemented(_) => "42000",
-        DataFusionError::ResourcesExhausted(_) => "54000",
+        // out_of_memory: the session's pool ([query] memory_limit) refused.
+        DataFusionError::ResourcesExhausted(m) => {
+            let e = forestall_query::Error::ResourcesExhausted(m.clone());
+            return user_error("53200", e.to_string());
+        }
         _ => {
             tracing::error!(error = %message, "pg query failed");
             return user_error("XX000", "internal error; see the server log");
@@ -340,9 +371,7 @@ async fn plan(ctx: &SessionContext, statement: DfStatement) -> PgWireResult<Stmt
         .statement_to_plan(statement)
         .await
         .map_err(df_error)?;
-    forestall_query::read_only_sql()
-        .verify_plan(&plan)
-        .map_err(df_error)?;
+    forestall_query::verify_read_only(&plan).map_err(df_error)?;
     Ok(match plan {
         LogicalPlan::Statement(Statement::TransactionStart(_)) => Stmt::Begin,
         LogicalPlan::Statement(Statement::TransactionEnd(end)) => match end.conclusion {
@@ -404,7 +433,7 @@ impl Backend {
             .map_err(|e| user_error("53000", e))?;
         let df = ctx.execute_logical_plan(plan).await.map_err(df_error)?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
-        let batches = QueryEngine::execute(df);
+        let batches = self.query.execute(df);
         // The scans run and rows are encoded on the query runtime, at the queries' priority.
         let rows = self.query.forward(row_stream(
             batches,

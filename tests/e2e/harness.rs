@@ -75,7 +75,7 @@ impl Server {
         while addr.is_none() {
             match addr_rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(a) => {
-                    if let Some(a) = a.strip_prefix("http://") {
+                    if let Some(a) = a.strip_prefix("http://").or(a.strip_prefix("https://")) {
                         addr = Some(a.to_string());
                     } else if let Some(a) = a.strip_prefix("postgres://") {
                         pg_addr = a.to_string();

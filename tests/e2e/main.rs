@@ -11,6 +11,7 @@ mod collector;
 mod console;
 mod continuous;
 mod crash;
+mod limits;
 mod pg;
 mod prometheus;
 mod query;
