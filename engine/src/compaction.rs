@@ -29,6 +29,8 @@ impl Inner {
     /// Compacts every partition with at least `min_segments` small segments; returns how many
     /// compactions ran.
     pub(crate) fn compact(&self, min_segments: usize) -> Result<usize> {
+        // A merged segment takes as much room as its inputs until they are removed.
+        self.disk.check()?;
         let _maintenance = self.maintenance.lock();
         let mut groups: BTreeMap<(String, i64), Vec<SegmentRef>> = BTreeMap::new();
         for seg in self.state.read().segments.values() {

@@ -35,6 +35,11 @@ pub struct EngineConfig {
     pub flush: FlushConfig,
     pub compaction: CompactionConfig,
     pub retention: RetentionConfig,
+    /// Writes (points, index entries, segment commits) are refused with "disk full" while
+    /// the disk holding `data_dir` has less than this free, so that the store never runs
+    /// it to the last byte and recovers on its own once space is freed (see
+    /// [`crate::disk`]). 0 turns the guard off. Default 64 MiB.
+    pub min_free_disk_bytes: u64,
 }
 
 /// `[engine.wal]`
@@ -107,6 +112,7 @@ impl Default for EngineConfig {
             flush: FlushConfig::default(),
             compaction: CompactionConfig::default(),
             retention: RetentionConfig::default(),
+            min_free_disk_bytes: 64 << 20,
         }
     }
 }

@@ -216,6 +216,8 @@ impl Inner {
     /// Freezes the buffer (if it holds anything) and turns every frozen set into segments.
     pub(crate) fn flush(&self) -> Result<()> {
         let _maintenance = self.maintenance.lock();
+        // Segments would be written only for their commit to be refused.
+        self.disk.check()?;
         {
             let _gate = self.gate.write();
             let empty = self.buffer.lock().is_empty();

@@ -27,6 +27,7 @@ use croaring::{Bitmap, Portable};
 use rocksdb::{ColumnFamilyDescriptor, DB, MergeOperands, Options, WriteBatch, WriteOptions};
 
 use crate::catalog::TableSchema;
+use crate::disk::DiskGuard;
 use crate::segment::SegmentMeta;
 use crate::{Error, Result, SeriesId};
 
@@ -54,6 +55,8 @@ fn last_rows_key(measurement: &str) -> Vec<u8> {
 pub struct Index {
     db: DB,
     path: PathBuf,
+    /// Refuses writes while the disk is nearly full ([`Index::guarded_by`]).
+    guard: DiskGuard,
 }
 
 /// Changes applied together by [`Index::commit`].
@@ -144,7 +147,14 @@ impl Index {
         Ok(Self {
             db,
             path: path.to_path_buf(),
+            guard: DiskGuard::off(),
         })
+    }
+
+    /// The same index, refusing writes while `guard` does (see [`crate::disk`]).
+    pub fn guarded_by(mut self, guard: DiskGuard) -> Self {
+        self.guard = guard;
+        self
     }
 
     /// Where the index lives.
@@ -160,6 +170,7 @@ impl Index {
     }
 
     fn sync_write(&self, batch: WriteBatch, op: &'static str) -> Result<()> {
+        self.guard.check()?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db

@@ -21,10 +21,12 @@
 //!
 //! [`Store`] ties these together. This crate depends on no other Forestall crate.
 
+pub mod audit;
 pub mod buffer;
 pub mod catalog;
 pub mod compaction;
 pub mod config;
+pub mod disk;
 pub mod flush;
 pub mod index;
 mod last;
@@ -116,11 +118,41 @@ pub enum Error {
     #[error("a write observer refused the write: {0}")]
     Observer(String),
 
+    #[error(
+        "the disk holding {} has {free} bytes free, less than [engine] min_free_disk_bytes \
+         ({min_free}): writes are refused until space is freed",
+        path.display()
+    )]
+    LowDiskSpace {
+        path: PathBuf,
+        free: u64,
+        min_free: u64,
+    },
+
     #[error("the store is shutting down")]
     ShuttingDown,
 
     #[error("write buffer full: flushing has not kept up for {0:?}; retry later")]
     Overloaded(std::time::Duration),
+}
+
+impl Error {
+    /// Whether the disk (or the user's quota) is full: the write was not stored, and will
+    /// be once space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::AppendWal { source, .. }
+            | Error::OpenWal { source, .. }
+            | Error::CreateDir { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            // RocksDB reports ENOSPC as an IO error with the OS's message.
+            Error::Index { source, .. } => source.to_string().contains("No space left"),
+            Error::LowDiskSpace { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// The engine's result type.

@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::buffer::Buffer;
 use crate::catalog::{Catalog, TableSchema};
 use crate::config::EngineConfig;
+use crate::disk::DiskGuard;
 use crate::flush::Frozen;
 use crate::index::Index;
 use crate::line_protocol::{LineError, ParsedLine, Precision, parse_lines};
@@ -149,6 +150,8 @@ pub(crate) struct Inner {
     pub next_segment: AtomicU64,
     /// Flush, compaction and retention run one at a time.
     pub maintenance: Mutex<()>,
+    /// Refuses writes while the disk is nearly full (see [`crate::disk`]).
+    pub disk: DiskGuard,
     wake: Mutex<Wake>,
     wake_cv: Condvar,
     /// Signalled when a flush has emptied the buffer (see `wait_for_buffer_room`).
@@ -212,7 +215,8 @@ impl Store {
                 source,
             })?;
         }
-        let index = Arc::new(Index::open(&data.join("index"))?);
+        let guard = |fresh| DiskGuard::new(&data, config.min_free_disk_bytes, fresh);
+        let index = Arc::new(Index::open(&data.join("index"))?.guarded_by(guard(Duration::ZERO)));
         let catalog = Catalog::load(Arc::clone(&index))?;
         let metrics = Arc::new(Metrics::default());
         let mut report = OpenReport::default();
@@ -279,8 +283,10 @@ impl Store {
             Arc::clone(&metrics),
         )?;
 
+        let disk = guard(Duration::from_millis(100));
         let inner = Arc::new(Inner {
             config,
+            disk,
             wal_dir,
             segment_dir,
             index,
@@ -346,6 +352,7 @@ impl Store {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        inner.disk.check()?;
         let mut outcome = WriteOutcome::default();
         let accepted = admit_all(&inner.catalog, &inner.config, lines, now, |e| {
             outcome.rejected_lines += 1;
@@ -638,6 +645,8 @@ impl Inner {
             if wake.shutdown || Instant::now() >= deadline {
                 return Err(Error::Overloaded(timeout));
             }
+            // Flushes wait for disk space too: say so now rather than after the timeout.
+            self.disk.check()?;
             if !wake.flush_requested {
                 wake.flush_requested = true;
                 self.wake_cv.notify_all();

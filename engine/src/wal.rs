@@ -18,7 +18,7 @@
 //! data). The writer always starts a fresh file after replay.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{ErrorKind, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -196,6 +196,7 @@ impl Wal {
             config,
             metrics,
             dirty: false,
+            damaged: false,
         };
         let thread = std::thread::Builder::new()
             .name("forestall-wal".into())
@@ -260,20 +261,22 @@ struct WalFile {
 impl WalFile {
     fn create(dir: &Path, id: u64) -> Result<Self> {
         let path = file_path(dir, id);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .map_err(|source| Error::OpenWal {
-                path: path.clone(),
-                source,
-            })?;
-        file.write_all(MAGIC)
-            .and_then(|_| file.sync_all())
-            .map_err(|source| Error::AppendWal {
-                path: path.clone(),
-                source,
-            })?;
+        // A file left by a creation that failed (a full disk) holds at most part of the
+        // header and no record: it is taken over, or the WAL could never rotate again.
+        let leftover = fs::metadata(&path).is_ok_and(|m| m.len() <= HEADER as u64);
+        let mut options = OpenOptions::new();
+        match leftover {
+            true => options.write(true).truncate(true),
+            false => options.write(true).create_new(true),
+        };
+        let mut file = options.open(&path).map_err(|source| Error::OpenWal {
+            path: path.clone(),
+            source,
+        })?;
+        if let Err(source) = file.write_all(MAGIC).and_then(|_| file.sync_all()) {
+            let _ = fs::remove_file(&path);
+            return Err(Error::AppendWal { path, source });
+        }
         // Make the new directory entry durable too.
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -296,6 +299,11 @@ struct Writer {
     config: WalConfig,
     metrics: Arc<Metrics>,
     dirty: bool,
+    /// A write could not be cut back, or an fsync failed (the kernel may then have dropped
+    /// pages it could not write, leaving a hole): the next record goes to a new file, so
+    /// that replay, which stops a file at its first bad record, never hides records written
+    /// after the failure. Until a new file can be made, appends fail.
+    damaged: bool,
 }
 
 impl Writer {
@@ -342,14 +350,14 @@ impl Writer {
 
     fn serve(&mut self, group: Vec<Request>) {
         let mut waiting: Vec<SyncSender<Result<()>>> = Vec::new();
-        let mut failed: Option<String> = None;
+        let mut failed: Option<Failure> = None;
         for req in group {
             match req {
                 Request::Append { payload, done } => {
                     if failed.is_none()
                         && let Err(e) = self.write(&payload)
                     {
-                        failed = Some(e.to_string());
+                        failed = Some(Failure::of(&e));
                     }
                     waiting.push(done);
                 }
@@ -369,53 +377,62 @@ impl Writer {
     fn finish_group(
         &mut self,
         waiting: &mut Vec<SyncSender<Result<()>>>,
-        failed: &mut Option<String>,
+        failed: &mut Option<Failure>,
     ) -> Result<()> {
         if failed.is_none()
             && self.config.sync == SyncPolicy::Always
             && self.dirty
             && let Err(e) = self.sync()
         {
-            *failed = Some(e.to_string());
+            *failed = Some(Failure::of(&e));
         }
         for done in waiting.drain(..) {
             let r = match failed {
-                Some(reason) => Err(Error::AppendWal {
-                    path: self.file.path.clone(),
-                    source: std::io::Error::other(reason.clone()),
-                }),
+                Some(f) => Err(f.error(&self.file.path)),
                 None => Ok(()),
             };
             // The requester may have given up (its connection closed); nothing to do then.
             let _ = done.send(r);
         }
         match failed.take() {
-            Some(reason) => Err(Error::AppendWal {
-                path: self.file.path.clone(),
-                source: std::io::Error::other(reason),
-            }),
+            Some(f) => Err(f.error(&self.file.path)),
             None => Ok(()),
         }
     }
 
     fn write(&mut self, payload: &[u8]) -> Result<()> {
-        if self.file.len + 8 + payload.len() as u64 > self.config.max_file_bytes
-            && self.file.len > HEADER as u64
+        if self.damaged
+            || (self.file.len + 8 + payload.len() as u64 > self.config.max_file_bytes
+                && self.file.len > HEADER as u64)
         {
             self.rotate()?;
         }
         let mut head = [0u8; 8];
         head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let path = &self.file.path;
-        self.file
+        let written = self
+            .file
             .file
             .write_all(&head)
-            .and_then(|_| self.file.file.write_all(payload))
-            .map_err(|source| Error::AppendWal {
-                path: path.clone(),
+            .and_then(|_| self.file.file.write_all(payload));
+        if let Err(source) = written {
+            // Part of the record may be in the file (a full disk takes what fits): cut it
+            // off, or a later record would follow a torn one and be lost at replay.
+            let len = self.file.len;
+            let cut = self
+                .file
+                .file
+                .set_len(len)
+                .and_then(|_| self.file.file.seek(SeekFrom::Start(len)));
+            if let Err(e) = cut {
+                tracing::error!(path = %self.file.path.display(), error = %e, "could not cut a failed WAL write back; the next record starts a new file");
+                self.damaged = true;
+            }
+            return Err(Error::AppendWal {
+                path: self.file.path.clone(),
                 source,
-            })?;
+            });
+        }
         self.file.len += 8 + payload.len() as u64;
         self.dirty = true;
         Metrics::add(&self.metrics.wal_records_total, 1);
@@ -427,23 +444,60 @@ impl Writer {
         if !self.dirty {
             return Ok(());
         }
-        self.file
-            .file
-            .sync_data()
-            .map_err(|source| Error::AppendWal {
+        if let Err(source) = self.file.file.sync_data() {
+            // Linux may have dropped the pages it failed to write and will not report it
+            // again: this file can no longer be trusted past its last good sync.
+            self.damaged = true;
+            return Err(Error::AppendWal {
                 path: self.file.path.clone(),
                 source,
-            })?;
+            });
+        }
         self.dirty = false;
         Metrics::add(&self.metrics.wal_syncs_total, 1);
         Ok(())
     }
 
+    /// Starts the next file. A damaged file is left as it is: the appends it failed were
+    /// answered with errors, and what replay finds of them is at most extra, never a gap.
     fn rotate(&mut self) -> Result<u64> {
-        self.sync()?;
+        if !self.damaged {
+            self.sync()?;
+        }
         let next = WalFile::create(&self.dir, self.file.id + 1)?;
         self.file = next;
+        self.dirty = false;
+        self.damaged = false;
         Ok(self.file.id)
+    }
+}
+
+/// Why a group's appends failed, kept to answer each of them with the same error kind (a
+/// full disk stays a full disk for the caller).
+struct Failure {
+    kind: ErrorKind,
+    reason: String,
+}
+
+impl Failure {
+    fn of(e: &Error) -> Self {
+        match e {
+            Error::AppendWal { source, .. } | Error::OpenWal { source, .. } => Self {
+                kind: source.kind(),
+                reason: source.to_string(),
+            },
+            other => Self {
+                kind: ErrorKind::Other,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    fn error(&self, path: &Path) -> Error {
+        Error::AppendWal {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(self.kind, self.reason.clone()),
+        }
     }
 }
 

@@ -107,8 +107,12 @@ pub struct QueryEngine {
     /// Why continuous-query statements that change something are refused, when they are
     /// (see [`QueryEngine::refusing_changes`]).
     changes_refused: Option<Arc<str>>,
-    /// The memory one session's queries may hold (see [`QueryEngine::with_memory_limit`]).
+    /// The memory one query may hold (see [`QueryEngine::with_memory_limit`]).
     memory_limit: Option<usize>,
+    /// The store, for the audit trail of continuous-query statements.
+    store: Arc<Store>,
+    /// Who runs the queries, named in the audit trail (see [`QueryEngine::on_behalf_of`]).
+    caller: Option<Arc<str>>,
 }
 
 impl QueryEngine {
@@ -170,7 +174,7 @@ impl QueryEngine {
         );
         if let Some(catalog) = ctx.catalog(CATALOG) {
             // Registering replaces the empty default schema; there is nothing to keep.
-            let _ = catalog.register_schema(SCHEMA, Arc::new(StoreSchema::new(store)));
+            let _ = catalog.register_schema(SCHEMA, Arc::new(StoreSchema::new(Arc::clone(&store))));
         }
         Self {
             base: ctx.state(),
@@ -178,6 +182,8 @@ impl QueryEngine {
             continuous: None,
             changes_refused: None,
             memory_limit: None,
+            store,
+            caller: None,
         }
     }
 
@@ -218,10 +224,61 @@ impl QueryEngine {
         self
     }
 
-    /// Runs `sql` if it is a continuous-query statement: `None` when it is not one.
+    /// The same engine, naming `caller` (a token's name) in the audit trail of the changes
+    /// its statements make.
+    pub fn on_behalf_of(mut self, caller: &str) -> Self {
+        self.caller = Some(caller.into());
+        self
+    }
+
+    /// Runs `sql` if it is a continuous-query statement: `None` when it is not one. A
+    /// `CREATE` or `DROP`, done or refused, goes into the audit trail
+    /// ([`forestall_engine::audit`]).
     pub async fn continuous_statement(&self, sql: &str) -> Option<Result<continuous::Outcome>> {
         let statement = continuous::statement::parse(sql)?;
-        Some(match (statement, &self.continuous) {
+        let change = match &statement {
+            Ok(continuous::Statement::Create { definition, .. }) => {
+                Some(format!("CREATE CONTINUOUS QUERY {}", definition.name))
+            }
+            Ok(continuous::Statement::Drop { name, .. }) => {
+                Some(format!("DROP CONTINUOUS QUERY {name}"))
+            }
+            _ => None,
+        };
+        let outcome = self.run_continuous(statement).await;
+        if let Some(path) = change {
+            let status = match &outcome {
+                Ok(_) => 200,
+                Err(Error::Forbidden(_)) => 403,
+                Err(_) => 400,
+            };
+            self.record_change(&path, status, sql);
+        }
+        Some(outcome)
+    }
+
+    /// Records a change made by a statement in the audit trail; a failure to record is
+    /// logged (the change is made either way).
+    fn record_change(&self, path: &str, status: u16, sql: &str) {
+        let now = forestall_engine::store::now_nanos();
+        let change = forestall_engine::audit::Change {
+            by: self.caller.as_deref().unwrap_or("anonymous"),
+            method: "SQL",
+            path,
+            status,
+            detail: sql,
+            peer: None,
+        };
+        if let Err(e) = self.store.record_change(&change, now) {
+            tracing::error!(error = %e, path, "could not record a change in the audit trail");
+        }
+    }
+
+    async fn run_continuous(
+        &self,
+        statement: Result<continuous::Statement>,
+    ) -> Result<continuous::Outcome> {
+        match (statement, &self.continuous) {
             (Err(e), _) => Err(e),
             (Ok(continuous::Statement::Create { .. } | continuous::Statement::Drop { .. }), _)
                 if self.changes_refused.is_some() =>
@@ -237,7 +294,7 @@ impl QueryEngine {
                 "continuous queries are not running in this process".into(),
             )),
             (Ok(s), Some(cq)) => cq.execute(s).await,
-        })
+        }
     }
 
     /// Runs queries (planning, scans, operators) on `runtime` instead of the caller's. The

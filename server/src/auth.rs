@@ -155,6 +155,16 @@ impl Identity {
         }
     }
 
+    /// Its name in the audit trail: the token's, `anonymous` with auth off, `first-token`
+    /// for the loopback caller making the first admin token.
+    pub fn audit_name(&self) -> &str {
+        match (self.name.as_str(), self.first_token) {
+            ("", true) => "first-token",
+            ("", false) => "anonymous",
+            (name, _) => name,
+        }
+    }
+
     /// Whether it has `need`.
     pub fn allows(&self, need: Need) -> bool {
         let p = &self.permissions;

@@ -28,6 +28,9 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("{0}")]
     UnsupportedMedia(String),
+    /// The data directory's disk is full: 507, nothing of the request was stored.
+    #[error("{0}")]
+    StorageFull(String),
     /// The client did not send the request in time (`[http] body_read_timeout`).
     #[error("{0}")]
     RequestTimeout(String),
@@ -47,6 +50,9 @@ impl From<forestall_engine::Error> for ApiError {
     fn from(e: forestall_engine::Error) -> Self {
         use forestall_engine::Error as E;
         match e {
+            e if e.is_storage_full() => ApiError::StorageFull(format!(
+                "not stored: the disk is full ({e}); writes are taken again once space is freed"
+            )),
             E::ShuttingDown | E::WalClosed => ApiError::Unavailable,
             e @ E::Overloaded(_) => ApiError::Overloaded(e.to_string()),
             E::UnknownMeasurement(m) => ApiError::NotFound(format!("unknown measurement {m:?}")),
@@ -70,6 +76,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
             }
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request timeout"),
+            ApiError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage full"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::ResourcesExhausted(_) => (StatusCode::BAD_REQUEST, "resources exhausted"),
@@ -89,7 +96,7 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, Json(json!({"code": code, "error": message}))).into_response();
-        if matches!(self, ApiError::Overloaded(_)) {
+        if matches!(self, ApiError::Overloaded(_) | ApiError::StorageFull(_)) {
             // Clients with a retry policy (Prometheus' remote write, the InfluxDB clients)
             // back off and come back.
             response.headers_mut().insert(

@@ -194,18 +194,71 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The auth layer: the request's [`Identity`] (anonymous with every permission when auth is
-/// off) goes into its extensions for the handlers, or the request ends here.
+/// off) goes into its extensions for the handlers, or the request ends here. A change
+/// ([`audited`]) is recorded in the audit trail with its answer's status
+/// ([`forestall_engine::audit`]).
 async fn authorize(
     State(state): State<AppState>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match identify(&state, &request) {
-        Ok(identity) => {
-            request.extensions_mut().insert(identity);
-            next.run(request).await
-        }
-        Err(e) => e.into_response(),
+    let identity = match identify(&state, &request) {
+        Ok(identity) => identity,
+        Err(e) => return e.into_response(),
+    };
+    if !audited(request.method(), request.uri().path()) {
+        request.extensions_mut().insert(identity);
+        return next.run(request).await;
+    }
+    // What was asked, kept for the trail (change requests are small JSON bodies).
+    let (parts, body) = request.into_parts();
+    let asked = match read_limited(body, state.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e.into_response(),
+    };
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let (method, path) = (parts.method.to_string(), parts.uri.path().to_owned());
+    let mut request = axum::extract::Request::from_parts(parts, Body::from(asked.clone()));
+    let by = identity.audit_name().to_owned();
+    request.extensions_mut().insert(identity);
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let store = Arc::clone(&state.store);
+    let recorded = tokio::task::spawn_blocking(move || {
+        let change = forestall_engine::audit::Change {
+            by: &by,
+            method: &method,
+            path: &path,
+            status,
+            detail: &String::from_utf8_lossy(&asked),
+            peer: peer.as_deref(),
+        };
+        store.record_change(&change, now_nanos())
+    })
+    .await;
+    match recorded {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "could not record a change in the audit trail"),
+        Err(e) => tracing::error!(error = %e, "could not record a change in the audit trail"),
+    }
+    response
+}
+
+/// Whether a request changes something the audit trail keeps: tokens, retention,
+/// preferences, continuous queries, flushes and compactions (not data: writes are the
+/// data's own record).
+fn audited(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    match auth::required(method, path) {
+        Need::Admin | Need::Actuate => true,
+        Need::All => path.starts_with("/api/v1/tokens"),
+        _ => false,
     }
 }
 

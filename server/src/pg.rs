@@ -250,15 +250,28 @@ struct Backend {
     auth: bool,
 }
 
+/// Who runs a connection's statements: the name the audit trail gives them, and whether
+/// they may create and drop continuous queries.
+struct Caller {
+    name: String,
+    admin: bool,
+}
+
 impl Backend {
-    /// Whether `client` may create and drop continuous queries: always without auth, with
-    /// it when its token has the admin permission.
-    fn may_administer<C: ClientInfo>(&self, client: &C) -> bool {
-        !self.auth
-            || client
-                .session_extensions()
-                .get::<ConnIdentity>()
-                .is_some_and(|id| id.0.allows(Need::Admin))
+    /// The connection's caller: without auth, anonymous and allowed everything; with it,
+    /// its token's name, an administrator when the token has the admin permission.
+    fn caller<C: ClientInfo>(&self, client: &C) -> Caller {
+        let identity = client.session_extensions().get::<ConnIdentity>();
+        match (&identity, self.auth) {
+            (Some(id), true) => Caller {
+                name: id.0.audit_name().to_owned(),
+                admin: id.0.allows(Need::Admin),
+            },
+            (_, auth) => Caller {
+                name: "anonymous".into(),
+                admin: !auth,
+            },
+        }
     }
 }
 
@@ -395,14 +408,14 @@ impl Backend {
         stmt: Stmt,
         params: Option<ParamValues>,
         format: &Format,
-        admin: bool,
+        caller: &Caller,
     ) -> PgWireResult<Response> {
         let plan = match stmt {
             Stmt::Begin => return Ok(Response::TransactionStart(Tag::new("BEGIN"))),
             Stmt::Commit => return Ok(Response::TransactionEnd(Tag::new("COMMIT"))),
             Stmt::Rollback => return Ok(Response::TransactionEnd(Tag::new("ROLLBACK"))),
             Stmt::Set => return Ok(Response::Execution(Tag::new("SET"))),
-            Stmt::Continuous(sql) => return self.continuous(&sql, format, admin).await,
+            Stmt::Continuous(sql) => return self.continuous(&sql, format, caller).await,
             Stmt::Plan(plan) => *plan,
         };
         let plan = match params {
@@ -447,17 +460,18 @@ impl Backend {
 
 impl Backend {
     /// Runs a continuous-query statement: `SHOW` as rows, the others as a command tag.
-    async fn continuous(&self, sql: &str, format: &Format, admin: bool) -> PgWireResult<Response> {
-        let refusing;
-        let engine = match admin {
-            true => &self.query,
-            false => {
-                refusing = self.query.clone().refusing_changes(
-                    "creating or dropping a continuous query needs a token with the admin permission",
-                );
-                &refusing
-            }
-        };
+    async fn continuous(
+        &self,
+        sql: &str,
+        format: &Format,
+        caller: &Caller,
+    ) -> PgWireResult<Response> {
+        let mut engine = self.query.clone().on_behalf_of(&caller.name);
+        if !caller.admin {
+            engine = engine.refusing_changes(
+                "creating or dropping a continuous query needs a token with the admin permission",
+            );
+        }
         let outcome = match engine.continuous_statement(sql).await {
             Some(Ok(o)) => o,
             Some(Err(e)) => return Err(continuous_error(e)),
@@ -840,7 +854,7 @@ impl SimpleQueryHandler for Backend {
                     stmt,
                     None,
                     &Format::UnifiedText,
-                    self.may_administer(client),
+                    &self.caller(client),
                 )
                 .await?,
             ]);
@@ -851,9 +865,9 @@ impl SimpleQueryHandler for Backend {
         let mut out = Vec::new();
         for statement in split(query)? {
             let stmt = plan_on(&self.query, &ctx, statement).await?;
-            let admin = self.may_administer(client);
+            let caller = self.caller(client);
             out.push(
-                self.run(&ctx, stmt, None, &Format::UnifiedText, admin)
+                self.run(&ctx, stmt, None, &Format::UnifiedText, &caller)
                     .await?,
             );
         }
@@ -968,8 +982,8 @@ impl ExtendedQueryHandler for Backend {
             Stmt::Plan(plan) if portal.parameter_len() > 0 => Some(params(portal, plan)?),
             _ => None,
         };
-        let admin = self.may_administer(client);
-        self.run(&ctx, stmt, params, &portal.result_column_format, admin)
+        let caller = self.caller(client);
+        self.run(&ctx, stmt, params, &portal.result_column_format, &caller)
             .await
     }
 }

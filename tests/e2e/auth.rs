@@ -214,6 +214,31 @@ fn tokens_guard_http_and_postgres_and_outlive_restarts() {
     let (ok, rows, err) = psql_as(&server, Some(&reader), "SELECT count(*) FROM cpu");
     assert!(ok, "{err}");
     assert_eq!(rows.trim(), "3");
+    // Every change made through the API is in the audit trail, with the token's name, the
+    // refused ones too, and it outlived the restart; secrets are never in it.
+    let (ok, trail, err) = psql_as(
+        &server,
+        Some(&reader),
+        "SELECT token, method, path, status, detail FROM forestall_audit ORDER BY time",
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = trail.lines().collect();
+    for expected in [
+        "first-token,POST,/api/v1/tokens,201,",
+        "root,POST,/api/v1/tokens,201,",
+        "reader,SQL,CREATE CONTINUOUS QUERY c,403,CREATE CONTINUOUS QUERY c EVERY",
+        "root,SQL,CREATE CONTINUOUS QUERY c,200,",
+        "root,DELETE,/api/v1/tokens/cpu-writer,",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "no {expected:?} in the trail:\n{trail}"
+        );
+    }
+    assert!(lines[0].starts_with("first-token,"), "{trail}");
+    for secret in [&root, &writer, &reader] {
+        assert!(!trail.contains(secret.as_str()), "a secret in the trail");
+    }
     // While it runs, its store cannot be opened offline.
     let out = forestall(&["token", "list", "--data-dir", data]);
     assert!(!out.status.success());

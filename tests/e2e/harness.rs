@@ -14,7 +14,7 @@ pub struct Server {
     pub addr: String,
     /// `host:port` of the PostgreSQL protocol.
     pub pg_addr: String,
-    stderr: Receiver<String>,
+    pub stderr: Receiver<String>,
 }
 
 /// `forestall serve` on `data_dir` with `args`, on free loopback ports unless `args` name

@@ -64,8 +64,10 @@ pub(super) async fn post(
 }
 
 /// The state with a query engine that does what `identity` may: creating and dropping
-/// continuous queries in SQL needs the admin permission, as their HTTP API does.
+/// continuous queries in SQL needs the admin permission, as their HTTP API does; and that
+/// names it in the audit trail of those statements.
 fn as_caller(mut state: AppState, identity: &Identity) -> AppState {
+    state.query = state.query.on_behalf_of(identity.audit_name());
     if !identity.allows(Need::Admin) {
         state.query = state.query.refusing_changes(format!(
             "the token {:?} may query but not create or drop continuous queries: that needs the admin permission",
