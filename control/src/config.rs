@@ -565,15 +565,16 @@ pub(crate) fn target(c: &ComponentConfig) -> anyhow::Result<Target> {
 /// The host's cores and memory (the default pool).
 pub(crate) fn host_pool() -> (f64, f64) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024.0)
-        })
-        .unwrap_or(f64::INFINITY);
+    let mem = host_memory().map_or(f64::INFINITY, |b| b as f64);
     (cores, mem)
+}
+
+/// The host's memory in bytes (`MemTotal` of /proc/meminfo).
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The limits an actuator reports, in the loop's units (what a component starts from).

@@ -175,14 +175,7 @@ impl QueryConfig {
 /// The memory this process may use: the host's (`MemTotal`), or less if its cgroup (v2)
 /// has a lower `memory.max`.
 pub fn usable_memory() -> u64 {
-    let host = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        })
-        .unwrap_or(u64::MAX);
+    let host = forestall_control::config::host_memory().unwrap_or(u64::MAX);
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|t| {
