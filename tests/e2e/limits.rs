@@ -351,3 +351,44 @@ fn a_query_over_its_memory_limit_fails_cleanly_and_the_server_keeps_serving() {
     assert_eq!(out.trim(), "200");
     server.terminate();
 }
+
+#[test]
+fn a_postgres_query_without_a_turn_gets_53000_and_runs_once_one_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("FORESTALL__QUERY__MAX_CONCURRENT", "1"),
+            ("FORESTALL__QUERY__QUEUE_TIMEOUT", "1s"),
+            ("FORESTALL__QUERY__MAX_RESULT_ROWS", "100000000"),
+        ],
+    );
+    // An HTTP client that asks for a large result and does not read it holds the only turn:
+    // the turn is held by the result's stream, which waits for the client.
+    let mut holder = TcpStream::connect(&server.addr).unwrap();
+    holder
+        .write_all(
+            b"GET /api/v3/query_sql?q=SELECT%20value%20FROM%20range(50000000)&format=csv \
+              HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = [0u8; 64];
+    holder
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let n = holder.read(&mut head).unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        text(&head[..n])
+    );
+    let (ok, _, err) = psql(&server, "SELECT 1");
+    assert!(!ok);
+    assert!(err.contains("53000"), "{err}");
+    // The holder goes away: its turn is given back.
+    drop(holder);
+    crate::harness::eventually("the turn is free", Duration::from_secs(30), || {
+        psql(&server, "SELECT 1").0
+    });
+    server.terminate();
+}
