@@ -72,6 +72,17 @@ pub struct NabFile {
     pub windows: Vec<(usize, usize)>,
 }
 
+impl NabFile {
+    /// Each row's time in seconds since the epoch ([`parse_timestamp`]; NaN where it does
+    /// not parse).
+    pub fn times(&self) -> Vec<f64> {
+        self.timestamps
+            .iter()
+            .map(|t| parse_timestamp(t).unwrap_or(f64::NAN))
+            .collect()
+    }
+}
+
 /// Reads every `data/*/*.csv` under `root` (sorted by name) with its windows.
 pub fn load_corpus(root: &Path) -> Result<Vec<NabFile>> {
     let windows: BTreeMap<String, Vec<(String, String)>> =

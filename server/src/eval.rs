@@ -179,15 +179,7 @@ pub fn forecast(
     let mut pooled: Vec<Vec<Accuracy>> = Vec::new();
     let mut mase_sum: Vec<[f64; 2]> = Vec::new();
     let (mut scaled_files, mut rows, mut auto_wins) = (0usize, 0usize, 0usize);
-    let times: Vec<Vec<f64>> = files
-        .iter()
-        .map(|f| {
-            f.timestamps
-                .iter()
-                .map(|t| nab::parse_timestamp(t).unwrap_or(f64::NAN))
-                .collect()
-        })
-        .collect();
+    let times: Vec<Vec<f64>> = files.iter().map(nab::NabFile::times).collect();
     let inputs: Vec<Input<'_>> = files
         .iter()
         .zip(&times)

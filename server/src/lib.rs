@@ -64,7 +64,7 @@ pub async fn serve(
         .on_runtime(query_runtime.handle())
         .with_memory_limit(usize::try_from(memory_limit).unwrap_or(usize::MAX));
     let max_connections = |set: Option<usize>| {
-        listen::Connections::new(set.unwrap_or_else(listen::default_max_connections))
+        listen::Connections::new(set.unwrap_or_else(|| listen::default_max_connections(open_files)))
     };
     let (http_connections, pg_connections) = (
         max_connections(config.http.max_connections),

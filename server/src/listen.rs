@@ -69,12 +69,11 @@ impl Connections {
     }
 }
 
-/// The default `max_connections` of a listener: half of what the process may open (raised
-/// to its hard limit by [`raise_open_files`]) after 1,024 kept for the store's files, at
-/// least 64 and at most 10,000.
-pub fn default_max_connections() -> usize {
-    let files = open_files_limit().unwrap_or(1024);
-    (files.saturating_sub(1024) / 2).clamp(64, 10_000) as usize
+/// The default `max_connections` of a listener, given the open-file limit in force (from
+/// [`raise_open_files`]; 1,024 when unknown): half of it after 1,024 kept for the store's
+/// files, at least 64 and at most 10,000.
+pub fn default_max_connections(open_files: Option<u64>) -> usize {
+    (open_files.unwrap_or(1024).saturating_sub(1024) / 2).clamp(64, 10_000) as usize
 }
 
 /// Raises the soft limit on open files to the hard one (as Go's runtime does at start),
@@ -99,14 +98,6 @@ pub fn raise_open_files() -> Option<u64> {
         }
     }
     Some(lim.rlim_cur)
-}
-
-#[allow(unsafe_code)]
-fn open_files_limit() -> Option<u64> {
-    // SAFETY: as in `raise_open_files`.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is a writable rlimit alive for the call.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
 }
 
 /// A TLS server configuration from a PEM certificate chain and a PEM private key (PKCS#8,

@@ -143,15 +143,7 @@ fn query(files: &[nab::NabFile], args: &Args) -> Result<()> {
     use forestall_models::forecast::{AutoForecaster, ForecastConfig};
     use forestall_models::global::{Replay, SCORED_ROWS, replay};
     let files = &files[..args.series.min(files.len())];
-    let times: Vec<Vec<f64>> = files
-        .iter()
-        .map(|f| {
-            f.timestamps
-                .iter()
-                .map(|t| nab::parse_timestamp(t).unwrap_or(f64::NAN))
-                .collect()
-        })
-        .collect();
+    let times: Vec<Vec<f64>> = files.iter().map(nab::NabFile::times).collect();
     let config = ForecastConfig::default();
     let (mut own, mut with) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..args.rounds.max(1) {
