@@ -4,7 +4,7 @@
 # the real clients the tests drive (psql, curl, and psycopg from PyPI or Debian), openssl for
 # the TLS tests' certificates, iproute2 (ip, tc) and util-linux (unshare) for the
 # network-namespace tests, Prometheus with
-# node_exporter for the remote-write test, the official influxdb-client (PyPI), and
+# node_exporter for the remote-write test, the official influxdb-client and DuckDB (PyPI), and
 # Chromium with its WebDriver for the web console's test.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
@@ -42,18 +42,21 @@ if ! python3 -c 'import psycopg' 2>/dev/null; then
          DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-psycopg >/dev/null; }
   python3 -c 'import psycopg' || { echo "setup: psycopg is still missing" >&2; exit 1; }
 fi
-if ! python3 -c 'import influxdb_client' 2>/dev/null; then
-  echo "setup: installing influxdb-client" >&2
-  # The official InfluxDB v2 client is on PyPI only; Debian's externally managed Python
-  # needs pip told so.
+# From PyPI only: the official InfluxDB v2 client, and DuckDB, the differential SQL test's
+# reference engine.
+for module in influxdb_client:influxdb-client duckdb:duckdb; do
+  python3 -c "import ${module%%:*}" 2>/dev/null && continue
+  package="${module##*:}"
+  echo "setup: installing $package" >&2
   if ! python3 -m pip --version >/dev/null 2>&1; then
     # Debian's Python comes without pip.
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip >/dev/null
   fi
-  python3 -m pip install -q --disable-pip-version-check influxdb-client >&2 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages influxdb-client >&2
-  python3 -c 'import influxdb_client' || { echo "setup: influxdb-client is still missing" >&2; exit 1; }
-fi
+  # Debian's externally managed Python needs pip told so.
+  python3 -m pip install -q --disable-pip-version-check "$package" >&2 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$package" >&2
+  python3 -c "import ${module%%:*}" || { echo "setup: $package is still missing" >&2; exit 1; }
+done
 command -v cargo >/dev/null || { echo "setup: cargo is missing; install Rust with rustup" >&2; exit 1; }

@@ -281,9 +281,18 @@ fn rewrite(
     // (the same aggregate may be selected plain, carried and interpolated at once).
     let input_schema = Arc::clone(new_aggregate.schema());
     let mut fills: Vec<(usize, Fill)> = Vec::new();
+    // A gap has no value for any aggregate, so each may be NULL (count(*) too).
     let mut fields: Vec<(Option<TableReference>, FieldRef)> = input_schema
         .iter()
-        .map(|(q, f)| (q.cloned(), Arc::clone(f)))
+        .enumerate()
+        .map(|(i, (q, f))| {
+            let f = if i >= aggregate.group_expr.len() && !f.is_nullable() {
+                Arc::new(f.as_ref().clone().with_nullable(true))
+            } else {
+                Arc::clone(f)
+            };
+            (q.cloned(), f)
+        })
         .collect();
     let mut exprs = Vec::with_capacity(projection.expr.len());
     for e in &projection.expr {
@@ -371,12 +380,31 @@ fn constant(e: &Expr, schema: &DFSchemaRef) -> Result<Option<ScalarValue>> {
     })
 }
 
-/// `[start, end)` from the filters on `time` below the aggregate.
+/// `[start, end)` from the filters on `time` below the aggregate: the tightest of the
+/// bounds (`>`, `>=`, `<`, `<=`, `BETWEEN`) that every row must meet. An empty range is
+/// `start == end`: no buckets, and no rows.
 fn time_range(plan: &LogicalPlan, time: &str) -> Result<(i64, i64)> {
     let (mut start, mut end) = (None::<i64>, None::<i64>);
     plan.apply(|node| {
         if let LogicalPlan::Filter(f) = node {
             for conjunct in split_and(&f.predicate) {
+                if let Expr::Between(between) = conjunct
+                    && !between.negated
+                    && is_column(&between.expr, time)
+                {
+                    let schema = f.input.schema();
+                    if let (
+                        Some(ScalarValue::TimestampNanosecond(Some(low), _)),
+                        Some(ScalarValue::TimestampNanosecond(Some(high), _)),
+                    ) = (
+                        constant(&between.low, schema)?,
+                        constant(&between.high, schema)?,
+                    ) {
+                        start = Some(start.map_or(low, |s| s.max(low)));
+                        end = Some(end.map_or(high + 1, |e| e.min(high + 1)));
+                    }
+                    continue;
+                }
                 let Expr::BinaryExpr(BinaryExpr { left, op, right }) = conjunct else {
                     continue;
                 };
@@ -405,8 +433,7 @@ fn time_range(plan: &LogicalPlan, time: &str) -> Result<(i64, i64)> {
         Ok(TreeNodeRecursion::Continue)
     })?;
     match (start, end) {
-        (Some(s), Some(e)) if s < e => Ok((s, e)),
-        (Some(_), Some(_)) => plan_err!("date_bin_gapfill: the time range in WHERE is empty"),
+        (Some(s), Some(e)) => Ok((s, e.max(s))),
         _ => plan_err!(
             "date_bin_gapfill needs a time range bounded on both sides in WHERE, like \
              time >= '2026-01-01T00:00:00Z' AND time < '2026-01-01T01:00:00Z'"

@@ -11,6 +11,7 @@ mod collector;
 mod console;
 mod continuous;
 mod crash;
+mod differential;
 mod disk_full;
 mod limits;
 mod pg;
