@@ -25,6 +25,9 @@
 //!   user name and no password.
 //! * At most `[pg] max_connections` connections at once; one more gets SQLSTATE 53300
 //!   ([`crate::listen`]).
+//! * A message that is not well formed (a length under 4, counts or strings running past its
+//!   end, bytes after it, an unknown type) gets a FATAL error with SQLSTATE 08P01 and the
+//!   connection is closed, as in PostgreSQL ([`wire`]).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -63,6 +66,8 @@ use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+mod wire;
 
 use crate::auth::{Identity, Need, Tokens};
 use crate::http::{QueryLimits, QuerySlot};
@@ -115,7 +120,7 @@ pub async fn serve(
         let (handlers, tls) = (Arc::clone(&handlers), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
+            if let Err(e) = wire::process_socket(socket, tls, handlers).await {
                 tracing::debug!(error = %e, "pg connection ended with an error");
             }
         });

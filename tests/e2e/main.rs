@@ -13,6 +13,7 @@ mod continuous;
 mod crash;
 mod differential;
 mod disk_full;
+mod fuzz;
 mod limits;
 mod pg;
 mod prometheus;

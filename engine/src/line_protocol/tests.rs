@@ -272,6 +272,69 @@ proptest! {
         }
     }
 
+    /// One line of a batch damaged (bytes changed, cut or put in, no newline among them):
+    /// every other line is read exactly as before, and the damaged one is read or refused
+    /// with its own line number. A bad line never costs its neighbours.
+    #[test]
+    fn a_damaged_line_never_costs_its_neighbours(
+        which in 0usize..5,
+        edits in proptest::collection::vec(
+            (any::<usize>(), 0usize..3, proptest::collection::vec(
+                prop_oneof![Just(b' '), Just(b','), Just(b'='), Just(b'"'), Just(b'\\'),
+                            Just(b'#'), Just(b'\r'), any::<u8>().prop_filter("no newline", |b| *b != b'\n')],
+                0..3,
+            )),
+            1..4,
+        ),
+    ) {
+        let lines: Vec<Vec<u8>> = [
+            &br#"cpu,host=a\ b,region=eu usage=0.5,count=3i,s="x\"y" 1700000000"#[..],
+            br#"mem,host=a used=12u,ok=true 1700000001"#,
+            br#"disk,dev=sda\,1 read=1e3,write=-2.5 1700000002"#,
+            br#"net\ io,if=eth0 rx=10i"#,
+            br#"cpu,host=b usage=99 1700000003"#,
+        ]
+        .iter()
+        .map(|l| l.to_vec())
+        .collect();
+        let before: Vec<String> = lines
+            .iter()
+            .map(|l| format!("{:?}", parse_line(std::str::from_utf8(l).unwrap(), Precision::Seconds, 7)))
+            .collect();
+        let mut damaged = lines.clone();
+        let line = &mut damaged[which];
+        for (at, remove, insert) in &edits {
+            let at = at % (line.len() + 1);
+            let end = (at + remove).min(line.len());
+            line.splice(at..end, insert.iter().copied());
+        }
+        let body = damaged.join(&b'\n');
+        // By line number (a line made blank or a comment yields nothing).
+        let mut items = std::collections::BTreeMap::new();
+        for item in parse_lines(&body, Precision::Seconds, 7) {
+            let line = match &item {
+                Ok(l) => l.line_number,
+                Err(e) => e.line,
+            };
+            prop_assert!(items.insert(line, item).is_none(), "line {} twice", line);
+        }
+        for (i, expected) in before.iter().enumerate() {
+            if i == which {
+                continue;
+            }
+            let Some(item) = items.get(&(i + 1)) else {
+                return Err(TestCaseError::fail(format!("line {} is gone", i + 1)));
+            };
+            let got = item.as_ref().map(|l| {
+                let mut l = l.clone();
+                l.line_number = 0;
+                l
+            });
+            prop_assert_eq!(format!("{got:?}"), expected.clone());
+        }
+        prop_assert!(items.keys().all(|&l| (1..=5).contains(&l)));
+    }
+
     #[test]
     fn mutated_valid_lines_never_panic(
         pos in 0usize..60,

@@ -241,3 +241,94 @@ fn every_truncation_and_random_input_fails_cleanly_or_keeps_whole_series() {
         }
     }
 }
+
+/// A mutation of a valid request: bytes changed, cut out or put in at random places.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Set(usize, u8),
+    Remove(usize, usize),
+    Insert(usize, Vec<u8>),
+}
+
+fn mutation() -> impl proptest::strategy::Strategy<Value = Mutation> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Mutation::Set(at, b)),
+        (any::<usize>(), 1usize..6).prop_map(|(at, n)| Mutation::Remove(at, n)),
+        (
+            any::<usize>(),
+            proptest::collection::vec(
+                prop_oneof![Just(0x0a), Just(0x12), Just(0xff), Just(0x80), any::<u8>()],
+                1..6
+            )
+        )
+            .prop_map(|(at, b)| Mutation::Insert(at, b)),
+    ]
+}
+
+fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
+    if bytes.is_empty() {
+        return;
+    }
+    match m {
+        Mutation::Set(at, b) => {
+            let at = at % bytes.len();
+            bytes[at] = *b;
+        }
+        Mutation::Remove(at, n) => {
+            let at = at % bytes.len();
+            bytes.drain(at..(at + n).min(bytes.len()));
+        }
+        Mutation::Insert(at, b) => {
+            let at = at % (bytes.len() + 1);
+            bytes.splice(at..at, b.iter().copied());
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+    /// Mutated remote-write requests (valid ones with bytes changed, removed or inserted,
+    /// up to four times): never a panic; either an error or a conversion whose lines are
+    /// valid line protocol, each a whole sample of a named series.
+    #[test]
+    fn mutated_requests_fail_cleanly_or_convert_to_valid_lines(
+        series in proptest::collection::vec(
+            (
+                "[a-z_]{1,8}",
+                proptest::collection::vec(("[a-z]{1,4}", "[ -~]{0,6}"), 0..3),
+                proptest::collection::vec((proptest::num::f64::ANY, proptest::num::i64::ANY), 1..4),
+            ),
+            1..4,
+        ),
+        mutations in proptest::collection::vec(mutation(), 1..5),
+    ) {
+        let owned: Vec<Series<'_>> = series
+            .iter()
+            .map(|(name, labels, samples)| {
+                let mut l: Vec<(&str, &str)> = vec![("__name__", name.as_str())];
+                l.extend(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                (l, samples.clone())
+            })
+            .collect();
+        let mut request = encode(&owned);
+        for m in &mutations {
+            mutate(&mut request, m);
+        }
+        if let Ok(c) = convert(&request) {
+            // The lines as given are the lines as read back; each is a sample of a named
+            // series, or (a timestamp beyond what nanoseconds hold) a line the store refuses.
+            let direct: Vec<_> = c.parsed().collect();
+            let read: Vec<_> = parse_lines(c.lines.as_bytes(), Precision::Milliseconds, 0).collect();
+            proptest::prop_assert_eq!(&direct, &read);
+            proptest::prop_assert_eq!(direct.len(), c.samples);
+            for line in direct {
+                match line {
+                    Ok(l) => proptest::prop_assert!(!l.measurement.is_empty() && l.fields.len() == 1),
+                    Err(e) => proptest::prop_assert!(e.reason.contains("out of range"), "{e}"),
+                }
+            }
+        }
+    }
+}
