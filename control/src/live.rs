@@ -100,6 +100,12 @@ struct Live {
     saved_path: PathBuf,
     /// What each allocation query (`ALLOCATE` sink) asked for at its last run, by query.
     signals: BTreeMap<String, Vec<Signal>>,
+    /// Whether allocations reach the kernel (the plugins) or only the dry-run recorder.
+    actuating: bool,
+    /// The actuator not in use: the dry-run recorder while actuating, the plugins otherwise.
+    standby: Box<dyn Actuator>,
+    /// Where the choice made over the API is kept.
+    actuation_path: PathBuf,
     /// Where the components' health comes from (the health-check queries).
     health: Option<forestall_query::continuous::ContinuousQueries>,
 }
@@ -210,9 +216,10 @@ impl Live {
 }
 
 impl Allocations {
-    /// Builds the loop from `config`: the plugins (or a dry-run recorder), the engine with
-    /// its pool, and every component at the limits its cgroup holds now. Preferences saved
-    /// over the API (in `data_dir`) win over the configuration's.
+    /// Builds the loop from `config`: the plugins and a dry-run recorder (one in use, as
+    /// `actuate` says), the engine with its pool, and every component at the limits its
+    /// cgroup holds now. Preferences and the actuation switch saved over the API (in
+    /// `data_dir`) win over the configuration's.
     pub fn new(config: &AllocationConfig, data_dir: &Path) -> anyhow::Result<Self> {
         config.validate()?;
         let version = config.version();
@@ -221,22 +228,43 @@ impl Allocations {
             CgroupVersion::V2 => (Box::new(CgroupV2::new(root)), Box::new(CgroupV2::new(root))),
             _ => (Box::new(CgroupV1::new(root)), Box::new(CgroupV1::new(root))),
         };
-        let actuator: Box<dyn Actuator> = if config.actuate {
-            let sched_root = match version {
-                CgroupVersion::V2 => root.clone(),
-                _ => root.join("cpu"),
-            };
-            let mut plugins: Vec<Box<dyn Actuator>> =
-                vec![kernel, Box::new(Scheduling::new(sched_root))];
-            if let Some(dev) = &config.tc_interface {
-                plugins.push(Box::new(TrafficControl::new(dev)));
+        let sched_root = match version {
+            CgroupVersion::V2 => root.clone(),
+            _ => root.join("cpu"),
+        };
+        let mut plugins: Vec<Box<dyn Actuator>> =
+            vec![kernel, Box::new(Scheduling::new(sched_root))];
+        if let Some(dev) = &config.tc_interface {
+            plugins.push(Box::new(TrafficControl::new(dev)));
+        }
+        if let Some(url) = &config.webhook {
+            plugins.push(Box::new(Webhook::new(url)?));
+        }
+        let plugins: Box<dyn Actuator> = Box::new(Stack::new(plugins));
+        let dry_run: Box<dyn Actuator> = Box::new(DryRun::default());
+        let actuation_path = data_dir.join("allocation").join("actuation.json");
+        let actuating = match std::fs::read(&actuation_path) {
+            Ok(bytes) => {
+                serde_json::from_slice::<Actuation>(&bytes)
+                    .with_context(|| format!("parse {}", actuation_path.display()))?
+                    .actuate
             }
-            if let Some(url) = &config.webhook {
-                plugins.push(Box::new(Webhook::new(url)?));
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => config.actuate,
+            Err(e) => {
+                return Err(e).with_context(|| format!("read {}", actuation_path.display()));
             }
-            Box::new(Stack::new(plugins))
+        };
+        if actuating != config.actuate {
+            tracing::warn!(
+                actuate = actuating,
+                path = %actuation_path.display(),
+                "actuation as last set over the API, not as configured"
+            );
+        }
+        let (actuator, standby) = if actuating {
+            (plugins, dry_run)
         } else {
-            Box::new(DryRun::default())
+            (dry_run, plugins)
         };
 
         let saved_path = data_dir.join("allocation").join("preferences.json");
@@ -266,14 +294,16 @@ impl Allocations {
             pool[2],
             pool[3],
         ];
-        // Each component starts from what its cgroup holds; an unlimited resource from an
-        // equal share of the pool (or its floor when the pool is unlimited). Nothing is
-        // applied until a decision changes it.
+        // Each component starts from what its cgroup holds (read through the plugins also
+        // in dry-run, so that what a dry run decides is what actuation would do); an
+        // unlimited resource from an equal share of the pool (or its floor when the pool is
+        // unlimited). Nothing is applied until a decision changes it.
+        let kernel = if actuating { &actuator } else { &standby };
         let n = targets.len().max(1) as f64;
         let initial = targets
             .iter()
             .map(|t| {
-                let held = actuator
+                let held = kernel
                     .read_back(t)
                     .map(|l| amounts_of(&l))
                     .unwrap_or([f64::NAN; 4]);
@@ -346,6 +376,9 @@ impl Allocations {
                 state_path,
                 last_saved: None,
                 signals: BTreeMap::new(),
+                actuating,
+                standby,
+                actuation_path,
                 health: None,
             })),
             asked: Arc::new(tokio::sync::Notify::new()),
@@ -628,7 +661,7 @@ impl Allocations {
         store: &Store,
         now: i64,
     ) -> anyhow::Result<()> {
-        let actuate = live.config.actuate;
+        let actuate = live.actuating;
         for (c, _, result) in &report.applied {
             let problem = result.as_ref().err().map(|e| format!("applying: {e}"));
             live.problem(*c, Problem::Applying, problem);
@@ -752,7 +785,7 @@ impl Allocations {
             .collect();
         json!({
             "enabled": true,
-            "mode": if live.config.actuate { "actuate" } else { "dry-run" },
+            "mode": if live.actuating { "actuate" } else { "dry-run" },
             "actuator": live.controller.actuator().name(),
             "round": live.round,
             "last_round_ns": live.last_round,
@@ -927,6 +960,42 @@ impl Allocations {
         json!(all)
     }
 
+    /// `GET /api/v1/actuation`: whether allocations reach the kernel, and through what.
+    pub fn actuation(&self) -> serde_json::Value {
+        let live = self.live();
+        json!({
+            "actuate": live.actuating,
+            "actuator": live.controller.actuator().name(),
+            "configured": live.config.actuate,
+        })
+    }
+
+    /// Turns actuation on (the plugins apply every allocation from the next round) or off
+    /// (allocations are computed, audited and shown, and the kernel keeps the limits it
+    /// has), and keeps the choice across restarts. Turned on, every component the engine has
+    /// changed is applied at the next round, so the kernel catches up with the engine.
+    pub fn set_actuating(&self, on: bool) -> Result<(), SetError> {
+        let mut live = self.live();
+        if live.actuating == on {
+            return Ok(());
+        }
+        write_atomically(
+            &live.actuation_path,
+            &serde_json::to_vec(&Actuation { actuate: on })
+                .map_err(|e| SetError::Io(e.to_string()))?,
+        )
+        .map_err(|e| SetError::Io(format!("{e:#}")))?;
+        let standby = std::mem::replace(&mut live.standby, Box::new(DryRun::default()));
+        live.standby = live.controller.replace_actuator(standby);
+        live.actuating = on;
+        tracing::warn!(
+            actuate = on,
+            actuator = live.controller.actuator().name(),
+            "actuation switched over the API"
+        );
+        Ok(())
+    }
+
     /// Replaces a component's preferences from the next round on, and keeps them across
     /// restarts. `Ok(false)` when there is no such component.
     pub fn set_preferences(
@@ -978,8 +1047,14 @@ struct Saved {
 pub enum SetError {
     #[error("{0}")]
     Invalid(String),
-    #[error("could not save preferences: {0}")]
+    #[error("could not save the setting: {0}")]
     Io(String),
+}
+
+/// The actuation switch as saved (`allocation/actuation.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Actuation {
+    actuate: bool,
 }
 
 /// Where the global LSTM's weights are kept, beside the learned state.

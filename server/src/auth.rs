@@ -13,7 +13,7 @@
 //! | `write:<measurement>` | writes of that measurement only (repeat for more) |
 //! | `query` | SQL over HTTP and the PostgreSQL protocol, and every read-only view |
 //! | `admin` | flush, compact, retention, continuous queries |
-//! | `actuate` | components' preferences (what the allocation loop may do to them) |
+//! | `actuate` | components' preferences (what the allocation loop may do to them), and turning actuation on or off (`/api/v1/actuation`) |
 //!
 //! A request carries its token as `Authorization: Bearer <token>` or `Token <token>` (the
 //! InfluxDB clients' forms), as the password of HTTP Basic, or as InfluxDB v1's `p`
@@ -477,7 +477,7 @@ pub fn required(method: &axum::http::Method, path: &str) -> Need {
                 Need::Admin
             }
         }
-        p if p.starts_with("/api/v1/preferences") => {
+        p if p.starts_with("/api/v1/preferences") || p == "/api/v1/actuation" => {
             if read {
                 Need::Query
             } else {

@@ -164,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/risks", get(risks))
         .route("/api/v1/preferences", get(list_preferences))
         .route("/api/v1/preferences/{component}", put(set_preferences))
+        .route("/api/v1/actuation", get(actuation).put(set_actuation))
         .route("/api/v1/continuous_queries", get(crate::continuous::list))
         .route(
             "/api/v1/continuous_queries/{name}",
@@ -565,6 +566,36 @@ async fn set_preferences(
         Err(SetError::Invalid(e)) => Err(ApiError::Invalid(e)),
         Err(e @ SetError::Io(_)) => Err(ApiError::Internal(e.to_string())),
     }
+}
+
+async fn actuation(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    loop_view(&state, |a| a.actuation()).await
+}
+
+/// `PUT /api/v1/actuation` `{"actuate": true|false}`: turns applying allocations to the
+/// kernel on or off at run time (the `actuate` permission), kept across restarts.
+async fn set_actuation(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Switch {
+        actuate: bool,
+    }
+    let a = allocation_loop(&state)?.clone();
+    let body = read_limited(body, 4 << 10).await?;
+    let switch: Switch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Invalid(format!(
+            "expected {{\"actuate\": true}} or {{\"actuate\": false}}: {e}"
+        ))
+    })?;
+    let set = tokio::task::spawn_blocking(move || {
+        a.set_actuating(switch.actuate).map(|()| a.actuation())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("actuation task failed: {e}")))?;
+    set.map(Json).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

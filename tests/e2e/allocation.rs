@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Server, eventually, get_json, put, remove_cgroup, sql};
+use crate::harness::{Server, eventually, get_json, post, put, remove_cgroup, sql};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "blkio"];
@@ -380,4 +380,113 @@ fn an_allocation_query_over_latency_sets_a_real_cpu_quota_until_it_is_dropped() 
     assert_eq!(web.quota(), raised, "{audit:#?}");
     let (_, status) = get_json(&server.url("/api/v1/allocations"));
     assert!(from(&status, "web_latency").is_empty(), "{status}");
+}
+
+/// Actuation turned on and off at run time (`PUT /api/v1/actuation`, the `actuate`
+/// permission): in dry-run the loop decides raises and the kernel keeps its quota; switched
+/// on, the next round applies what the engine holds; the switch outlives a restart over the
+/// configuration, and each switch is in the audit trail.
+#[test]
+fn actuation_is_switched_on_and_off_over_the_api_and_the_switch_outlives_a_restart() {
+    let burner = Burner::running("switch", "while :; do :; done");
+    burner.set_quota(0.3);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env(&burner);
+    for (k, v) in &mut env {
+        if *k == "FORESTALL__ALLOCATION__ACTUATE" {
+            *v = "false".into();
+        }
+    }
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(dir.path(), &pairs);
+    let url = server.url("/api/v1/actuation");
+    let (status, state) = get_json(&url);
+    assert_eq!(status, 200);
+    assert_eq!(state["actuate"], false, "{state}");
+    // Dry run: a raise is decided and audited, not applied (and, the kernel still
+    // throttling the burner, its usage does not press for another).
+    eventually(
+        "a dry-run raise of the burner's CPU",
+        Duration::from_secs(60),
+        || {
+            // (The table exists from the first round on.)
+            let (status, body) = post(
+                &server.url("/api/v3/query_sql?format=json"),
+                br#"{"q": "SELECT count(*) AS n FROM forestall_allocations WHERE component = 'burner' AND resource = 'cpu' AND action = 'raise' AND NOT applied"}"#,
+            );
+            status == 200
+                && serde_json::from_str::<serde_json::Value>(&body).unwrap()[0]["n"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 1
+        },
+    );
+    assert_eq!(burner.quota(), Some(0.3), "dry run changed the kernel");
+
+    // Bad switches are refused.
+    for body in [
+        &b"{\"actuate\": \"yes\"}"[..],
+        b"{}",
+        b"true",
+        b"{\"actuate\": true, \"x\": 1}",
+    ] {
+        let (status, answer) = put(&url, body);
+        assert_eq!(status, 400, "{answer}");
+    }
+    assert_eq!(burner.quota(), Some(0.3));
+
+    // On: the next round applies the engine's allocation.
+    let (status, state) = put(&url, br#"{"actuate": true}"#);
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["actuate"], true);
+    assert_ne!(state["actuator"], "dry-run", "{state}");
+    eventually(
+        "the raised quota reaches the kernel",
+        Duration::from_secs(30),
+        || burner.quota().is_some_and(|q| q > 0.35),
+    );
+    let (_, allocations) = get_json(&server.url("/api/v1/allocations"));
+    assert_eq!(allocations["mode"], "actuate");
+
+    // The switch outlives a restart, over `actuate = false` in the configuration.
+    server.terminate();
+    let server = Server::start(dir.path(), &pairs);
+    let url = server.url("/api/v1/actuation");
+    let (_, state) = get_json(&url);
+    assert_eq!(state["actuate"], true, "{state}");
+    assert_eq!(state["configured"], false, "{state}");
+
+    // Off: the kernel keeps what it has, and the loop goes back to recording.
+    let (status, state) = put(&url, br#"{"actuate": false}"#);
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(state["actuator"], "dry-run");
+    let (_, allocations) = get_json(&server.url("/api/v1/allocations"));
+    assert_eq!(allocations["mode"], "dry-run");
+    let kept = burner.quota();
+    assert!(kept.is_some_and(|q| q > 0.35), "{kept:?}");
+
+    let rows = sql(
+        &server,
+        "SELECT detail, status FROM forestall_audit WHERE path = '/api/v1/actuation' \
+         AND method = 'PUT' ORDER BY time",
+    );
+    let switches: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["detail"].as_str().unwrap_or_default().to_string(),
+                r["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .filter(|(_, status)| *status == 200)
+        .collect();
+    assert_eq!(
+        switches,
+        [
+            (r#"{"actuate": true}"#.to_string(), 200),
+            (r#"{"actuate": false}"#.to_string(), 200)
+        ],
+        "{rows:?}"
+    );
+    server.terminate();
 }

@@ -392,3 +392,99 @@ fn a_postgres_query_without_a_turn_gets_53000_and_runs_once_one_frees() {
     });
     server.terminate();
 }
+
+/// 100 heavy queries at once (self-joins of 100,000 rows, 100 M joined rows each) over
+/// HTTP: the concurrent-query limit runs a few at a time and sends the rest 503 with
+/// `Retry-After` once their queue time is up, while `/health` answers and writes keep being
+/// acknowledged throughout, and every acknowledged point is then in the store.
+#[test]
+fn a_hundred_heavy_queries_at_once_leave_health_and_writes_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[("FORESTALL__QUERY__QUEUE_TIMEOUT", "5s")]);
+    for host in 0..100 {
+        let body: String = (0..1000)
+            .map(|i| format!("heavy,host=h{host} v={i}i {}\n", 1_767_225_600 + i))
+            .collect();
+        let (status, text) = post(&server.url("/api/v2/write?precision=s"), body.as_bytes());
+        assert_eq!(status, 204, "{text}");
+    }
+    let query = r#"{"q": "SELECT a.host, count(*) AS n, sum(a.v * b.v) AS s FROM heavy a JOIN heavy b ON a.host = b.host GROUP BY a.host"}"#;
+    let url = server.url("/api/v3/query_sql");
+    let queries: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let answer = ureq::post(&url)
+                    .timeout(Duration::from_secs(300))
+                    .set("Content-Type", "application/json")
+                    .send_string(query);
+                let (status, retry_after, body) = match answer {
+                    Ok(r) => (r.status(), None, r.into_string().unwrap_or_default()),
+                    Err(ureq::Error::Status(code, r)) => (
+                        code,
+                        r.header("Retry-After").map(str::to_string),
+                        r.into_string().unwrap_or_default(),
+                    ),
+                    Err(e) => (0, None, e.to_string()),
+                };
+                (status, retry_after, body, started.elapsed())
+            })
+        })
+        .collect();
+    // While they run: health checks and writes, each timed (reported, not asserted).
+    let (mut health, mut writes, mut written) = (Vec::new(), Vec::new(), 0);
+    let mut round = 0;
+    while !queries.iter().all(|q| q.is_finished()) {
+        let t = Instant::now();
+        let (status, _) = crate::harness::get_text(&server.url("/health"));
+        assert_eq!(status, 200);
+        health.push(t.elapsed());
+        let body: String = (0..100)
+            .map(|i| {
+                format!(
+                    "during,host=h{} v={i}i {}\n",
+                    round % 7,
+                    1_767_225_600 + round * 100 + i
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        let (status, text) = post(&server.url("/api/v2/write?precision=s"), body.as_bytes());
+        assert_eq!(status, 204, "a write during the flood: {text}");
+        writes.push(t.elapsed());
+        written += 100;
+        round += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answers: Vec<_> = queries.into_iter().map(|q| q.join().unwrap()).collect();
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    for (status, retry_after, body, _) in &answers {
+        match status {
+            200 => assert!(body.contains("\"n\":1000000"), "{body}"),
+            503 => assert!(retry_after.is_some(), "503 without Retry-After: {body}"),
+            _ => panic!("a heavy query got {status}: {body}"),
+        }
+    }
+    assert!(ok >= 1, "no heavy query ran");
+    assert!(round >= 5, "the flood was over after {round} checks");
+    let rows = sql(&server, "SELECT count(*) AS n FROM during");
+    assert_eq!(rows[0]["n"], written);
+    let max = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let slowest_query = answers.iter().map(|a| a.3).max().unwrap_or_default();
+    eprintln!(
+        "100 heavy queries: {ok} answered, {} got 503; slowest answer {slowest_query:?}; \
+         during them {round} rounds: /health median {:?} max {:?}, a 100-line write median \
+         {:?} max {:?}",
+        100 - ok,
+        median(&mut health.clone()),
+        max(&health),
+        median(&mut writes.clone()),
+        max(&writes),
+    );
+    server.terminate();
+}

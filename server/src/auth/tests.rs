@@ -249,6 +249,8 @@ fn each_route_needs_its_permission() {
         (&post, "/api/v1/continuous_queries/x/run", Need::Admin),
         (&get, "/api/v1/preferences", Need::Query),
         (&put, "/api/v1/preferences/web", Need::Actuate),
+        (&get, "/api/v1/actuation", Need::Query),
+        (&put, "/api/v1/actuation", Need::Actuate),
         (&get, "/api/v1/allocations", Need::Query),
         (&get, "/api/v1/risks", Need::Query),
         (&get, "/api/v1/health", Need::Query),
