@@ -139,7 +139,8 @@ pub struct QueryConfig {
     /// both want it. Default 10.
     pub nice: i32,
     /// SQL queries that run at once, over HTTP and PostgreSQL together; more wait for a
-    /// turn. Default (unset): twice the cores, at least 4.
+    /// turn. Default (unset): twice the cores, at least 4, and at most one per 256 MiB of
+    /// the memory the process may use ([`default_max_concurrent`]).
     pub max_concurrent: Option<usize>,
     /// How long a query waits for a turn before it is refused (HTTP 503 with
     /// `Retry-After`, PostgreSQL SQLSTATE 53000). Default 10 s.
@@ -148,9 +149,10 @@ pub struct QueryConfig {
     /// Bytes of memory one query (one PostgreSQL connection's queries) may hold for sorts,
     /// aggregations and joins: a sort past it spills to disk, anything else fails with an
     /// error (HTTP 400, SQLSTATE 53200) instead of running the process out of memory.
-    /// Default (unset): half of the memory the process may use (the host's, or its
-    /// cgroup's `memory.max` if lower) shared among `max_concurrent` queries, at least
-    /// 32 MiB.
+    /// Default (unset): a quarter of the memory the process may use ([`usable_memory`]: the
+    /// host's, or its memory cgroup's limit if lower) shared among `max_concurrent` queries,
+    /// at least 32 MiB. (A quarter, not more: a query's operators hold memory the pool does
+    /// not count, such as batches in flight; measured in docs/RELIABILITY.md.)
     pub memory_limit: Option<u64>,
 }
 
@@ -159,33 +161,87 @@ impl QueryConfig {
     pub fn max_concurrent(&self) -> usize {
         self.max_concurrent.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (2 * cores).max(4)
+            default_max_concurrent(cores, usable_memory())
         })
     }
 
     /// [`QueryConfig::memory_limit`], or its default for this machine.
     pub fn memory_limit(&self) -> u64 {
         self.memory_limit.unwrap_or_else(|| {
-            let share = usable_memory() / 2 / self.max_concurrent().max(1) as u64;
+            let share = usable_memory() / 4 / self.max_concurrent().max(1) as u64;
             share.max(32 << 20)
         })
     }
 }
 
-/// The memory this process may use: the host's (`MemTotal`), or less if its cgroup (v2)
-/// has a lower `memory.max`.
+/// Queries at once when not configured: two per core (at least four), but no more than one
+/// per 256 MiB of the memory this process may use (at least one). A heavy query holds more
+/// than its pool counts (batches in flight, allocator slack): under a 512 MiB cgroup, four at
+/// once beside full-speed ingest were OOM-killed, two held (docs/RELIABILITY.md).
+pub fn default_max_concurrent(cores: usize, usable: u64) -> usize {
+    let by_memory = usize::try_from(usable / (256 << 20)).unwrap_or(usize::MAX);
+    (2 * cores).max(4).min(by_memory.max(1))
+}
+
+/// The write buffer's flush threshold when none is configured: the engine's default, or a
+/// sixteenth of the memory this process may use if that is less (at least 4 MiB). Writes
+/// wait at twice it, and a flush holds another buffer's worth while it writes, so the buffer
+/// stays within an eighth or so.
+pub fn default_max_buffer_bytes(engine_default: u64, usable: u64) -> u64 {
+    engine_default.min((usable / 16).max(4 << 20))
+}
+
+/// The memory this process may use: the host's (`MemTotal`), or less if its memory cgroup
+/// or one above it has a lower limit (v2 `memory.max` along the path; v1
+/// `hierarchical_memory_limit`, which already takes the ancestors into account).
 pub fn usable_memory() -> u64 {
     let host = forestall_control::config::host_memory().unwrap_or(u64::MAX);
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|t| {
-            let path = t.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-            let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim()))
-                .ok()?;
-            max.trim().parse::<u64>().ok()
-        })
+        .and_then(|t| cgroup_memory_limit(&t, Path::new("/sys/fs/cgroup")))
         .unwrap_or(u64::MAX);
     host.min(cgroup)
+}
+
+/// The memory limit over the cgroup that `proc_self_cgroup` (the text of
+/// `/proc/self/cgroup`) names, with cgroupfs mounted at `root`; `None` without one.
+fn cgroup_memory_limit(proc_self_cgroup: &str, root: &Path) -> Option<u64> {
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+    // v1: a line `N:…memory…:/path`.
+    let v1 = proc_self_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| path.trim().trim_start_matches('/').to_owned())
+    });
+    if let Some(path) = v1 {
+        let stat = read(root.join("memory").join(path).join("memory.stat"))?;
+        return stat.lines().find_map(|l| {
+            l.strip_prefix("hierarchical_memory_limit ")?
+                .trim()
+                .parse()
+                .ok()
+        });
+    }
+    // v2: the unified line `0::/path`; the lowest memory.max from it up to the root.
+    let path = proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim()
+        .trim_start_matches('/');
+    let mut dir = root.join(path);
+    let mut lowest = None::<u64>;
+    while dir.starts_with(root) {
+        if let Some(max) = read(dir.join("memory.max")).and_then(|m| m.trim().parse().ok()) {
+            lowest = Some(lowest.map_or(max, |l: u64| l.min(max)));
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    lowest
 }
 
 impl Default for QueryConfig {
@@ -475,6 +531,11 @@ impl ServerConfig {
                 message,
             })?;
         }
+        let buffer_set = table
+            .get("engine")
+            .and_then(|t| t.get("flush"))
+            .and_then(|t| t.get("max_buffer_bytes"))
+            .is_some();
         let mut config: ServerConfig =
             table
                 .try_into()
@@ -484,6 +545,11 @@ impl ServerConfig {
                         .unwrap_or_else(|| "<environment>".into()),
                     message: e.to_string(),
                 })?;
+        // Derived defaults: the write buffer fits the memory this process may use.
+        if !buffer_set {
+            config.engine.flush.max_buffer_bytes =
+                default_max_buffer_bytes(config.engine.flush.max_buffer_bytes, usable_memory());
+        }
         if let Some(dir) = &overrides.data_dir {
             config.engine.data_dir = dir.clone();
         }
@@ -591,6 +657,29 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_memory_limit_comes_from_the_cgroup_v1_or_v2_and_its_ancestors() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        // v1: hierarchical_memory_limit already counts the ancestors.
+        std::fs::create_dir_all(r.join("memory/a/b")).unwrap();
+        std::fs::write(
+            r.join("memory/a/b/memory.stat"),
+            "cache 0\nhierarchical_memory_limit 536870912\n",
+        )
+        .unwrap();
+        let v1 = "12:memory:/a/b\n11:cpu,cpuacct:/a/b\n";
+        assert_eq!(cgroup_memory_limit(v1, r), Some(512 << 20));
+        // v2: the lowest memory.max on the way up.
+        std::fs::create_dir_all(r.join("x/y")).unwrap();
+        std::fs::write(r.join("x/y/memory.max"), "max\n").unwrap();
+        std::fs::write(r.join("x/memory.max"), "1073741824\n").unwrap();
+        assert_eq!(cgroup_memory_limit("0::/x/y\n", r), Some(1 << 30));
+        // No limit anywhere.
+        assert_eq!(cgroup_memory_limit("0::/x/y/z\n", &r.join("none")), None);
+        assert_eq!(cgroup_memory_limit("", r), None);
     }
 
     #[test]
@@ -772,12 +861,27 @@ mod tests {
             ..Default::default()
         };
         assert!(q.memory_limit() >= 32 << 20);
-        assert!(q.memory_limit() <= usable_memory() / 8 || q.memory_limit() == 32 << 20);
+        assert!(q.memory_limit() <= usable_memory() / 16 || q.memory_limit() == 32 << 20);
         let set = QueryConfig {
             memory_limit: Some(5 << 20),
             ..q
         };
         assert_eq!(set.memory_limit(), 5 << 20);
+        assert_eq!(default_max_concurrent(2, 24 << 30), 4);
+        assert_eq!(default_max_concurrent(16, 24 << 30), 32);
+        assert_eq!(default_max_concurrent(2, 512 << 20), 2);
+        assert_eq!(default_max_concurrent(2, 100 << 20), 1);
+        // Unset, the write buffer fits the memory too; set, it is as set.
+        assert_eq!(default_max_buffer_bytes(128 << 20, 24 << 30), 128 << 20);
+        assert_eq!(default_max_buffer_bytes(128 << 20, 512 << 20), 32 << 20);
+        assert_eq!(default_max_buffer_bytes(128 << 20, 16 << 20), 4 << 20);
+        let loaded = load(&[]).unwrap();
+        assert_eq!(
+            loaded.engine.flush.max_buffer_bytes,
+            default_max_buffer_bytes(128 << 20, usable_memory())
+        );
+        let loaded = load(&[("FORESTALL__ENGINE__FLUSH__MAX_BUFFER_BYTES", "2097152")]).unwrap();
+        assert_eq!(loaded.engine.flush.max_buffer_bytes, 2 << 20);
     }
 
     #[test]

@@ -327,6 +327,32 @@ enum Eval {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option: its index in `mi_option_e` of mimalloc v3 (which
+/// libmimalloc-sys builds), which libmimalloc-sys does not name; a test checks that it still
+/// holds v3's documented default, 1000 ms.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Below this much usable memory, freed memory goes back to the OS at once.
+const TIGHT_MEMORY: u64 = 4 << 30;
+
+/// Where the process may use little memory (a small container), mimalloc returns freed pages
+/// at once instead of after its purge delay (1 s): under a 512 MiB cgroup, full-speed ingest
+/// and heavy queries were OOM-killed without it and held with it (docs/RELIABILITY.md). It
+/// costs ingest speed, so only there. `MIMALLOC_PURGE_DELAY` in the environment wins.
+#[allow(unsafe_code)]
+fn return_freed_memory_at_once_when_tight() {
+    let usable = forestall_server::config::usable_memory();
+    if usable < TIGHT_MEMORY && std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mi_option_set only stores the option's value; mimalloc reads it as it
+        // purges, from any thread.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+        tracing::info!(
+            usable_memory_mib = usable >> 20,
+            "little memory: freed memory is returned to the OS at once"
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     single_threaded_tensor_math();
     let cli = Cli::parse();
@@ -496,6 +522,7 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             init_logging(&config.log.filter);
+            return_freed_memory_at_once_when_tight();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -530,4 +557,16 @@ fn init_logging(filter: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[allow(unsafe_code)]
+    fn mimallocs_purge_delay_option_is_where_the_server_sets_it() {
+        // Its documented default is 1000 ms; another index would hold another option's value.
+        // SAFETY: reads an option's value.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(delay, 1000);
+    }
 }

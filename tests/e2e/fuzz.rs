@@ -223,21 +223,18 @@ fn frames(mut bytes: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, String> {
     Ok(out)
 }
 
-/// Sends `payload` (after a startup that was answered, when `startup` is given), closes the
-/// writing half and reads everything the server says until it closes.
-fn exchange(pg: &str, startup: Option<&[u8]>, payload: &[u8]) -> Result<Vec<u8>, String> {
+/// Sends `payload` (after a startup, when `startup` gives one and the message type that ends
+/// the server's answer to it), closes the writing half and reads everything the server says
+/// until it closes.
+fn exchange(pg: &str, startup: Option<(&[u8], u8)>, payload: &[u8]) -> Result<Vec<u8>, String> {
     let mut s = TcpStream::connect(pg).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .map_err(|e| e.to_string())?;
     let mut got = Vec::new();
-    if let Some(startup) = startup {
+    if let Some((startup, until)) = startup {
         s.write_all(startup).map_err(|e| e.to_string())?;
-        // Up to ReadyForQuery ('Z', length 5, status).
         let mut buf = [0u8; 4096];
-        while !got
-            .windows(6)
-            .any(|w| w[0] == b'Z' && w[1..5] == [0, 0, 0, 5])
-        {
+        while !frames(&got).is_ok_and(|f| f.iter().any(|(k, _)| *k == until)) {
             let n = s.read(&mut buf).map_err(|e| format!("startup: {e}"))?;
             if n == 0 {
                 return Err(format!("closed during startup: {got:?}"));
@@ -276,7 +273,8 @@ fn check(pg: &str, case: &Case) -> Result<(), TestCaseError> {
         }
         Case::Session(messages) => {
             let payload: Vec<u8> = messages.iter().flat_map(Message::bytes).collect();
-            let got = exchange(pg, Some(&startup()), &payload).map_err(TestCaseError::fail)?;
+            let got =
+                exchange(pg, Some((&startup(), b'Z')), &payload).map_err(TestCaseError::fail)?;
             let frames = frames(&got).map_err(TestCaseError::fail)?;
             // A first message that names a portal or statement nobody made, or whose
             // length is impossible, gets an error (it may be the last thing said).
@@ -331,5 +329,60 @@ fn random_postgres_messages_get_errors_and_never_break_the_server() {
     );
     let (ok, out, err) = psql(&server, "SELECT 41 + 1 AS answer");
     assert!(ok && out.contains("42"), "{out}{err}");
+    server.terminate();
+}
+
+/// With auth on, random password messages (and random lengths for them) after a startup:
+/// each is refused with an ErrorResponse and never authenticates, and the server keeps
+/// serving.
+#[test]
+fn random_passwords_are_refused_and_never_break_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &[], &["--auth"]);
+    let pg = server.pg_addr.clone();
+    let mut runner = TestRunner::new(Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let password = (
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::string::string_regex("fst_[a-z0-9]{0,40}")
+                .unwrap()
+                .prop_map(|t| cstr(t.as_bytes())),
+        ],
+        prop_oneof![4 => Just(None), 1 => any::<i32>().prop_map(Some)],
+    );
+    let result = runner.run(&password, |(body, bad_length)| {
+        let message = Message {
+            kind: b'p',
+            body,
+            bad_length,
+        };
+        let got = exchange(&pg, Some((&startup(), b'R')), &message.bytes())
+            .map_err(TestCaseError::fail)?;
+        let frames = frames(&got).map_err(TestCaseError::fail)?;
+        // (A message whose length claims more than was sent before the client hung up is
+        // simply never read: there is no one left to tell.)
+        if message.bad_length.is_none_or(|l| l < 4) {
+            prop_assert!(
+                frames.iter().any(|(k, _)| *k == b'E'),
+                "no error for {message:?}: {frames:?}"
+            );
+        }
+        prop_assert!(
+            !frames.iter().any(|(k, _)| *k == b'Z'),
+            "a random password was let in: {frames:?}"
+        );
+        Ok(())
+    });
+    let log: Vec<String> = server.stderr.try_iter().collect();
+    result.unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", log.join("\n")));
+    assert!(
+        !log.iter().any(|l| l.contains("panicked")),
+        "{}",
+        log.join("\n")
+    );
     server.terminate();
 }

@@ -7,6 +7,10 @@
 //! body read past its own length would take the next message's bytes. Found by the protocol
 //! fuzz test (`tests/e2e/fuzz.rs`).
 //!
+//! The loop also ends a connection right after a FATAL error, with no ReadyForQuery after it
+//! (pgwire's `process_error` sends one, which told a client refused a password that it was
+//! ready for queries just before the connection closed).
+//!
 //! What: [`Checked`] sits between the socket (plain or TLS) and pgwire's framing. It hands on
 //! only whole messages whose bodies have exactly the layout the protocol defines, and turns
 //! anything else into an error naming what was wrong, which the loop sends to the client as a
@@ -121,11 +125,16 @@ pub(super) async fn process_socket<H: PgWireServerHandlers>(
         .await
         {
             errors.on_error(&socket, &mut e);
-            let fatal = e.is_fatal();
-            process_error(&mut socket, e, is_extended).await?;
-            if fatal {
+            if e.is_fatal() {
+                // The error, then the end: no ReadyForQuery after a FATAL (pgwire's
+                // process_error sends one), as in PostgreSQL.
+                let info: ErrorInfo = e.into();
+                let _ = socket
+                    .send(PgWireBackendMessage::ErrorResponse(info.into()))
+                    .await;
                 break;
             }
+            process_error(&mut socket, e, is_extended).await?;
         }
         if is_cancel {
             break;
