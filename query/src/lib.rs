@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext, SessionState};
@@ -394,9 +395,42 @@ impl QueryEngine {
 
     /// The DataFrame of `sql` in a new session, checked by [`verify_read_only`].
     async fn dataframe(&self, sql: &str) -> Result<DataFrame> {
+        self.dataframe_with(sql, &Params::new()).await
+    }
+
+    /// [`QueryEngine::dataframe`] with `params` bound to its placeholders.
+    async fn dataframe_with(&self, sql: &str, params: &Params) -> Result<DataFrame> {
         let ctx = self.session();
-        let plan = ctx.state().create_logical_plan(sql).await?;
+        let mut plan = ctx.state().create_logical_plan(sql).await?;
         verify_read_only(&plan)?;
+        let types = plan.get_parameter_types()?;
+        if !params.is_empty() || !types.is_empty() {
+            let mut bound = std::collections::HashMap::with_capacity(params.len());
+            for (name, value) in params {
+                let want = types.get(&format!("${name}")).ok_or_else(|| {
+                    Error::Query(format!("parameter ${name} is not in the statement"))
+                })?;
+                let value = match want {
+                    Some(t) if value.is_null() => ScalarValue::try_from(t)?,
+                    Some(t) if value.data_type() != *t => value.cast_to(t).map_err(|e| {
+                        Error::Query(format!("parameter ${name}: {value} does not fit {t}: {e}"))
+                    })?,
+                    _ => value.clone(),
+                };
+                bound.insert(name.clone(), value);
+            }
+            if let Some(missing) = types
+                .keys()
+                .find(|p| !bound.contains_key(p.trim_start_matches('$')))
+            {
+                return Err(Error::Query(format!(
+                    "no value for the parameter {missing}"
+                )));
+            }
+            plan = plan.with_param_values(ParamValues::Map(
+                bound.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            ))?;
+        }
         Ok(ctx.execute_logical_plan(plan).await?)
     }
 
@@ -431,7 +465,25 @@ impl QueryEngine {
     /// the stream. Call it inside [`QueryEngine::forward`] or [`QueryEngine::run`], so that
     /// planning runs on the query runtime.
     pub async fn start(&self, sql: &str) -> Result<(SchemaRef, SendableRecordBatchStream)> {
+        self.start_with(sql, &Params::new()).await
+    }
+
+    /// [`QueryEngine::start`] with values for the statement's placeholders (`$name`, `$1`),
+    /// as InfluxDB 3's `params`: each is bound as a literal before the plan is optimised, so
+    /// that time ranges and tag predicates are pushed down as if written in the SQL, and cast
+    /// to the type the plan gives its placeholder. A placeholder without a value, or a value
+    /// that does not fit its place, is an error; so is a value no placeholder takes.
+    pub async fn start_with(
+        &self,
+        sql: &str,
+        params: &Params,
+    ) -> Result<(SchemaRef, SendableRecordBatchStream)> {
         if let Some(outcome) = self.continuous_statement(sql).await {
+            if !params.is_empty() {
+                return Err(Error::Query(
+                    "continuous-query statements take no parameters".into(),
+                ));
+            }
             let batch = outcome?.into_batch();
             let schema = batch.schema();
             let stream = futures::stream::once(async move { Ok(batch) });
@@ -440,11 +492,15 @@ impl QueryEngine {
                 Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
             ));
         }
-        let df = self.dataframe(sql).await?;
+        let df = self.dataframe_with(sql, params).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         Ok((schema, self.execute(df)))
     }
 }
+
+/// Values for a statement's placeholders, by name without the `$` (`host` for `$host`, `1`
+/// for `$1`).
+pub type Params = std::collections::HashMap<String, ScalarValue>;
 
 /// What SQL may do here: read. DataFusion's DDL (`CREATE EXTERNAL TABLE` reads any file the
 /// server can) and DML (`COPY … TO` writes one; `INSERT`) are refused; `SET` is allowed and

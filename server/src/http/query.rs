@@ -3,6 +3,10 @@
 //! Parameters `q` (the SQL) and `format`: `json` (an array of objects, the default), `jsonl`,
 //! `csv` (with a header), `parquet`, `arrow` (an Arrow IPC stream) or `pretty` (a text table). `POST` takes the same as a
 //! JSON body (`{"q": "...", "format": "csv"}`). `db` is accepted and ignored (one namespace).
+//! `params` gives values for the statement's placeholders, as InfluxDB 3 takes them: a JSON
+//! object (in `GET`, URL-encoded JSON), `{"q": "SELECT * FROM cpu WHERE host = $host AND
+//! usage > $1", "params": {"host": "a", "1": 90}}`. Strings, numbers, booleans and null;
+//! each value is cast to the type its place in the plan has.
 //! A wrong query is a 400 with the planner's message; a query that runs longer than
 //! `query.timeout` or returns more than `query.max_result_rows` rows is stopped. A query
 //! waits for a turn among those running ([`super::QuerySlots`]) and gets a 503 with
@@ -31,6 +35,42 @@ struct QueryBody {
     #[serde(default)]
     #[allow(dead_code)]
     db: Option<String>,
+    #[serde(default)]
+    params: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `params` as values for the query engine: keys without their `$`, JSON scalars as SQL
+/// literals (integers as Int64, other numbers as Float64).
+fn params(
+    json: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<forestall_query::Params, ApiError> {
+    use datafusion::common::ScalarValue;
+    use serde_json::Value;
+    let mut out = forestall_query::Params::new();
+    for (name, value) in json.into_iter().flatten() {
+        let name = name.strip_prefix('$').unwrap_or(name);
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ApiError::Invalid(format!(
+                "params: {name:?} is not a parameter name (letters, digits and _)"
+            )));
+        }
+        let scalar = match value {
+            Value::Null => ScalarValue::Null,
+            Value::Bool(b) => ScalarValue::Boolean(Some(*b)),
+            Value::String(s) => ScalarValue::Utf8(Some(s.clone())),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => ScalarValue::Int64(Some(i)),
+                None => ScalarValue::Float64(n.as_f64()),
+            },
+            Value::Array(_) | Value::Object(_) => {
+                return Err(ApiError::Invalid(format!(
+                    "params: ${name} must be a string, number, boolean or null"
+                )));
+            }
+        };
+        out.insert(name.to_owned(), scalar);
+    }
+    Ok(out)
 }
 
 pub(super) async fn get(
@@ -42,9 +82,17 @@ pub(super) async fn get(
         .get("q")
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| ApiError::Invalid("missing query parameter q".into()))?;
+    let json = match q.get("params") {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                .map_err(|e| ApiError::Invalid(format!("params must be a JSON object: {e}")))?,
+        ),
+    };
     run(
         as_caller(state, &identity),
         sql,
+        params(json.as_ref())?,
         q.get("format").map(String::as_str),
     )
     .await
@@ -57,10 +105,17 @@ pub(super) async fn post(
 ) -> Result<Response, ApiError> {
     let body: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::Invalid(format!(
-            "expected a JSON body {{\"q\": \"SELECT ...\", \"format\": \"json\"}}: {e}"
+            "expected a JSON body {{\"q\": \"SELECT ...\", \"format\": \"json\", \"params\": {{}}}}: {e}"
         ))
     })?;
-    run(as_caller(state, &identity), &body.q, body.format.as_deref()).await
+    let params = params(body.params.as_ref())?;
+    run(
+        as_caller(state, &identity),
+        &body.q,
+        params,
+        body.format.as_deref(),
+    )
+    .await
 }
 
 /// The state with a query engine that does what `identity` may: creating and dropping
@@ -92,7 +147,12 @@ enum Format {
 /// the first byte can only cut the response short (and is logged).
 const BUFFER_ROWS: usize = 8192;
 
-async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Response, ApiError> {
+async fn run(
+    state: AppState,
+    sql: &str,
+    params: forestall_query::Params,
+    format: Option<&str>,
+) -> Result<Response, ApiError> {
     let format = match format.unwrap_or("json") {
         "json" => Format::Json,
         "jsonl" => Format::Jsonl,
@@ -126,17 +186,20 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
     // Planning, the scans and encoding all run in one task on the query runtime (a result
     // costs the queries' priority, not the writes'), which hands the encoded bytes over.
     let steps = futures::stream::unfold(
-        Step::Plan(Box::new(state.query.clone()), sql.to_owned()),
+        Step::Plan(Box::new(state.query.clone()), sql.to_owned(), params),
         move |step| async move {
             match step {
-                Step::Plan(query, sql) => {
-                    let started = match tokio::time::timeout_at(deadline, query.start(&sql)).await {
-                        Err(_) => Err(timed_out()),
-                        Ok(Err(e)) => Err(query_error(e)),
-                        Ok(Ok((schema, stream))) => {
-                            Encoder::new(format, &schema).map(|encoder| (encoder, stream))
-                        }
-                    };
+                Step::Plan(query, sql, params) => {
+                    let started =
+                        match tokio::time::timeout_at(deadline, query.start_with(&sql, &params))
+                            .await
+                        {
+                            Err(_) => Err(timed_out()),
+                            Ok(Err(e)) => Err(query_error(e)),
+                            Ok(Ok((schema, stream))) => {
+                                Encoder::new(format, &schema).map(|encoder| (encoder, stream))
+                            }
+                        };
                     Some(match started {
                         Err(e) => (Err(e), Step::Done),
                         Ok((mut encoder, stream)) => (
@@ -216,7 +279,11 @@ async fn run(state: AppState, sql: &str, format: Option<&str>) -> Result<Respons
 
 /// Where a query is: to be planned, running, or over.
 enum Step {
-    Plan(Box<forestall_query::QueryEngine>, String),
+    Plan(
+        Box<forestall_query::QueryEngine>,
+        String,
+        forestall_query::Params,
+    ),
     Run(
         Encoder,
         datafusion::execution::SendableRecordBatchStream,

@@ -1015,3 +1015,103 @@ fn mutated_remote_write_bodies_get_a_clear_answer() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(rows(&f.store, "after"), 1);
 }
+
+/// `params` in `/api/v3/query_sql`, as InfluxDB 3 takes them: named and positional
+/// placeholders, each value cast to its place's type (an integer for a float column, a string
+/// for a time), values that stay values (no SQL gets in through them), and clear refusals.
+#[tokio::test]
+async fn query_params_bind_placeholders_by_name_and_position() {
+    let f = fixture(1 << 20);
+    let (s, _) = send(
+        &f.app,
+        post(
+            "/api/v2/write?precision=s",
+            "m,host=a usage=1.5,n=1i 1767225600\nm,host=a usage=7.5,n=2i 1767225660\n\
+             m,host=b usage=9.5,n=3i 1767225720\nm,host=a'\\ OR\\ '1'\\='1 usage=1,n=4i 1767225780\n",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let ask = |body: serde_json::Value| post("/api/v3/query_sql", body.to_string());
+    let count = |json: &serde_json::Value| json[0]["c"].as_i64();
+
+    // Named, a float column compared with an integer, a time given as a string.
+    let (s, json) = send(
+        &f.app,
+        ask(serde_json::json!({
+            "q": "SELECT count(*) AS c FROM m WHERE host = $host AND usage > $min AND time >= $from",
+            "params": {"host": "a", "$min": 5, "from": "2026-01-01T00:01:00Z"},
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{json}");
+    assert_eq!(count(&json), Some(1), "{json}");
+    // Positional, with a boolean and a null.
+    let (s, json) = send(
+        &f.app,
+        ask(serde_json::json!({
+            "q": "SELECT count(*) AS c FROM m WHERE n >= $1 AND (usage > $2) = $3 AND $4 IS NULL",
+            "params": {"1": 2, "2": 8.0, "3": true, "4": null},
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{json}");
+    assert_eq!(count(&json), Some(1), "{json}");
+    // A value is a value: the quote inside it is data, matching the one host named so.
+    let (s, json) = send(
+        &f.app,
+        ask(serde_json::json!({
+            "q": "SELECT count(*) AS c FROM m WHERE host = $h",
+            "params": {"h": "a' OR '1'='1"},
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{json}");
+    assert_eq!(count(&json), Some(1), "{json}");
+    // GET takes them as URL-encoded JSON.
+    let uri = format!(
+        "{}&params=%7B%22host%22%3A%22b%22%7D",
+        q("SELECT count(*) AS c FROM m WHERE host = $host", "json")
+    );
+    let (s, _, text) = get_text(&f.app, &uri).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(text, r#"[{"c":1}]"#);
+
+    // Refused, each with the reason.
+    for (body, why) in [
+        (
+            serde_json::json!({"q": "SELECT * FROM m WHERE host = $host"}),
+            "no value for the parameter $host",
+        ),
+        (
+            serde_json::json!({"q": "SELECT * FROM m", "params": {"host": "a"}}),
+            "$host is not in the statement",
+        ),
+        (
+            serde_json::json!({"q": "SELECT * FROM m WHERE usage > $min", "params": {"min": "lots"}}),
+            "parameter $min",
+        ),
+        (
+            serde_json::json!({"q": "SELECT * FROM m WHERE host = $h", "params": {"h": ["a"]}}),
+            "must be a string, number, boolean or null",
+        ),
+        (
+            serde_json::json!({"q": "SELECT * FROM m WHERE host = $h", "params": {"h-x": "a"}}),
+            "not a parameter name",
+        ),
+        (
+            serde_json::json!({"q": "SELECT * FROM m", "params": ["a"]}),
+            "expected a JSON body",
+        ),
+    ] {
+        let (s, json) = send(&f.app, ask(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {json}");
+        assert!(
+            json["error"].as_str().unwrap().contains(why),
+            "{body}: {json}"
+        );
+    }
+    let (s, _, text) = get_text(&f.app, &format!("{}&params=%5B1%5D", q("SELECT 1", "json"))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("params must be a JSON object"), "{text}");
+}
