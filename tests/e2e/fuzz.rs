@@ -295,6 +295,20 @@ fn check(pg: &str, case: &Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The run passed, and the server's log has no panic in it.
+fn passed_without_a_panic(
+    server: &Server,
+    result: Result<(), proptest::test_runner::TestError<impl std::fmt::Debug>>,
+) {
+    let log: Vec<String> = server.stderr.try_iter().collect();
+    result.unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", log.join("\n")));
+    assert!(
+        !log.iter().any(|l| l.contains("panicked")),
+        "{}",
+        log.join("\n")
+    );
+}
+
 #[test]
 fn random_postgres_messages_get_errors_and_never_break_the_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -320,13 +334,7 @@ fn random_postgres_messages_get_errors_and_never_break_the_server() {
         }
         Ok(())
     });
-    let log: Vec<String> = server.stderr.try_iter().collect();
-    result.unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", log.join("\n")));
-    assert!(
-        !log.iter().any(|l| l.contains("panicked")),
-        "{}",
-        log.join("\n")
-    );
+    passed_without_a_panic(&server, result);
     let (ok, out, err) = psql(&server, "SELECT 41 + 1 AS answer");
     assert!(ok && out.contains("42"), "{out}{err}");
     server.terminate();
@@ -377,12 +385,6 @@ fn random_passwords_are_refused_and_never_break_the_server() {
         );
         Ok(())
     });
-    let log: Vec<String> = server.stderr.try_iter().collect();
-    result.unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", log.join("\n")));
-    assert!(
-        !log.iter().any(|l| l.contains("panicked")),
-        "{}",
-        log.join("\n")
-    );
+    passed_without_a_panic(&server, result);
     server.terminate();
 }

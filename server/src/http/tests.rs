@@ -1033,41 +1033,28 @@ async fn query_params_bind_placeholders_by_name_and_position() {
     .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let ask = |body: serde_json::Value| post("/api/v3/query_sql", body.to_string());
-    let count = |json: &serde_json::Value| json[0]["c"].as_i64();
 
-    // Named, a float column compared with an integer, a time given as a string.
-    let (s, json) = send(
-        &f.app,
-        ask(serde_json::json!({
+    for body in [
+        // Named, a float column compared with an integer, a time given as a string.
+        serde_json::json!({
             "q": "SELECT count(*) AS c FROM m WHERE host = $host AND usage > $min AND time >= $from",
             "params": {"host": "a", "$min": 5, "from": "2026-01-01T00:01:00Z"},
-        })),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{json}");
-    assert_eq!(count(&json), Some(1), "{json}");
-    // Positional, with a boolean and a null.
-    let (s, json) = send(
-        &f.app,
-        ask(serde_json::json!({
+        }),
+        // Positional, with a boolean and a null.
+        serde_json::json!({
             "q": "SELECT count(*) AS c FROM m WHERE n >= $1 AND (usage > $2) = $3 AND $4 IS NULL",
             "params": {"1": 2, "2": 8.0, "3": true, "4": null},
-        })),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{json}");
-    assert_eq!(count(&json), Some(1), "{json}");
-    // A value is a value: the quote inside it is data, matching the one host named so.
-    let (s, json) = send(
-        &f.app,
-        ask(serde_json::json!({
+        }),
+        // A value is a value: the quote inside it is data, matching the one host named so.
+        serde_json::json!({
             "q": "SELECT count(*) AS c FROM m WHERE host = $h",
             "params": {"h": "a' OR '1'='1"},
-        })),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{json}");
-    assert_eq!(count(&json), Some(1), "{json}");
+        }),
+    ] {
+        let (s, json) = send(&f.app, ask(body.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {json}");
+        assert_eq!(json[0]["c"].as_i64(), Some(1), "{body}: {json}");
+    }
     // GET takes them as URL-encoded JSON.
     let uri = format!(
         "{}&params=%7B%22host%22%3A%22b%22%7D",
