@@ -11,7 +11,7 @@
 # Usage (root; cgroup v1 or v2):
 #   tsbs generate --hosts 1000 --hours 24 --out /tmp/tsbs.lp     # benches' generator
 #   python3 scripts/memory-pressure.py --forestall target/release/forestall --data /tmp/tsbs.lp
-import argparse, http.client, json, os, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, shutil, subprocess, sys, tempfile, threading, time
 
 HEAVY = [
     # 1,440 buckets × 1,000 hosts: about 1.4 M groups.
@@ -99,6 +99,8 @@ def main():
             server.terminate()
             server.wait()
         os.rmdir(d)
+        # The data (about 1 GB a run) goes; the server's log stays.
+        shutil.rmtree(data_dir, ignore_errors=True)
     sys.exit(0 if ok else 1)
 
 
