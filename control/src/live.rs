@@ -985,8 +985,12 @@ impl Allocations {
                 .map_err(|e| SetError::Io(e.to_string()))?,
         )
         .map_err(|e| SetError::Io(format!("{e:#}")))?;
-        let standby = std::mem::replace(&mut live.standby, Box::new(DryRun::default()));
-        live.standby = live.controller.replace_actuator(standby);
+        let Live {
+            controller,
+            standby,
+            ..
+        } = &mut *live;
+        controller.swap_actuator(standby);
         live.actuating = on;
         tracing::warn!(
             actuate = on,

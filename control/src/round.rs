@@ -374,16 +374,16 @@ impl Controller {
         self.actuator.as_ref()
     }
 
-    /// Hands the allocations to `actuator` from the next round on (actuation turned on or
-    /// off), and returns the one it had. Every component with a resource the engine has
+    /// Hands the allocations to `other` from the next round on (actuation turned on or off),
+    /// leaving the actuator it had in `other`. Every component with a resource the engine has
     /// changed is applied at the next round, so the new actuator holds what the engine holds.
-    pub fn replace_actuator(&mut self, actuator: Box<dyn Actuator>) -> Box<dyn Actuator> {
+    pub fn swap_actuator(&mut self, other: &mut Box<dyn Actuator>) {
         for (c, decided) in self.decided.iter().enumerate() {
             if decided.iter().any(|&d| d) {
                 self.pending.insert(c);
             }
         }
-        std::mem::replace(&mut self.actuator, actuator)
+        std::mem::swap(&mut self.actuator, other);
     }
 
     /// What the engine and the risk models have learned and which resources the engine has
