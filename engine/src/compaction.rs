@@ -14,6 +14,7 @@ use arrow::compute::concat_batches;
 use croaring::Bitmap;
 
 use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
+use crate::decimal::Scales;
 use crate::flush::{conform, sort_and_dedupe, union_schema};
 use crate::metrics::Metrics;
 use crate::segment::{Segment, SegmentMeta, SegmentRef, SegmentWriter, file_schema, time_values};
@@ -81,7 +82,15 @@ impl Inner {
             .next_segment
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.segment_dir.join(SegmentMeta::file_name(id));
-        let mut writer = SegmentWriter::create(&path, Arc::clone(&schema), &self.config.flush)?;
+        // Scaled float columns stay scaled (at the inputs' largest scale) when that keeps
+        // every value exact; read from the footers, not the values.
+        let stored = inputs
+            .iter()
+            .map(|s| s.stored_floats())
+            .collect::<Result<Vec<_>>>()?;
+        let scales = Scales::merge(&stored);
+        let mut writer =
+            SegmentWriter::create(&path, Arc::clone(&schema), scales, &self.config.flush)?;
         for range in ids.chunks(per_chunk) {
             let range = Bitmap::from_range(range[0]..=range[range.len() - 1]);
             if let Err(e) = merge_range(inputs, &schema, &columns, &data_idx, &range, &mut writer) {

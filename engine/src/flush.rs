@@ -23,6 +23,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::buffer::PartitionSnapshot;
 use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
+use crate::decimal::Scales;
 use crate::metrics::Metrics;
 use crate::segment::{Segment, SegmentMeta, SegmentWriter};
 use crate::store::Inner;
@@ -294,7 +295,10 @@ impl Inner {
             let path = self.segment_dir.join(SegmentMeta::file_name(id));
             let chunk = self.config.flush.row_group_rows;
             let first = plan.take(&part.batch, 0..chunk.min(plan.len()))?;
-            let mut writer = SegmentWriter::create(&path, first.schema(), &self.config.flush)?;
+            // The float columns' scales, fitted to all of the part's values at once.
+            let scales = Scales::fit(&part.batch);
+            let mut writer =
+                SegmentWriter::create(&path, first.schema(), scales, &self.config.flush)?;
             let mut written = writer.write(&first);
             drop(first);
             let mut start = chunk;

@@ -50,6 +50,11 @@ fn last_rows_key(measurement: &str) -> Vec<u8> {
     k
 }
 
+/// The index's RocksDB WAL, at most (then the families holding its oldest file flush).
+const INDEX_WAL_BYTES: u64 = 8 << 20;
+/// One column family's memtable.
+const INDEX_MEMTABLE_BYTES: usize = 4 << 20;
+
 /// The RocksDB index of one store.
 #[derive(Debug)]
 pub struct Index {
@@ -129,16 +134,29 @@ impl Index {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        // The index is small (TSBS's 1,000 hosts and a day of segments are 2 MB compacted),
+        // but RocksDB's defaults are for a database: a 64 MiB memtable per family, and a WAL
+        // file kept until every family that wrote to it has flushed. `meta` takes the last
+        // rows at every flush and flushed rarely, so the WAL grew to 70 MB during a TSBS
+        // load. Its size is bounded (past it RocksDB flushes the families holding the
+        // oldest file), memtables are small, and so are the info logs.
+        opts.set_max_total_wal_size(INDEX_WAL_BYTES);
         opts.set_keep_log_file_num(4);
-        let mut postings = Options::default();
+        opts.set_max_log_file_size(1 << 20);
+        let family = || {
+            let mut o = Options::default();
+            o.set_write_buffer_size(INDEX_MEMTABLE_BYTES);
+            o
+        };
+        let mut postings = family();
         postings.set_merge_operator_associative("roaring_union", union_merge);
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_SERIES, Options::default()),
+            ColumnFamilyDescriptor::new(CF_SERIES, family()),
             ColumnFamilyDescriptor::new(CF_POSTINGS, postings),
-            ColumnFamilyDescriptor::new(CF_SEGMENTS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_CATALOG, Options::default()),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            ColumnFamilyDescriptor::new(CF_ENTRIES, Options::default()),
+            ColumnFamilyDescriptor::new(CF_SEGMENTS, family()),
+            ColumnFamilyDescriptor::new(CF_CATALOG, family()),
+            ColumnFamilyDescriptor::new(CF_META, family()),
+            ColumnFamilyDescriptor::new(CF_ENTRIES, family()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::OpenIndex {
             path: path.to_path_buf(),

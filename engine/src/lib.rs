@@ -26,6 +26,7 @@ pub mod buffer;
 pub mod catalog;
 pub mod compaction;
 pub mod config;
+pub mod decimal;
 pub mod disk;
 pub mod flush;
 pub mod index;

@@ -19,7 +19,7 @@
 //! field of the wrong wire type rejects the whole request, before anything is stored) and
 //! skips fields it does not know, as protobuf readers must. A series Prometheus itself would
 //! not accept (no metric name, a metric or label name outside Prometheus' grammar, a label
-//! twice) or that line protocol cannot carry (a line break in a label value) is rejected and
+//! twice) or that line protocol cannot carry (a line break or tab in a label value) is rejected and
 //! reported, and the other series are still stored.
 
 use std::borrow::Cow;
@@ -385,9 +385,10 @@ fn name_and_tags<'a>(labels: &[(&'a str, &'a str)]) -> Result<Labels<'a>, String
             "{name}: {k:?} is not a label name ([a-zA-Z_][a-zA-Z0-9_]*)"
         ));
     }
-    if labels.iter().any(|(_, v)| v.contains(['\n', '\r'])) {
+    // Line protocol ends a line at '\n' and refuses '\r' and '\t' in a name or tag.
+    if labels.iter().any(|(_, v)| v.contains(['\n', '\r', '\t'])) {
         return Err(format!(
-            "{name}: a label value with a line break ({})",
+            "{name}: a label value with a line break or tab ({})",
             describe(labels)
         ));
     }

@@ -3,8 +3,9 @@
 //! A segment holds rows of one measurement and one time partition, sorted by series id and
 //! then time, with a hidden `__series_id` column in front. Encodings are chosen for metrics:
 //! `time`, `__series_id` and integer fields are delta-encoded (regular intervals and slowly
-//! moving counters shrink to a few bits), floats use byte-stream-split (exponent bytes line
-//! up and compress), tags are dictionary-encoded. Fields are ZSTD-compressed, `time` and
+//! moving counters shrink to a few bits), a float column whose values are all short decimals
+//! is stored as scaled integers ([`crate::decimal`]) and delta-encoded like one, other floats
+//! use byte-stream-split (exponent bytes line up and compress), tags are dictionary-encoded. Fields are ZSTD-compressed, `time` and
 //! `__series_id` LZ4-compressed, tags left as they are (see [`SegmentWriter::create`]). Page
 //! statistics and the page index are written so readers can skip pages.
 //!
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{SERIES_ID_COLUMN, TIME_COLUMN};
 use crate::config::FlushConfig;
+use crate::decimal::{self, Scales, Stored};
 use crate::{Error, Result};
 
 /// Rows per data page, at most. Rows are sorted by series then time, so a page is a stretch
@@ -154,6 +156,45 @@ impl Segment {
         }
     }
 
+    /// How this segment stores each of its float columns, for a compaction to choose how
+    /// its output stores them ([`Scales::merge`]).
+    pub fn stored_floats(&self) -> Result<std::collections::BTreeMap<String, Stored>> {
+        let builder = open_file(&self.path, true, Some(&self.footer))?;
+        let (schema, meta) = (builder.schema(), builder.metadata());
+        let parquet_schema = builder.parquet_schema();
+        let mut out = std::collections::BTreeMap::new();
+        for (root, field) in schema.fields().iter().enumerate() {
+            let stored = if field.data_type() == &DataType::Float64 {
+                Stored::Float
+            } else if let Some(scale) = decimal::scale_of(field) {
+                let leaf = (0..parquet_schema.num_columns())
+                    .find(|&i| parquet_schema.get_column_root_idx(i) == root);
+                // The largest |m| from each row group's statistics; a row group without
+                // them counts as too large to rescale.
+                let max_abs = meta
+                    .row_groups()
+                    .iter()
+                    .map(|rg| match leaf.and_then(|l| rg.column(l).statistics()) {
+                        Some(Statistics::Int64(s)) => s
+                            .min_opt()
+                            .into_iter()
+                            .chain(s.max_opt())
+                            .map(|v| v.unsigned_abs())
+                            .max()
+                            .unwrap_or(0),
+                        _ => u64::MAX,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                Stored::Scaled { scale, max_abs }
+            } else {
+                continue;
+            };
+            out.insert(field.name().clone(), stored);
+        }
+        Ok(out)
+    }
+
     /// Marks the file for deletion once no reader holds it.
     pub fn mark_obsolete(&self) {
         self.obsolete.store(true, Ordering::Release);
@@ -207,6 +248,9 @@ pub struct SegmentWriter {
     tmp: PathBuf,
     writer: ArrowWriter<File>,
     rows: u64,
+    /// The float columns stored as scaled integers, and the schema they are stored with.
+    scales: Scales,
+    stored: SchemaRef,
 }
 
 impl std::fmt::Debug for SegmentWriter {
@@ -219,8 +263,15 @@ impl std::fmt::Debug for SegmentWriter {
 }
 
 impl SegmentWriter {
-    /// Starts the file `path` with `schema`.
-    pub fn create(path: &Path, schema: SchemaRef, config: &FlushConfig) -> Result<Self> {
+    /// Starts the file `path` with `schema`, storing the float columns in `scales` as scaled
+    /// integers (every value written must fit its column's scale).
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        scales: Scales,
+        config: &FlushConfig,
+    ) -> Result<Self> {
+        let stored = scales.stored_schema(&schema);
         let fail = |reason: String| Error::WriteSegment {
             path: path.to_path_buf(),
             reason,
@@ -231,7 +282,7 @@ impl SegmentWriter {
             .set_statistics_enabled(EnabledStatistics::Page)
             .set_max_row_group_row_count(Some(config.row_group_rows))
             .set_data_page_row_count_limit(PAGE_ROWS);
-        for field in schema.fields() {
+        for field in stored.fields() {
             let col = ColumnPath::from(field.name().as_str());
             // A reader creates a ZSTD context for each ZSTD column chunk it opens, and on this
             // machine creating one executes `CPUID`, a VM exit: with ten tags that was a tenth
@@ -260,13 +311,15 @@ impl SegmentWriter {
         }
         let tmp = path.with_extension("parquet.tmp");
         let file = File::create(&tmp).map_err(|e| fail(e.to_string()))?;
-        let writer = ArrowWriter::try_new(file, schema, Some(props.build()))
+        let writer = ArrowWriter::try_new(file, Arc::clone(&stored), Some(props.build()))
             .map_err(|e| fail(e.to_string()))?;
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
             writer,
             rows: 0,
+            scales,
+            stored,
         })
     }
 
@@ -279,7 +332,11 @@ impl SegmentWriter {
 
     /// Appends sorted rows.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer.write(batch).map_err(|e| self.fail(e))?;
+        let batch = self
+            .scales
+            .encode(batch, &self.stored)
+            .map_err(|e| self.fail(e))?;
+        self.writer.write(&batch).map_err(|e| self.fail(e))?;
         self.rows += batch.num_rows() as u64;
         Ok(())
     }
@@ -348,9 +405,12 @@ fn open_file(
     ))
 }
 
-/// The Arrow schema stored in a segment file.
+/// The Arrow schema of a segment file's rows as reads return them (scaled float columns as
+/// floats).
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
-    Ok(Arc::clone(open_file(path, false, None)?.schema()))
+    Ok(decimal::logical_schema(
+        open_file(path, false, None)?.schema(),
+    ))
 }
 
 /// What one segment read skipped and decoded, for `EXPLAIN ANALYZE` and the tests that prove
@@ -739,7 +799,7 @@ impl Rows<'_> {
                 .build()
                 .map_err(|e| fail(&e))?;
             for batch in reader {
-                each(batch.map_err(|e| fail(&e))?)?;
+                each(decimal::decode(batch.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?)?;
             }
         }
         Ok(())

@@ -74,7 +74,7 @@ struct Cli {
 }
 
 /// Which data set: its size and seed.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 struct DataSet {
     #[arg(long, default_value_t = 1000)]
     hosts: usize,
@@ -82,6 +82,10 @@ struct DataSet {
     hours: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Write the values as floats (`usage_user=58`), as Prometheus and most agents send
+    /// them, rather than as TSBS's integers (`usage_user=58i`).
+    #[arg(long)]
+    floats: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,8 +165,7 @@ struct Run {
 impl Run {
     /// The data file (generated if missing) and the systems to run.
     fn prepare(&self) -> Result<(PathBuf, Vec<System>)> {
-        let DataSet { hosts, hours, seed } = self.data;
-        let data = data_file(&self.work, hosts, hours, seed)?;
+        let data = data_file(&self.work, &self.data)?;
         let systems = self
             .systems
             .split(',')
@@ -175,22 +178,28 @@ impl Run {
 }
 
 /// The data file of a data set in `work`, generated if missing.
-fn data_file(work: &Path, hosts: usize, hours: usize, seed: u64) -> Result<PathBuf> {
+fn data_file(work: &Path, set: &DataSet) -> Result<PathBuf> {
     fs::create_dir_all(work)?;
-    let data = work.join(format!("tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}.lp"));
+    let DataSet {
+        hosts,
+        hours,
+        seed,
+        floats,
+    } = *set;
+    let kind = if floats { "-floats" } else { "" };
+    let data = work.join(format!(
+        "tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}{kind}.lp"
+    ));
     if !data.exists() {
         eprintln!("generating {}", data.display());
-        generate(hosts, hours, seed, &data, START_SECS)?;
+        generate(set, &data, START_SECS)?;
     }
     Ok(data)
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Generate {
-            data: DataSet { hosts, hours, seed },
-            out,
-        } => generate(hosts, hours, seed, &out, START_SECS),
+        Cmd::Generate { data, out } => generate(&data, &out, START_SECS),
         Cmd::Ingest { run } => {
             let (data, systems) = run.prepare()?;
             let DataSet { hosts, hours, .. } = run.data;
@@ -267,7 +276,13 @@ fn normal(rng: &mut StdRng) -> f64 {
 }
 
 /// Writes the data set, its first row at `start_secs` (Unix seconds), to `out`.
-fn generate(hosts: usize, hours: usize, seed: u64, out: &Path, start_secs: i64) -> Result<()> {
+fn generate(set: &DataSet, out: &Path, start_secs: i64) -> Result<()> {
+    let DataSet {
+        hosts,
+        hours,
+        seed,
+        floats,
+    } = *set;
     let mut rng = StdRng::seed_from_u64(seed);
     let tags: Vec<String> = (0..hosts)
         .map(|h| {
@@ -303,7 +318,9 @@ fn generate(hosts: usize, hours: usize, seed: u64, out: &Path, start_secs: i64) 
                 line.push_str(name);
                 line.push('=');
                 line.push_str(&(*v as i64).to_string());
-                line.push('i');
+                if !floats {
+                    line.push('i');
+                }
             }
             line.push(' ');
             line.push_str(&ts.to_string());

@@ -116,15 +116,21 @@ fn a_series_that_cannot_be_named_is_rejected_and_the_others_are_kept() {
         (vec![("__name__", "#m")], vec![(1.0, 1)]),
         (vec![("__name__", "m"), ("a:b", "1")], vec![(1.0, 1)]),
         (vec![("__name__", "ok:rate5m")], vec![(7.0, 1)]),
+        (vec![("__name__", "m"), ("path", "a\tb")], vec![(1.0, 1)]),
     ]);
     let c = convert(&request).unwrap();
-    assert_eq!((c.series, c.rejected_series, c.samples), (8, 7, 1));
+    assert_eq!((c.series, c.rejected_series, c.samples), (9, 8, 1));
     assert!(
         c.rejected[0].contains("without a metric name"),
         "{:?}",
         c.rejected
     );
     assert!(c.rejected[2].contains("line break"), "{:?}", c.rejected);
+    assert!(
+        c.rejected[7].contains("line break or tab"),
+        "{:?}",
+        c.rejected
+    );
     assert!(c.rejected[3].contains("\"a\" twice"), "{:?}", c.rejected);
     assert!(
         c.rejected[4].contains("\"\" is not a label name"),

@@ -1037,3 +1037,127 @@ fn one_segment_splits_by_row_groups() {
     usage.sort_by(f64::total_cmp);
     assert_eq!(usage, (0..5000).map(f64::from).collect::<Vec<_>>());
 }
+
+/// How each segment of `measurement` stores `field`, in segment order.
+fn stored(store: &Store, measurement: &str, field: &str) -> Vec<crate::decimal::Stored> {
+    let mut segs = store.segments();
+    segs.retain(|s| s.meta.measurement == measurement);
+    segs.sort_by_key(|s| (s.meta.partition, s.meta.id));
+    segs.iter()
+        .map(|s| s.stored_floats().unwrap()[field])
+        .collect()
+}
+
+#[test]
+fn decimal_floats_are_stored_as_scaled_integers_and_read_back_exactly() {
+    use crate::decimal::Stored::{Float, Scaled};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let line = |host: &str, usage: &str, t: i64| format!("cpu,host={host} usage={usage} {t}\n");
+    // Day one: a flush of tenths, then one of hundredths.
+    write(&store, &(line("a", "12.5", T0) + &line("b", "-3", T0 + 1)));
+    store.flush().unwrap();
+    write(
+        &store,
+        &(line("a", "0.25", T0 + 2) + &line("b", "99.99", T0 + 3)),
+    );
+    store.flush().unwrap();
+    // Day two: a flush of integers, then one with a value no short decimal holds.
+    write(
+        &store,
+        &(line("a", "7", T0 + DAY) + &line("b", "1e3", T0 + DAY + 1)),
+    );
+    store.flush().unwrap();
+    write(&store, &line("a", "0.30000000000000004", T0 + DAY + 2));
+    store.flush().unwrap();
+    let scaled = |scale, max_abs| Scaled { scale, max_abs };
+    assert_eq!(
+        stored(&store, "cpu", "usage"),
+        [scaled(1, 125), scaled(2, 9999), scaled(0, 1000), Float]
+    );
+    let expected: [(i64, f64); 7] = [
+        (T0, 12.5),
+        (T0 + 1, -3.0),
+        (T0 + 2, 0.25),
+        (T0 + 3, 99.99),
+        (T0 + DAY, 7.0),
+        (T0 + DAY + 1, 1000.0),
+        (T0 + DAY + 2, 0.1 + 0.2),
+    ];
+    let read = |store: &Store| -> Vec<(i64, u64)> {
+        let mut r: Vec<_> = rows(&collect(store, &ScanRequest::all("cpu")))
+            .into_iter()
+            .map(|(_, t, u)| (t, u.unwrap().to_bits()))
+            .collect();
+        r.sort();
+        r
+    };
+    let bits: Vec<(i64, u64)> = expected.iter().map(|&(t, v)| (t, v.to_bits())).collect();
+    assert_eq!(read(&store), bits);
+    // Compaction keeps day one scaled, at the larger scale, and day two as floats.
+    assert_eq!(store.compact_all().unwrap(), 2);
+    assert_eq!(stored(&store, "cpu", "usage"), [scaled(2, 9999), Float]);
+    assert_eq!(read(&store), bits);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(read(&store), bits);
+    // A row filter on the field sees the floats.
+    let mut req = ScanRequest::all("cpu");
+    req.filter = Some(crate::RowFilter {
+        columns: vec!["usage".into()],
+        keep: Arc::new(|b: &RecordBatch| {
+            let u = b.column(0).as_primitive::<Float64Type>();
+            Ok(u.iter().map(|v| v.map(|v| v > 12.0 && v < 100.0)).collect())
+        }),
+    });
+    // (Segments that overlap nothing drop the rows the filter refuses.)
+    let kept: Vec<f64> = rows(&collect(&store, &req))
+        .into_iter()
+        .filter_map(|r| r.2)
+        .collect();
+    assert_eq!(kept, [12.5, 99.99]);
+}
+
+#[test]
+fn integer_valued_floats_take_no_more_room_than_integers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // The same random walk as integers and as floats (as Prometheus sends every sample).
+    let mut text = String::new();
+    let mut state = [50i64; 10];
+    let mut seed = 7u64;
+    for p in 0..360 {
+        for h in 0..50 {
+            let t = T0 + p * 10_000_000_000;
+            let (mut ints, mut floats) = (String::new(), String::new());
+            for (f, v) in state.iter_mut().enumerate() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *v = (*v + (seed >> 61) as i64 - 3).clamp(0, 100);
+                let sep = if f == 0 { "" } else { "," };
+                ints.push_str(&format!("{sep}usage_{f}={v}i"));
+                floats.push_str(&format!("{sep}usage_{f}={v}"));
+            }
+            text.push_str(&format!("ints,hostname=host_{h} {ints} {t}\n"));
+            text.push_str(&format!("floats,hostname=host_{h} {floats} {t}\n"));
+        }
+    }
+    write(&store, &text);
+    store.flush().unwrap();
+    let bytes = |m: &str| -> u64 {
+        store
+            .segments()
+            .iter()
+            .filter(|s| s.meta.measurement == m)
+            .map(|s| s.meta.bytes)
+            .sum()
+    };
+    let (ints, floats) = (bytes("ints"), bytes("floats"));
+    // The scale in each column's metadata is all that is added.
+    assert!(
+        floats as f64 <= ints as f64 * 1.02,
+        "floats {floats} B, integers {ints} B"
+    );
+    assert!(stored(&store, "floats", "usage_3")[0] != crate::decimal::Stored::Float);
+}

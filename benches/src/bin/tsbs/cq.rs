@@ -323,7 +323,13 @@ pub fn main(opts: &Options<'_>) -> Result<()> {
         opts.hosts, opts.hours
     ));
     eprintln!("generating {} (from {start} s)", data.display());
-    generate(opts.hosts, opts.hours, 1, &data, start)?;
+    let set = super::DataSet {
+        hosts: opts.hosts,
+        hours: opts.hours,
+        seed: 1,
+        floats: false,
+    };
+    generate(&set, &data, start)?;
     // The live writes use the data set's series: each host's measurement and tags.
     let tagsets: Arc<Vec<String>> = Arc::new(
         BufReader::new(File::open(&data)?)
