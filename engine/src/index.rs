@@ -37,6 +37,14 @@ const CF_SEGMENTS: &str = "segments";
 const CF_CATALOG: &str = "catalog";
 const CF_META: &str = "meta";
 const CF_ENTRIES: &str = "entries";
+const FAMILIES: [&str; 6] = [
+    CF_SERIES,
+    CF_POSTINGS,
+    CF_SEGMENTS,
+    CF_CATALOG,
+    CF_META,
+    CF_ENTRIES,
+];
 
 const META_NEXT_SERIES: &[u8] = b"next_series_id";
 const META_NEXT_SEGMENT: &[u8] = b"next_segment_id";
@@ -50,8 +58,6 @@ fn last_rows_key(measurement: &str) -> Vec<u8> {
     k
 }
 
-/// The index's RocksDB WAL, at most (then the families holding its oldest file flush).
-const INDEX_WAL_BYTES: u64 = 8 << 20;
 /// One column family's memtable.
 const INDEX_MEMTABLE_BYTES: usize = 4 << 20;
 
@@ -135,12 +141,8 @@ impl Index {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         // The index is small (TSBS's 1,000 hosts and a day of segments are 2 MB compacted),
-        // but RocksDB's defaults are for a database: a 64 MiB memtable per family, and a WAL
-        // file kept until every family that wrote to it has flushed. `meta` takes the last
-        // rows at every flush and flushed rarely, so the WAL grew to 70 MB during a TSBS
-        // load. Its size is bounded (past it RocksDB flushes the families holding the
-        // oldest file), memtables are small, and so are the info logs.
-        opts.set_max_total_wal_size(INDEX_WAL_BYTES);
+        // but RocksDB's defaults are for a database: a 64 MiB memtable per family (and WAL
+        // files preallocated to match), and info logs without bound. See also `commit`.
         opts.set_keep_log_file_num(4);
         opts.set_max_log_file_size(1 << 20);
         let family = || {
@@ -207,12 +209,18 @@ impl Index {
             batch.merge_cf(cf, key, series.serialize::<Portable>());
         }
         self.sync_write(batch, "commit")?;
-        // The batch is durable; folding the operands only keeps reads fast, so a failure here
-        // is not the commit's.
-        if !postings.is_empty()
-            && let Err(e) = self.db.flush_cf(cf)
-        {
-            tracing::warn!(error = %e, "could not flush the posting lists' memtable");
+        // The batch is durable; what follows keeps the index small and its reads fast, so a
+        // failure here is not the commit's. Every family's memtable is flushed (an empty one
+        // costs nothing): a read of a posting list merges every operand in the memtable, and
+        // RocksDB keeps a WAL file until every family that wrote to it has flushed, so
+        // `meta`, which takes the last rows at each flush and filled its memtable slowly,
+        // kept 70 MB of WAL during a TSBS load. This runs right after a write the disk guard
+        // let through: RocksDB flushing on its own (past a WAL size limit, say) could meet a
+        // full disk, and a failed WAL write aborts Debian's RocksDB 7.8 at the next sync.
+        for name in FAMILIES {
+            if let Err(e) = self.db.flush_cf(self.cf(name)) {
+                tracing::warn!(family = name, error = %e, "could not flush an index memtable");
+            }
         }
         Ok(())
     }

@@ -1050,6 +1050,7 @@ fn stored(store: &Store, measurement: &str, field: &str) -> Vec<crate::decimal::
 
 #[test]
 fn decimal_floats_are_stored_as_scaled_integers_and_read_back_exactly() {
+    use crate::decimal::Scale;
     use crate::decimal::Stored::{Float, Scaled};
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
@@ -1068,9 +1069,12 @@ fn decimal_floats_are_stored_as_scaled_integers_and_read_back_exactly() {
         &(line("a", "7", T0 + DAY) + &line("b", "1e3", T0 + DAY + 1)),
     );
     store.flush().unwrap();
-    write(&store, &line("a", "0.30000000000000004", T0 + DAY + 2));
+    write(&store, &line("a", "0.3333333333333333", T0 + DAY + 2));
     store.flush().unwrap();
-    let scaled = |scale, max_abs| Scaled { scale, max_abs };
+    let scaled = |exp, max_abs| Scaled {
+        scale: Scale::div(exp),
+        max_abs,
+    };
     assert_eq!(
         stored(&store, "cpu", "usage"),
         [scaled(1, 125), scaled(2, 9999), scaled(0, 1000), Float]
@@ -1082,7 +1086,7 @@ fn decimal_floats_are_stored_as_scaled_integers_and_read_back_exactly() {
         (T0 + 3, 99.99),
         (T0 + DAY, 7.0),
         (T0 + DAY + 1, 1000.0),
-        (T0 + DAY + 2, 0.1 + 0.2),
+        (T0 + DAY + 2, 1.0 / 3.0),
     ];
     let read = |store: &Store| -> Vec<(i64, u64)> {
         let mut r: Vec<_> = rows(&collect(store, &ScanRequest::all("cpu")))
