@@ -730,27 +730,36 @@ fn writes_after_shutdown_fail_clearly() {
     ));
 }
 
-#[test]
-fn segment_files_are_small_for_regular_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    // 50 hosts x 360 points x 10 integer fields in a random walk, 10 s apart.
-    let mut text = String::new();
+/// 50 hosts × 360 points, 10 s apart, of 10 integer fields in a random walk within 0–100:
+/// `each(host, time, values)`.
+fn random_walk(mut each: impl FnMut(usize, i64, &[i64; 10])) {
     let mut state = [50i64; 10];
     let mut seed = 7u64;
     for p in 0..360 {
         for h in 0..50 {
-            text.push_str(&format!("cpu,hostname=host_{h},region=eu,rack={} ", h % 7));
-            for (f, v) in state.iter_mut().enumerate() {
+            for v in state.iter_mut() {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 *v = (*v + (seed >> 61) as i64 - 3).clamp(0, 100);
-                text.push_str(&format!("{}usage_{f}={v}i", if f == 0 { "" } else { "," }));
             }
-            text.push_str(&format!(" {}\n", T0 + p * 10_000_000_000));
+            each(h, T0 + p * 10_000_000_000, &state);
         }
     }
+}
+
+#[test]
+fn segment_files_are_small_for_regular_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut text = String::new();
+    random_walk(|h, t, values| {
+        text.push_str(&format!("cpu,hostname=host_{h},region=eu,rack={} ", h % 7));
+        for (f, v) in values.iter().enumerate() {
+            text.push_str(&format!("{}usage_{f}={v}i", if f == 0 { "" } else { "," }));
+        }
+        text.push_str(&format!(" {t}\n"));
+    });
     write(&store, &text);
     store.flush().unwrap();
     let bytes: u64 = store.segments().iter().map(|s| s.meta.bytes).sum();
@@ -1128,25 +1137,16 @@ fn integer_valued_floats_take_no_more_room_than_integers() {
     let store = open(dir.path());
     // The same random walk as integers and as floats (as Prometheus sends every sample).
     let mut text = String::new();
-    let mut state = [50i64; 10];
-    let mut seed = 7u64;
-    for p in 0..360 {
-        for h in 0..50 {
-            let t = T0 + p * 10_000_000_000;
-            let (mut ints, mut floats) = (String::new(), String::new());
-            for (f, v) in state.iter_mut().enumerate() {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *v = (*v + (seed >> 61) as i64 - 3).clamp(0, 100);
-                let sep = if f == 0 { "" } else { "," };
-                ints.push_str(&format!("{sep}usage_{f}={v}i"));
-                floats.push_str(&format!("{sep}usage_{f}={v}"));
-            }
-            text.push_str(&format!("ints,hostname=host_{h} {ints} {t}\n"));
-            text.push_str(&format!("floats,hostname=host_{h} {floats} {t}\n"));
+    random_walk(|h, t, values| {
+        let (mut ints, mut floats) = (String::new(), String::new());
+        for (f, v) in values.iter().enumerate() {
+            let sep = if f == 0 { "" } else { "," };
+            ints.push_str(&format!("{sep}usage_{f}={v}i"));
+            floats.push_str(&format!("{sep}usage_{f}={v}"));
         }
-    }
+        text.push_str(&format!("ints,hostname=host_{h} {ints} {t}\n"));
+        text.push_str(&format!("floats,hostname=host_{h} {floats} {t}\n"));
+    });
     write(&store, &text);
     store.flush().unwrap();
     let bytes = |m: &str| -> u64 {
