@@ -180,15 +180,10 @@ impl Run {
 /// The data file of a data set in `work`, generated if missing.
 fn data_file(work: &Path, set: &DataSet) -> Result<PathBuf> {
     fs::create_dir_all(work)?;
-    let DataSet {
-        hosts,
-        hours,
-        seed,
-        floats,
-    } = *set;
-    let kind = if floats { "-floats" } else { "" };
+    let kind = if set.floats { "-floats" } else { "" };
     let data = work.join(format!(
-        "tsbs-cpu-{hosts}hosts-{hours}h-seed{seed}{kind}.lp"
+        "tsbs-cpu-{}hosts-{}h-seed{}{kind}.lp",
+        set.hosts, set.hours, set.seed
     ));
     if !data.exists() {
         eprintln!("generating {}", data.display());
